@@ -1,0 +1,3 @@
+from invite_mailer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The exceptions invite-mailer raises.
+
+One root, :class:`InviteMailerError`; subclasses also inherit the matching
+built-in so callers can catch them either way (the aiosmtplib habit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class InviteMailerError(Exception):
+    """Base class of every error invite-mailer raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One organiser mistake: where it is, what is wrong, how to fix it."""
+
+    path: Path | None
+    message: str
+    line: int | None = None
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = str(self.path)
+            if self.line is not None:
+                where += f", line {self.line}"
+            where += ": "
+        text = f"{where}{self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class ConfigError(InviteMailerError, ValueError):
+    """Invalid configuration or input.
+
+    Carries every problem found in the files that were checked, so an organiser
+    sees all of them at once instead of fixing one per run.
+    """
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        if not self.problems:
+            raise ValueError("ConfigError needs at least one problem")
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    @classmethod
+    def single(
+        cls,
+        path: Path | None,
+        message: str,
+        *,
+        line: int | None = None,
+        hint: str | None = None,
+    ) -> ConfigError:
+        return cls([Problem(path, message, line, hint)])
+
+    @property
+    def path(self) -> Path | None:
+        return self.problems[0].path
+
+    @property
+    def line(self) -> int | None:
+        return self.problems[0].line
+
+    @property
+    def hint(self) -> str | None:
+        return self.problems[0].hint
+
+    def __iter__(self) -> Iterator[Problem]:
+        return iter(self.problems)
+
+
+class ProblemCollector:
+    """Gathers problems while a file is read, then raises them together."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(
+        self,
+        path: Path | None,
+        message: str,
+        *,
+        line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.problems.append(Problem(path, message, line, hint))
+
+    def extend(self, error: ConfigError) -> None:
+        self.problems.extend(error.problems)
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+class LockedError(InviteMailerError, RuntimeError):
+    """Another invite-mailer process holds the state lock."""
+
+
+class TransportError(InviteMailerError):
+    """Sending one message failed."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.response = message
+
+
+class TemporaryFailure(TransportError):
+    """4xx answers, lost connections and timeouts: worth another try later."""
+
+
+class PermanentFailure(TransportError):
+    """5xx answers: the server refused this message or recipient for good."""

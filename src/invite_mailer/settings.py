@@ -1,0 +1,264 @@
+"""Operator settings: ``config/settings.toml``, overridden by the environment.
+
+Every key can be set as ``INVITE_MAILER_<SECTION>__<KEY>`` (environment or a
+``.env`` file in the working directory). Secrets (the SMTP password, the
+unsubscribe secret) are only ever read from there, never from the TOML file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from email.headerregistry import Address
+from email.utils import parseaddr
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from invite_mailer.errors import ConfigError, Problem
+
+ENV_PREFIX = "INVITE_MAILER_"
+ENV_DELIMITER = "__"
+SETTINGS_FILE = "settings.toml"
+
+
+class TransportKind(StrEnum):
+    SMTP = "smtp"
+    OUTBOX = "outbox"
+
+
+class Security(StrEnum):
+    STARTTLS = "starttls"
+    TLS = "tls"
+    NONE = "none"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TransportSettings(_Section):
+    kind: TransportKind = TransportKind.OUTBOX
+    outbox_dir: Path = Path("outbox")
+
+
+class SmtpSettings(_Section):
+    host: str = "localhost"
+    port: int = Field(587, ge=1, le=65535)
+    security: Security = Security.STARTTLS
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    timeout: float = Field(30, gt=0)
+    max_connections: int = Field(4, ge=1, le=64)
+    rate_per_minute: int = Field(0, ge=0)
+    verify_certificates: bool = True
+    ca_file: Path | None = None
+    local_hostname: str | None = None
+    messages_per_connection: int = Field(
+        0, ge=0, description="re-open a connection after this many messages; 0 = never"
+    )
+
+
+class SenderSettings(_Section):
+    address: str = "KomKomIn Transferreihe <transferreihe@example.org>"
+    reply_to: str = ""
+    unsubscribe_mailto: str = ""
+    unsubscribe_url: str = ""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        name, addr = parseaddr(value)
+        if "@" not in addr or any(c in value for c in "\r\n"):
+            raise ValueError(
+                'expected "Name <address@example.org>" or a plain address, got ' + repr(value)
+            )
+        return value
+
+    @field_validator("unsubscribe_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if value and not value.startswith("https://"):
+            raise ValueError("the one-click unsubscribe URL must start with https://")
+        return value.rstrip("/")
+
+    @property
+    def from_address(self) -> Address:
+        name, addr = parseaddr(self.address)
+        return Address(display_name=name, addr_spec=addr)
+
+    @property
+    def domain(self) -> str:
+        return self.from_address.domain or "localhost"
+
+
+class StateSettings(_Section):
+    url: str = "sqlite:///state/invite-mailer.db"
+
+    @field_validator("url")
+    @classmethod
+    def _sqlite(cls, value: str) -> str:
+        if not value.startswith("sqlite:///"):
+            raise ValueError('only SQLite is supported: use "sqlite:///path/to/file.db"')
+        return value
+
+    @property
+    def path(self) -> Path:
+        return Path(self.url.removeprefix("sqlite:///"))
+
+
+class LimitsSettings(_Section):
+    max_attachment_bytes: int = Field(5 * 1024 * 1024, ge=0)
+    retry_initial_seconds: float = Field(30, gt=0)
+    retry_max_seconds: float = Field(1800, gt=0)
+    max_attempts: int = Field(10, ge=1)
+
+
+class NotifySettings(_Section):
+    organiser_summary: bool = True
+
+
+class UnsubscribeSettings(_Section):
+    secret: SecretStr = SecretStr("")
+    serve: bool = False
+    bind_host: str = "127.0.0.1"
+    bind_port: int = Field(8080, ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    """Everything the operator configures. Built by :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        frozen=True,
+    )
+
+    transport: TransportSettings = TransportSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    sender: SenderSettings = SenderSettings()
+    state: StateSettings = StateSettings()
+    limits: LimitsSettings = LimitsSettings()
+    notify: NotifySettings = NotifySettings()
+    unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
+
+
+_SECRET_KEYS = {("smtp", "password"), ("unsubscribe", "secret")}
+
+
+def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> Settings:
+    """Read ``settings.toml`` from *config_dir*, apply the environment, validate."""
+    path = config_dir / SETTINGS_FILE
+    text = _read_toml_text(path)
+    data = _parse_toml(path, text)
+    for section, key in _SECRET_KEYS:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            env = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
+            raise ConfigError.single(
+                path,
+                f"[{section}] {key} must not be written into the settings file",
+                line=_find_line(text, section, key),
+                hint=f"remove it and set the environment variable {env} (or put it in .env)",
+            )
+
+    toml_path = path if text is not None else None
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if env_file is not None:
+                sources.append(dotenv_settings)
+            if toml_path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            return tuple(sources)
+
+    try:
+        settings = _FileSettings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_problems(path, text or "", exc)) from None
+    return Settings.model_validate(settings.model_dump())
+
+
+def _read_toml_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise ConfigError.single(
+            path, "the file is not UTF-8 text", hint="save it as UTF-8 in your editor"
+        ) from None
+
+
+def _parse_toml(path: Path, text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        line = int(match.group(1)) if match else None
+        message = re.sub(r"\s*\(at line.*\)$", "", str(exc))
+        raise ConfigError.single(
+            path,
+            f"TOML syntax error: {message}",
+            line=line,
+            hint='write settings as key = value; text in double quotes, e.g. host = "mail.example.org"',
+        ) from None
+
+
+def _find_line(text: str, section: str, key: str | None) -> int | None:
+    current = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.fullmatch(r"\[\s*([A-Za-z0-9_]+)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if key is None and current == section:
+                return number
+            continue
+        if current == section and key and re.match(rf"{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def _problems(path: Path, text: str, exc: ValidationError) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        section = loc[0] if loc else ""
+        key = loc[1] if len(loc) > 1 else None
+        env = f"{ENV_PREFIX}{ENV_DELIMITER.join(p.upper() for p in loc)}"
+        dotted = ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            message = f"unknown setting {dotted!r}"
+            hint = "check the spelling; the README lists every setting"
+        else:
+            message = f"{dotted}: {error['msg']}"
+            hint = f"fix it in the file or in the environment variable {env}"
+        where = path
+        line = _find_line(text, section, key) if text else None
+        if env in os.environ:
+            message += f" (from the environment variable {env})"
+        problems.append(Problem(where, message, line, hint))
+    return problems
