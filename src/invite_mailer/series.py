@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,7 +84,9 @@ class Duration(BaseModel):
         parts = re.findall(r"(\d+)\s*([A-Za-zä]+)", value.strip().lower())
         rest = re.sub(r"(\d+)\s*([A-Za-zä]+)|,|\band\b|\bund\b|\s", "", value.strip().lower())
         if not parts or rest:
-            raise ValueError(f'{value!r} is not a duration; write e.g. "1 day", "14 days", "2 hours"')
+            raise ValueError(
+                f'{value!r} is not a duration; write e.g. "1 day", "14 days", "2 hours"'
+            )
         for amount, unit in parts:
             if unit not in _UNITS:
                 raise ValueError(
@@ -138,8 +140,9 @@ def _parse_local_datetime(value: Any) -> Any:
                 return datetime.strptime(text, fmt)
             except ValueError:
                 continue
-    raise ValueError(f'{value!r} is not a date and time; write "YYYY-MM-DD HH:MM", e.g. '
-                     '"2024-10-24 10:00"')
+    raise ValueError(
+        f'{value!r} is not a date and time; write "YYYY-MM-DD HH:MM", e.g. "2024-10-24 10:00"'
+    )
 
 
 def _naive(value: datetime) -> datetime:
@@ -173,7 +176,7 @@ def localize(day: date, clock: time, zone: ZoneInfo) -> datetime:
     naive = datetime.combine(day, clock)
     aware = naive.replace(tzinfo=zone, fold=0)
     # Round-trip through UTC: a non-existent time comes back shifted forward.
-    return aware.astimezone(ZoneInfo("UTC")).astimezone(zone)
+    return aware.astimezone(UTC).astimezone(zone)
 
 
 def shift(moment: datetime, by: Duration, *, sign: int = 1) -> datetime:
@@ -182,7 +185,10 @@ def shift(moment: datetime, by: Duration, *, sign: int = 1) -> datetime:
     assert isinstance(zone, ZoneInfo)
     local = moment.replace(tzinfo=None) + timedelta(days=sign * by.days)
     moved = localize(local.date(), local.time(), zone)
-    return moved + timedelta(seconds=sign * by.seconds)
+    # Aware arithmetic within one zone is wall-clock arithmetic in Python;
+    # elapsed time must be added in UTC.
+    utc = moved.astimezone(UTC) + timedelta(seconds=sign * by.seconds)
+    return utc.astimezone(zone)
 
 
 # --- the series ------------------------------------------------------------------
@@ -375,7 +381,7 @@ def parse_series(document: LocatedDocument, path: Path, config_dir: Path) -> Ser
 
 
 _FIELD_HINTS: dict[str, str] = {
-    "date": 'write dates as YYYY-MM-DD, e.g. 2024-11-14',
+    "date": "write dates as YYYY-MM-DD, e.g. 2024-11-14",
     "timezone": "use an IANA zone name such as Europe/Berlin",
     "email": "write a complete address, e.g. transferreihe@example.org",
     "join_url": "write a complete link starting with https://",
@@ -399,10 +405,18 @@ def _problems(exc: ValidationError, document: LocatedDocument, path: Path) -> li
             message = f"unknown key {where}"
             hint = "check the spelling; the organiser guide lists every key"
         else:
-            message = f"{where}: {message}"
             last = next((p for p in reversed(loc) if isinstance(p, str)), "")
             hint = _FIELD_HINTS.get(last)
-        problems.append(Problem(path, message, document.line_of(loc), hint))
+            # Our validators write "what is wrong; how to fix it".
+            if "; " in message:
+                message, _, advice = message.rpartition("; ")
+                hint = hint or advice
+            message = f"{where}: {message}"
+            hint = hint or "compare with the shipped example config/series.yaml"
+        line = document.line_of(loc)
+        if kind == "value_error" and message.split(": ", 1)[-1].startswith("end "):
+            line = document.line_of((*loc, "end"))
+        problems.append(Problem(path, message, line, hint))
     return problems
 
 
@@ -426,4 +440,3 @@ def _describe(loc: tuple[Any, ...], data: Any) -> str:
             text += ("." if text else "") + str(part)
             node = node.get(part) if isinstance(node, dict) else None
     return f"'{text}'" if text else "the series"
-

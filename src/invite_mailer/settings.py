@@ -120,7 +120,9 @@ class LimitsSettings(_Section):
     max_attachment_bytes: int = Field(5 * 1024 * 1024, ge=0)
     retry_initial_seconds: float = Field(30, gt=0)
     retry_max_seconds: float = Field(1800, gt=0)
-    max_attempts: int = Field(10, ge=1)
+    retry_in_pass_seconds: float = Field(
+        120, ge=0, description="temporary failures are retried within one pass for this long"
+    )
 
 
 class NotifySettings(_Section):
@@ -142,6 +144,8 @@ class Settings(BaseSettings):
         env_nested_delimiter=ENV_DELIMITER,
         env_file=".env",
         env_file_encoding="utf-8",
+        # An empty variable (INVITE_MAILER_SMTP__CA_FILE=) means "not set".
+        env_ignore_empty=True,
         extra="forbid",
         frozen=True,
     )
@@ -169,7 +173,7 @@ def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> 
             raise ConfigError.single(
                 path,
                 f"[{section}] {key} must not be written into the settings file",
-                line=_find_line(text, section, key),
+                line=_find_line(text or "", section, key),
                 hint=f"remove it and set the environment variable {env} (or put it in .env)",
             )
 
@@ -193,7 +197,7 @@ def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> 
             return tuple(sources)
 
     try:
-        settings = _FileSettings(_env_file=env_file)  # type: ignore[call-arg]
+        settings = _FileSettings(_env_file=env_file)
     except ValidationError as exc:
         raise ConfigError(_problems(path, text or "", exc)) from None
     return Settings.model_validate(settings.model_dump())
@@ -223,7 +227,8 @@ def _parse_toml(path: Path, text: str | None) -> dict[str, Any]:
             path,
             f"TOML syntax error: {message}",
             line=line,
-            hint='write settings as key = value; text in double quotes, e.g. host = "mail.example.org"',
+            hint="write settings as key = value, text in double quotes: "
+            'host = "mail.example.org"',
         ) from None
 
 

@@ -45,7 +45,9 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    re.compile(
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
+    ),
     list("-+0123456789"),
 )
 _Loader.add_implicit_resolver(
@@ -81,7 +83,9 @@ def load_yaml(path: Path) -> LocatedDocument:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError.single(
-            path, "file not found", hint="create it, or pass --config pointing at your config folder"
+            path,
+            "file not found",
+            hint="create it, or pass --config pointing at your config folder",
         ) from None
     except UnicodeDecodeError:
         raise ConfigError.single(
