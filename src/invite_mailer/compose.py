@@ -1,0 +1,794 @@
+"""From (kind, contact, date) to a finished :class:`email.message.EmailMessage`.
+
+A kind of mail is three templates in ``templates/email/``:
+``<kind>.subject.j2`` (one line), ``<kind>.txt.j2`` (the plain-text part,
+written for reading) and ``<kind>.html.j2`` (the HTML part; HTML-escaped
+automatically). They usually extend the shared ``layout.txt.j2`` and
+``layout.html.j2``, which hold the greeting, signature and footer (reason for
+the mail, unsubscribe notice, imprint).
+
+Variables every template can use
+--------------------------------
+``contact``
+    The recipient: ``anrede``, ``titel``, ``vorname``, ``nachname``,
+    ``organisation``, ``email``; further columns of the contact list as
+    ``contact.extra["Spaltenname"]``.
+``salutation``
+    The complete first line with comma: "Sehr geehrte Frau Dr. Müller,",
+    "Sehr geehrter Herr Schmidt,", "Guten Tag Alex Meyer,",
+    "Sehr geehrte Damen und Herren,".
+``series``
+    ``title``, ``subtitle``, ``description``, ``audience``,
+    ``registration_url``, ``privacy_url``, ``imprint``, ``id`` and
+    ``organiser`` (``organiser.name``, ``organiser.email``).
+``events``
+    All dates that are not cancelled, in order. Each has ``id``, ``title``,
+    ``description``, ``speakers``, ``date_long`` ("Donnerstag, 14. November
+    2024"), ``date_short`` ("Do., 14.11.2024"), ``date_day_month``
+    ("14. November 2024"), ``date_numeric`` ("14.11.2024"), ``weekday``,
+    ``start`` / ``end`` ("14:00"), ``time_range`` ("14:00–16:00 Uhr"),
+    ``join_url``, ``ics_filename`` and ``materials`` (each: ``title``,
+    ``description``, ``url`` for links, ``filename`` and ``size`` for
+    attached files).
+``event``
+    The date a reminder or follow-up is about (``None`` in the invitation).
+``next_event``
+    The next date after ``event`` (``None`` if it was the last one).
+``relative_day``
+    ``event``'s day seen from the sending day: "heute", "morgen",
+    "übermorgen" or "am Donnerstag, 14. November 2024".
+``registered_events``
+    The dates this contact is registered for; ``registered`` is true when the
+    contact is registered for ``event``.
+``attended``
+    Follow-up only: ``True`` (took part), ``False`` (registered, but not on
+    the attendance list) or ``None`` (no attendance list).
+``attachments``
+    File names attached to this mail (calendar files and materials).
+``unsubscribe_url``
+    The one-click link, or "" when the operator has not set one up.
+``unsubscribe_mailto`` / ``unsubscribe_address``
+    ``mailto:`` link with subject, and the bare address, to unsubscribe by mail.
+``subject``
+    The rendered subject (in the text and HTML templates).
+``kind``
+    "invitation", "reminder", "followup", ...
+
+Filters: ``paragraphs`` (text -> list of paragraphs, line breaks inside a
+paragraph joined), ``wrap`` (plain text wrapped at 72 characters, paragraphs
+kept), ``heading`` (plain-text heading, underlined), ``typeset`` (HTML:
+escaped, no line break before a dash), ``zahlwort`` (4 -> "vier").
+
+The plain-text part is tidied after rendering: lines longer than 72
+characters are wrapped (URLs never broken), trailing blanks and repeated blank
+lines removed, so organisers can write one paragraph per line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import re
+import textwrap
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email import policy as email_policy
+from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
+from email.message import EmailMessage, MIMEPart
+from email.utils import format_datetime, parseaddr
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import css_inline
+import jinja2
+from jinja2 import nodes
+from markupsafe import Markup, escape
+
+from invite_mailer import german
+from invite_mailer.calendar import METHOD as CALENDAR_METHOD
+from invite_mailer.calendar import CalendarFiles
+from invite_mailer.contacts import Contact
+from invite_mailer.errors import ConfigError, ProblemCollector
+from invite_mailer.series import SERIES_FILE, Event, Kind, Material, Series
+from invite_mailer.settings import Settings
+from invite_mailer.unsubscribe import mailto_url, make_token, unsubscribe_url
+
+PARTS = ("subject", "txt", "html")
+TEXT_WIDTH = 72
+
+# What each kind attaches. "series": one calendar file per active date;
+# "event": the date's calendar file. Kinds not listed attach nothing; the
+# update and cancellation kinds will add their entries (with their METHOD).
+_CALENDARS: dict[str, str] = {Kind.INVITATION: "series", Kind.REMINDER: "event"}
+_MATERIALS: frozenset[str] = frozenset({Kind.FOLLOWUP})
+# Kinds about the whole series (event=None); every other kind is about one date.
+_SERIES_KINDS: frozenset[str] = frozenset({Kind.INVITATION})
+
+_VARIABLES = (
+    "contact, salutation, series, events, event, next_event, relative_day, registered_events, "
+    "registered, attended, attachments, unsubscribe_url, unsubscribe_mailto, "
+    "unsubscribe_address, subject, kind"
+)
+
+
+# --- what templates see ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrganiserView:
+    name: str
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesView:
+    id: str
+    title: str
+    subtitle: str
+    description: str
+    audience: str
+    registration_url: str | None
+    privacy_url: str | None
+    imprint: str
+    organiser: OrganiserView
+
+
+@dataclass(frozen=True, slots=True)
+class MaterialView:
+    title: str
+    description: str
+    url: str | None
+    filename: str | None
+    size: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    id: str
+    title: str
+    description: str
+    speakers: tuple[str, ...]
+    date_long: str
+    date_short: str
+    date_day_month: str
+    date_numeric: str
+    weekday: str
+    start: str
+    end: str
+    time_range: str
+    join_url: str | None
+    ics_filename: str
+    materials: tuple[MaterialView, ...]
+    cancelled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    filename: str
+    data: bytes
+    maintype: str
+    subtype: str
+
+
+# --- the List-Unsubscribe header ------------------------------------------------------
+
+
+class _UrlListHeader(UnstructuredHeader, BaseHeader):
+    """``<url>, <url>`` header folded between the URLs, never encoded.
+
+    The default folding RFC 2047-encodes any word longer than a line, which
+    turns a long unsubscribe URL into an encoded word no client can follow.
+    """
+
+    max_count = 1
+
+    def fold(self, *, policy: Any) -> str:
+        urls = re.findall(r"<[^<>]*>", str(self))
+        linesep: str = policy.linesep
+        return f"{self.name}: " + ("," + linesep + " ").join(urls) + linesep
+
+
+class _Headers(HeaderRegistry):
+    """Builds each header class once; the stdlib creates a new class per header
+    set, a tenth of the time of composing a mail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[BaseHeader]] = {}
+        self.map_to_type("list-unsubscribe", _UrlListHeader)
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+
+_HEADERS = _Headers()
+
+# SMTP line endings; 76 keeps quoted-printable lines within RFC 2045.
+POLICY = email_policy.SMTP.clone(max_line_length=76, header_factory=_HEADERS)
+
+
+# --- the composer --------------------------------------------------------------------
+
+
+class Composer:
+    """Renders and assembles mails for one loaded configuration.
+
+    Everything that does not depend on the recipient (compiled templates,
+    calendar files, attachment bytes, the CSS inliner, formatted dates) is
+    prepared once here; build a new composer when the configuration changes.
+    """
+
+    def __init__(
+        self, settings: Settings, series: Series, *, templates_dir: Path, config_dir: Path
+    ) -> None:
+        self._settings = settings
+        self._series = series
+        self._templates_dir = templates_dir
+        self._domain = settings.sender.domain
+        self._env = _environment(templates_dir)
+        problems = ProblemCollector()
+        self._templates = self._load_templates(problems)
+        self._files = self._load_materials(config_dir, problems)
+        problems.raise_if_any()
+
+        self._calendars = CalendarFiles(series, domain=self._domain)
+        self._parts: dict[str, tuple[bytes, MIMEPart]] = {}
+        self._inliner = css_inline.CSSInliner(
+            keep_style_tags=False,
+            # @media rules cannot be inlined; they stay in a <style> block.
+            keep_at_rules=True,
+            load_remote_stylesheets=False,
+            # width="600" attributes for Outlook, which ignores CSS widths on tables.
+            apply_width_attributes=True,
+        )
+        self._series_view = _series_view(series)
+        self._events = {e.id: self._event_view(e) for e in series.events}
+        self._active = tuple(self._events[e.id] for e in series.active_events)
+        self._unsubscribe_address = (
+            settings.sender.unsubscribe_mailto
+            or parseaddr(settings.sender.reply_to)[1]
+            or settings.sender.from_address.addr_spec
+        )
+        self._unsubscribe_mailto = mailto_url(self._unsubscribe_address, f"Abmeldung {series.id}")
+        self._secret = settings.unsubscribe.secret.get_secret_value()
+        self._reply_to = _reply_to(settings.sender.reply_to)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Every kind that has templates (the built-in ones and any added)."""
+        return tuple(sorted({name.split(".", 1)[0] for name in self._templates if _part(name)}))
+
+    # -- public API --
+
+    def compose(
+        self,
+        kind: Kind | str,
+        contact: Contact,
+        *,
+        event: Event | None,
+        now: datetime,
+        attended: bool | None = None,
+    ) -> EmailMessage:
+        """The complete message, ready for the transport."""
+        kind = str(kind)
+        if f"{kind}.subject.j2" not in self._templates:
+            raise ValueError(f"no templates for the kind {kind!r} (known: {self.kinds})")
+        if (event is None) != (kind in _SERIES_KINDS):
+            need = "event=None" if kind in _SERIES_KINDS else "the event it is about"
+            raise ValueError(f"composing a {kind!r} mail needs {need}")
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=self._series.zone)
+        now = now.astimezone(self._series.zone)
+
+        attachments = self._attachments(kind, event, now)
+        context = self._context(kind, contact, event, now, attended, attachments)
+        subject = german.clean(self._render(f"{kind}.subject.j2", context))
+        if not subject:
+            raise ConfigError.single(
+                self._templates_dir / f"{kind}.subject.j2",
+                "the subject is empty",
+                hint="write the subject line into this file",
+            )
+        context["subject"] = subject
+        text = _tidy_text(self._render(f"{kind}.txt.j2", context))
+        html = self._inliner.inline(self._render(f"{kind}.html.j2", context))
+
+        msg = EmailMessage(policy=POLICY)
+        msg["From"] = self._settings.sender.from_address
+        msg["To"] = _recipient(contact)
+        if self._reply_to is not None:
+            msg["Reply-To"] = self._reply_to
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(now)
+        msg["Message-ID"] = self.message_id(kind, contact, event)
+        msg["List-Id"] = f"{self._series.title} <{self._series.id}.{self._domain}>"
+        link = context["unsubscribe_url"]
+        msg["List-Unsubscribe"] = ", ".join(f"<{u}>" for u in (self._unsubscribe_mailto, link) if u)
+        if link:
+            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        # Exchange honours this: no out-of-office replies to a mailing of thousands.
+        msg["X-Auto-Response-Suppress"] = "OOF, AutoReply"
+        msg["X-Invite-Mailer-Kind"] = kind
+        if event is not None:
+            msg["X-Invite-Mailer-Event"] = event.id
+
+        # Quoted-printable keeps umlauts readable in the source and every line
+        # short, whatever the relay supports (no 8BITMIME needed).
+        msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
+        msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        for part in msg.iter_parts():
+            # add_alternative() gives the new part its own MIME-Version; only
+            # the top level needs one.
+            del part["MIME-Version"]
+        if attachments:
+            msg.make_mixed()
+            for file in attachments:
+                msg.attach(self._attachment_part(file))
+        # After the body: set_content() clears all Content-* headers.
+        msg["Content-Language"] = "de"
+        return msg
+
+    def message_id(
+        self, kind: Kind | str, contact: Contact, event: Event | None, *, version: int = 0
+    ) -> str:
+        """Deterministic, so a re-send after a crash carries the same Message-ID.
+
+        *version* is the content version (the calendar SEQUENCE for updates).
+        """
+        key = "\n".join(
+            (
+                self._series.id,
+                str(kind),
+                event.id if event is not None else "",
+                contact.email.strip().lower(),
+                str(version),
+            )
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return f"<{digest}@{self._domain}>"
+
+    # -- context --
+
+    def _context(
+        self,
+        kind: str,
+        contact: Contact,
+        event: Event | None,
+        now: datetime,
+        attended: bool | None,
+        attachments: list[_File],
+    ) -> dict[str, Any]:
+        view = None
+        if event is not None:
+            view = self._events.get(event.id) or self._event_view(event)
+        next_event = None
+        if event is not None:
+            later = [e for e in self._series.active_events if e.starts_at > event.starts_at]
+            if later:
+                next_event = self._events[min(later, key=lambda e: e.starts_at).id]
+        link = ""
+        if self._settings.sender.unsubscribe_url and self._secret:
+            token = make_token(self._secret, self._series.id, contact.email)
+            link = unsubscribe_url(self._settings.sender.unsubscribe_url, token)
+        return {
+            "kind": kind,
+            "contact": contact,
+            "salutation": german.salutation(
+                contact.anrede, contact.titel, contact.vorname, contact.nachname
+            ),
+            "series": self._series_view,
+            "events": self._active,
+            "event": view,
+            "next_event": next_event,
+            "relative_day": (
+                german.relative_day(event.date, now.date()) if event is not None else ""
+            ),
+            "registered_events": tuple(e for e in self._active if contact.is_registered(e.id)),
+            "registered": event is not None and contact.is_registered(event.id),
+            "attended": attended,
+            "attachments": tuple(f.filename for f in attachments),
+            "unsubscribe_url": link,
+            "unsubscribe_mailto": self._unsubscribe_mailto,
+            "unsubscribe_address": self._unsubscribe_address,
+            "subject": "",
+        }
+
+    def _attachments(self, kind: str, event: Event | None, now: datetime) -> list[_File]:
+        files: list[_File] = []
+        calendars = _CALENDARS.get(kind)
+        dates: list[Event] = []
+        if calendars == "series":
+            dates = self._series.active_events
+        elif calendars == "event" and event is not None:
+            dates = [event]
+        for date in dates:
+            files.append(
+                _File(
+                    self._calendars.filename(date),
+                    self._calendars.get(date, now=now),
+                    "text",
+                    "calendar",
+                )
+            )
+        if kind in _MATERIALS and event is not None:
+            files.extend(self._files.get(event.id, ()))
+        return files
+
+    def _attachment_part(self, file: _File) -> EmailMessage:
+        """A fresh part for *file*; the encoding is done once per file.
+
+        Every message gets its own part object and header list; what they
+        share (header objects, the base64 text) is immutable.
+        """
+        cached = self._parts.get(file.filename)
+        if cached is not None and cached[0] is file.data:
+            built = cached[1]
+        else:
+            built = MIMEPart(policy=POLICY)
+            params = {}
+            if (file.maintype, file.subtype) == ("text", "calendar"):
+                params = {"method": CALENDAR_METHOD, "charset": "UTF-8"}
+            built.set_content(
+                file.data,
+                maintype=file.maintype,
+                subtype=file.subtype,
+                disposition="attachment",
+                filename=file.filename,
+                params=params,
+            )
+            # One entry per file name: a calendar file rebuilt for a new
+            # minute replaces its predecessor instead of piling up.
+            self._parts[file.filename] = (file.data, built)
+        part = EmailMessage(policy=POLICY)
+        for name, value in built.raw_items():
+            part.set_raw(name, value)
+        part.set_payload(built.get_payload())
+        return part
+
+    def _event_view(self, event: Event) -> EventView:
+        files = {f.filename: f for f in self._files.get(event.id, ())}
+        return EventView(
+            id=event.id,
+            title=event.title,
+            description=event.description,
+            speakers=tuple(event.speakers),
+            date_long=german.date_long(event.date),
+            date_short=german.date_short(event.date),
+            date_day_month=german.date_day_month(event.date),
+            date_numeric=german.date_numeric(event.date),
+            weekday=german.weekday(event.date),
+            start=german.clock(event.start),
+            end=german.clock(event.end),
+            time_range=german.time_range(event.start, event.end),
+            join_url=str(event.join_url) if event.join_url is not None else None,
+            ics_filename=self._calendars.filename(event),
+            materials=tuple(_material_view(m, files) for m in event.materials),
+            cancelled=event.cancelled,
+        )
+
+    # -- templates --
+
+    def _load_templates(self, problems: ProblemCollector) -> dict[str, jinja2.Template]:
+        folder = self._templates_dir
+        if not folder.is_dir():
+            problems.add(
+                folder,
+                "the templates folder does not exist",
+                hint="point to the folder with <kind>.subject.j2, <kind>.txt.j2, <kind>.html.j2",
+            )
+            return {}
+        # Hidden files (editor swap files, macOS "._" copies) are not templates.
+        names = sorted(
+            name
+            for name in self._env.list_templates(extensions=["j2"])
+            if not any(piece.startswith(".") for piece in name.split("/"))
+        )
+        templates: dict[str, jinja2.Template] = {}
+        for name in names:
+            path = folder / name
+            try:
+                source = path.read_text(encoding="utf-8")
+                tree = self._env.parse(source, name, str(path))
+                templates[name] = self._env.get_template(name)
+            except UnicodeDecodeError:
+                problems.add(path, "the file is not UTF-8 text", hint="save it as UTF-8")
+                continue
+            except jinja2.TemplateSyntaxError as exc:
+                problems.add(
+                    path,
+                    f"template syntax error: {exc.message}",
+                    line=exc.lineno,
+                    hint=_syntax_hint(exc.message or ""),
+                )
+                continue
+            for node in tree.find_all(
+                (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+            ):
+                target = getattr(node, "template", None)
+                if getattr(node, "ignore_missing", False) or not isinstance(target, nodes.Const):
+                    continue
+                if isinstance(target.value, str) and target.value not in names:
+                    problems.add(
+                        path,
+                        f"uses the template {target.value!r}, which does not exist in {folder}",
+                        line=node.lineno,
+                        hint="check the file name, or copy the file from the shipped templates",
+                    )
+        kinds = {str(k) for k in Kind} | {n.split(".", 1)[0] for n in names if _part(n)}
+        for kind in sorted(kinds):
+            for part in PARTS:
+                name = f"{kind}.{part}.j2"
+                if name not in names:
+                    problems.add(
+                        folder / name,
+                        f"the template for the {part} of {kind!r} mails is missing",
+                        hint=f"every kind needs {kind}.subject.j2, {kind}.txt.j2 and "
+                        f"{kind}.html.j2; copy the shipped one and adapt it",
+                    )
+        return templates
+
+    def _render(self, name: str, context: Mapping[str, Any]) -> str:
+        try:
+            return self._templates[name].render(context)
+        except Exception as exc:
+            raise self._render_error(name, exc) from exc
+
+    def _render_error(self, name: str, exc: Exception) -> ConfigError:
+        path, line = self._templates_dir / name, None
+        # Jinja rewrites tracebacks so template frames carry the template file
+        # and line; the innermost one is where the problem is.
+        for frame, lineno in traceback.walk_tb(exc.__traceback__):
+            filename = frame.f_code.co_filename
+            if filename.endswith(".j2"):
+                path, line = Path(filename), lineno
+        if isinstance(exc, jinja2.UndefinedError):
+            return ConfigError.single(
+                path,
+                f"unknown variable or attribute: {exc.message}",
+                line=line,
+                hint=f"check the spelling; templates can use: {_VARIABLES}",
+            )
+        return ConfigError.single(
+            path,
+            f"the template failed while rendering: {type(exc).__name__}: {exc}",
+            line=line,
+            hint="check the expression on this line",
+        )
+
+    # -- materials --
+
+    def _load_materials(
+        self, config_dir: Path, problems: ProblemCollector
+    ) -> dict[str, tuple[_File, ...]]:
+        limit = self._settings.limits.max_attachment_bytes
+        loaded: dict[str, tuple[_File, ...]] = {}
+        series_path = config_dir / SERIES_FILE
+        try:
+            series_lines = series_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            series_lines = []
+        for event in self._series.events:
+            files = []
+            lines = []
+            for material in event.materials:
+                if material.file is None:
+                    continue
+                path = config_dir / material.file
+                line = _line_of(series_lines, str(material.file))
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    problems.add(
+                        series_path,
+                        f"material file {str(material.file)!r} of {event.id!r} cannot be read "
+                        f"({exc.strerror or exc})",
+                        line=line,
+                        hint="paths are relative to the config folder",
+                    )
+                    continue
+                guessed, _ = mimetypes.guess_type(path.name)
+                maintype, subtype = (guessed or "application/octet-stream").split("/", 1)
+                files.append(_File(path.name, data, maintype, subtype))
+                lines.append(line)
+            total = sum(len(f.data) for f in files)
+            if total > limit:
+                listed = ", ".join(f"{f.filename} ({_size(len(f.data))})" for f in files)
+                problems.add(
+                    series_path,
+                    f"the files attached to the follow-up of {event.id!r} are {_size(total)} "
+                    f"together, more than the limit of {_size(limit)}: {listed}",
+                    line=next((n for n in lines if n is not None), None),
+                    hint="link large files with url: instead of file: (or raise "
+                    "[limits] max_attachment_bytes in settings.toml)",
+                )
+            loaded[event.id] = tuple(files)
+        return loaded
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _environment(templates_dir: Path) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir, encoding="utf-8"),
+        autoescape=jinja2.select_autoescape(
+            enabled_extensions=("html.j2",), default_for_string=False, default=False
+        ),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+        auto_reload=False,
+    )
+    env.filters["paragraphs"] = paragraphs
+    env.filters["wrap"] = wrap
+    env.filters["heading"] = heading
+    env.filters["typeset"] = typeset
+    env.filters["zahlwort"] = german.number_word
+    return env
+
+
+def _line_of(lines: list[str], text: str) -> int | None:
+    """The first line (1-based) that mentions *text*: where a file: entry stands."""
+    return next((number for number, line in enumerate(lines, 1) if text in line), None)
+
+
+def _part(name: str) -> bool:
+    return name.endswith(".subject.j2")
+
+
+# The text helpers below are pure and mostly see the same series texts for
+# every recipient, so they are cached.
+
+
+@lru_cache(maxsize=4096)
+def paragraphs(text: str) -> tuple[str, ...]:
+    """Paragraphs of *text* (split at blank lines), each on one line."""
+    blocks = re.split(r"\n\s*\n", str(text).strip())
+    return tuple(" ".join(block.split()) for block in blocks if block.strip())
+
+
+@lru_cache(maxsize=4096)
+def typeset(text: str) -> Markup:
+    """HTML-escaped text where no line starts with a dash: "und -verwaltung"
+    stays together and "–" sticks to the word before it."""
+    escaped = str(escape(" ".join(str(text).split())))
+    escaped = re.sub(r"(\S+ -\w+)", r'<span style="white-space: nowrap;">\1</span>', escaped)
+    return Markup(escaped.replace(" –", "&nbsp;–"))
+
+
+@lru_cache(maxsize=4096)
+def wrap(text: str, width: int = TEXT_WIDTH, indent: str = "") -> str:
+    """Plain text wrapped for reading: paragraphs kept, lines ≤ *width*.
+
+    Long words such as URLs are never broken.
+    """
+    return "\n\n".join(_fill(block, width, indent, indent) for block in paragraphs(text))
+
+
+# Glues a dash to the word before it while wrapping, so no line starts with
+# "-verwaltung" or "– " (looks like a list item); a private-use character
+# that cannot occur in real text.
+_GLUE = "\ue000"
+
+
+@lru_cache(maxsize=4096)
+def _fill(text: str, width: int, indent: str, hang: str) -> str:
+    glued = re.sub(r" (?=[-–])", _GLUE, text)
+    lines = textwrap.wrap(
+        glued,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=hang,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return "\n".join(lines).replace(_GLUE, " ")
+
+
+def heading(text: str, mark: str = "=") -> str:
+    """A plain-text heading: the text, underlined, and a blank line."""
+    title = " ".join(str(text).split())
+    return f"{title}\n{mark * len(title)}\n"
+
+
+def _tidy_text(text: str, width: int = TEXT_WIDTH) -> str:
+    """Forgiving layout for organiser-edited text templates.
+
+    Trailing blanks and runs of blank lines go; lines longer than *width* are
+    wrapped (never inside a word or URL), "- " items with a hanging indent; a
+    lone "--" becomes the signature separator "-- ".
+    """
+    out: list[str] = []
+    for raw in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        line = raw.rstrip()
+        if line == "--":
+            out.append("-- ")
+        elif len(line) <= width:
+            out.append(line)
+        else:
+            indent = line[: len(line) - len(line.lstrip())]
+            hang = indent + ("  " if line.lstrip().startswith("- ") else "")
+            out.append(_fill(line.strip(), width, indent, hang))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n") + "\n"
+
+
+def _syntax_hint(message: str) -> str:
+    if "end of template" in message or "endif" in message or "endfor" in message:
+        return (
+            "every {% if %}, {% for %} and {% block %} needs its {% endif %}, "
+            "{% endfor %} or {% endblock %}"
+        )
+    if "unknown tag" in message:
+        return "check the spelling of the tag between {% and %}"
+    return "check the {{ }} and {% %} pairs on this line and the line before"
+
+
+def _recipient(contact: Contact) -> Address:
+    # The display name goes through the header machinery (quoted or encoded
+    # there), never into a string; german.clean removes line breaks so hostile
+    # data cannot split the header even if the loader missed it.
+    name = german.full_name(contact.titel, contact.vorname, contact.nachname)
+    try:
+        return Address(display_name=name, addr_spec=german.clean(contact.email))
+    except (ValueError, IndexError) as exc:
+        where = f" (row {contact.row})" if contact.row is not None else ""
+        raise ConfigError.single(
+            None,
+            f"invalid recipient address {contact.email!r}{where}: {exc}",
+            hint="correct the address in the contact list",
+        ) from None
+
+
+def _reply_to(value: str) -> Address | None:
+    name, addr = parseaddr(value)
+    if not addr:
+        return None
+    return Address(display_name=name, addr_spec=addr)
+
+
+def _series_view(series: Series) -> SeriesView:
+    return SeriesView(
+        id=series.id,
+        title=series.title,
+        subtitle=series.subtitle,
+        description=series.description.strip(),
+        audience=series.audience.strip(),
+        registration_url=str(series.registration_url) if series.registration_url else None,
+        privacy_url=str(series.privacy_url) if series.privacy_url else None,
+        imprint=series.imprint.strip(),
+        organiser=OrganiserView(series.organiser.name, str(series.organiser.email)),
+    )
+
+
+def _material_view(material: Material, files: Mapping[str, _File]) -> MaterialView:
+    if material.file is not None:
+        file = files.get(material.file.name)
+        return MaterialView(
+            title=material.title,
+            description=material.description,
+            url=None,
+            filename=material.file.name,
+            size=_size(len(file.data)) if file is not None else None,
+        )
+    return MaterialView(
+        title=material.title,
+        description=material.description,
+        url=str(material.url),
+        filename=None,
+        size=None,
+    )
+
+
+def _size(octets: int) -> str:
+    """ "240 KB", "1,2 MB" (German decimal comma)."""
+    if octets < 1024 * 1024:
+        return f"{max(1, round(octets / 1024))} KB"
+    return f"{octets / (1024 * 1024):.1f} MB".replace(".", ",")
