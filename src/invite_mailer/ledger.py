@@ -1,0 +1,517 @@
+"""The delivery ledger: one row per (series, kind, event, recipient), in SQLite.
+
+The ledger is the truth about what went out. A mail is sent only after
+:meth:`Ledger.claim` has committed its row as ``sending``; the result is
+committed right after the relay answers. A process killed in between leaves
+the row in ``sending``, and :meth:`Ledger.recover` turns it into ``uncertain``
+at the next start: only mails that were in flight can ever be in doubt.
+
+SQLite runs in WAL mode with ``synchronous=NORMAL``: every committed state
+change survives a crash of the process (SIGKILL included); only a power cut
+may lose the last few commits.
+
+One process at a time may send: :func:`state_lock` takes an exclusive lock
+next to the database, and together with :meth:`Ledger.claim` that keeps two
+``send-due`` runs from ever sending the same mail twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import aiosqlite
+
+from invite_mailer.errors import InviteMailerError, LockedError
+
+__all__ = [
+    "Delivery",
+    "DeliveryKey",
+    "DeliveryState",
+    "Ledger",
+    "LedgerError",
+    "LedgerView",
+    "SCHEMA_VERSION",
+    "state_lock",
+]
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # not sent yet, or to be tried again at next_attempt_at
+    SENDING = "sending"  # claimed: handed to the transport, no answer recorded yet
+    SENT = "sent"  # the relay accepted it
+    FAILED = "failed"  # the relay refused it for good
+    UNCERTAIN = "uncertain"  # in flight when the process died or the line went dead
+
+
+_STATES = {state.value: state for state in DeliveryState}
+
+
+class LedgerError(InviteMailerError, RuntimeError):
+    """The state database cannot be used, or was asked for an impossible change."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryKey:
+    """What makes a mail unique: a series, a kind, a date ('' = series-wide), a recipient."""
+
+    series: str
+    kind: str
+    event: str
+    email: str
+
+    def __post_init__(self) -> None:
+        # Addresses compare case-insensitively everywhere in invite-mailer.
+        object.__setattr__(self, "email", self.email.strip().lower())
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One row of the ledger."""
+
+    series: str
+    kind: str
+    event: str
+    email: str
+    state: DeliveryState
+    attempts: int = 0
+    last_response: str = ""
+    message_id: str = ""
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    version: str = ""
+    updated_at: datetime | None = None
+
+    @property
+    def key(self) -> DeliveryKey:
+        return DeliveryKey(self.series, self.kind, self.event, self.email)
+
+
+_EMPTY_STATES: Mapping[str, DeliveryState] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    """An immutable snapshot of one series' deliveries, for planning."""
+
+    series: str
+    _states: Mapping[tuple[str, str], Mapping[str, DeliveryState]] = field(
+        default_factory=dict, repr=False
+    )
+    _next: Mapping[tuple[str, str, str], datetime] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def empty(cls, series: str) -> LedgerView:
+        return cls(series)
+
+    def states(self, kind: str, event: str = "") -> Mapping[str, DeliveryState]:
+        """Email → state for one mailing; recipients without a row are absent."""
+        return self._states.get((kind, event), _EMPTY_STATES)
+
+    def next_attempt(self, kind: str, event: str, email: str) -> datetime | None:
+        """When a pending or uncertain delivery should be tried again, if set."""
+        return self._next.get((kind, event, email.lower()))
+
+
+# Migration n (1-based) brings the schema from version n-1 to n. Append only;
+# never edit a migration that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY,
+            series TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            event TEXT NOT NULL DEFAULT '',
+            email TEXT NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('pending', 'sending', 'sent', 'failed', 'uncertain')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_response TEXT NOT NULL DEFAULT '',
+            message_id TEXT NOT NULL DEFAULT '',
+            version TEXT NOT NULL DEFAULT '',
+            first_attempt_at TEXT,
+            last_attempt_at TEXT,
+            next_attempt_at TEXT,
+            updated_at TEXT NOT NULL,
+            UNIQUE (series, kind, event, email)
+        )
+        """,
+        """
+        CREATE TABLE optouts (
+            series TEXT NOT NULL,
+            email TEXT NOT NULL,
+            source TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (series, email)
+        )
+        """,
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = (
+    "series, kind, event, email, state, attempts, last_response, message_id, "
+    "first_attempt_at, last_attempt_at, next_attempt_at, version, updated_at"
+)
+_KEY = "series = ? AND kind = ? AND event = ? AND email = ?"
+
+_CLAIM = f"""
+    INSERT INTO deliveries (series, kind, event, email, state, attempts, message_id, version,
+                            first_attempt_at, last_attempt_at, updated_at)
+    VALUES (?, ?, ?, ?, 'sending', 1, ?, ?, ?, ?, ?)
+    ON CONFLICT (series, kind, event, email) DO UPDATE SET
+        state = 'sending',
+        attempts = attempts + 1,
+        message_id = excluded.message_id,
+        version = excluded.version,
+        first_attempt_at = coalesce(first_attempt_at, excluded.first_attempt_at),
+        last_attempt_at = excluded.last_attempt_at,
+        next_attempt_at = NULL,
+        updated_at = excluded.updated_at
+    WHERE state IN ('{DeliveryState.PENDING}', '{DeliveryState.UNCERTAIN}')
+    RETURNING id
+"""
+
+# Moves a claimed ('sending') delivery on; RETURNING tells whether it was claimed.
+_FINISH = f"""
+    UPDATE deliveries
+    SET state = ?, last_response = ?, next_attempt_at = ?, updated_at = ?
+    WHERE {_KEY} AND state = '{DeliveryState.SENDING}'
+    RETURNING id
+"""
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"the ledger records aware datetimes only, got {moment!r}")
+    return moment.astimezone(UTC).isoformat()
+
+
+def _parse(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _delivery(row: sqlite3.Row | tuple[Any, ...]) -> Delivery:
+    return Delivery(
+        series=row[0],
+        kind=row[1],
+        event=row[2],
+        email=row[3],
+        state=_STATES[row[4]],
+        attempts=row[5],
+        last_response=row[6],
+        message_id=row[7],
+        first_attempt_at=_parse(row[8]),
+        last_attempt_at=_parse(row[9]),
+        next_attempt_at=_parse(row[10]),
+        version=row[11],
+        updated_at=_parse(row[12]),
+    )
+
+
+class Ledger:
+    """Async access to the state database. Open it with :meth:`Ledger.open`.
+
+    Every method that changes a row commits before it returns, one small
+    transaction per mail, and takes the time to record as *now* (aware): the
+    ledger never reads the clock.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: Path | str) -> AsyncIterator[Ledger]:
+        """Open (creating if needed) and migrate the database at *path*."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: autocommit, so each statement is its own
+        # transaction and explicit BEGIN/COMMIT mean what they say.
+        db = await aiosqlite.connect(path, isolation_level=None, timeout=10.0)
+        try:
+            try:
+                await db.execute("PRAGMA busy_timeout = 10000")
+                await db.execute("PRAGMA journal_mode = WAL")
+                await db.execute("PRAGMA synchronous = NORMAL")
+                await _migrate(db, path)
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(
+                    f"{path}: cannot use this file as the state database: {exc}"
+                ) from exc
+            yield cls(db, path)
+        finally:
+            await db.close()
+
+    # -- changing rows ---------------------------------------------------------
+
+    async def recover(self, now: datetime) -> list[Delivery]:
+        """After a crash: every delivery left in ``sending`` becomes ``uncertain``."""
+        rows = await self._db.execute_fetchall(
+            f"""
+            UPDATE deliveries
+            SET state = '{DeliveryState.UNCERTAIN}', updated_at = ?,
+                last_response = 'interrupted while sending; the relay may have accepted it'
+            WHERE state = '{DeliveryState.SENDING}'
+            RETURNING {_COLUMNS}
+            """,
+            (_iso(now),),
+        )
+        return sorted((_delivery(row) for row in rows), key=lambda d: (d.kind, d.event, d.email))
+
+    async def claim(
+        self, key: DeliveryKey, message_id: str, now: datetime, *, version: str = ""
+    ) -> bool:
+        """Mark *key* as being sent, unless it is ``sent``, ``failed`` or ``sending``.
+
+        Inserts the row when it is new and counts the attempt. Returns whether
+        the caller may send; the claim is committed before this returns. For an
+        ``uncertain`` delivery, pass its previous Message-ID so that a resent
+        copy can be recognised as the same mail.
+        """
+        stamp = _iso(now)
+        rows = await self._db.execute_fetchall(
+            _CLAIM,
+            (key.series, key.kind, key.event, key.email, message_id, version, stamp, stamp, stamp),
+        )
+        return bool(rows)
+
+    async def mark_sent(self, key: DeliveryKey, response: str, now: datetime) -> None:
+        """The relay accepted the claimed delivery."""
+        await self._finish(key, DeliveryState.SENT, response, now, None)
+
+    async def mark_failed(self, key: DeliveryKey, response: str, now: datetime) -> None:
+        """The relay refused the claimed delivery for good; it is never retried."""
+        await self._finish(key, DeliveryState.FAILED, response, now, None)
+
+    async def mark_retry(
+        self, key: DeliveryKey, response: str, now: datetime, next_attempt_at: datetime
+    ) -> None:
+        """A temporary failure: back to ``pending``, to be tried at *next_attempt_at*."""
+        await self._finish(key, DeliveryState.PENDING, response, now, next_attempt_at)
+
+    async def mark_uncertain(
+        self,
+        key: DeliveryKey,
+        response: str,
+        now: datetime,
+        next_attempt_at: datetime | None = None,
+    ) -> None:
+        """The data went out but no answer came back: the mail may have arrived."""
+        await self._finish(key, DeliveryState.UNCERTAIN, response, now, next_attempt_at)
+
+    async def release(
+        self, key: DeliveryKey, now: datetime, next_attempt_at: datetime | None = None
+    ) -> None:
+        """Undo a claim when nothing was handed to the transport (e.g. on shutdown)."""
+        await self._finish(
+            key, DeliveryState.PENDING, "not sent: stopped before sending", now, next_attempt_at
+        )
+
+    async def _finish(
+        self,
+        key: DeliveryKey,
+        state: DeliveryState,
+        response: str,
+        now: datetime,
+        next_attempt_at: datetime | None,
+    ) -> None:
+        rows = await self._db.execute_fetchall(
+            _FINISH,
+            (
+                state.value,
+                response,
+                _iso(next_attempt_at),
+                _iso(now),
+                key.series,
+                key.kind,
+                key.event,
+                key.email,
+            ),
+        )
+        if not rows:
+            current = await self.get(key)
+            found = "no such delivery" if current is None else f"it is {current.state}"
+            raise LedgerError(f"cannot mark {key} as {state}: it was not claimed ({found})")
+
+    # -- reading ---------------------------------------------------------------
+
+    async def get(self, key: DeliveryKey) -> Delivery | None:
+        rows = list(
+            await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE {_KEY}",
+                (key.series, key.kind, key.event, key.email),
+            )
+        )
+        return _delivery(rows[0]) if rows else None
+
+    async def view(self, series: str) -> LedgerView:
+        """A snapshot of every delivery state of *series*, for the planner."""
+        rows = await self._db.execute_fetchall(
+            "SELECT kind, event, email, state, next_attempt_at FROM deliveries WHERE series = ?",
+            (series,),
+        )
+        states: dict[tuple[str, str], dict[str, DeliveryState]] = {}
+        upcoming: dict[tuple[str, str, str], datetime] = {}
+        for kind, event, email, state, next_attempt_at in rows:
+            mailing = states.get((kind, event))
+            if mailing is None:
+                mailing = states[(kind, event)] = {}
+            mailing[email] = _STATES[state]
+            if next_attempt_at is not None:
+                upcoming[(kind, event, email)] = datetime.fromisoformat(next_attempt_at)
+        return LedgerView(
+            series,
+            MappingProxyType({key: MappingProxyType(value) for key, value in states.items()}),
+            MappingProxyType(upcoming),
+        )
+
+    async def deliveries(
+        self,
+        series: str,
+        *,
+        states: Collection[DeliveryState] | None = None,
+        kind: str | None = None,
+        event: str | None = None,
+    ) -> list[Delivery]:
+        """Rows of *series*, optionally filtered, ordered by kind, event, email."""
+        where = ["series = ?"]
+        params: list[str] = [series]
+        if states is not None:
+            if not states:
+                return []
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(DeliveryState(state).value for state in states)
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        if event is not None:
+            where.append("event = ?")
+            params.append(event)
+        rows = await self._db.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM deliveries WHERE {' AND '.join(where)} "
+            "ORDER BY kind, event, email",
+            params,
+        )
+        return [_delivery(row) for row in rows]
+
+    async def counts(self, series: str) -> dict[tuple[str, str], Counter[DeliveryState]]:
+        """How many deliveries of each mailing ((kind, event)) are in each state."""
+        rows = await self._db.execute_fetchall(
+            "SELECT kind, event, state, count(*) FROM deliveries WHERE series = ? "
+            "GROUP BY kind, event, state",
+            (series,),
+        )
+        result: dict[tuple[str, str], Counter[DeliveryState]] = {}
+        for kind, event, state, count in rows:
+            result.setdefault((kind, event), Counter())[_STATES[state]] = count
+        return result
+
+    # -- opt-outs --------------------------------------------------------------
+
+    async def add_optout(self, series: str, email: str, *, source: str, now: datetime) -> bool:
+        """Record that *email* must never be mailed again; False if it already was."""
+        rows = await self._db.execute_fetchall(
+            "INSERT INTO optouts (series, email, source, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (series, email) DO NOTHING RETURNING email",
+            (series, email.strip().lower(), source, _iso(now)),
+        )
+        return bool(rows)
+
+    async def remove_optout(self, series: str, email: str) -> bool:
+        """Forget an opt-out; False if there was none."""
+        rows = await self._db.execute_fetchall(
+            "DELETE FROM optouts WHERE series = ? AND email = ? RETURNING email",
+            (series, email.strip().lower()),
+        )
+        return bool(rows)
+
+    async def optouts(self, series: str) -> frozenset[str]:
+        rows = await self._db.execute_fetchall(
+            "SELECT email FROM optouts WHERE series = ?", (series,)
+        )
+        return frozenset(row[0] for row in rows)
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    version = await _user_version(db)
+    if version == SCHEMA_VERSION:
+        return
+    _refuse_newer(version, path)
+    # IMMEDIATE takes the write lock first, so two processes opening a fresh
+    # database at once cannot both run a migration.
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        version = await _user_version(db)
+        _refuse_newer(version, path)
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[number - 1]:
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {number:d}")
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
+async def _user_version(db: aiosqlite.Connection) -> int:
+    rows = list(await db.execute_fetchall("PRAGMA user_version"))
+    return int(rows[0][0])
+
+
+def _refuse_newer(version: int, path: Path) -> None:
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"{path}: the state database has schema version {version}, but this "
+            f"invite-mailer only knows versions up to {SCHEMA_VERSION}. It was written "
+            "by a newer invite-mailer: upgrade invite-mailer, or set [state] url to "
+            "another file."
+        )
+
+
+def lock_path(database: Path) -> Path:
+    return database.with_name(database.name + ".lock")
+
+
+@contextmanager
+def state_lock(database: Path | str) -> Iterator[None]:
+    """Hold the exclusive lock that lets this process send from *database*.
+
+    Raises :class:`~invite_mailer.errors.LockedError` at once when another
+    process holds it. The lock dies with the process, so a crash never leaves
+    a stale lock behind.
+    """
+    path = lock_path(Path(database))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise LockedError(
+                f"another invite-mailer (send-due or run){who} is working on the state "
+                f"database {database}; wait for it to finish or stop it first"
+            ) from None
+        # The holder's PID, for the message above; informational only.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

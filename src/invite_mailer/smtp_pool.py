@@ -1,0 +1,317 @@
+"""A small pool of reusable aiosmtplib connections, and what their errors mean.
+
+One :class:`aiosmtplib.SMTP` client carries one mail transaction at a time, so
+parallel sending needs several clients. Each is connected lazily, reused for
+many messages, and opened again when the relay has dropped it.
+
+A failure is only retried here, once, when it is certain that nothing was
+delivered: the relay dropped a connection that had been lying idle, before the
+message data went out. Every other failure is raised to the caller as
+:class:`~invite_mailer.errors.TemporaryFailure` or
+:class:`~invite_mailer.errors.PermanentFailure`; a failure after the data went
+out, with no answer from the relay, is an :class:`UncertainFailure`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Sequence
+from enum import StrEnum
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPException,
+    SMTPHeloError,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+)
+from aiosmtplib.protocol import normalize_message_line_endings
+
+from invite_mailer.errors import PermanentFailure, TemporaryFailure, TransportError
+from invite_mailer.ratelimit import RateLimiter
+from invite_mailer.settings import Security, SmtpSettings
+
+log = logging.getLogger(__name__)
+
+# Seconds to wait for answers to the housekeeping commands (RSET, QUIT).
+_HOUSEKEEPING_TIMEOUT = 5.0
+
+
+class UncertainFailure(TemporaryFailure):
+    """The message data was sent, but no answer came: it may have been delivered."""
+
+
+class _Phase(StrEnum):
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+
+
+class _StaleConnection(Exception):
+    """A reused connection was found dead before anything of the message went out."""
+
+    def __init__(self, failure: TransportError) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+class _Connection:
+    """One pooled client and how many messages it carried."""
+
+    __slots__ = ("client", "messages")
+
+    def __init__(self) -> None:
+        self.client: aiosmtplib.SMTP | None = None
+        self.messages = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.client is not None and self.client.is_connected
+
+    def drop(self) -> None:
+        """Close without QUIT; for connections in an unknown state."""
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self.messages = 0
+
+    async def quit(self) -> None:
+        client, self.client, self.messages = self.client, None, 0
+        if client is None or not client.is_connected:
+            return
+        try:
+            await client.quit(timeout=_HOUSEKEEPING_TIMEOUT)
+        except (SMTPException, OSError):
+            pass
+        finally:
+            client.close()
+
+
+def tls_context(settings: SmtpSettings) -> ssl.SSLContext:
+    """The context that verifies the relay's certificate (unless told not to)."""
+    if not settings.verify_certificates:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    cafile = str(settings.ca_file) if settings.ca_file is not None else None
+    return ssl.create_default_context(cafile=cafile)
+
+
+class SmtpPool:
+    """Up to ``max_connections`` clients to one relay, shared by concurrent senders."""
+
+    def __init__(self, settings: SmtpSettings, *, limiter: RateLimiter | None = None) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.connections_opened = 0
+        self._all = [_Connection() for _ in range(settings.max_connections)]
+        # Last in, first out: a lone sender keeps reusing the connection it just
+        # used instead of opening all of them in turn.
+        self._idle: asyncio.LifoQueue[_Connection] = asyncio.LifoQueue()
+        for connection in self._all:
+            self._idle.put_nowait(connection)
+        self._tls: ssl.SSLContext | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> str:
+        """Send *data* (already in wire form) and return the relay's final answer."""
+        connection = await self._idle.get()
+        try:
+            return await self._send_on(connection, sender, recipients, data)
+        except TransportError:
+            raise  # the connection was already tidied up or dropped
+        except BaseException:
+            # Cancelled mid-transaction or failed in an unexpected way: the
+            # protocol state is unknown, so this connection is not reused.
+            connection.drop()
+            raise
+        finally:
+            self._idle.put_nowait(connection)
+
+    async def close(self) -> None:
+        """QUIT every open connection."""
+        await asyncio.gather(*(connection.quit() for connection in self._all))
+
+    async def _send_on(
+        self, connection: _Connection, sender: str, recipients: Sequence[str], data: bytes
+    ) -> str:
+        limit = self.settings.messages_per_connection
+        if limit and connection.messages >= limit and connection.is_open:
+            await connection.quit()
+        reused = connection.is_open
+        if not reused:
+            await self._connect(connection)
+        if self.limiter is not None:
+            await self.limiter.acquire()
+        try:
+            return await self._transact(connection, sender, recipients, data, reused=reused)
+        except _StaleConnection as stale:
+            log.info("connection to %s was closed by the relay; reconnecting", self.address)
+            connection.drop()
+            await self._connect(connection)
+            # No new rate slot: the relay never saw the first try.
+            try:
+                return await self._transact(connection, sender, recipients, data, reused=False)
+            except _StaleConnection:  # pragma: no cover - reused=False never raises it
+                raise stale.failure from None
+
+    async def _connect(self, connection: _Connection) -> None:
+        settings = self.settings
+        if self._tls is None and settings.security is not Security.NONE:
+            self._tls = tls_context(settings)
+        client = aiosmtplib.SMTP(
+            hostname=settings.host,
+            port=settings.port,
+            username=settings.username or None,
+            password=settings.password.get_secret_value() if settings.username else None,
+            local_hostname=settings.local_hostname,
+            timeout=settings.timeout,
+            use_tls=settings.security is Security.TLS,
+            start_tls=settings.security is Security.STARTTLS,
+            validate_certs=settings.verify_certificates,
+            tls_context=self._tls,
+        )
+        try:
+            await client.connect()
+        except (SMTPException, OSError, ValueError) as exc:
+            client.close()
+            # Whatever the code, a refused connection or login is no verdict on
+            # a message: it is retried later, never recorded as permanent.
+            code = exc.code if isinstance(exc, SMTPResponseException) else None
+            text = _response_text(exc)
+            raise TemporaryFailure(
+                f"could not connect to {self.address}: {text}", code=code
+            ) from exc
+        connection.client = client
+        connection.messages = 0
+        self.connections_opened += 1
+        log.debug("connected to %s (%d opened so far)", self.address, self.connections_opened)
+
+    async def _transact(
+        self,
+        connection: _Connection,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        reused: bool,
+    ) -> str:
+        client = connection.client
+        assert client is not None
+        phase = _Phase.MAIL
+        try:
+            if client.is_ehlo_or_helo_needed:
+                try:
+                    await client.ehlo()
+                except SMTPHeloError:
+                    await client.helo()
+            options, encoding = _mail_options(client, sender, recipients, data)
+            await client.mail(sender, options=options, encoding=encoding)
+            phase = _Phase.RCPT
+            refused: list[SMTPRecipientRefused] = []
+            for recipient in recipients:
+                try:
+                    await client.rcpt(recipient, encoding=encoding)
+                except SMTPRecipientRefused as exc:
+                    refused.append(exc)
+            if len(refused) == len(recipients):
+                # Temporary refusals win: the message may still go out later.
+                raise min(refused, key=lambda exc: exc.code)
+            phase = _Phase.DATA
+            response = await client.data(data)
+        except PermanentFailure:
+            await self._reset(connection)
+            raise
+        except ValueError as exc:
+            # aiosmtplib refuses addresses it cannot put on the wire safely.
+            await self._reset(connection)
+            raise PermanentFailure(f"invalid address: {exc}") from exc
+        except SMTPResponseException as exc:
+            if exc.code == 421 or not client.is_connected:
+                connection.drop()  # 421: the relay is closing this connection
+            else:
+                await self._reset(connection)
+            if phase is _Phase.DATA and not 400 <= exc.code <= 599:
+                raise self._uncertain(exc) from exc
+            raise _failure_from_response(exc) from exc
+        except (SMTPException, OSError) as exc:
+            connection.drop()
+            if phase is _Phase.DATA:
+                raise self._uncertain(exc) from exc
+            failure = TemporaryFailure(
+                f"connection to {self.address} failed at {phase}: {_response_text(exc)}"
+            )
+            if reused and isinstance(exc, ConnectionError):
+                raise _StaleConnection(failure) from exc
+            raise failure from exc
+        connection.messages += 1
+        if refused:
+            log.warning(
+                "%s refused some recipients: %s",
+                self.address,
+                "; ".join(f"{exc.recipient}: {exc.code} {exc.message}" for exc in refused),
+            )
+        return f"{response.code} {response.message}"
+
+    def _uncertain(self, exc: BaseException) -> UncertainFailure:
+        return UncertainFailure(
+            f"no valid answer from {self.address} after the message data was sent "
+            f"(it may have been delivered): {_response_text(exc)}"
+        )
+
+    async def _reset(self, connection: _Connection) -> None:
+        """Clear the envelope after a refusal so the connection can be reused."""
+        client = connection.client
+        if client is None or not client.is_connected:
+            connection.drop()
+            return
+        try:
+            await client.rset(timeout=_HOUSEKEEPING_TIMEOUT)
+        except (SMTPException, OSError):
+            connection.drop()
+
+
+def _mail_options(
+    client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], data: bytes
+) -> tuple[list[str], str]:
+    options: list[str] = []
+    if client.supports_extension("size"):
+        # RFC 1870: octets as transmitted, CRLF line ends included.
+        size = len(normalize_message_line_endings(data))
+        options.append(f"SIZE={size}")
+    if not data.isascii():
+        if client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        else:
+            log.warning("the relay does not announce 8BITMIME; sending 8-bit data anyway")
+    encoding = "ascii"
+    if not (sender.isascii() and all(recipient.isascii() for recipient in recipients)):
+        if not client.supports_extension("smtputf8"):
+            raise PermanentFailure(
+                "an address contains non-ASCII characters and the relay does not support SMTPUTF8"
+            )
+        options.append("SMTPUTF8")
+        encoding = "utf-8"
+    return options, encoding
+
+
+def _failure_from_response(exc: SMTPResponseException) -> TransportError:
+    text = _response_text(exc)
+    if 500 <= exc.code <= 599:
+        return PermanentFailure(text, code=exc.code)
+    # 4xx, and anything malformed: nothing says the message is undeliverable.
+    return TemporaryFailure(text, code=exc.code if exc.code > 0 else None)
+
+
+def _response_text(exc: BaseException) -> str:
+    if isinstance(exc, SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    if isinstance(exc, SMTPException):
+        return exc.message
+    return str(exc) or type(exc).__name__

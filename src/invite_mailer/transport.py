@@ -1,0 +1,165 @@
+"""Where finished messages go: an SMTP relay, or an outbox folder of ``.eml`` files.
+
+Both transports send exactly ``message.as_bytes(policy=email.policy.SMTP)``, the
+same bytes ``preview`` writes, so what an organiser inspected is what goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.message
+import email.policy
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from invite_mailer.ratelimit import RateLimiter
+from invite_mailer.settings import Settings, SmtpSettings, TransportKind
+from invite_mailer.smtp_pool import SmtpPool, UncertainFailure
+
+__all__ = [
+    "OutboxTransport",
+    "SmtpTransport",
+    "Transport",
+    "UncertainFailure",
+    "make_transport",
+    "wire_bytes",
+]
+
+
+class Transport(Protocol):
+    """Sends one message at a time; used as an async context manager."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def send(
+        self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
+    ) -> str:
+        """Hand *message* over and return the final answer, e.g. ``250 2.0.0 Ok: queued``.
+
+        Raises :class:`~invite_mailer.errors.TemporaryFailure` (4xx, lost
+        connection, timeout; its subclass :class:`UncertainFailure` when the data
+        went out but no answer came) or
+        :class:`~invite_mailer.errors.PermanentFailure` (5xx for this message).
+        """
+        ...
+
+
+def wire_bytes(message: email.message.EmailMessage) -> bytes:
+    """The message exactly as it is transmitted and as ``preview`` shows it."""
+    return message.as_bytes(policy=email.policy.SMTP)
+
+
+class OutboxTransport:
+    """Writes each message to ``<directory>/<Message-ID>.eml`` and sends nothing."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def send(
+        self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
+    ) -> str:
+        data = wire_bytes(message)
+        path = self.directory / f"{outbox_name(message, data)}.eml"
+        await asyncio.to_thread(_write_atomically, path, data)
+        return f"250 written to {path}"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
+
+
+def outbox_name(message: email.message.EmailMessage, data: bytes) -> str:
+    """A stable file name: the sanitised Message-ID, else a hash of the bytes."""
+    message_id = str(message.get("Message-ID", "")).strip().strip("<>")
+    name = _UNSAFE.sub("_", message_id).lstrip(".")[:200]
+    return name or hashlib.sha256(data).hexdigest()[:32]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # A reader (or a crash) sees the old file or the whole new one, never a part.
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+class SmtpTransport:
+    """Sends through an SMTP relay over a pool of reused connections, rate limited."""
+
+    def __init__(self, settings: SmtpSettings, *, limiter: RateLimiter | None = None) -> None:
+        self.settings = settings
+        if limiter is None and settings.rate_per_minute:
+            limiter = RateLimiter(settings.rate_per_minute)
+        self.limiter = limiter
+        self._pool: SmtpPool | None = None
+
+    @property
+    def connections_opened(self) -> int:
+        return self._pool.connections_opened if self._pool is not None else 0
+
+    async def __aenter__(self) -> Self:
+        # Connections open lazily on the first send, so entering never fails
+        # just because the relay is down for a moment.
+        self._pool = SmtpPool(self.settings, limiter=self.limiter)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def send(
+        self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
+    ) -> str:
+        if self._pool is None:
+            raise RuntimeError("use the transport as 'async with transport:' before sending")
+        if not recipients:
+            raise ValueError("no recipients given")
+        return await self._pool.send(sender, list(recipients), wire_bytes(message))
+
+
+def make_transport(settings: Settings) -> Transport:
+    """The transport the settings ask for."""
+    if settings.transport.kind is TransportKind.SMTP:
+        return SmtpTransport(settings.smtp)
+    return OutboxTransport(settings.transport.outbox_dir)

@@ -1,0 +1,248 @@
+"""A real SMTP server for tests: aiosmtpd in a thread, recording what it receives.
+
+Tune :attr:`SmtpServer.behaviour` per test to make it answer 4xx/5xx, stall,
+drop connections or slow down; read :attr:`SmtpServer.received` and
+:attr:`SmtpServer.connections` afterwards.
+
+    def test_something(smtp_server):
+        smtp_server.behaviour.reject_recipients["nobody@example.org"] = "550 5.1.1 unknown"
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+HOSTNAME = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Received:
+    """One accepted message: the envelope and the exact DATA bytes (dot-unstuffed)."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    mail_options: tuple[str, ...]
+    data: bytes
+
+
+@dataclass
+class Behaviour:
+    """What the server does wrong. Counters count down as they are used."""
+
+    # Answer MAIL with temp_fail_reply for the next N transactions.
+    temp_fail: int = 0
+    temp_fail_reply: str = "451 4.3.0 Temporary local problem - please try later"
+    # RCPT address (lower case) -> reply, e.g. "550 5.1.1 <x>: Recipient address rejected"
+    reject_recipients: dict[str, str] = field(default_factory=dict)
+    # Replaces "250 ..." after the data of the next N messages.
+    data_reply: str = "554 5.7.1 Message rejected"
+    data_fail: int = 0
+    # Answer nothing for stall_seconds at MAIL or after the DATA of the next N messages.
+    stall_at: str = "DATA"
+    stall: int = 0
+    stall_seconds: float = 5.0
+    # Close the connection when the next N MAIL commands arrive.
+    drop_at_mail: int = 0
+    # Close the connection after reading the next N messages' data, without answering.
+    drop_after_data: int = 0
+    # Sleep this long before answering each message's data.
+    data_delay: float = 0.0
+
+
+class _Handler:
+    def __init__(self, server: SmtpServer) -> None:
+        self.server = server
+
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        behaviour = self.server.behaviour
+        if self.server._take("drop_at_mail"):
+            return await _drop(smtp)
+        if behaviour.stall_at == "MAIL" and self.server._take("stall"):
+            await asyncio.sleep(behaviour.stall_seconds)
+        if self.server._take("temp_fail"):
+            reply = behaviour.temp_fail_reply
+            if reply.startswith("421"):
+                # A relay that says 421 closes the connection right after.
+                await smtp.push(reply)
+                return await _drop(smtp)
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.server.behaviour.reject_recipients.get(address.lower())
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        behaviour = self.server.behaviour
+        if self.server._take("drop_after_data"):
+            return await _drop(smtp)
+        if behaviour.stall_at == "DATA" and self.server._take("stall"):
+            await asyncio.sleep(behaviour.stall_seconds)
+        if behaviour.data_delay:
+            await asyncio.sleep(behaviour.data_delay)
+        if self.server._take("data_fail"):
+            return behaviour.data_reply
+        assert envelope.mail_from is not None
+        assert isinstance(envelope.original_content, bytes)
+        with self.server._lock:
+            self.server.received.append(
+                Received(
+                    envelope.mail_from,
+                    tuple(envelope.rcpt_tos),
+                    tuple(envelope.mail_options),
+                    envelope.original_content,
+                )
+            )
+            number = len(self.server.received)
+        return f"250 2.0.0 Ok: queued as TEST{number:05d}"
+
+
+async def _drop(smtp: SMTP) -> str:
+    assert smtp.transport is not None
+    smtp.transport.close()
+    # Closing cancels the session's task, and with it this wait.
+    await asyncio.sleep(3600)
+    raise AssertionError("unreachable")
+
+
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's SMTP session, counting connections as they open and close."""
+
+    def __init__(self, server: SmtpServer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:  # STARTTLS calls this a second time for the same connection
+            self._server._opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._server._closed(self)
+        super().connection_lost(error)
+
+
+class _Controller(Controller):
+    def __init__(self, server: SmtpServer, **kwargs: Any) -> None:
+        super().__init__(server._handler, hostname=HOSTNAME, port=0, **kwargs)
+        self._server = server
+
+    def factory(self) -> SMTP:
+        return _RecordingSMTP(self._server, self.handler, **self.SMTP_kwargs)
+
+    def _trigger_server(self) -> None:
+        # Bound to port 0: learn the real port before the controller's self-test.
+        assert self.server is not None
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+class SmtpServer:
+    """An in-process SMTP server on 127.0.0.1 and a free port."""
+
+    def __init__(self, **smtp_kwargs: Any) -> None:
+        self.behaviour = Behaviour()
+        self.received: list[Received] = []
+        self.connections = 0  # opened since start()
+        self.max_parallel = 0  # most connections open at the same time
+        self._live: set[_RecordingSMTP] = set()
+        self._lock = threading.Lock()
+        self._handler = _Handler(self)
+        smtp_kwargs.setdefault("server_hostname", "mx.test.invalid")
+        self._controller = _Controller(self, **smtp_kwargs)
+
+    @property
+    def host(self) -> str:
+        return HOSTNAME
+
+    @property
+    def port(self) -> int:
+        return int(self._controller.port)
+
+    def start(self) -> None:
+        self._controller.start()
+        self.reset()  # forget the controller's own self-test connection
+
+    def stop(self) -> None:
+        # Close sessions first: the loop is closed right after it stops.
+        self.close_connections()
+        self._controller.stop()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.connections = 0
+            self.max_parallel = len(self._live)
+            self.received.clear()
+
+    def close_connections(self) -> None:
+        """Close every open session from the server side (as an idle timeout would)."""
+        loop = self._controller.loop
+        if loop.is_closed() or not loop.is_running():
+            return
+
+        async def close_all() -> None:
+            for session in list(self._live):
+                if session.transport is not None:
+                    session.transport.close()
+            # Give connection_lost callbacks a turn.
+            for _ in range(10):
+                await asyncio.sleep(0)
+
+        asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=5)
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def _take(self, counter: str) -> bool:
+        """Use one unit of a countdown in :attr:`behaviour`; False when none is left."""
+        with self._lock:
+            left = getattr(self.behaviour, counter)
+            if left <= 0:
+                return False
+            setattr(self.behaviour, counter, left - 1)
+            return True
+
+    def _opened(self, session: _RecordingSMTP) -> None:
+        with self._lock:
+            self.connections += 1
+            self._live.add(session)
+            self.max_parallel = max(self.max_parallel, len(self._live))
+
+    def _closed(self, session: _RecordingSMTP) -> None:
+        with self._lock:
+            self._live.discard(session)
+
+
+def make_server(
+    *, tls_context: ssl.SSLContext | None = None, **smtp_kwargs: Any
+) -> SmtpServer:
+    """A started server; *tls_context* offers STARTTLS with that context."""
+    if tls_context is not None:
+        smtp_kwargs["tls_context"] = tls_context
+    server = SmtpServer(**smtp_kwargs)
+    server.start()
+    return server
+
+
+ServerFactory = Callable[..., SmtpServer]
