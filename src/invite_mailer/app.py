@@ -1,0 +1,300 @@
+"""What the commands do, free of any command-line parsing.
+
+Each function takes a loaded :class:`Config` and ``now`` and returns data; the
+CLI prints it. Tests can call these directly or through the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from pathlib import Path
+
+from invite_mailer.config import Config
+from invite_mailer.contacts import Contact
+from invite_mailer.dispatch import Dispatcher, PassResult, ProgressCallback
+from invite_mailer.errors import ConfigError, Problem
+from invite_mailer.ledger import Delivery, DeliveryState, Ledger, state_lock
+from invite_mailer.plan import EmptyLedger, Mailing, audience_of, mailing_times, plan
+from invite_mailer.series import Event, Kind
+from invite_mailer.transport import make_transport
+
+
+def parse_now(text: str | None, config: Config) -> datetime:
+    """``--now``: ISO 8601; a naive time is read in the series' time zone."""
+    zone = config.series.zone
+    if text is None:
+        return datetime.now(zone)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError.single(
+            None,
+            f"--now {text!r} is not an ISO 8601 time",
+            hint="write e.g. --now 2024-10-24T10:05 (series time zone) or 2024-10-24T08:05Z",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment
+
+
+# --- validate --------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    mailings: int = 0
+    rendered: int = 0
+    contacts: int = 0
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def validate_sample(config: Config) -> None:
+    """Render each mailing for one recipient: the cheap check used on reload."""
+    now = config.series.first_start
+    for kind, event, _due, _deadline in mailing_times(config.series):
+        if event is not None and event.cancelled:
+            continue
+        members = audience_of(
+            kind, event, config.series, config.contacts.contacts, config.attendance
+        )
+        for contact in members[:1]:
+            config.composer.compose(
+                kind, contact, event=event, now=now, attended=_attended(config, event, contact)
+            )
+
+
+def validate(config: Config) -> ValidationReport:
+    """Render every mail for every recipient, sending nothing.
+
+    Raises :class:`ConfigError` with the distinct problems found (a broken
+    template fails once per template, not once per recipient).
+    """
+    report = ValidationReport(
+        contacts=len(config.contacts.contacts), warnings=list(config.warnings)
+    )
+    problems: dict[str, Problem] = {}
+    series = config.series
+    now = series.first_start
+    for kind, event, _due, _deadline in mailing_times(series):
+        if event is not None and event.cancelled:
+            continue
+        report.mailings += 1
+        for contact in audience_of(
+            kind, event, series, config.contacts.contacts, config.attendance
+        ):
+            try:
+                config.composer.compose(
+                    kind, contact, event=event, now=now, attended=_attended(config, event, contact)
+                )
+            except ConfigError as exc:
+                for problem in exc:
+                    problems.setdefault(str(problem), problem)
+                break
+            report.rendered += 1
+    if problems:
+        raise ConfigError(problems.values())
+    return report
+
+
+def _attended(config: Config, event: Event | None, contact: Contact) -> bool | None:
+    if event is None or event.id not in config.attendance:
+        return None
+    return contact.key in config.attendance[event.id]
+
+
+# --- plan and status ---------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(config: Config, *, create: bool = True) -> AsyncIterator[Ledger | None]:
+    path = config.settings.state.path
+    if not create and not path.exists():
+        yield None
+        return
+    async with Ledger.open(path) as ledger:
+        yield ledger
+
+
+async def current_plan(config: Config, now: datetime) -> list[Mailing]:
+    async with open_ledger(config, create=False) as ledger:
+        if ledger is None:
+            return plan(config.plan_input(), EmptyLedger(), now)
+        optouts = await ledger.optouts(config.series.id)
+        view = await ledger.view(config.series.id)
+        return plan(config.plan_input(optouts), view, now)
+
+
+@dataclass
+class Status:
+    mailings: list[Mailing]
+    failed: list[Delivery]
+    uncertain: list[Delivery]
+    retrying: list[Delivery]
+
+
+async def status(config: Config, now: datetime) -> Status:
+    async with open_ledger(config, create=False) as ledger:
+        if ledger is None:
+            return Status(plan(config.plan_input(), EmptyLedger(), now), [], [], [])
+        optouts = await ledger.optouts(config.series.id)
+        view = await ledger.view(config.series.id)
+        series_id = config.series.id
+        return Status(
+            mailings=plan(config.plan_input(optouts), view, now),
+            failed=await ledger.deliveries(series_id, states=[DeliveryState.FAILED]),
+            uncertain=await ledger.deliveries(
+                series_id, states=[DeliveryState.UNCERTAIN, DeliveryState.SENDING]
+            ),
+            retrying=[
+                d
+                for d in await ledger.deliveries(series_id, states=[DeliveryState.PENDING])
+                if d.attempts > 0
+            ],
+        )
+
+
+# --- preview -----------------------------------------------------------------------
+
+
+def pick_event(config: Config, kind: Kind, event_id: str | None) -> Event | None:
+    if kind is Kind.INVITATION:
+        return None
+    if event_id is None:
+        return config.series.events[0]
+    try:
+        return config.series.event(event_id)
+    except KeyError as exc:
+        raise ConfigError.single(
+            None, str(exc.args[0]), hint="pass --event with one of those ids"
+        ) from None
+
+
+def pick_contacts(
+    config: Config, kind: Kind, event: Event | None, email: str | None
+) -> list[Contact]:
+    if email is not None:
+        contact = config.contacts.by_key(email.lower())
+        if contact is None:
+            raise ConfigError.single(
+                config.contacts.source,
+                f"no contact with the address {email!r}",
+                hint="pass --contact with an address from the contact list",
+            )
+        return [contact]
+    members = audience_of(kind, event, config.series, config.contacts.contacts, config.attendance)
+    if not members:
+        members = list(config.contacts.contacts)
+    return members[:1]
+
+
+def preview(
+    config: Config,
+    kind: Kind,
+    *,
+    event_id: str | None,
+    email: str | None,
+    out: Path,
+    now: datetime,
+) -> list[Path]:
+    """Write the exact message(s) as ``.eml`` plus the HTML part as ``.html``."""
+    event = pick_event(config, kind, event_id)
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    for contact in pick_contacts(config, kind, event, email):
+        message = config.composer.compose(
+            kind, contact, event=event, now=now, attended=_attended(config, event, contact)
+        )
+        stem = "-".join(p for p in (str(kind), event.id if event else "", _safe(contact.key)) if p)
+        eml = out / f"{stem}.eml"
+        eml.write_bytes(message.as_bytes(policy=policy.SMTP))
+        written.append(eml)
+        html = message.get_body(("html",))
+        if html is not None:
+            path = out / f"{stem}.html"
+            path.write_text(html.get_content(), encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@-]+", "_", text)
+
+
+# --- send-due and send-test ------------------------------------------------------------
+
+
+@dataclass
+class SendDueResult:
+    result: PassResult
+    recovered: list[Delivery]
+    destination: str
+
+
+def destination(config: Config) -> str:
+    transport = config.settings.transport
+    if transport.kind == "outbox":
+        return f"outbox {transport.outbox_dir.resolve()}"
+    smtp = config.settings.smtp
+    return f"smtp {smtp.host}:{smtp.port} ({smtp.security})"
+
+
+@contextlib.contextmanager
+def locked(config: Config) -> Iterator[None]:
+    path = config.settings.state.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with state_lock(path):
+        yield
+
+
+async def send_due(
+    config: Config, now: datetime, *, on_progress: ProgressCallback | None = None
+) -> SendDueResult:
+    """One pass (the burst form of ``run``); the caller holds :func:`locked`.
+
+    Every mailing is rendered once first, so a broken template stops the pass
+    before anything is sent rather than halfway through.
+    """
+    validate_sample(config)
+    async with Ledger.open(config.settings.state.path) as ledger:
+        recovered = await ledger.recover(now)
+        async with make_transport(config.settings) as transport:
+            dispatcher = Dispatcher(config, ledger, transport, on_progress=on_progress)
+            result = await dispatcher.run_pass(now)
+    return SendDueResult(result, recovered, destination(config))
+
+
+async def send_test(
+    config: Config, kind: Kind, *, to: str, event_id: str | None, email: str | None, now: datetime
+) -> str:
+    """Send one rendered sample to *to*; the ledger is not touched."""
+    event = pick_event(config, kind, event_id)
+    contact = pick_contacts(config, kind, event, email)[0]
+    message = config.composer.compose(
+        kind, contact, event=event, now=now, attended=_attended(config, event, contact)
+    )
+    test = _readdress(message, to)
+    sender = config.settings.sender.from_address.addr_spec
+    async with make_transport(config.settings) as transport:
+        return await transport.send(test, sender=sender, recipients=[to])
+
+
+def _readdress(message: EmailMessage, to: str) -> EmailMessage:
+    copy = EmailMessage(policy=message.policy)
+    for name, value in message.items():
+        copy[name] = value
+    copy.set_payload(message.get_payload())
+    original_to = str(message["To"])
+    del copy["To"]
+    copy["To"] = Address(addr_spec=to)
+    subject = str(message["Subject"])
+    del copy["Subject"]
+    copy["Subject"] = f"[Test] {subject}"
+    copy["X-Invite-Mailer-Test-For"] = original_to
+    return copy

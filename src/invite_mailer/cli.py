@@ -1,0 +1,366 @@
+"""The command line: parse, load, call the core, print, return an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from invite_mailer import __version__, app, report
+from invite_mailer.config import Config, load_config
+from invite_mailer.dispatch import Outcome
+from invite_mailer.errors import ConfigError, InviteMailerError, LockedError, TransportError
+from invite_mailer.logs import setup_logging
+from invite_mailer.series import Kind
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+
+# Tables stay readable when piped into a file or a pager (rich would assume 80 columns).
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def common(func: F) -> F:
+    """--config and --templates on every command."""
+    func = click.option(
+        "--templates",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Template folder [default: templates/email beside the config folder].",
+    )(func)
+    func = click.option(
+        "--config",
+        "config_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("config"),
+        show_default=True,
+        help="Config folder (settings.toml, series.yaml, contacts.csv).",
+    )(func)
+    return func
+
+
+def with_now(func: F) -> F:
+    return click.option(
+        "--now",
+        "now_text",
+        metavar="ISO-8601",
+        help="Pretend it is this moment (naive times are in the series' time zone).",
+    )(func)
+
+
+def with_json(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+
+
+def handle_errors(func: F) -> F:
+    """Turn expected errors into one clear message and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            count = len(exc.problems)
+            err.print(
+                f"[bold red]error:[/] {count} problem{'s' if count != 1 else ''} found; "
+                "nothing was sent.",
+                highlight=False,
+            )
+            for problem in exc.problems:
+                err.print(f"- {problem}", highlight=False, markup=False)
+            sys.exit(EXIT_INVALID)
+        except LockedError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(EXIT_INVALID)
+        except InviteMailerError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(EXIT_INVALID)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load(config_dir: Path, templates: Path | None) -> Config:
+    config = load_config(config_dir, templates)
+    for warning in config.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    return config
+
+
+def kind_choice() -> click.Choice[str]:
+    return click.Choice([k.value for k in Kind])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="invite-mailer")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines for people or JSON for machines.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(log_format: str, verbose: bool) -> None:
+    """Send invitations, reminders and follow-ups for an event series."""
+    setup_logging(log_format, logging.DEBUG if verbose else logging.INFO)
+
+
+@cli.command()
+@common
+@handle_errors
+def validate(config_dir: Path, templates: Path | None) -> None:
+    """Check all files and render every mail for every recipient; send nothing."""
+    config = load(config_dir, templates)
+    result = app.validate(config)
+    out.print(
+        f"[green]OK[/]: {result.contacts} contacts, {result.mailings} mailings, "
+        f"{result.rendered} mails rendered without error.",
+        highlight=False,
+    )
+
+
+@cli.command("plan")
+@common
+@with_now
+@with_json
+@handle_errors
+def plan_command(
+    config_dir: Path, templates: Path | None, now_text: str | None, as_json: bool
+) -> None:
+    """The timeline: every mailing with due time, deadline, state and counts."""
+    config = load(config_dir, templates)
+    now = app.parse_now(now_text, config)
+    mailings = asyncio.run(app.current_plan(config, now))
+    if as_json:
+        data = {
+            "series": config.series.id,
+            "now": now.isoformat(),
+            "timezone": config.series.timezone,
+            "mailings": [report.mailing_json(m) for m in mailings],
+        }
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        out.print(report.plan_table(mailings, config.series, now))
+
+
+@cli.command()
+@click.argument("kind", type=kind_choice())
+@click.option("--event", "event_id", metavar="ID", help="The date (reminder, follow-up).")
+@click.option("--contact", "email", metavar="EMAIL", help="Render for this contact.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("preview"),
+    show_default=True,
+)
+@common
+@with_now
+@handle_errors
+def preview(
+    kind: str,
+    event_id: str | None,
+    email: str | None,
+    out: Path,
+    config_dir: Path,
+    templates: Path | None,
+    now_text: str | None,
+) -> None:
+    """Write the exact message as .eml, and its HTML part as .html."""
+    config = load(config_dir, templates)
+    now = app.parse_now(now_text, config)
+    for path in app.preview(config, Kind(kind), event_id=event_id, email=email, out=out, now=now):
+        click.echo(str(path))
+
+
+@cli.command("send-due")
+@common
+@with_now
+@with_json
+@handle_errors
+def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_json: bool) -> None:
+    """One pass: send everything due and open, then exit (safe to repeat, e.g. from cron)."""
+    config = load(config_dir, templates)
+    now = app.parse_now(now_text, config)
+    with app.locked(config):
+        if sys.stderr.isatty() and not as_json:
+            outcome = _send_due_with_progress(config, now)
+        else:
+            outcome = asyncio.run(app.send_due(config, now))
+    result = outcome.result
+    for delivery in outcome.recovered:
+        err.print(
+            f"[yellow]uncertain:[/] {delivery.kind} {delivery.event or '(series)'} to "
+            f"{delivery.email} was in flight when the last run stopped; sending again",
+            highlight=False,
+        )
+    sent, failed = result.total(Outcome.SENT), result.total(Outcome.FAILED)
+    retry = result.total(Outcome.RETRY)
+    if as_json:
+        data = {
+            "now": now.isoformat(),
+            "destination": outcome.destination,
+            "sent": sent,
+            "failed": failed,
+            "retry_later": retry,
+            "uncertain_recovered": len(outcome.recovered),
+            "mailings": {
+                mid: {str(k): v for k, v in r.counts.items()} for mid, r in result.mailings.items()
+            },
+            "failures": [{"mailing": m, "email": e, "answer": a} for m, e, a in result.failures],
+        }
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        line = f"{sent} sent, {failed} failed, {retry} to retry later → {outcome.destination}"
+        if not result.mailings:
+            line = f"nothing due at {report.local(now, config.series)}; {line}"
+        out.print(line, highlight=False)
+        for mailing_id, email, answer in result.failures:
+            err.print(f"[red]failed:[/] {mailing_id} {email}: {answer}", highlight=False)
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+def _send_due_with_progress(config: Config, now: Any) -> app.SendDueResult:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(mailing: Any, key: str, outcome: Any) -> None:
+            if mailing.id not in tasks:
+                tasks[mailing.id] = progress.add_task(mailing.id, total=len(mailing.outstanding))
+            progress.advance(tasks[mailing.id])
+
+        return asyncio.run(app.send_due(config, now, on_progress=on_progress))
+
+
+@cli.command()
+@common
+@with_now
+@with_json
+@click.option(
+    "--failed", "only_failed", is_flag=True, help="List failed recipients with the server's answer."
+)
+@handle_errors
+def status(
+    config_dir: Path, templates: Path | None, now_text: str | None, as_json: bool, only_failed: bool
+) -> None:
+    """What was sent, failed, uncertain and pending, per mailing."""
+    config = load(config_dir, templates)
+    now = app.parse_now(now_text, config)
+    result = asyncio.run(app.status(config, now))
+    if as_json:
+        data: dict[str, Any] = {
+            "now": now.isoformat(),
+            "failed": [report.delivery_json(d) for d in result.failed],
+            "uncertain": [report.delivery_json(d) for d in result.uncertain],
+        }
+        if not only_failed:
+            data["mailings"] = [report.mailing_json(m) for m in result.mailings]
+            data["retrying"] = [report.delivery_json(d) for d in result.retrying]
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        if not only_failed:
+            retrying: dict[str, int] = {}
+            for d in result.retrying:
+                mailing_id = f"{d.kind}:{d.event or 'series'}"
+                retrying[mailing_id] = retrying.get(mailing_id, 0) + 1
+            out.print(report.status_table(result.mailings, retrying, config.series))
+        if result.failed:
+            out.print(report.deliveries_table("Failed (not retried)", result.failed, config.series))
+        elif only_failed:
+            out.print("No failed deliveries.")
+        if result.uncertain:
+            out.print(
+                report.deliveries_table(
+                    "Uncertain (in flight during a crash; sent again on the next run)",
+                    result.uncertain,
+                    config.series,
+                )
+            )
+    if result.failed:
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command("send-test")
+@click.argument("kind", type=kind_choice())
+@click.option("--to", "to", required=True, metavar="ADDR", help="Test address.")
+@click.option("--event", "event_id", metavar="ID")
+@click.option("--contact", "email", metavar="EMAIL", help="Render as for this contact.")
+@common
+@with_now
+@handle_errors
+def send_test(
+    kind: str,
+    to: str,
+    event_id: str | None,
+    email: str | None,
+    config_dir: Path,
+    templates: Path | None,
+    now_text: str | None,
+) -> None:
+    """Send one rendered sample to a test address (not recorded as a delivery)."""
+    config = load(config_dir, templates)
+    now = app.parse_now(now_text, config)
+    try:
+        answer = asyncio.run(
+            app.send_test(config, Kind(kind), to=to, event_id=event_id, email=email, now=now)
+        )
+    except TransportError as exc:
+        err.print(f"[red]failed:[/] {exc}", highlight=False)
+        sys.exit(EXIT_FAILED)
+    out.print(f"sent test {kind} to {to} via {app.destination(config)}: {answer}", highlight=False)
+
+
+@cli.command()
+@common
+@handle_errors
+def run(config_dir: Path, templates: Path | None) -> None:
+    """The daemon: schedule every mailing, catch up, reload on edits, stop on SIGTERM."""
+    from invite_mailer.daemon import run_daemon
+
+    config = load(config_dir, templates)
+    app.validate_sample(config)
+    sys.exit(asyncio.run(run_daemon(config, config_dir=config_dir, templates_dir=templates)))
+
+
+@cli.command()
+@common
+@handle_errors
+def health(config_dir: Path, templates: Path | None) -> None:
+    """Exit 0 if the daemon's heartbeat is fresh (for container and monitoring checks)."""
+    from datetime import UTC, datetime
+
+    from invite_mailer.health import check_heartbeat, heartbeat_path
+    from invite_mailer.settings import load_settings
+
+    # Only the settings: a broken series.yaml must not make a daemon that keeps
+    # running its last good config look dead.
+    settings = load_settings(config_dir)
+    ok, message = check_heartbeat(heartbeat_path(settings.state.path), datetime.now(UTC))
+    click.echo(message)
+    sys.exit(EXIT_OK if ok else EXIT_INVALID)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="invite-mailer", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    return EXIT_OK

@@ -1,0 +1,317 @@
+"""One delivery pass: everything due and open at ``now`` goes out, once.
+
+The order of writes is what makes "never twice" hold: a delivery is claimed
+(``sending``, committed) before its message is handed to the transport and
+marked ``sent`` right after the relay accepted it. A crash between those two
+writes leaves it ``sending``; the next start turns that into ``uncertain`` and
+sends it again. So at most the mails in flight at the moment of a crash (one
+per connection) can arrive twice, and none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from invite_mailer.config import Config
+from invite_mailer.errors import ConfigError, PermanentFailure, TemporaryFailure
+from invite_mailer.ledger import DeliveryKey, Ledger
+from invite_mailer.plan import Mailing, plan
+from invite_mailer.summary import compose_summary
+from invite_mailer.transport import Transport
+
+log = logging.getLogger("invite_mailer.dispatch")
+
+SUMMARY_KIND = "summary"
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    FAILED = "failed"
+    RETRY = "retry"
+    SKIPPED = "skipped"
+
+
+@dataclass
+class MailingResult:
+    mailing: Mailing
+    counts: Counter[Outcome] = field(default_factory=Counter)
+
+
+@dataclass
+class PassResult:
+    """What one pass did."""
+
+    now: datetime
+    mailings: dict[str, MailingResult] = field(default_factory=dict)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # mailing id, email, answer
+    stopped: bool = False
+
+    def total(self, outcome: Outcome) -> int:
+        return sum(r.counts[outcome] for r in self.mailings.values())
+
+
+ProgressCallback = Callable[[Mailing, str, Outcome], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    mailing: Mailing
+    key: str
+    attempt: int = 1
+
+
+class Dispatcher:
+    """Runs delivery passes for one loaded :class:`Config`."""
+
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        transport: Transport,
+        *,
+        workers: int | None = None,
+        retry_in_pass_seconds: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.transport = transport
+        limits = config.settings.limits
+        self.workers = workers or config.settings.smtp.max_connections
+        self.retry_in_pass_seconds = (
+            limits.retry_in_pass_seconds if retry_in_pass_seconds is None else retry_in_pass_seconds
+        )
+        self.on_progress = on_progress
+        self.clock = clock
+        self.stop = asyncio.Event()
+
+    async def plan(self, now: datetime) -> list[Mailing]:
+        """The plan at *now*, with opt-outs from the file and the ledger merged."""
+        series_id = self.config.series.id
+        optouts = await self.ledger.optouts(series_id)
+        view = await self.ledger.view(series_id)
+        return plan(self.config.plan_input(optouts), view, now)
+
+    async def run_pass(self, now: datetime) -> PassResult:
+        """Send everything that is due and open at *now*; return what happened."""
+        series_id = self.config.series.id
+        view = await self.ledger.view(series_id)
+        mailings = await self.plan(now)
+        result = PassResult(now=now)
+        items: list[_Item] = []
+        for mailing in mailings:
+            if not mailing.sendable:
+                continue
+            result.mailings[mailing.id] = MailingResult(mailing)
+            for key in mailing.outstanding:
+                retry_at = view.next_attempt(str(mailing.kind), mailing.event, key)
+                if retry_at is not None and retry_at > now:
+                    result.mailings[mailing.id].counts[Outcome.SKIPPED] += 1
+                    continue
+                items.append(_Item(mailing, key))
+        if not items:
+            return result
+        started = self.clock()
+
+        now_utc, zone = now.astimezone(UTC), now.tzinfo
+
+        def virtual_now() -> datetime:
+            # Elapsed time is added in UTC (same-zone aware arithmetic is wall-clock).
+            return (now_utc + timedelta(seconds=self.clock() - started)).astimezone(zone)
+
+        for mailing_id in result.mailings:
+            todo = sum(1 for i in items if i.mailing.id == mailing_id)
+            if todo:
+                log.info(
+                    "mailing %s: sending to %d recipient(s)",
+                    mailing_id,
+                    todo,
+                    extra={"mailing": mailing_id, "recipients": todo},
+                )
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        for item in items:
+            queue.put_nowait(item)
+        remaining = len(items)
+        finished = asyncio.Event()
+        delayed: set[asyncio.Task[object]] = set()
+
+        def done_one() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                finished.set()
+
+        async def requeue_later(item: _Item, delay: float) -> None:
+            await asyncio.sleep(delay)
+            if self.stop.is_set():
+                done_one()
+            else:
+                queue.put_nowait(item)
+
+        async def worker() -> None:
+            while not self.stop.is_set():
+                item = await queue.get()
+                if self.stop.is_set():
+                    done_one()
+                    return
+                outcome, delay = await self._deliver(item, virtual_now(), result, started)
+                counts = result.mailings[item.mailing.id].counts
+                counts[outcome] += 1 if outcome is not Outcome.RETRY or delay is None else 0
+                if self.on_progress is not None and (outcome is not Outcome.RETRY or delay is None):
+                    self.on_progress(item.mailing, item.key, outcome)
+                if outcome is Outcome.RETRY and delay is not None:
+                    task = asyncio.create_task(
+                        requeue_later(_Item(item.mailing, item.key, item.attempt + 1), delay)
+                    )
+                    delayed.add(task)
+                    task.add_done_callback(delayed.discard)
+                else:
+                    done_one()
+
+        tasks: list[asyncio.Task[object]] = [
+            asyncio.create_task(worker()) for _ in range(min(self.workers, len(items)))
+        ]
+        stop_wait: asyncio.Task[object] = asyncio.create_task(self.stop.wait())
+        finish_wait: asyncio.Task[object] = asyncio.create_task(finished.wait())
+        try:
+            await asyncio.wait({stop_wait, finish_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if self.stop.is_set():
+                # Let in-flight sends finish and be recorded; take nothing new.
+                result.stopped = True
+                for task in delayed:
+                    task.cancel()
+                await asyncio.wait(tasks, timeout=self.config.settings.smtp.timeout + 5)
+        finally:
+            pending: list[asyncio.Task[object]] = [*tasks, stop_wait, finish_wait, *delayed]
+            for waiter in pending:
+                waiter.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        for mailing_id, mailing_result in result.mailings.items():
+            counts = mailing_result.counts
+            if counts[Outcome.SENT] or counts[Outcome.FAILED] or counts[Outcome.RETRY]:
+                log.info(
+                    "mailing %s: %d sent, %d failed, %d to retry",
+                    mailing_id,
+                    counts[Outcome.SENT],
+                    counts[Outcome.FAILED],
+                    counts[Outcome.RETRY],
+                    extra={"mailing": mailing_id, **{str(k): v for k, v in counts.items()}},
+                )
+        if not result.stopped:
+            await self._send_summaries(result, virtual_now())
+        return result
+
+    async def _deliver(
+        self, item: _Item, now: datetime, result: PassResult, started: float
+    ) -> tuple[Outcome, float | None]:
+        """Claim, compose, send and record one mail.
+
+        Returns the outcome and, for a temporary failure that is retried within
+        this pass, the delay before the next attempt.
+        """
+        mailing = item.mailing
+        if now >= mailing.deadline:
+            return Outcome.SKIPPED, None
+        config = self.config
+        contact = config.contacts.by_key(item.key)
+        if contact is None:  # removed by a reload since the plan was made
+            return Outcome.SKIPPED, None
+        event = config.series.event(mailing.event) if mailing.event else None
+        attended = None
+        if event is not None and event.id in config.attendance:
+            attended = contact.key in config.attendance[event.id]
+        key = DeliveryKey(config.series.id, str(mailing.kind), mailing.event, contact.key)
+        try:
+            message = config.composer.compose(
+                mailing.kind, contact, event=event, now=now, attended=attended
+            )
+        except ConfigError as exc:
+            # validate renders everything up front, so this means a file changed
+            # under us; record nothing and leave the mail for the next pass.
+            log.error("cannot compose %s for %s: %s", mailing.id, contact.email, exc)
+            return Outcome.SKIPPED, None
+        if not await self.ledger.claim(key, str(message["Message-ID"]), now):
+            return Outcome.SKIPPED, None
+        sender = config.settings.sender.from_address.addr_spec
+        try:
+            answer = await self.transport.send(message, sender=sender, recipients=[contact.email])
+        except PermanentFailure as exc:
+            await self.ledger.mark_failed(key, exc.response, now)
+            result.failures.append((mailing.id, contact.email, exc.response))
+            log.warning(
+                "mailing %s: %s refused permanently: %s",
+                mailing.id,
+                contact.email,
+                exc.response,
+                extra={"mailing": mailing.id, "recipient": contact.email},
+            )
+            return Outcome.FAILED, None
+        except TemporaryFailure as exc:
+            delay = self._backoff(item.attempt)
+            next_at = (now.astimezone(UTC) + timedelta(seconds=delay)).astimezone(now.tzinfo)
+            await self.ledger.mark_retry(key, exc.response, now, next_at)
+            in_pass = (self.clock() - started) + delay <= self.retry_in_pass_seconds
+            in_window = next_at < mailing.deadline
+            log.warning(
+                "mailing %s: %s temporary failure (attempt %d), retry in %.1fs: %s",
+                mailing.id,
+                contact.email,
+                item.attempt,
+                delay,
+                exc.response,
+                extra={"mailing": mailing.id, "recipient": contact.email},
+            )
+            return (
+                Outcome.RETRY,
+                delay if in_pass and in_window and not self.stop.is_set() else None,
+            )
+        await self.ledger.mark_sent(key, answer, now)
+        return Outcome.SENT, None
+
+    def _backoff(self, attempt: int) -> float:
+        limits = self.config.settings.limits
+        base = min(limits.retry_initial_seconds * 2.0 ** (attempt - 1), limits.retry_max_seconds)
+        # Full jitter in the upper half keeps parallel workers from retrying in lockstep.
+        return base * random.uniform(0.5, 1.0)
+
+    async def _send_summaries(self, result: PassResult, now: datetime) -> None:
+        """Tell the organiser once per mailing, when it has gone out to everyone."""
+        config = self.config
+        if not config.settings.notify.organiser_summary:
+            return
+        touched = [
+            r
+            for r in result.mailings.values()
+            if r.counts[Outcome.SENT] or r.counts[Outcome.FAILED]
+        ]
+        if not touched:
+            return
+        current = {m.id: m for m in await self.plan(now)}
+        organiser = str(config.series.organiser.email)
+        for mailing_result in touched:
+            mailing = current.get(mailing_result.mailing.id)
+            if mailing is None or mailing.outstanding:
+                continue
+            key = DeliveryKey(config.series.id, SUMMARY_KIND, mailing.id, organiser.lower())
+            message = compose_summary(config, mailing, now=now)
+            if not await self.ledger.claim(key, str(message["Message-ID"]), now):
+                continue
+            sender = config.settings.sender.from_address.addr_spec
+            try:
+                answer = await self.transport.send(message, sender=sender, recipients=[organiser])
+            except PermanentFailure as exc:
+                await self.ledger.mark_failed(key, exc.response, now)
+            except TemporaryFailure as exc:
+                await self.ledger.mark_retry(key, exc.response, now, now + timedelta(minutes=5))
+            else:
+                await self.ledger.mark_sent(key, answer, now)

@@ -1,0 +1,203 @@
+"""The plan: which mailings exist, when they are due, who still needs them.
+
+:func:`plan` is pure: no clock, no I/O. It is called with everything it needs
+(the series, the contacts, a snapshot of the ledger, ``now``) and returns the
+same answer for the same input, which is what lets ``plan --now`` replay any
+moment of a series and lets the daemon rebuild its jobs after every edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from invite_mailer.contacts import Contact
+from invite_mailer.series import Audience, Event, Kind, Series, localize, shift
+
+SERIES_WIDE = ""
+"""The event id stored for mailings about the whole series (the invitation)."""
+
+DONE_STATES = frozenset({"sent", "failed"})
+"""Ledger states after which a recipient is never mailed again for a mailing."""
+
+
+class MailingState(StrEnum):
+    SCHEDULED = "scheduled"
+    OPEN = "open"
+    WAITING = "waiting-for-materials"
+    DONE = "done"
+    CLOSED = "closed"
+    WITHDRAWN = "withdrawn"
+
+
+class LedgerSnapshot(Protocol):
+    """What the plan needs to know from the ledger: per mailing, email -> state."""
+
+    def states(self, kind: str, event: str) -> Mapping[str, str]: ...
+
+
+class EmptyLedger:
+    """A ledger that holds nothing (before the first send, or for ``validate``)."""
+
+    def states(self, kind: str, event: str) -> Mapping[str, str]:
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class Mailing:
+    """One kind of mail for one date (or the series), at one moment."""
+
+    kind: Kind
+    event: str  # SERIES_WIDE for the invitation
+    due: datetime
+    deadline: datetime
+    state: MailingState
+    audience: tuple[str, ...]  # contact keys, opted-out removed, in contact order
+    outstanding: tuple[str, ...]  # audience members the ledger has not settled
+    sent: int = 0
+    failed: int = 0
+    uncertain: int = 0
+    opted_out: int = 0
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        """Stable identifier, also the scheduler job id."""
+        return f"{self.kind}:{self.event or 'series'}"
+
+    @property
+    def sendable(self) -> bool:
+        return self.state is MailingState.OPEN and bool(self.outstanding)
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """Everything :func:`plan` reads, bundled so callers pass one thing around."""
+
+    series: Series
+    contacts: Sequence[Contact]
+    optouts: frozenset[str] = frozenset()
+    attendance: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+def mailing_times(series: Series) -> list[tuple[Kind, Event | None, datetime, datetime]]:
+    """Due time and deadline of every mailing the rules produce, in time order.
+
+    Cancelled dates still appear (their reminder and follow-up are withdrawn
+    by :func:`plan`), so the timeline stays complete.
+    """
+    rules = series.mailings
+    times: list[tuple[Kind, Event | None, datetime, datetime]] = []
+    zone = series.zone
+    if rules.invitation is not None and rules.invitation.enabled:
+        send_at = rules.invitation.send_at
+        due = localize(send_at.date(), send_at.time(), zone)
+        until = rules.invitation.until
+        deadline = localize(until.date(), until.time(), zone) if until else series.first_start
+        times.append((Kind.INVITATION, None, due, deadline))
+    for event in series.events:
+        if rules.reminder.enabled:
+            due = shift(event.starts_at, rules.reminder.before, sign=-1)
+            if rules.reminder.at is not None:
+                due = localize(due.date(), rules.reminder.at, zone)
+            times.append((Kind.REMINDER, event, due, event.starts_at))
+        if rules.followup.enabled:
+            due = shift(event.ends_at, rules.followup.after)
+            if rules.followup.at is not None:
+                due = localize(due.date(), rules.followup.at, zone)
+            deadline = shift(due, rules.followup.wait_for_materials)
+            times.append((Kind.FOLLOWUP, event, due, deadline))
+    times.sort(key=lambda item: (item[2], item[1].starts_at if item[1] else item[2]))
+    return times
+
+
+def audience_of(
+    kind: Kind,
+    event: Event | None,
+    series: Series,
+    contacts: Iterable[Contact],
+    attendance: Mapping[str, frozenset[str]],
+) -> list[Contact]:
+    """The contacts a mailing is meant for, before opt-outs."""
+    rules = series.mailings
+    if kind is Kind.INVITATION:
+        assert rules.invitation is not None
+        audience = rules.invitation.audience
+    elif kind is Kind.REMINDER:
+        audience = rules.reminder.audience
+    else:
+        audience = rules.followup.audience
+    if audience is Audience.ALL:
+        return list(contacts)
+    if event is None:  # series-wide mail to the registered: registered for any date
+        active = [e.id for e in series.active_events]
+        return [c for c in contacts if c.registered_all or any(c.is_registered(e) for e in active)]
+    attended = attendance.get(event.id, frozenset())
+    if audience is Audience.ATTENDED:
+        return [c for c in contacts if c.key in attended]
+    # Registered, plus anyone on the attendance list who came without registering.
+    return [c for c in contacts if c.is_registered(event.id) or c.key in attended]
+
+
+def plan(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mailing]:
+    """Every mailing of the series, its state at *now* and who still needs it."""
+    if now.tzinfo is None:
+        raise ValueError("plan() needs an aware datetime")
+    series = data.series
+    mailings = []
+    for kind, event, due, deadline in mailing_times(series):
+        event_id = event.id if event else SERIES_WIDE
+        members = audience_of(kind, event, series, data.contacts, data.attendance)
+        audience = tuple(c.key for c in members if c.key not in data.optouts)
+        opted_out = len(members) - len(audience)
+        states = ledger.states(str(kind), event_id)
+        sent = failed = uncertain = 0
+        outstanding = []
+        for key in audience:
+            state = states.get(key)
+            if state == "sent":
+                sent += 1
+            elif state == "failed":
+                failed += 1
+            else:
+                if state == "uncertain":
+                    uncertain += 1
+                outstanding.append(key)
+        note = ""
+        if event is not None and event.cancelled:
+            state_ = MailingState.WITHDRAWN
+            note = "date cancelled"
+            outstanding = []
+        elif now < due:
+            state_ = MailingState.SCHEDULED
+        elif now >= deadline:
+            state_ = MailingState.DONE if not outstanding else MailingState.CLOSED
+            if outstanding:
+                note = f"{len(outstanding)} never sent (window closed)"
+        elif kind is Kind.FOLLOWUP and event is not None and not event.materials:
+            state_ = MailingState.WAITING
+            note = "no materials listed yet"
+        else:
+            state_ = MailingState.OPEN if outstanding else MailingState.DONE
+        if due >= deadline and state_ is not MailingState.WITHDRAWN:
+            note = "due time is not before the deadline: nothing can be sent"
+        mailings.append(
+            Mailing(
+                kind=kind,
+                event=event_id,
+                due=due,
+                deadline=deadline,
+                state=state_,
+                audience=audience,
+                outstanding=tuple(outstanding),
+                sent=sent,
+                failed=failed,
+                uncertain=uncertain,
+                opted_out=opted_out,
+                note=note,
+            )
+        )
+    return mailings

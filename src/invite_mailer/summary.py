@@ -1,0 +1,63 @@
+"""The short German report the organiser gets after each mailing."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+from invite_mailer.config import Config
+from invite_mailer.plan import Mailing
+from invite_mailer.series import Kind
+
+KIND_LABELS: dict[str, str] = {
+    Kind.INVITATION: "Einladung",
+    Kind.REMINDER: "Erinnerung",
+    Kind.FOLLOWUP: "Nachbereitung",
+}
+
+
+def kind_label(kind: Kind | str) -> str:
+    return KIND_LABELS.get(str(kind), str(kind))
+
+
+def compose_summary(config: Config, mailing: Mailing, *, now: datetime) -> EmailMessage:
+    """A plain-text summary: what went out, what failed, who had opted out."""
+    series = config.series
+    label = kind_label(mailing.kind)
+    about = series.title
+    if mailing.event:
+        event = series.event(mailing.event)
+        about = f"{event.title} ({event.date:%d.%m.%Y})"
+    body = [
+        "Guten Tag,",
+        "",
+        f"der Versand „{label}“ für „{about}“ ist abgeschlossen.",
+        "",
+        f"  Versendet:            {mailing.sent}",
+        f"  Fehlgeschlagen:       {mailing.failed}",
+        f"  Abgemeldet (gesperrt): {mailing.opted_out}",
+        "",
+    ]
+    if mailing.failed:
+        body += [
+            "Die fehlgeschlagenen Adressen und die Antworten des Mailservers zeigt",
+            "  invite-mailer status --failed",
+            "",
+        ]
+    body += ["Diese Nachricht wurde automatisch von invite-mailer erstellt."]
+    message = EmailMessage()
+    sender = config.settings.sender
+    message["From"] = sender.from_address
+    message["To"] = Address(
+        display_name=series.organiser.name, addr_spec=str(series.organiser.email)
+    )
+    message["Subject"] = f"Versandbericht: {label} – {about}"
+    message["Date"] = format_datetime(now)
+    digest = hashlib.sha256(f"{series.id}\n{mailing.id}\nsummary".encode()).hexdigest()[:24]
+    message["Message-ID"] = f"<summary.{digest}@{sender.domain}>"
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content("\n".join(body) + "\n")
+    return message
