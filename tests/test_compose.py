@@ -35,8 +35,16 @@ NOW = {
     Kind.INVITATION: datetime(2024, 10, 24, 10, 0, tzinfo=BERLIN),
     Kind.REMINDER: datetime(2024, 11, 13, 14, 0, tzinfo=BERLIN),
     Kind.FOLLOWUP: datetime(2024, 11, 15, 10, 0, tzinfo=BERLIN),
+    Kind.UPDATE: datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN),
+    Kind.CANCELLATION: datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN),
 }
-EVENT = {Kind.INVITATION: None, Kind.REMINDER: "verwaltung", Kind.FOLLOWUP: "verwaltung"}
+EVENT = {
+    Kind.INVITATION: None,
+    Kind.REMINDER: "verwaltung",
+    Kind.FOLLOWUP: "verwaltung",
+    Kind.UPDATE: "verwaltung",
+    Kind.CANCELLATION: "verwaltung",
+}
 
 FRAU = Contact(
     email="jana.mueller@example.org",
@@ -776,26 +784,35 @@ def test_missing_extra_column(settings: Settings, series: Series, templates: Pat
 def test_a_new_kind_needs_only_templates(
     settings: Settings, series: Series, templates: Path
 ) -> None:
-    (templates / "update.subject.j2").write_text("Änderung: {{ event.title }}\n", encoding="utf-8")
-    (templates / "update.txt.j2").write_text(
+    (templates / "announcement.subject.j2").write_text(
+        "Änderung: {{ event.title }}\n", encoding="utf-8"
+    )
+    (templates / "announcement.txt.j2").write_text(
         '{% extends "layout.txt.j2" %}{% block content %}neu: {{ event.time_range }}'
         "{% endblock %}\n",
         encoding="utf-8",
     )
-    (templates / "update.html.j2").write_text(
+    (templates / "announcement.html.j2").write_text(
         '{% extends "layout.html.j2" %}{% block content %}<p>neu: {{ event.time_range }}</p>'
         "{% endblock %}\n",
         encoding="utf-8",
     )
     composer = Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
-    assert set(composer.kinds) == {"invitation", "reminder", "followup", "update"}
-    msg = composer.compose("update", FRAU, event=series.events[0], now=NOW[Kind.REMINDER])
+    assert set(composer.kinds) == {
+        "invitation",
+        "reminder",
+        "followup",
+        "update",
+        "cancellation",
+        "announcement",
+    }
+    msg = composer.compose("announcement", FRAU, event=series.events[0], now=NOW[Kind.REMINDER])
     assert msg["Subject"] == "Änderung: Verwaltung transformieren – Effizienz steigern"
-    assert msg["X-Invite-Mailer-Kind"] == "update"
+    assert msg["X-Invite-Mailer-Kind"] == "announcement"
     assert msg.get_content_type() == "multipart/alternative"
 
-    (templates / "update.html.j2").unlink()
-    with pytest.raises(ConfigError, match="update.html.j2"):
+    (templates / "announcement.html.j2").unlink()
+    with pytest.raises(ConfigError, match="announcement.html.j2"):
         Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
 
 

@@ -46,6 +46,12 @@ class Ledger:
     def states(self, kind: str, event: str) -> Mapping[str, str]:
         return self._states.get((kind, event), {})
 
+    def seen(self, event: str) -> Mapping[str, str]:
+        return {}
+
+    def date(self, event: str) -> None:
+        return None
+
 
 def by_id(mailings: list, mailing_id: str):  # type: ignore[no-untyped-def]
     return next(m for m in mailings if m.id == mailing_id)

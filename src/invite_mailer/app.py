@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email import policy
@@ -20,7 +20,7 @@ from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
 from invite_mailer.dispatch import Dispatcher, PassResult, ProgressCallback
 from invite_mailer.errors import ConfigError, Problem
-from invite_mailer.ledger import Delivery, DeliveryState, Ledger, state_lock
+from invite_mailer.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
 from invite_mailer.plan import EmptyLedger, Mailing, audience_of, mailing_times, plan
 from invite_mailer.series import Event, Kind
 from invite_mailer.transport import make_transport
@@ -68,6 +68,20 @@ def validate_sample(config: Config) -> None:
             config.composer.compose(
                 kind, contact, event=event, now=now, attended=_attended(config, event, contact)
             )
+    _validate_change_kinds(config, now)
+
+
+def _validate_change_kinds(config: Config, now: datetime) -> None:
+    """Updates and cancellations have templates too: render them once per date."""
+    contact = config.contacts.contacts[0]
+    for event in config.series.events:
+        previous = {**event.fingerprint(), "start": "2000-01-01T00:00:00+00:00"}
+        config.composer.compose(
+            Kind.UPDATE, contact, event=event, now=now, sequences={event.id: 1}, previous=previous
+        )
+        config.composer.compose(
+            Kind.CANCELLATION, contact, event=event, now=now, sequences={event.id: 1}
+        )
 
 
 def validate(config: Config) -> ValidationReport:
@@ -98,6 +112,11 @@ def validate(config: Config) -> ValidationReport:
                     problems.setdefault(str(problem), problem)
                 break
             report.rendered += 1
+    try:
+        _validate_change_kinds(config, now)
+    except ConfigError as exc:
+        for problem in exc:
+            problems.setdefault(str(problem), problem)
     if problems:
         raise ConfigError(problems.values())
     return report
@@ -176,6 +195,34 @@ def pick_event(config: Config, kind: Kind, event_id: str | None) -> Event | None
         ) from None
 
 
+async def snapshot(config: Config) -> LedgerView | None:
+    """The ledger's view of the series, or None when nothing was ever sent."""
+    async with open_ledger(config, create=False) as ledger:
+        return None if ledger is None else await ledger.view(config.series.id)
+
+
+def sequences_of(config: Config, view: LedgerView | None) -> dict[str, int]:
+    """Each date's calendar SEQUENCE as the next mail about it would carry it."""
+    result = {}
+    for event in config.series.events:
+        history = view.date(event.id) if view is not None else None
+        result[event.id] = history.sequence_for(event.version) if history is not None else 0
+    return result
+
+
+def previous_version(
+    view: LedgerView | None, event: Event | None, contact: Contact
+) -> Mapping[str, str] | None:
+    """The version of *event* that *contact* was told about last."""
+    if view is None or event is None:
+        return None
+    seen = view.seen(event.id).get(contact.key)
+    history = view.date(event.id)
+    if seen is None or history is None:
+        return None
+    return history.details.get(seen)
+
+
 def pick_contacts(
     config: Config, kind: Kind, event: Event | None, email: str | None
 ) -> list[Contact]:
@@ -188,7 +235,12 @@ def pick_contacts(
                 hint="pass --contact with an address from the contact list",
             )
         return [contact]
-    members = audience_of(kind, event, config.series, config.contacts.contacts, config.attendance)
+    if kind in (Kind.UPDATE, Kind.CANCELLATION):
+        members = list(config.contacts.contacts)
+    else:
+        members = audience_of(
+            kind, event, config.series, config.contacts.contacts, config.attendance
+        )
     if not members:
         members = list(config.contacts.contacts)
     return members[:1]
@@ -202,14 +254,26 @@ def preview(
     email: str | None,
     out: Path,
     now: datetime,
+    view: LedgerView | None = None,
 ) -> list[Path]:
-    """Write the exact message(s) as ``.eml`` plus the HTML part as ``.html``."""
+    """Write the exact message(s) as ``.eml`` plus the HTML part as ``.html``.
+
+    With the ledger's *view*, calendar files carry the SEQUENCE the real mail
+    would, and an update shows what changed since the contact's last mail.
+    """
     event = pick_event(config, kind, event_id)
     written = []
     out.mkdir(parents=True, exist_ok=True)
+    sequences = sequences_of(config, view)
     for contact in pick_contacts(config, kind, event, email):
         message = config.composer.compose(
-            kind, contact, event=event, now=now, attended=_attended(config, event, contact)
+            kind,
+            contact,
+            event=event,
+            now=now,
+            attended=_attended(config, event, contact),
+            sequences=sequences,
+            previous=previous_version(view, event, contact) if kind is Kind.UPDATE else None,
         )
         stem = "-".join(p for p in (str(kind), event.id if event else "", _safe(contact.key)) if p)
         eml = out / f"{stem}.eml"

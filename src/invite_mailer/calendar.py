@@ -21,9 +21,13 @@ PRODID = "-//invite-mailer//Online-Transferreihe//DE"
 # turn every recipient into an invited attendee whose client offers to answer,
 # flooding the organiser with RSVPs from thousands of recipients. Outlook only
 # correlates later changes by UID + SEQUENCE reliably for REQUEST/CANCEL
-# messages that name an organiser; those come with the update/cancellation
-# kinds, which will pass their own method here.
+# messages that name an organiser: so the "update" kind sends REQUEST and the
+# "cancellation" kind CANCEL, each with the same UID, a raised SEQUENCE, the
+# ORGANIZER and the recipient as ATTENDEE with RSVP=FALSE (no answers asked
+# for). See docs/calendar.md.
 METHOD = "PUBLISH"
+METHOD_UPDATE = "REQUEST"
+METHOD_CANCEL = "CANCEL"
 
 CONTENT_TYPE = "text/calendar"
 
@@ -46,6 +50,7 @@ def build_event_calendar(
     now: datetime,
     sequence: int = 0,
     method: str = METHOD,
+    attendee: tuple[str, str] | None = None,
 ) -> bytes:
     """The ``.ics`` bytes (CRLF lines, folded at 75 octets) for one date."""
     cal = icalendar.Calendar()
@@ -70,6 +75,17 @@ def build_event_calendar(
     organizer = icalendar.vCalAddress(f"mailto:{series.organiser.email}")
     organizer.params["CN"] = icalendar.vText(series.organiser.name)
     item.add("ORGANIZER", organizer)
+    if attendee is not None:
+        # iTIP REQUEST/CANCEL name the attendee the message is for; RSVP=FALSE
+        # so no client asks the recipient to answer the organiser.
+        name, address = attendee
+        person = icalendar.vCalAddress(f"mailto:{address}")
+        if name:
+            person.params["CN"] = icalendar.vText(name)
+        person.params["ROLE"] = icalendar.vText("OPT-PARTICIPANT")
+        person.params["PARTSTAT"] = icalendar.vText("NEEDS-ACTION")
+        person.params["RSVP"] = icalendar.vText("FALSE")
+        item.add("ATTENDEE", person)
     item.add("STATUS", "CANCELLED" if event.cancelled else "CONFIRMED")
     item.add("TRANSP", "OPAQUE")
     cal.add_component(item)
@@ -106,8 +122,27 @@ class CalendarFiles:
         # (event id, sequence) -> (stamp, bytes): only the latest stamp is kept.
         self._cache: dict[tuple[str, int], tuple[datetime, bytes]] = {}
 
-    def get(self, event: Event, *, now: datetime, sequence: int = 0) -> bytes:
+    def get(
+        self,
+        event: Event,
+        *,
+        now: datetime,
+        sequence: int = 0,
+        method: str = METHOD,
+        attendee: tuple[str, str] | None = None,
+    ) -> bytes:
         stamp = now.astimezone(UTC).replace(second=0, microsecond=0)
+        if method != METHOD or attendee is not None:
+            # Updates and cancellations name their recipient: one file each.
+            return build_event_calendar(
+                self._series,
+                event,
+                domain=self._domain,
+                now=stamp,
+                sequence=sequence,
+                method=method,
+                attendee=attendee,
+            )
         key = (event.id, sequence)
         cached = self._cache.get(key)
         if cached is not None and cached[0] == stamp:

@@ -89,7 +89,7 @@ from markupsafe import Markup, escape
 
 from invite_mailer import german
 from invite_mailer.calendar import METHOD as CALENDAR_METHOD
-from invite_mailer.calendar import CalendarFiles
+from invite_mailer.calendar import METHOD_CANCEL, METHOD_UPDATE, CalendarFiles
 from invite_mailer.contacts import Contact
 from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.series import SERIES_FILE, Event, Kind, Material, Series
@@ -102,7 +102,14 @@ TEXT_WIDTH = 72
 # What each kind attaches. "series": one calendar file per active date;
 # "event": the date's calendar file. Kinds not listed attach nothing; the
 # update and cancellation kinds will add their entries (with their METHOD).
-_CALENDARS: dict[str, str] = {Kind.INVITATION: "series", Kind.REMINDER: "event"}
+_CALENDARS: dict[str, str] = {
+    Kind.INVITATION: "series",
+    Kind.REMINDER: "event",
+    Kind.UPDATE: "event",
+    Kind.CANCELLATION: "event",
+}
+# The iTIP method of each kind's calendar files (default PUBLISH).
+_METHODS: dict[str, str] = {Kind.UPDATE: METHOD_UPDATE, Kind.CANCELLATION: METHOD_CANCEL}
 _MATERIALS: frozenset[str] = frozenset({Kind.FOLLOWUP})
 # Kinds about the whole series (event=None); every other kind is about one date.
 _SERIES_KINDS: frozenset[str] = frozenset({Kind.INVITATION})
@@ -110,7 +117,7 @@ _SERIES_KINDS: frozenset[str] = frozenset({Kind.INVITATION})
 _VARIABLES = (
     "contact, salutation, series, events, event, next_event, relative_day, registered_events, "
     "registered, attended, attachments, unsubscribe_url, unsubscribe_mailto, "
-    "unsubscribe_address, subject, kind"
+    "unsubscribe_address, subject, kind, sequence, changes"
 )
 
 
@@ -163,6 +170,7 @@ class EventView:
     ics_filename: str
     materials: tuple[MaterialView, ...]
     cancelled: bool
+    cancel_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +179,16 @@ class _File:
     data: bytes
     maintype: str
     subtype: str
+    method: str = CALENDAR_METHOD  # for text/calendar parts
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One detail of a date that changed, for the "Änderung" mail."""
+
+    label: str
+    old: str
+    new: str
 
 
 # --- the List-Unsubscribe header ------------------------------------------------------
@@ -275,8 +293,17 @@ class Composer:
         event: Event | None,
         now: datetime,
         attended: bool | None = None,
+        sequences: Mapping[str, int] | None = None,
+        previous: Mapping[str, str] | None = None,
     ) -> EmailMessage:
-        """The complete message, ready for the transport."""
+        """The complete message, ready for the transport.
+
+        *sequences* gives each date's calendar SEQUENCE (default 0); after a
+        change every mail about the date carries the raised one. *previous* is
+        the fingerprint (:meth:`Event.fingerprint`) of the version the
+        recipient saw last, for an update mail.
+        """
+        sequences = sequences or {}
         kind = str(kind)
         if f"{kind}.subject.j2" not in self._templates:
             raise ValueError(f"no templates for the kind {kind!r} (known: {self.kinds})")
@@ -287,8 +314,13 @@ class Composer:
             now = now.replace(tzinfo=self._series.zone)
         now = now.astimezone(self._series.zone)
 
-        attachments = self._attachments(kind, event, now)
+        attachments = self._attachments(kind, event, now, sequences, contact)
         context = self._context(kind, contact, event, now, attended, attachments)
+        sequence = sequences.get(event.id, 0) if event is not None else 0
+        context["sequence"] = sequence
+        context["changes"] = (
+            _changes(previous, event) if previous is not None and event is not None else ()
+        )
         subject = german.clean(self._render(f"{kind}.subject.j2", context))
         if not subject:
             raise ConfigError.single(
@@ -307,7 +339,8 @@ class Composer:
             msg["Reply-To"] = self._reply_to
         msg["Subject"] = subject
         msg["Date"] = format_datetime(now)
-        msg["Message-ID"] = self.message_id(kind, contact, event)
+        version = sequence if kind in (Kind.UPDATE, Kind.CANCELLATION) else 0
+        msg["Message-ID"] = self.message_id(kind, contact, event, version=version)
         msg["List-Id"] = f"{self._series.title} <{self._series.id}.{self._domain}>"
         link = context["unsubscribe_url"]
         msg["List-Unsubscribe"] = ", ".join(f"<{u}>" for u in (self._unsubscribe_mailto, link) if u)
@@ -400,9 +433,21 @@ class Composer:
             "subject": "",
         }
 
-    def _attachments(self, kind: str, event: Event | None, now: datetime) -> list[_File]:
+    def _attachments(
+        self,
+        kind: str,
+        event: Event | None,
+        now: datetime,
+        sequences: Mapping[str, int],
+        contact: Contact,
+    ) -> list[_File]:
         files: list[_File] = []
         calendars = _CALENDARS.get(kind)
+        method = _METHODS.get(kind, CALENDAR_METHOD)
+        attendee = None
+        if method != CALENDAR_METHOD:
+            name = german.full_name("", contact.vorname, contact.nachname)
+            attendee = (name, contact.email)
         dates: list[Event] = []
         if calendars == "series":
             dates = self._series.active_events
@@ -412,9 +457,16 @@ class Composer:
             files.append(
                 _File(
                     self._calendars.filename(date),
-                    self._calendars.get(date, now=now),
+                    self._calendars.get(
+                        date,
+                        now=now,
+                        sequence=sequences.get(date.id, 0),
+                        method=method,
+                        attendee=attendee,
+                    ),
                     "text",
                     "calendar",
+                    method,
                 )
             )
         if kind in _MATERIALS and event is not None:
@@ -434,7 +486,7 @@ class Composer:
             built = MIMEPart(policy=POLICY)
             params = {}
             if (file.maintype, file.subtype) == ("text", "calendar"):
-                params = {"method": CALENDAR_METHOD, "charset": "UTF-8"}
+                params = {"method": file.method, "charset": "UTF-8"}
             built.set_content(
                 file.data,
                 maintype=file.maintype,
@@ -471,6 +523,7 @@ class Composer:
             ics_filename=self._calendars.filename(event),
             materials=tuple(_material_view(m, files) for m in event.materials),
             cancelled=event.cancelled,
+            cancel_reason=event.cancel_reason,
         )
 
     # -- templates --
@@ -633,6 +686,27 @@ def _environment(templates_dir: Path) -> jinja2.Environment:
     env.filters["typeset"] = typeset
     env.filters["zahlwort"] = german.number_word
     return env
+
+
+def _changes(previous: Mapping[str, str], event: Event) -> tuple[Change, ...]:
+    """What differs between the version a recipient saw and the current one."""
+    current = event.fingerprint()
+    changes = []
+
+    def when(fingerprint: Mapping[str, str]) -> str:
+        start = datetime.fromisoformat(fingerprint["start"])
+        end = datetime.fromisoformat(fingerprint["end"])
+        return f"{german.date_long(start.date())}, {german.time_range(start.time(), end.time())}"
+
+    if (previous.get("start"), previous.get("end")) != (current["start"], current["end"]):
+        changes.append(Change("Datum und Uhrzeit", when(previous), when(current)))
+    if previous.get("title") != current["title"]:
+        changes.append(Change("Thema", previous.get("title", ""), current["title"]))
+    if previous.get("join_url") != current["join_url"]:
+        changes.append(
+            Change("Zugangslink", previous.get("join_url") or "–", current["join_url"] or "–")
+        )
+    return tuple(changes)
 
 
 def _line_of(lines: list[str], text: str) -> int | None:

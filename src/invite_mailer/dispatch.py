@@ -22,8 +22,9 @@ from enum import StrEnum
 
 from invite_mailer.config import Config
 from invite_mailer.errors import ConfigError, PermanentFailure, TemporaryFailure
-from invite_mailer.ledger import DeliveryKey, Ledger
+from invite_mailer.ledger import DeliveryKey, Ledger, LedgerView, format_version
 from invite_mailer.plan import Mailing, plan
+from invite_mailer.series import Kind
 from invite_mailer.summary import compose_summary
 from invite_mailer.transport import Transport
 
@@ -93,6 +94,9 @@ class Dispatcher:
         self.on_progress = on_progress
         self.clock = clock
         self.stop = asyncio.Event()
+        self._view: LedgerView = LedgerView.empty(config.series.id)
+        self._sequences: dict[str, int] = {}
+        self._issued: set[str] = set()
 
     async def plan(self, now: datetime) -> list[Mailing]:
         """The plan at *now*, with opt-outs from the file and the ledger merged."""
@@ -104,7 +108,19 @@ class Dispatcher:
     async def run_pass(self, now: datetime) -> PassResult:
         """Send everything that is due and open at *now*; return what happened."""
         series_id = self.config.series.id
+        series = self.config.series
+        # Remember what each date looks like now: a change starts the grace
+        # period of its update mail.
+        await self.ledger.observe_dates(
+            series_id, {e.id: (e.version, e.fingerprint()) for e in series.events}, now
+        )
         view = await self.ledger.view(series_id)
+        self._view = view
+        self._sequences = {
+            e.id: (history.sequence_for(e.version) if (history := view.date(e.id)) else 0)
+            for e in series.events
+        }
+        self._issued = set()
         mailings = await self.plan(now)
         result = PassResult(now=now)
         items: list[_Item] = []
@@ -113,7 +129,7 @@ class Dispatcher:
                 continue
             result.mailings[mailing.id] = MailingResult(mailing)
             for key in mailing.outstanding:
-                retry_at = view.next_attempt(str(mailing.kind), mailing.event, key)
+                retry_at = view.next_attempt(mailing.ledger_kind, mailing.event, key)
                 if retry_at is not None and retry_at > now:
                     result.mailings[mailing.id].counts[Outcome.SKIPPED] += 1
                     continue
@@ -230,17 +246,36 @@ class Dispatcher:
         attended = None
         if event is not None and event.id in config.attendance:
             attended = contact.key in config.attendance[event.id]
-        key = DeliveryKey(config.series.id, str(mailing.kind), mailing.event, contact.key)
+        key = DeliveryKey(config.series.id, mailing.ledger_kind, mailing.event, contact.key)
+        described = [event] if event is not None else config.series.active_events
+        previous = None
+        if mailing.kind is Kind.UPDATE and event is not None:
+            seen = self._view.seen(event.id).get(contact.key)
+            history = self._view.date(event.id)
+            if seen is not None and history is not None:
+                previous = history.details.get(seen)
         try:
             message = config.composer.compose(
-                mailing.kind, contact, event=event, now=now, attended=attended
+                mailing.kind,
+                contact,
+                event=event,
+                now=now,
+                attended=attended,
+                sequences=self._sequences,
+                previous=previous,
             )
         except ConfigError as exc:
             # validate renders everything up front, so this means a file changed
             # under us; record nothing and leave the mail for the next pass.
             log.error("cannot compose %s for %s: %s", mailing.id, contact.email, exc)
             return Outcome.SKIPPED, None
-        if not await self.ledger.claim(key, str(message["Message-ID"]), now):
+        for date in described:
+            # The first mail about a new version fixes its calendar SEQUENCE.
+            if date.id not in self._issued:
+                self._issued.add(date.id)
+                await self.ledger.issue_sequence(config.series.id, date.id, date.version)
+        version = format_version({date.id: date.version for date in described})
+        if not await self.ledger.claim(key, str(message["Message-ID"]), now, version=version):
             return Outcome.SKIPPED, None
         sender = config.settings.sender.from_address.addr_spec
         try:

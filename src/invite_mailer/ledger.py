@@ -17,7 +17,9 @@ next to the database, and together with :meth:`Ledger.claim` that keeps two
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import json
 import os
 import sqlite3
 from collections import Counter
@@ -99,6 +101,7 @@ class Delivery:
 
 
 _EMPTY_STATES: Mapping[str, DeliveryState] = MappingProxyType({})
+_EMPTY_SEEN: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class LedgerView:
         default_factory=dict, repr=False
     )
     _next: Mapping[tuple[str, str, str], datetime] = field(default_factory=dict, repr=False)
+    _seen: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
+    _dates: Mapping[str, DateHistory] = field(default_factory=dict, repr=False)
 
     @classmethod
     def empty(cls, series: str) -> LedgerView:
@@ -122,6 +127,55 @@ class LedgerView:
     def next_attempt(self, kind: str, event: str, email: str) -> datetime | None:
         """When a pending or uncertain delivery should be tried again, if set."""
         return self._next.get((kind, event, email.lower()))
+
+    def seen(self, event: str) -> Mapping[str, str]:
+        """Email → version of *event* described by the latest mail they got about it."""
+        return self._seen.get(event, _EMPTY_SEEN)
+
+    def date(self, event: str) -> DateHistory | None:
+        """What the ledger knows about the versions of one date."""
+        return self._dates.get(event)
+
+
+@dataclass(frozen=True)
+class DateHistory:
+    """The versions of one date the ledger has seen in the config.
+
+    ``current`` is the version the config described most recently, and since
+    when (the start of the update grace period). ``sequences`` maps each
+    version that mail went out about to its calendar ``SEQUENCE``.
+    """
+
+    current: str
+    observed_since: datetime
+    sequences: Mapping[str, int]
+    details: Mapping[str, Mapping[str, str]]
+
+    @property
+    def last_sequence(self) -> int | None:
+        return max(self.sequences.values(), default=None)
+
+    def sequence_for(self, version: str) -> int:
+        """The SEQUENCE a mail describing *version* must carry."""
+        last = self.last_sequence
+        if last is None:
+            return 0
+        known = self.sequences.get(version)
+        return known if known == last else last + 1
+
+
+def format_version(versions: Mapping[str, str]) -> str:
+    """``event=hash,event=hash``: what a mail described, stored with its delivery."""
+    return ",".join(f"{event}={digest}" for event, digest in sorted(versions.items()))
+
+
+def parse_version(text: str) -> dict[str, str]:
+    result = {}
+    for item in text.split(","):
+        event, sep, digest = item.partition("=")
+        if sep:
+            result[event] = digest
+    return result
 
 
 # Migration n (1-based) brings the schema from version n-1 to n. Append only;
@@ -155,6 +209,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             source TEXT NOT NULL DEFAULT '',
             created_at TEXT NOT NULL,
             PRIMARY KEY (series, email)
+        )
+        """,
+    ),
+    (
+        # The versions of each date that the config has described (issue:
+        # updates and cancellations). A row per (date, version); SEQUENCE is
+        # set when the first mail describing that version goes out.
+        """
+        CREATE TABLE date_versions (
+            series TEXT NOT NULL,
+            event TEXT NOT NULL,
+            version TEXT NOT NULL,
+            details TEXT NOT NULL,
+            observed_since TEXT NOT NULL,
+            sequence INTEGER,
+            PRIMARY KEY (series, event, version)
         )
         """,
     ),
@@ -240,7 +310,7 @@ class Ledger:
     async def open(cls, path: Path | str) -> AsyncIterator[Ledger]:
         """Open (creating if needed) and migrate the database at *path*."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         # isolation_level=None: autocommit, so each statement is its own
         # transaction and explicit BEGIN/COMMIT mean what they say.
         db = await aiosqlite.connect(path, isolation_level=None, timeout=10.0)
@@ -363,23 +433,92 @@ class Ledger:
     async def view(self, series: str) -> LedgerView:
         """A snapshot of every delivery state of *series*, for the planner."""
         rows = await self._db.execute_fetchall(
-            "SELECT kind, event, email, state, next_attempt_at FROM deliveries WHERE series = ?",
+            "SELECT kind, event, email, state, next_attempt_at, version FROM deliveries "
+            "WHERE series = ? ORDER BY last_attempt_at",
             (series,),
         )
         states: dict[tuple[str, str], dict[str, DeliveryState]] = {}
         upcoming: dict[tuple[str, str, str], datetime] = {}
-        for kind, event, email, state, next_attempt_at in rows:
+        seen: dict[str, dict[str, str]] = {}
+        parsed: dict[str, dict[str, str]] = {}
+        for kind, event, email, state, next_attempt_at, version in rows:
             mailing = states.get((kind, event))
             if mailing is None:
                 mailing = states[(kind, event)] = {}
             mailing[email] = _STATES[state]
             if next_attempt_at is not None:
                 upcoming[(kind, event, email)] = datetime.fromisoformat(next_attempt_at)
+            if version and state == DeliveryState.SENT:
+                # Rows come oldest first, so the latest mail about a date wins.
+                described = parsed.get(version)
+                if described is None:
+                    described = parsed[version] = parse_version(version)
+                for date, digest in described.items():
+                    seen.setdefault(date, {})[email] = digest
         return LedgerView(
             series,
             MappingProxyType({key: MappingProxyType(value) for key, value in states.items()}),
             MappingProxyType(upcoming),
+            MappingProxyType({key: MappingProxyType(value) for key, value in seen.items()}),
+            MappingProxyType(await self._date_histories(series)),
         )
+
+    # -- versions of dates -------------------------------------------------------
+
+    async def _date_histories(self, series: str) -> dict[str, DateHistory]:
+        rows = await self._db.execute_fetchall(
+            "SELECT event, version, details, observed_since, sequence FROM date_versions "
+            "WHERE series = ? ORDER BY event, observed_since",
+            (series,),
+        )
+        grouped: dict[str, list[tuple[str, str, str, int | None]]] = {}
+        for event, version, details, since, sequence in rows:
+            grouped.setdefault(event, []).append((version, details, since, sequence))
+        histories = {}
+        for event, versions in grouped.items():
+            current, _, since, _ = versions[-1]
+            histories[event] = DateHistory(
+                current=current,
+                observed_since=datetime.fromisoformat(since),
+                sequences={v: seq for v, _, _, seq in versions if seq is not None},
+                details={v: json.loads(d) for v, d, _, _ in versions},
+            )
+        return histories
+
+    async def observe_dates(
+        self, series: str, dates: Mapping[str, tuple[str, Mapping[str, str]]], now: datetime
+    ) -> None:
+        """Record the version each date has in the config now.
+
+        A version that differs from the one observed last starts (or restarts,
+        when an edit is reverted) the update grace period at *now*.
+        """
+        histories = await self._date_histories(series)
+        for event, (version, details) in dates.items():
+            history = histories.get(event)
+            if history is not None and history.current == version:
+                continue
+            await self._db.execute(
+                "INSERT INTO date_versions (series, event, version, details, observed_since) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (series, event, version) DO UPDATE SET "
+                "observed_since = excluded.observed_since, details = excluded.details",
+                (series, event, version, json.dumps(dict(details), sort_keys=True), _iso(now)),
+            )
+        await self._db.commit()
+
+    async def issue_sequence(self, series: str, event: str, version: str) -> int:
+        """The calendar SEQUENCE for mail describing *version*, recorded on first use."""
+        histories = await self._date_histories(series)
+        history = histories.get(event)
+        sequence = 0 if history is None else history.sequence_for(version)
+        if history is None or history.sequences.get(version) != sequence:
+            await self._db.execute(
+                "UPDATE date_versions SET sequence = ? "
+                "WHERE series = ? AND event = ? AND version = ?",
+                (sequence, series, event, version),
+            )
+            await self._db.commit()
+        return sequence
 
     async def deliveries(
         self,
@@ -446,6 +585,24 @@ class Ledger:
             "SELECT email FROM optouts WHERE series = ?", (series,)
         )
         return frozenset(row[0] for row in rows)
+
+    async def optout_entries(self, series: str) -> list[OptOut]:
+        """Every opt-out of *series* with its source and time, oldest first."""
+        rows = await self._db.execute_fetchall(
+            "SELECT email, source, created_at FROM optouts WHERE series = ? "
+            "ORDER BY created_at, email",
+            (series,),
+        )
+        return [OptOut(row[0], row[1], datetime.fromisoformat(row[2])) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    """One address that must never be mailed again, and how that came about."""
+
+    email: str
+    source: str  # "one-click", "web form", "cli", ...
+    created_at: datetime
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:

@@ -33,10 +33,30 @@ class MailingState(StrEnum):
     WITHDRAWN = "withdrawn"
 
 
-class LedgerSnapshot(Protocol):
-    """What the plan needs to know from the ledger: per mailing, email -> state."""
+class DateVersions(Protocol):
+    """What the ledger remembers about the versions of one date."""
 
-    def states(self, kind: str, event: str) -> Mapping[str, str]: ...
+    @property
+    def current(self) -> str: ...
+    @property
+    def observed_since(self) -> datetime: ...
+    def sequence_for(self, version: str) -> int: ...
+
+
+class LedgerSnapshot(Protocol):
+    """What the plan needs to know from the ledger."""
+
+    def states(self, kind: str, event: str) -> Mapping[str, str]:
+        """Per mailing: email -> delivery state."""
+        ...
+
+    def seen(self, event: str) -> Mapping[str, str]:
+        """Per date: email -> the version of it their latest mail described."""
+        ...
+
+    def date(self, event: str) -> DateVersions | None:
+        """The versions of a date observed so far."""
+        ...
 
 
 class EmptyLedger:
@@ -44,6 +64,12 @@ class EmptyLedger:
 
     def states(self, kind: str, event: str) -> Mapping[str, str]:
         return {}
+
+    def seen(self, event: str) -> Mapping[str, str]:
+        return {}
+
+    def date(self, event: str) -> DateVersions | None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +88,19 @@ class Mailing:
     uncertain: int = 0
     opted_out: int = 0
     note: str = ""
+    sequence: int = 0  # calendar SEQUENCE of the date version an update describes
+
+    @property
+    def ledger_kind(self) -> str:
+        """The kind recorded in the ledger: each update of a date is its own mail."""
+        if self.kind is Kind.UPDATE:
+            return f"{self.kind}-{self.sequence}"
+        return str(self.kind)
 
     @property
     def id(self) -> str:
         """Stable identifier, also the scheduler job id."""
-        return f"{self.kind}:{self.event or 'series'}"
+        return f"{self.ledger_kind}:{self.event or 'series'}"
 
     @property
     def sendable(self) -> bool:
@@ -198,6 +232,72 @@ def plan(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mailing
                 uncertain=uncertain,
                 opted_out=opted_out,
                 note=note,
+            )
+        )
+    if series.mailings.updates.enabled:
+        mailings.extend(_changes(data, ledger, now))
+    return mailings
+
+
+def _changes(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mailing]:
+    """Updates and cancellations: a date changed after mail about it went out.
+
+    Everyone whose latest mail about a date described another version of it
+    than the config does now needs one mail: an "Änderung" with the new
+    details, or an "Absage" when the date is cancelled. It goes out a grace
+    period after the last edit, so a quickly fixed typo sends one update.
+    """
+    series = data.series
+    grace = series.mailings.updates.grace
+    contacts = {c.key: c for c in data.contacts}
+    mailings = []
+    for event in series.events:
+        seen = ledger.seen(event.id)
+        if not seen:
+            continue
+        current = event.version
+        history = ledger.date(event.id)
+        if history is not None and history.current == current:
+            since = history.observed_since.astimezone(series.zone)
+        else:
+            since = now  # not recorded yet: the next pass starts the grace period
+        sequence = history.sequence_for(current) if history is not None else 0
+        kind = Kind.CANCELLATION if event.cancelled else Kind.UPDATE
+        ledger_kind = str(kind) if kind is Kind.CANCELLATION else f"{kind}-{sequence}"
+        states = ledger.states(ledger_kind, event.id)
+        members = [key for key in seen if key in contacts]
+        audience = tuple(key for key in members if key not in data.optouts)
+        stale = [key for key in audience if seen[key] != current]
+        outstanding = tuple(key for key in stale if states.get(key) not in DONE_STATES)
+        if not outstanding and not states:
+            continue
+        sent = sum(1 for state in states.values() if state == "sent")
+        failed = sum(1 for state in states.values() if state == "failed")
+        deadline = event.ends_at
+        due = shift(since, grace)
+        if due >= deadline:
+            due = since  # no time for a grace period: say it now
+        if now < due:
+            state = MailingState.SCHEDULED
+        elif now >= deadline:
+            state = MailingState.CLOSED if outstanding else MailingState.DONE
+        else:
+            state = MailingState.OPEN if outstanding else MailingState.DONE
+        mailings.append(
+            Mailing(
+                kind=kind,
+                event=event.id,
+                due=due,
+                deadline=deadline,
+                state=state,
+                audience=audience,
+                outstanding=outstanding,
+                sent=sent,
+                failed=failed,
+                uncertain=sum(1 for k in outstanding if states.get(k) == "uncertain"),
+                opted_out=len(members) - len(audience),
+                note="date cancelled" if event.cancelled else f"calendar SEQUENCE {sequence}",
+                sequence=sequence,
             )
         )
     return mailings

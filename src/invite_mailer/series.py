@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
@@ -37,6 +39,8 @@ class Kind(StrEnum):
     INVITATION = "invitation"
     REMINDER = "reminder"
     FOLLOWUP = "followup"
+    UPDATE = "update"
+    CANCELLATION = "cancellation"
 
 
 class Audience(StrEnum):
@@ -256,6 +260,26 @@ class Event(_Model):
     def ends_at(self) -> datetime:
         return localize(self.date, self.end, self._zone)
 
+    def fingerprint(self) -> dict[str, str]:
+        """What a recipient relies on: when, what, where to join, whether it happens.
+
+        Materials and descriptions are deliberately left out: changing them
+        sends nothing.
+        """
+        return {
+            "start": self.starts_at.isoformat(),
+            "end": self.ends_at.isoformat(),
+            "title": self.title,
+            "join_url": str(self.join_url or ""),
+            "cancelled": "yes" if self.cancelled else "",
+        }
+
+    @property
+    def version(self) -> str:
+        """A short hash of :meth:`fingerprint`: equal versions describe the same date."""
+        data = json.dumps(self.fingerprint(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
 
 class InvitationRule(_Model):
     send_at: LocalDateTime
@@ -279,10 +303,18 @@ class FollowupRule(_Model):
     enabled: bool = True
 
 
+class UpdateRule(_Model):
+    """Changes to a date after mail about it went out: "Änderung" and "Absage" mails."""
+
+    grace: Duration = Duration(seconds=600)
+    enabled: bool = True
+
+
 class Mailings(_Model):
     invitation: InvitationRule | None = None
     reminder: ReminderRule = ReminderRule()
     followup: FollowupRule = FollowupRule()
+    updates: UpdateRule = UpdateRule()
 
 
 class Series(_Model):

@@ -16,6 +16,8 @@ KIND_LABELS: dict[str, str] = {
     Kind.INVITATION: "Einladung",
     Kind.REMINDER: "Erinnerung",
     Kind.FOLLOWUP: "Nachbereitung",
+    Kind.UPDATE: "Änderung",
+    Kind.CANCELLATION: "Absage",
 }
 
 
