@@ -151,9 +151,9 @@ class _Controller(Controller):
 
     def _trigger_server(self) -> None:
         # Bound to port 0: learn the real port before the controller's self-test.
-        assert self.server is not None
+        assert isinstance(self.server, asyncio.Server)
         self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
+        super()._trigger_server()  # type: ignore[no-untyped-call]
 
 
 class SmtpServer:
@@ -234,9 +234,7 @@ class SmtpServer:
             self._live.discard(session)
 
 
-def make_server(
-    *, tls_context: ssl.SSLContext | None = None, **smtp_kwargs: Any
-) -> SmtpServer:
+def make_server(*, tls_context: ssl.SSLContext | None = None, **smtp_kwargs: Any) -> SmtpServer:
     """A started server; *tls_context* offers STARTTLS with that context."""
     if tls_context is not None:
         smtp_kwargs["tls_context"] = tls_context

@@ -133,9 +133,7 @@ def test_make_transport_follows_settings(tmp_path: Path) -> None:
 async def test_smtp_delivers_exact_bytes(smtp_server: SmtpServer) -> None:
     msg = message(1, "anna.mueller@example.org")
     async with SmtpTransport(settings_for(smtp_server)) as transport:
-        answer = await transport.send(
-            msg, sender=SENDER, recipients=["anna.mueller@example.org"]
-        )
+        answer = await transport.send(msg, sender=SENDER, recipients=["anna.mueller@example.org"])
     assert answer == "250 2.0.0 Ok: queued as TEST00001"
     [received] = smtp_server.received
     assert received.mail_from == SENDER

@@ -179,7 +179,11 @@ def preview(
     """Write the exact message as .eml, and its HTML part as .html."""
     config = load(config_dir, templates)
     now = app.parse_now(now_text, config)
-    for path in app.preview(config, Kind(kind), event_id=event_id, email=email, out=out, now=now):
+    view = asyncio.run(app.snapshot(config))
+    written = app.preview(
+        config, Kind(kind), event_id=event_id, email=email, out=out, now=now, view=view
+    )
+    for path in written:
         click.echo(str(path))
 
 
@@ -356,6 +360,171 @@ def health(config_dir: Path, templates: Path | None) -> None:
     ok, message = check_heartbeat(heartbeat_path(settings.state.path), datetime.now(UTC))
     click.echo(message)
     sys.exit(EXIT_OK if ok else EXIT_INVALID)
+
+
+# --- opt-outs ----------------------------------------------------------------------------
+
+
+def config_only(func: F) -> F:
+    """--config alone: opt-out commands read only settings.toml, series.yaml and optout.txt."""
+    return click.option(
+        "--config",
+        "config_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("config"),
+        show_default=True,
+        help="Config folder (settings.toml, series.yaml, optout.txt).",
+    )(func)
+
+
+@cli.group()
+def optout() -> None:
+    """Addresses that must never be mailed: list, add, remove."""
+
+
+@optout.command("list")
+@config_only
+@with_json
+@handle_errors
+def optout_list(config_dir: Path, as_json: bool) -> None:
+    """Opt-outs from the state database (one-click link, optout add) and config/optout.txt."""
+    from rich.table import Table
+
+    from invite_mailer import optouts
+
+    files = optouts.load(config_dir)
+    entries = asyncio.run(optouts.entries(files))
+    if as_json:
+        data = {
+            "series": files.series.id,
+            "addresses": len({e.email for e in entries}),
+            "optouts": [
+                {
+                    "email": e.email,
+                    "stored_in": e.stored_in,
+                    "source": e.source,
+                    "created_at": e.created_at.isoformat() if e.created_at else None,
+                    "line": e.line,
+                }
+                for e in entries
+            ],
+        }
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        return
+    if not entries:
+        out.print(f"No opt-outs for {files.series.id}.", highlight=False)
+        return
+    table = Table(
+        title=f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)"
+    )
+    for column in ("address", "stored in", "source", "since"):
+        table.add_column(column)
+    for entry in entries:
+        where = "state database"
+        if entry.stored_in == "file":
+            where = str(files.optout_file) + (f", line {entry.line}" if entry.line else "")
+        since = report.local(entry.created_at, files.series) if entry.created_at else ""
+        table.add_row(entry.email, where, entry.source, since)
+    out.print(table)
+
+
+@optout.command("add")
+@click.argument("addresses", nargs=-1, required=True, metavar="EMAIL...")
+@click.option(
+    "--source",
+    default="cli",
+    show_default=True,
+    help="Where the request came from, e.g. 'Mail vom 12.11.2024'.",
+)
+@config_only
+@handle_errors
+def optout_add(addresses: tuple[str, ...], source: str, config_dir: Path) -> None:
+    """Never mail these addresses again (recorded in the state database)."""
+    from datetime import UTC, datetime
+
+    from invite_mailer import optouts
+
+    files = optouts.load(config_dir)
+    result = asyncio.run(optouts.add(files, list(addresses), now=datetime.now(UTC), source=source))
+    for email, added in result.items():
+        out.print(f"{email}: {'opted out' if added else 'was already opted out'}", highlight=False)
+    out.print(
+        "Takes effect with the next delivery pass (a running daemon checks every minute).",
+        highlight=False,
+    )
+
+
+@optout.command("remove")
+@click.argument("address", metavar="EMAIL")
+@config_only
+@handle_errors
+def optout_remove(address: str, config_dir: Path) -> None:
+    """Allow mail to an address again (opt-outs in the state database only)."""
+    from invite_mailer import optouts
+
+    files = optouts.load(config_dir)
+    outcome = asyncio.run(optouts.remove(files, address))
+    key = address.strip().lower()
+    line = optouts.file_lines(files.optout_file).get(key)
+    where = str(files.optout_file) + (f", line {line}" if line else "")
+    if outcome is optouts.Removal.REMOVED:
+        out.print(f"{key}: opt-out removed; this address gets mail again.", highlight=False)
+    elif outcome is optouts.Removal.NOT_FOUND:
+        out.print(f"{key} was not opted out; nothing to do.", highlight=False)
+    elif outcome is optouts.Removal.ONLY_IN_FILE:
+        err.print(
+            f"[bold red]error:[/] {key} is not in the state database but listed in {where}; "
+            "to allow mail to it again, delete that line from the file.",
+            highlight=False,
+        )
+        sys.exit(EXIT_INVALID)
+    else:
+        err.print(
+            f"[yellow]warning:[/] {key}: removed from the state database, but it is also "
+            f"listed in {where} and stays blocked; delete that line from the file too.",
+            highlight=False,
+        )
+        sys.exit(EXIT_INVALID)
+
+
+# --- rehearsal ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("rehearsal"),
+    show_default=True,
+    help="Folder for index.html and the mails (replaced on every run).",
+)
+@common
+@with_json
+@handle_errors
+def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: bool) -> None:
+    """The whole series in virtual time into a folder, with an overview; nothing is sent."""
+    from invite_mailer.rehearse import rehearse as play
+
+    config = load(config_dir, templates)
+    app.validate_sample(config)
+    result = asyncio.run(play(config, out_dir))
+    counts = {str(kind): result.count(str(kind)) for kind in Kind if result.count(str(kind))}
+    waiting = [r.mailing.id for r in result.waiting]
+    if as_json:
+        data = {
+            "index": str(result.index),
+            "mails": counts,
+            "waiting_for_materials": waiting,
+            "optouts": result.optouts,
+        }
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        return
+    summary = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no mails"
+    out.print(f"Rehearsal written, nothing was sent: {summary}.", highlight=False)
+    for mailing_id in waiting:
+        out.print(f"  {mailing_id}: waiting for materials (nothing sent)", highlight=False)
+    out.print(f"Open {result.index} in a browser.", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from invite_mailer.contacts import (
 from invite_mailer.errors import ConfigError, Problem, ProblemCollector
 from invite_mailer.plan import PlanInput
 from invite_mailer.series import Series, load_series
-from invite_mailer.settings import Settings, load_settings
+from invite_mailer.settings import Settings, load_settings, settings_warnings
 
 OPTOUT_FILE = "optout.txt"
 
@@ -120,5 +120,5 @@ def load_config(
         composer=composer,
         optouts=optouts,
         attendance=attendance,
-        warnings=tuple(contacts.warnings),
+        warnings=(*settings_warnings(config_dir, settings), *contacts.warnings),
     )

@@ -30,6 +30,7 @@ from invite_mailer.health import heartbeat_path, write_heartbeat
 from invite_mailer.ledger import Ledger, state_lock
 from invite_mailer.plan import MailingState
 from invite_mailer.transport import Transport, make_transport
+from invite_mailer.web import start_unsubscribe
 
 log = logging.getLogger("invite_mailer.daemon")
 
@@ -265,9 +266,14 @@ async def run_daemon(config: Config, *, config_dir: Path, templates_dir: Path | 
             loop.add_signal_handler(
                 signal.SIGHUP, lambda: asyncio.ensure_future(daemon.reload("SIGHUP"))
             )
+            web = None
             try:
+                # The one-click unsubscribe endpoint, when unsubscribe.serve is set.
+                web = await start_unsubscribe(config)
                 await daemon.serve()
             finally:
+                if web is not None:
+                    await web.stop()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
     return 0

@@ -203,6 +203,41 @@ def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> 
     return Settings.model_validate(settings.model_dump())
 
 
+def settings_warnings(config_dir: Path, settings: Settings) -> list[Problem]:
+    """Settings that load but probably do not do what was meant (nothing is sent wrong)."""
+    path = config_dir / SETTINGS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    secret_env = f"{ENV_PREFIX}UNSUBSCRIBE{ENV_DELIMITER}SECRET"
+    warnings = []
+    has_secret = bool(settings.unsubscribe.secret.get_secret_value())
+    if settings.sender.unsubscribe_url and not has_secret:
+        warnings.append(
+            Problem(
+                path,
+                "sender.unsubscribe_url is set, but the unsubscribe secret is empty: the mails "
+                "carry no one-click link (only the mailto address)",
+                _find_line(text, "sender", "unsubscribe_url"),
+                f"set the environment variable {secret_env} (in .env or the service's env "
+                "file) to a long random string, e.g. from: python3 -c "
+                '"import secrets; print(secrets.token_urlsafe(32))"',
+            )
+        )
+    if settings.unsubscribe.serve and not has_secret:
+        warnings.append(
+            Problem(
+                path,
+                "unsubscribe.serve is true, but the unsubscribe secret is empty: the daemon "
+                "will not start the one-click endpoint",
+                _find_line(text, "unsubscribe", "serve"),
+                f"set the environment variable {secret_env}",
+            )
+        )
+    return warnings
+
+
 def _read_toml_text(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
@@ -227,8 +262,7 @@ def _parse_toml(path: Path, text: str | None) -> dict[str, Any]:
             path,
             f"TOML syntax error: {message}",
             line=line,
-            hint="write settings as key = value, text in double quotes: "
-            'host = "mail.example.org"',
+            hint='write settings as key = value, text in double quotes: host = "mail.example.org"',
         ) from None
 
 

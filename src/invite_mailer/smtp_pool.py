@@ -81,12 +81,21 @@ class _Connection:
         client, self.client, self.messages = self.client, None, 0
         if client is None or not client.is_connected:
             return
+        sock = client.get_transport_info("socket")
         try:
             await client.quit(timeout=_HOUSEKEEPING_TIMEOUT)
         except (SMTPException, OSError):
             pass
         finally:
             client.close()
+        # A TLS connection finishes closing (close_notify) a moment after
+        # close(); wait for it, so that stopping the event loop right after a
+        # shutdown does not leave a socket open. aiosmtplib offers nothing to
+        # await for that, hence the short poll.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while sock is not None and sock.fileno() != -1 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
 
 
 def tls_context(settings: SmtpSettings) -> ssl.SSLContext:
