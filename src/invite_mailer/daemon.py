@@ -116,8 +116,10 @@ class Daemon:
         self.beat()
         log.info("daemon started for series %s", self.config.series.id)
         await self.reschedule()
-        # Catch up: whatever is due and still open goes out now.
+        # Catch up: whatever is due and still open goes out now; then schedule
+        # again, since the pass has recorded any dates changed while we were down.
         await self.run_pass()
+        await self.reschedule()
         watcher = asyncio.create_task(self._watch())
         try:
             await self._stopped.wait()
@@ -234,10 +236,17 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload (%s) rejected, the last good config keeps running:\n%s", reason, exc)
             return False
+        if (config.settings.transport, config.settings.smtp) != (
+            self.config.settings.transport,
+            self.config.settings.smtp,
+        ):
+            log.warning("transport or SMTP settings changed: they take effect after a restart")
         self.config = config
         log.info("config reloaded (%s)", reason)
-        await self.reschedule()
+        # The pass records changed dates first, so update mails are scheduled
+        # from the moment the edit was seen.
         await self.run_pass()
+        await self.reschedule()
         return True
 
     async def _watch(self) -> None:

@@ -26,7 +26,7 @@ from invite_mailer.ledger import DeliveryKey, Ledger, LedgerView, format_version
 from invite_mailer.plan import Mailing, plan
 from invite_mailer.series import Kind
 from invite_mailer.summary import compose_summary
-from invite_mailer.transport import Transport
+from invite_mailer.transport import Transport, UncertainFailure
 
 log = logging.getLogger("invite_mailer.dispatch")
 
@@ -242,6 +242,9 @@ class Dispatcher:
         contact = config.contacts.by_key(item.key)
         if contact is None:  # removed by a reload since the plan was made
             return Outcome.SKIPPED, None
+        # A one-click opt-out can arrive while a long, rate-limited pass runs.
+        if await self.ledger.is_opted_out(config.series.id, contact.key):
+            return Outcome.SKIPPED, None
         event = config.series.event(mailing.event) if mailing.event else None
         attended = None
         if event is not None and event.id in config.attendance:
@@ -294,7 +297,13 @@ class Dispatcher:
         except TemporaryFailure as exc:
             delay = self._backoff(item.attempt)
             next_at = (now.astimezone(UTC) + timedelta(seconds=delay)).astimezone(now.tzinfo)
-            await self.ledger.mark_retry(key, exc.response, now, next_at)
+            if isinstance(exc, UncertainFailure):
+                # The data went out but no answer came back: it may have been
+                # delivered. Retried like a temporary failure (at least once
+                # beats never), and shown as uncertain by status meanwhile.
+                await self.ledger.mark_uncertain(key, exc.response, now, next_at)
+            else:
+                await self.ledger.mark_retry(key, exc.response, now, next_at)
             in_pass = (self.clock() - started) + delay <= self.retry_in_pass_seconds
             in_window = next_at < mailing.deadline
             log.warning(

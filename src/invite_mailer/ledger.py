@@ -494,17 +494,31 @@ class Ledger:
         when an edit is reverted) the update grace period at *now*.
         """
         histories = await self._date_histories(series)
-        for event, (version, details) in dates.items():
-            history = histories.get(event)
-            if history is not None and history.current == version:
-                continue
-            await self._db.execute(
-                "INSERT INTO date_versions (series, event, version, details, observed_since) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (series, event, version) DO UPDATE SET "
-                "observed_since = excluded.observed_since, details = excluded.details",
-                (series, event, version, json.dumps(dict(details), sort_keys=True), _iso(now)),
-            )
-        await self._db.commit()
+        changed = {
+            event: entry
+            for event, entry in dates.items()
+            if (history := histories.get(event)) is None or history.current != entry[0]
+        }
+        if not changed:
+            return
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for event, (version, details) in changed.items():
+                await self._observe(series, event, version, details, now)
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self._db.execute("COMMIT")
+
+    async def _observe(
+        self, series: str, event: str, version: str, details: Mapping[str, str], now: datetime
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO date_versions (series, event, version, details, observed_since) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (series, event, version) DO UPDATE SET "
+            "observed_since = excluded.observed_since, details = excluded.details",
+            (series, event, version, json.dumps(dict(details), sort_keys=True), _iso(now)),
+        )
 
     async def issue_sequence(self, series: str, event: str, version: str) -> int:
         """The calendar SEQUENCE for mail describing *version*, recorded on first use."""
@@ -517,7 +531,6 @@ class Ledger:
                 "WHERE series = ? AND event = ? AND version = ?",
                 (sequence, series, event, version),
             )
-            await self._db.commit()
         return sequence
 
     async def deliveries(
@@ -585,6 +598,16 @@ class Ledger:
             "SELECT email FROM optouts WHERE series = ?", (series,)
         )
         return frozenset(row[0] for row in rows)
+
+    async def is_opted_out(self, series: str, email: str) -> bool:
+        """Whether *email* has opted out of *series* (one indexed lookup)."""
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT 1 FROM optouts WHERE series = ? AND email = ?",
+                (series, email.strip().lower()),
+            )
+        )
+        return bool(rows)
 
     async def optout_entries(self, series: str) -> list[OptOut]:
         """Every opt-out of *series* with its source and time, oldest first."""
