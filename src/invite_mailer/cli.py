@@ -218,6 +218,7 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
             "failed": failed,
             "retry_later": retry,
             "uncertain_recovered": len(outcome.recovered),
+            "sender_refused": result.sender_refused,
             "mailings": {
                 mid: {str(k): v for k, v in r.counts.items()} for mid, r in result.mailings.items()
             },
@@ -231,7 +232,14 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
         out.print(line, highlight=False)
         for mailing_id, email, answer in result.failures:
             err.print(f"[red]failed:[/] {mailing_id} {email}: {answer}", highlight=False)
-    if failed:
+    if result.sender_refused is not None:
+        err.print(
+            f"[bold red]error:[/] the relay refuses the sender address: {result.sender_refused}\n"
+            "  hint: check [sender] address in settings.toml and that your SMTP account may "
+            "send as it; nothing was marked failed, the next run tries again",
+            highlight=False,
+        )
+    if failed or result.sender_refused is not None:
         sys.exit(EXIT_FAILED)
 
 

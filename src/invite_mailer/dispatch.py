@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from invite_mailer.config import Config
-from invite_mailer.errors import ConfigError, PermanentFailure, TemporaryFailure
+from invite_mailer.errors import ConfigError, PermanentFailure, SenderRefused, TemporaryFailure
 from invite_mailer.ledger import DeliveryKey, Ledger, LedgerView, format_version
 from invite_mailer.plan import Mailing, plan
 from invite_mailer.series import Kind
@@ -54,6 +54,7 @@ class PassResult:
     mailings: dict[str, MailingResult] = field(default_factory=dict)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # mailing id, email, answer
     stopped: bool = False
+    sender_refused: str | None = None  # the relay's answer when it refused our sender
 
     def total(self, outcome: Outcome) -> int:
         return sum(r.counts[outcome] for r in self.mailings.values())
@@ -283,6 +284,19 @@ class Dispatcher:
         sender = config.settings.sender.from_address.addr_spec
         try:
             answer = await self.transport.send(message, sender=sender, recipients=[contact.email])
+        except SenderRefused as exc:
+            # Not this recipient's fault: undo the claim and stop the pass.
+            await self.ledger.release(key, now)
+            if result.sender_refused is None:
+                result.sender_refused = exc.response
+                log.error(
+                    "the relay refuses the sender address %s: %s; stopping this pass "
+                    "(check [sender] address and the relay's permissions)",
+                    sender,
+                    exc.response,
+                )
+            self.stop.set()
+            return Outcome.SKIPPED, None
         except PermanentFailure as exc:
             await self.ledger.mark_failed(key, exc.response, now)
             result.failures.append((mailing.id, contact.email, exc.response))

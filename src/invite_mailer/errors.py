@@ -120,3 +120,12 @@ class TemporaryFailure(TransportError):
 
 class PermanentFailure(TransportError):
     """5xx answers: the server refused this message or recipient for good."""
+
+
+class SenderRefused(PermanentFailure):
+    """The relay refuses our envelope sender (5xx at MAIL FROM).
+
+    That is a problem of the setup, not of one recipient: every further mail
+    would be refused the same way, so the pass stops and nothing is marked
+    failed.
+    """

@@ -29,7 +29,12 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import normalize_message_line_endings
 
-from invite_mailer.errors import PermanentFailure, TemporaryFailure, TransportError
+from invite_mailer.errors import (
+    PermanentFailure,
+    SenderRefused,
+    TemporaryFailure,
+    TransportError,
+)
 from invite_mailer.ratelimit import RateLimiter
 from invite_mailer.settings import Security, SmtpSettings
 
@@ -248,6 +253,9 @@ class SmtpPool:
                 await self._reset(connection)
             if phase is _Phase.DATA and not 400 <= exc.code <= 599:
                 raise self._uncertain(exc) from exc
+            if phase is _Phase.MAIL and 500 <= exc.code <= 599 and exc.code != 552:
+                # 552 at MAIL is "message too large" (SIZE=): this message only.
+                raise SenderRefused(_response_text(exc), code=exc.code) from exc
             raise _failure_from_response(exc) from exc
         except (SMTPException, OSError) as exc:
             connection.drop()
