@@ -8,6 +8,7 @@ the next run sends them again, and nothing else arrives twice.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ from deliverykit import (
     clean_environ,
     copy_project,
     duplicates,
+    keep_only_first_event,
     mails,
     run_process,
     smtp_env,
@@ -30,6 +32,7 @@ from deliverykit import (
     wait_for,
     write_contacts,
 )
+from invite_mailer.ledger import state_lock
 from smtpserver import SmtpServer
 
 CONTACTS = 2000
@@ -43,10 +46,17 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     for name in os.environ.keys() - clean_environ().keys():
         monkeypatch.delenv(name)
+    keep_only_first_event(tmp_path / "config")
     write_contacts(
         tmp_path / "config" / "contacts.csv",
         (
-            (f"person{n:04d}@example.org", ("Frau", "Herr", "")[n % 3], f"Vorname{n}", f"Nachname{n}", "")
+            (
+                f"person{n:04d}@example.org",
+                ("Frau", "Herr", "")[n % 3],
+                f"Vorname{n}",
+                f"Nachname{n}",
+                "",
+            )
             for n in range(CONTACTS)
         ),
     )
@@ -87,7 +97,9 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
         assert process.stdout is not None
         process.stdout.close()
     assert process.returncode == -signal.SIGKILL
-    wait_for(lambda: smtp_server.open_connections == 0, timeout=5, what="the server to see the kill")
+    wait_for(
+        lambda: smtp_server.open_connections == 0, timeout=5, what="the server to see the kill"
+    )
     first = [m.to for m in split(mails(smtp_server.received))[0]]
     assert not duplicates(first)
     assert kill_after <= len(first) < CONTACTS
@@ -125,3 +137,50 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
     assert after["uncertain"] == [] and after["failed"] == []
     invitation = next(m for m in after["mailings"] if m["id"] == "invitation:series")
     assert (invitation["sent"], invitation["outstanding"]) == (CONTACTS, 0)
+
+
+def test_two_send_due_runs_at_once_never_send_a_mail_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp_server: SmtpServer
+) -> None:
+    copy_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # Slow enough that the two runs overlap: 12 mails on 4 connections take over a second.
+    smtp_server.behaviour.data_delay = 0.4
+    env = smtp_env(smtp_server.port)
+    runs = [start_process(["send-due", "--now", NOW, "--json"], env, tmp_path) for _ in range(2)]
+    outputs = [run.communicate(timeout=60) for run in runs]
+    codes = sorted(run.returncode for run in runs)
+
+    got, summaries = split(mails(smtp_server.received))
+    assert len(got) == 12 and not duplicates(m.to for m in got)
+    assert len(summaries) == 1
+    if codes == [0, 1]:
+        # The second one saw the first at work and said so.
+        (stderr,) = [
+            err for (_, err), run in zip(outputs, runs, strict=True) if run.returncode == 1
+        ]
+        assert "another invite-mailer" in stderr and "state database" in stderr, stderr
+    else:
+        # The machine was too slow to overlap them: the second found nothing to do.
+        assert codes == [0, 0], outputs
+        assert sorted(json.loads(out)["sent"] for out, _ in outputs) == [0, 12]
+
+
+def test_send_due_while_another_process_holds_the_state_refuses_and_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp_server: SmtpServer
+) -> None:
+    copy_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    env = smtp_env(smtp_server.port)
+    database = tmp_path / "state" / "invite-mailer.db"
+    with state_lock(database):  # as a running daemon holds it
+        blocked = run_process(["send-due", "--now", NOW], env, tmp_path)
+    assert blocked.returncode == 1
+    assert "another invite-mailer" in blocked.stderr
+    assert f"(process {os.getpid()})" in blocked.stderr
+    assert smtp_server.received == []
+    assert not database.exists()
+
+    after = run_process(["send-due", "--now", NOW], env, tmp_path)
+    assert after.returncode == 0, after.stderr
+    assert "12 sent" in after.stdout

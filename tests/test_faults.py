@@ -7,6 +7,8 @@ moment against the in-process SMTP server, which is told per test to answer
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import sqlite3
@@ -24,11 +26,13 @@ from deliverykit import (
     free_port,
     invoke,
     mails,
+    run_process,
     server_on,
     smtp_env,
     split,
     status_json,
 )
+from invite_mailer.transport import outbox_name
 from smtpserver import SmtpServer
 
 NOW = "2024-10-24T10:05"
@@ -73,13 +77,18 @@ def summaries(server: SmtpServer) -> list[str]:
 
 def ledger_states(project: Path) -> dict[str, str]:
     with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
-        rows = db.execute("SELECT email, state FROM deliveries WHERE kind = 'invitation'").fetchall()
+        rows = db.execute(
+            "SELECT email, state FROM deliveries WHERE kind = 'invitation'"
+        ).fetchall()
     return dict(rows)
 
 
 @pytest.mark.parametrize(
     "reply",
-    ["421 4.7.0 mx.test.invalid Service not available, closing channel", "451 4.3.0 Try again later"],
+    [
+        "421 4.7.0 mx.test.invalid Service not available, closing channel",
+        "451 4.3.0 Try again later",
+    ],
     ids=["421", "451"],
 )
 def test_temporary_refusals_are_retried_within_the_pass(
@@ -190,6 +199,12 @@ def test_a_relay_that_is_down_leaves_everything_for_the_next_run(project: Path) 
     invitation = next(m for m in status["mailings"] if m["id"] == "invitation:series")
     assert (invitation["sent"], invitation["outstanding"]) == (0, 12)
 
+    # Run again at once (cron every minute, say): they are still backing off.
+    again = invoke(["send-due", "--now", NOW], env)
+    assert again.exit_code == 0, again.output
+    assert "0 sent, 0 failed, 12 to retry later" in again.stdout, again.stdout
+    assert "could not connect" not in again.stderr
+
     server = server_on(port)
     try:
         code, data, _ = send_due(env, "2024-10-24T10:20")
@@ -201,3 +216,51 @@ def test_a_relay_that_is_down_leaves_everything_for_the_next_run(project: Path) 
     finally:
         server.stop()
     assert set(ledger_states(project).values()) == {"sent"}
+
+
+def test_an_unexpected_transport_error_neither_hangs_the_pass_nor_loses_the_mail(
+    project: Path,
+) -> None:
+    # The shipped outbox transport; where one mail's file should go, a folder
+    # is in the way (as a full or broken disk would fail a write).
+    code = invoke(
+        ["preview", "invitation", "--contact", "alex.meyer@example.org", "--out", "preview"], {}
+    ).exit_code
+    assert code == 0
+    (eml,) = (project / "preview").glob("*.eml")
+    message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+    blocker = project / "outbox" / f"{outbox_name(message, b'')}.eml"
+    blocker.mkdir(parents=True)
+
+    first = run_process(["send-due", "--now", NOW, "--json"], {}, project, timeout=30)
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    assert (data["sent"], data["failed"], data["retry_later"]) == (11, 0, 1), data
+    assert "IsADirectoryError" in first.stderr
+    status = status_json({}, "--now", NOW)
+    assert [d["email"] for d in status["uncertain"]] == ["alex.meyer@example.org"]
+
+    blocker.rmdir()
+    second = run_process(["send-due", "--now", "2024-10-24T10:10", "--json"], {}, project)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["sent"] == 1
+    assert blocker.is_file()
+    assert status_json({}, "--now", NOW)["uncertain"] == []
+
+
+def test_a_summary_refused_for_a_moment_is_sent_by_a_later_run(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    smtp_server.behaviour.reject_recipients[ORGANISER] = "452 4.2.2 Mailbox full, try later"
+    env = smtp_env(smtp_server.port)
+    code, data, _ = send_due(env)
+    assert code == 0 and data["sent"] == 12
+    assert summaries(smtp_server) == []
+
+    del smtp_server.behaviour.reject_recipients[ORGANISER]
+    code, data, _ = send_due(env, "2024-10-24T10:30")
+    assert code == 0 and data["sent"] == 0
+    assert summaries(smtp_server) == [ORGANISER]
+    code, data, _ = send_due(env, "2024-10-24T11:00")
+    assert summaries(smtp_server) == [ORGANISER]
+    assert sorted(recipients(smtp_server)) == sorted(EVERYONE)

@@ -186,11 +186,24 @@ def test_replaying_the_series_sends_every_mail_once(project: Path, smtp_server: 
     steps: list[tuple[str, Any]] = [
         ("2024-10-24T10:00", None),  # the invitation
         # A contact added after the invitation went out, window still open.
-        ("2024-11-13T14:00", lambda: add_contact(project, "nora.spaet@example.org;Frau;;Nora;Spät;Stadtwerke;kreislaufwirtschaft")),
+        (
+            "2024-11-13T14:00",
+            lambda: add_contact(
+                project, "nora.spaet@example.org;Frau;;Nora;Spät;Stadtwerke;kreislaufwirtschaft"
+            ),
+        ),
         # After the invitation's deadline: this one must not get it.
-        ("2024-11-15T10:00", lambda: add_contact(project, "zacharias.spaet@example.org;Herr;;Zacharias;Spät;Kreis;alle")),
+        (
+            "2024-11-15T10:00",
+            lambda: add_contact(
+                project, "zacharias.spaet@example.org;Herr;;Zacharias;Spät;Kreis;alle"
+            ),
+        ),
         # The follow-up of 14.11. was waiting; materials arrive three days later.
-        ("2024-11-18T09:00", lambda: (add_materials(project, "verwaltung"), expect.materials.add("verwaltung"))),
+        (
+            "2024-11-18T09:00",
+            lambda: (add_materials(project, "verwaltung"), expect.materials.add("verwaltung")),
+        ),
         ("2024-11-20T14:00", None),
         ("2024-11-22T10:00", None),
         ("2024-11-27T14:00", None),
@@ -206,7 +219,9 @@ def test_replaying_the_series_sends_every_mail_once(project: Path, smtp_server: 
         got, summaries, data = replay.send_due(moment)
         keys = [m.key for m in got]
         assert not duplicates(keys), moment
-        assert set(keys) == wanted, f"{moment}: missing {wanted - set(keys)}, extra {set(keys) - wanted}"
+        assert set(keys) == wanted, (
+            f"{moment}: missing {wanted - set(keys)}, extra {set(keys) - wanted}"
+        )
         for mail in got:
             if mail.event:
                 assert TITLES[mail.event] in mail.subject, (moment, mail.subject)
@@ -214,7 +229,9 @@ def test_replaying_the_series_sends_every_mail_once(project: Path, smtp_server: 
         invitation_sent_to |= {m.to for m in got if m.kind == "invitation"}
         # The organiser hears once about each mailing, when it first went out.
         newly = {(kind, event) for kind, event, _ in wanted} - expect.summarised
-        assert sorted((s.kind.removeprefix("summary:"), s.event) for s in summaries) == sorted(newly), moment
+        assert sorted((s.kind.removeprefix("summary:"), s.event) for s in summaries) == sorted(
+            newly
+        ), moment
         assert all(s.to == "transferreihe@example.org" for s in summaries)
         expect.summarised |= newly
 
@@ -251,7 +268,9 @@ def test_replaying_the_series_sends_every_mail_once(project: Path, smtp_server: 
     assert invitation["opted_out"] == len(OPTED_OUT)
 
 
-def test_waiting_followup_is_shown_and_sends_nothing(project: Path, smtp_server: SmtpServer) -> None:
+def test_waiting_followup_is_shown_and_sends_nothing(
+    project: Path, smtp_server: SmtpServer
+) -> None:
     env = smtp_env(smtp_server.port)
     result = invoke(["send-due", "--now", "2024-11-15T10:00"], env)
     assert result.exit_code == 0, result.output
@@ -271,7 +290,9 @@ def test_send_due_as_a_real_process(project: Path, smtp_server: SmtpServer) -> N
     assert f"smtp 127.0.0.1:{smtp_server.port}" in first.stdout
     got, summaries = split(mails(smtp_server.received))
     assert sorted(m.to for m in got) == sorted(
-        a for a in Expectation(project / "config").registrations() if a not in {o.lower() for o in OPTED_OUT}
+        a
+        for a in Expectation(project / "config").registrations()
+        if a not in {o.lower() for o in OPTED_OUT}
     )
     assert [s.to for s in summaries] == ["transferreihe@example.org"]
     assert "Versendet:            10" in summaries[0].body
