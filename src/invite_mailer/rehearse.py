@@ -187,6 +187,8 @@ def _prepare(out: Path) -> None:
     )
     for name in (MAILS_DIR, PREVIEWS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
+    for leftover in out.glob(".state-*"):  # the ledger of a run that was interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
     (out / INDEX_FILE).unlink(missing_ok=True)
 
 
@@ -492,7 +494,8 @@ Datei im Ordner <code>mails/</code> und ist hier mit einem Klick zu öffnen.</p>
 <p class="note"><strong>{{ report.label }} zu „{{ events[report.mailing.event].title }}“
 wartet auf Unterlagen.</strong> In <code>series.yaml</code> sind für diesen Termin noch keine
 <code>materials</code> eingetragen, deshalb wurde nichts verschickt. Sobald Sie sie eintragen,
-geht die Nachbereitung raus – spätestens bis {{ when(report.mailing.deadline) }} Uhr.</p>
+geht die Nachbereitung raus; tragen Sie sie bis {{ when(report.mailing.deadline) }} Uhr ein,
+danach wird sie nicht mehr verschickt.</p>
 {% endfor %}
 {% for report in closed %}
 <p class="note"><strong>{{ report.label }}{% if report.mailing.event %} zu

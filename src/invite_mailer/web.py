@@ -171,7 +171,7 @@ def create_app(
                 log.warning("unsubscribe: rejected an invalid token (%d characters)", len(token))
             return invalid()
         shown = html.escape(mask_address(address))
-        if request.method == "GET":
+        if request.method != "POST":  # GET and HEAD only look
             if await already_opted_out(address):
                 return _page(
                     "Bereits abgemeldet",
@@ -285,7 +285,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         raise InviteMailerError(
             f"cannot listen on {host}:{port} for the unsubscribe endpoint: "
-            f"{exc.strerror or exc}; set [unsubscribe] bind_host / bind_port "
+            f"{exc.strerror or exc}; set unsubscribe.bind_host / bind_port "
             "(INVITE_MAILER_UNSUBSCRIBE__BIND_PORT) to a free address"
         ) from None
     sock.set_inheritable(True)
