@@ -366,6 +366,9 @@ class Composer:
                 msg.attach(self._attachment_part(file))
         # After the body: set_content() clears all Content-* headers.
         msg["Content-Language"] = "de"
+        # Boundaries from the Message-ID instead of random ones: the same mail
+        # is the same bytes every time (fastcompose.py builds them directly).
+        set_boundaries(msg)
         return msg
 
     def message_id(
@@ -803,6 +806,23 @@ def _syntax_hint(message: str) -> str:
     if "unknown tag" in message:
         return "check the spelling of the tag between {% and %}"
     return "check the {{ }} and {% %} pairs on this line and the line before"
+
+
+def mime_boundary(message_id: str, index: int) -> str:
+    """The boundary of the *index*-th multipart (top level first) of a message.
+
+    "=_" occurs in neither quoted-printable nor base64 text, so a boundary
+    can never clash with a line of a body.
+    """
+    digest = hashlib.sha256(f"{message_id} {index}".encode()).hexdigest()[:24]
+    return f"=_{digest}_{index}"
+
+
+def set_boundaries(msg: EmailMessage) -> None:
+    """Fix every multipart boundary of *msg*, derived from its Message-ID."""
+    seed = str(msg["Message-ID"])
+    for index, part in enumerate(p for p in msg.walk() if p.is_multipart()):
+        part.set_boundary(mime_boundary(seed, index))
 
 
 def _recipient(contact: Contact) -> Address:

@@ -116,18 +116,21 @@ class Daemon:
         self.beat()
         log.info("daemon started for series %s", self.config.series.id)
         await self.reschedule()
-        # Catch up: whatever is due and still open goes out now; then schedule
-        # again, since the pass has recorded any dates changed while we were down.
-        await self.run_pass()
-        await self.reschedule()
+        # Watch before catching up: an edit made during a long catch-up pass
+        # must not go unnoticed (it is reloaded when that pass is over).
         watcher = asyncio.create_task(self._watch())
         try:
+            # Catch up: whatever is due and still open goes out now; then schedule
+            # again, since the pass has recorded any dates changed while we were down.
+            await self.run_pass()
+            await self.reschedule()
             await self._stopped.wait()
         finally:
+            # The watcher may be running a reload's pass: let it finish first.
+            await self._shutdown()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            await self._shutdown()
 
     def beat(self) -> None:
         """Tell ``invite-mailer health`` that this daemon is alive."""
@@ -150,15 +153,16 @@ class Daemon:
         self._stopped.set()
 
     async def _shutdown(self) -> None:
-        self.scheduler.shutdown(wait=False)
         # A pass in progress has been told to stop; wait for it to record what
-        # is in flight.
+        # is in flight. Only then stop the scheduler: its shutdown cancels the
+        # jobs still running, and a send cancelled mid-way stays 'sending'.
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
                 async with self._pass_lock:
                     pass
         except TimeoutError:
             log.error("a delivery pass did not finish within %.0fs", STOP_TIMEOUT)
+        self.scheduler.shutdown(wait=False)
         self.state = RunState.STOPPED
         log.info("daemon stopped")
 

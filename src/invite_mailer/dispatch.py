@@ -15,16 +15,19 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from enum import StrEnum
 
+from invite_mailer import fastcompose
 from invite_mailer.config import Config
+from invite_mailer.contacts import Contact
 from invite_mailer.errors import ConfigError, PermanentFailure, SenderRefused, TemporaryFailure
 from invite_mailer.ledger import DeliveryKey, Ledger, LedgerView, format_version
 from invite_mailer.plan import Mailing, plan
-from invite_mailer.series import Kind
+from invite_mailer.series import Event, Kind
 from invite_mailer.summary import compose_summary
 from invite_mailer.transport import Transport, UncertainFailure
 
@@ -98,6 +101,7 @@ class Dispatcher:
         self._view: LedgerView = LedgerView.empty(config.series.id)
         self._sequences: dict[str, int] = {}
         self._issued: set[str] = set()
+        self._wires: fastcompose.WirePipeline | None = None
 
     async def plan(self, now: datetime) -> list[Mailing]:
         """The plan at *now*, with opt-outs from the file and the ledger merged."""
@@ -132,10 +136,12 @@ class Dispatcher:
             for key in mailing.outstanding:
                 retry_at = view.next_attempt(mailing.ledger_kind, mailing.event, key)
                 if retry_at is not None and retry_at > now:
-                    result.mailings[mailing.id].counts[Outcome.SKIPPED] += 1
+                    # Still backing off from a temporary failure: "to retry later".
+                    result.mailings[mailing.id].counts[Outcome.RETRY] += 1
                     continue
                 items.append(_Item(mailing, key))
         if not items:
+            await self._send_summaries(result, now)
             return result
         started = self.clock()
 
@@ -145,6 +151,15 @@ class Dispatcher:
             # Elapsed time is added in UTC (same-zone aware arithmetic is wall-clock).
             return (now_utc + timedelta(seconds=self.clock() - started)).astimezone(zone)
 
+        # Mails are composed ahead of the senders (in a second process for a
+        # big pass) straight into wire bytes; see fastcompose.
+        self._wires = fastcompose.pipeline(
+            self.config,
+            self.transport,
+            [(i.mailing.kind, i.mailing.event, i.key) for i in items],
+            sequences=self._sequences,
+            clock=virtual_now,
+        )
         for mailing_id in result.mailings:
             todo = sum(1 for i in items if i.mailing.id == mailing_id)
             if todo:
@@ -160,6 +175,7 @@ class Dispatcher:
         remaining = len(items)
         finished = asyncio.Event()
         delayed: set[asyncio.Task[object]] = set()
+        busy: set[asyncio.Task[object]] = set()  # workers with a mail in hand
 
         def done_one() -> None:
             nonlocal remaining
@@ -180,7 +196,19 @@ class Dispatcher:
                 if self.stop.is_set():
                     done_one()
                     return
-                outcome, delay = await self._deliver(item, virtual_now(), result, started)
+                me = asyncio.current_task()
+                assert me is not None
+                busy.add(me)
+                try:
+                    outcome, delay = await self._deliver(item, virtual_now(), result, started)
+                except Exception:
+                    # A bug or a failing disk must not hang the pass: the other
+                    # mails go on, this one is left to a later pass.
+                    log.exception("mailing %s: unexpected error", item.mailing.id)
+                    await self._unsettled(item, virtual_now())
+                    outcome, delay = Outcome.RETRY, None
+                finally:
+                    busy.discard(me)
                 counts = result.mailings[item.mailing.id].counts
                 counts[outcome] += 1 if outcome is not Outcome.RETRY or delay is None else 0
                 if self.on_progress is not None and (outcome is not Outcome.RETRY or delay is None):
@@ -206,12 +234,17 @@ class Dispatcher:
                 result.stopped = True
                 for task in delayed:
                     task.cancel()
-                await asyncio.wait(tasks, timeout=self.config.settings.smtp.timeout + 5)
+                # Idle workers wait on the queue for ever: wait for the busy ones only.
+                if busy:
+                    await asyncio.wait(set(busy), timeout=self.config.settings.smtp.timeout + 5)
         finally:
             pending: list[asyncio.Task[object]] = [*tasks, stop_wait, finish_wait, *delayed]
             for waiter in pending:
                 waiter.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            if self._wires is not None:
+                await self._wires.aclose()
+                self._wires = None
 
         for mailing_id, mailing_result in result.mailings.items():
             counts = mailing_result.counts
@@ -259,14 +292,8 @@ class Dispatcher:
             if seen is not None and history is not None:
                 previous = history.details.get(seen)
         try:
-            message = config.composer.compose(
-                mailing.kind,
-                contact,
-                event=event,
-                now=now,
-                attended=attended,
-                sequences=self._sequences,
-                previous=previous,
+            message = await self._compose(
+                mailing.kind, contact, event=event, now=now, attended=attended, previous=previous
             )
         except ConfigError as exc:
             # validate renders everything up front, so this means a file changed
@@ -283,7 +310,9 @@ class Dispatcher:
             return Outcome.SKIPPED, None
         sender = config.settings.sender.from_address.addr_spec
         try:
-            answer = await self.transport.send(message, sender=sender, recipients=[contact.email])
+            answer = await fastcompose.send(
+                self.transport, message, sender=sender, recipients=[contact.email]
+            )
         except SenderRefused as exc:
             # Not this recipient's fault: undo the claim and stop the pass.
             await self.ledger.release(key, now)
@@ -336,6 +365,46 @@ class Dispatcher:
         await self.ledger.mark_sent(key, answer, now)
         return Outcome.SENT, None
 
+    async def _unsettled(self, item: _Item, now: datetime) -> None:
+        """After an unexpected error: if the mail was claimed, it may or may not have gone out."""
+        mailing = item.mailing
+        key = DeliveryKey(self.config.series.id, mailing.ledger_kind, mailing.event, item.key)
+        try:
+            await self.ledger.mark_uncertain(key, "unexpected error; see the log", now)
+        except Exception:  # not claimed yet, or the ledger itself is failing
+            log.debug("could not mark %s as uncertain", key, exc_info=True)
+
+    async def _compose(
+        self,
+        kind: Kind,
+        contact: Contact,
+        *,
+        event: Event | None,
+        now: datetime,
+        attended: bool | None,
+        previous: Mapping[str, str] | None,
+    ) -> EmailMessage | fastcompose.Wire:
+        """The mail: wire bytes from the pass's pipeline, else the composer's message."""
+        if self._wires is not None:
+            return await self._wires.wire(
+                kind,
+                contact,
+                event=event,
+                now=now,
+                attended=attended,
+                sequences=self._sequences,
+                previous=previous,
+            )
+        return self.config.composer.compose(
+            kind,
+            contact,
+            event=event,
+            now=now,
+            attended=attended,
+            sequences=self._sequences,
+            previous=previous,
+        )
+
     def _backoff(self, attempt: int) -> float:
         limits = self.config.settings.limits
         base = min(limits.retry_initial_seconds * 2.0 ** (attempt - 1), limits.retry_max_seconds)
@@ -347,18 +416,26 @@ class Dispatcher:
         config = self.config
         if not config.settings.notify.organiser_summary:
             return
-        touched = [
-            r
+        touched = {
+            r.mailing.id
             for r in result.mailings.values()
             if r.counts[Outcome.SENT] or r.counts[Outcome.FAILED]
-        ]
-        if not touched:
-            return
-        current = {m.id: m for m in await self.plan(now)}
+        }
+        view = await self.ledger.view(config.series.id)
         organiser = str(config.series.organiser.email)
-        for mailing_result in touched:
-            mailing = current.get(mailing_result.mailing.id)
-            if mailing is None or mailing.outstanding:
+        for mailing in await self.plan(now):
+            if mailing.outstanding or not (mailing.sent or mailing.failed):
+                continue
+            # Due when the mailing was completed in this pass, and while its
+            # window is open also when an earlier try failed for a moment or
+            # the pass that completed it was stopped before telling anyone.
+            state = view.states(SUMMARY_KIND, mailing.id).get(organiser.lower())
+            retry_at = view.next_attempt(SUMMARY_KIND, mailing.id, organiser)
+            if mailing.id not in touched and (
+                now >= mailing.deadline
+                or state not in (None, "pending", "uncertain")
+                or (retry_at is not None and retry_at > now)
+            ):
                 continue
             key = DeliveryKey(config.series.id, SUMMARY_KIND, mailing.id, organiser.lower())
             message = compose_summary(config, mailing, now=now)

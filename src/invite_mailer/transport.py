@@ -88,14 +88,25 @@ class OutboxTransport:
         await asyncio.to_thread(_write_atomically, path, data)
         return f"250 written to {path}"
 
+    async def send_wire(
+        self, data: bytes, *, message_id: str, sender: str, recipients: Sequence[str]
+    ) -> str:
+        """Like :meth:`send`, for a message already in wire form (see fastcompose)."""
+        path = self.directory / f"{_file_name(message_id, data)}.eml"
+        await asyncio.to_thread(_write_atomically, path, data)
+        return f"250 written to {path}"
+
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
 
 
 def outbox_name(message: email.message.EmailMessage, data: bytes) -> str:
     """A stable file name: the sanitised Message-ID, else a hash of the bytes."""
-    message_id = str(message.get("Message-ID", "")).strip().strip("<>")
-    name = _UNSAFE.sub("_", message_id).lstrip(".")[:200]
+    return _file_name(str(message.get("Message-ID", "")), data)
+
+
+def _file_name(message_id: str, data: bytes) -> str:
+    name = _UNSAFE.sub("_", message_id.strip().strip("<>")).lstrip(".")[:200]
     return name or hashlib.sha256(data).hexdigest()[:32]
 
 
@@ -153,9 +164,22 @@ class SmtpTransport:
     ) -> str:
         if self._pool is None:
             raise RuntimeError("use the transport as 'async with transport:' before sending")
+        return await self.send_wire(
+            wire_bytes(message),
+            message_id=str(message.get("Message-ID", "")),
+            sender=sender,
+            recipients=recipients,
+        )
+
+    async def send_wire(
+        self, data: bytes, *, message_id: str, sender: str, recipients: Sequence[str]
+    ) -> str:
+        """Like :meth:`send`, for a message already in wire form (see fastcompose)."""
+        if self._pool is None:
+            raise RuntimeError("use the transport as 'async with transport:' before sending")
         if not recipients:
             raise ValueError("no recipients given")
-        return await self._pool.send(sender, list(recipients), wire_bytes(message))
+        return await self._pool.send(sender, list(recipients), data)
 
 
 def make_transport(settings: Settings) -> Transport:

@@ -1,0 +1,861 @@
+"""The wire bytes of a mail, without the standard library's MIME machinery.
+
+:meth:`Composer.compose <invite_mailer.compose.Composer.compose>` builds an
+:class:`email.message.EmailMessage` and the transports send its
+``as_bytes(policy=email.policy.SMTP)``. For a mailing to thousands that is
+where the time goes: every header is parsed into objects and folded again,
+quoted-printable is encoded character by character in Python; about 5 ms a
+mail, of which rendering the templates is less than a tenth.
+
+Almost all of a mail is the same for every recipient of a mailing, so
+:class:`WireComposer`
+
+1. renders the templates for each recipient exactly as the composer does;
+2. builds one real message per *shape* (kind, date, attachments) with the
+   standard library and cuts its bytes into a skeleton: literal bytes, and
+   slots for what differs between recipients (``To``, ``Subject``, ``Date``,
+   ``Message-ID``, ``List-Unsubscribe``, the multipart boundaries, the text
+   and the HTML part);
+3. fills the slots: headers folded by shortcuts that are exact for ordinary
+   values (anything else goes through the standard library), and
+   quoted-printable encoded line by line with a cache, because the same lines
+   recur in every mail of a mailing.
+
+The result is byte for byte ``Composer.compose(...).as_bytes(policy=SMTP)``.
+``tests/test_fastpath.py`` proves that for every kind over many contacts,
+hostile ones included, and every skeleton checks itself against the standard
+library for the first recipients it serves: on any difference that shape
+falls back to the standard library with a warning, so a change in
+``compose.py`` can cost speed, never correctness.
+
+:class:`WirePipeline` runs a :class:`WireComposer` in a second process, ahead
+of the senders, so that composing and sending use both cores of a small VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
+from email import policy as email_policy
+from email._encoded_words import encode as encoded_word  # type: ignore[import-not-found]
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
+
+from invite_mailer import german
+from invite_mailer.compose import (
+    _SERIES_KINDS,
+    POLICY,
+    Composer,
+    _File,
+    _recipient,
+    _tidy_text,
+    mime_boundary,
+)
+from invite_mailer.config import Config
+from invite_mailer.contacts import Contact
+from invite_mailer.series import Event, Kind, Series
+from invite_mailer.settings import Settings
+from invite_mailer.transport import Transport
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FAST_KINDS",
+    "Job",
+    "Wire",
+    "WireComposer",
+    "WirePipeline",
+    "WireTransport",
+    "pipeline",
+    "qp_wire",
+    "send",
+]
+
+#: The kinds that go to a whole audience at once. Updates and cancellations
+#: carry a calendar file per recipient, summaries go to one person: for them
+#: the standard library is fast enough.
+FAST_KINDS: frozenset[str] = frozenset({Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP})
+
+_SMTP = email_policy.SMTP
+_MAX_LINE: int = _SMTP.max_line_length or 78  # what as_bytes(policy=SMTP) folds headers to
+_QP_LINE: int = POLICY.max_line_length or 76  # what set_content() wraps quoted-printable at
+# The slots of a skeleton's top-level header block.
+_PER_RECIPIENT = frozenset({"to", "subject", "date", "message-id", "list-unsubscribe"})
+# How many recipients of each shape are checked against the standard library.
+_VERIFY = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """A finished mail: its Message-ID and the exact bytes to transmit."""
+
+    message_id: str
+    data: bytes
+
+    def __getitem__(self, name: str) -> str:
+        # What the dispatcher reads of a message, whichever kind it holds.
+        if name.lower() != "message-id":
+            raise KeyError(name)
+        return self.message_id
+
+
+@runtime_checkable
+class WireTransport(Protocol):
+    """A transport that can send bytes already in wire form."""
+
+    async def send_wire(
+        self, data: bytes, *, message_id: str, sender: str, recipients: Sequence[str]
+    ) -> str: ...
+
+
+async def send(
+    transport: Transport, message: EmailMessage | Wire, *, sender: str, recipients: Sequence[str]
+) -> str:
+    """Hand *message* to *transport*, as wire bytes where it is a :class:`Wire`."""
+    if isinstance(message, Wire):
+        if not isinstance(transport, WireTransport):
+            raise TypeError(f"{type(transport).__name__} cannot send wire bytes")
+        return await transport.send_wire(
+            message.data, message_id=message.message_id, sender=sender, recipients=recipients
+        )
+    return await transport.send(message, sender=sender, recipients=recipients)
+
+
+# --- quoted-printable -----------------------------------------------------------------
+
+# quoprimime's body map: printable ASCII except "=", plus space and tab, stay;
+# CR and LF stay (they separate lines); every other octet becomes "=XX".
+_SAFE = frozenset(
+    b" !\"#$%&'()*+,-./0123456789:;<>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`"
+    b"abcdefghijklmnopqrstuvwxyz{|}~\t\r\n"
+)
+QP_BODY_MAP: dict[int, str] = {c: chr(c) if c in _SAFE else f"={c:02X}" for c in range(256)}
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _qp_line(line: str) -> str:
+    """One line (no line break in it) encoded the way ``quoprimime.body_encode``
+    does it at 76 characters, soft breaks written as ``=\\r\\n``."""
+    encoded = line.encode("utf-8").decode("latin-1").translate(QP_BODY_MAP)
+    pieces = []
+    start = 0
+    last_start = len(encoded) - 1 - _QP_LINE
+    while start <= last_start:
+        stop = start + _QP_LINE - 1
+        # Never split an "=XX" escape.
+        if encoded[stop - 2] == "=":
+            pieces.append(encoded[start : stop - 1])
+            start = stop - 2
+        elif encoded[stop - 1] == "=":
+            pieces.append(encoded[start:stop])
+            start = stop - 1
+        else:
+            pieces.append(encoded[start:stop] + "=")
+            start = stop
+    if encoded and encoded[-1] in " \t":
+        # Whitespace at the end of a line must be protected.
+        room = start - last_start
+        quoted = "=20" if encoded[-1] == " " else "=09"
+        if room >= 3:
+            tail = quoted
+        elif room == 2:
+            tail = encoded[-1] + "=\r\n"
+        else:
+            tail = "=\r\n" + quoted
+        pieces.append(encoded[start:-1] + tail)
+    else:
+        pieces.append(encoded[start:])
+    return "\r\n".join(pieces)
+
+
+def _split_lines(text: str) -> list[str]:
+    """``text.encode().splitlines()``, on the str: CRLF, CR and LF only."""
+    lines = text.split("\n") if "\r" not in text else _LINE_BREAK.split(text)
+    if lines[-1] == "":
+        lines.pop()
+    return lines or [""]
+
+
+def qp_wire(text: str, cache: dict[str, str] | None = None) -> bytes:
+    """*text* as a quoted-printable UTF-8 body, exactly as serialised on the wire.
+
+    Equals what ``set_content(text, charset="utf-8", cte="quoted-printable")``
+    stores and ``as_bytes(policy=SMTP)`` writes (CRLF line ends). Quoted-
+    printable works line by line, so lines are looked up in *cache* first.
+    """
+    if cache is None:
+        cache = {}
+    out = []
+    for line in _split_lines(text):
+        encoded = cache.get(line)
+        if encoded is None:
+            encoded = cache[line] = _qp_line(line)
+        out.append(encoded)
+    out.append("")
+    return "\r\n".join(out).encode("ascii")
+
+
+# --- headers ------------------------------------------------------------------------
+
+
+def fold(name: str, value: Any) -> bytes:
+    """One header exactly as ``as_bytes(policy=SMTP)`` writes it for ``msg[name] = value``."""
+    header = POLICY.header_factory(name, value)
+    folded: str = header.fold(policy=_SMTP)
+    return folded.encode("ascii", "surrogateescape")
+
+
+# Addresses the header parser passes through unchanged: dot-atoms of letters,
+# digits, "_", "+" and "-" (no "=" or "?", which could start an encoded word).
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+)
+_PLAIN_MESSAGE_ID = re.compile(r"<[A-Za-z0-9]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>")
+# RFC 5322 specials; a display name with one of them is written as a quoted string.
+_SPECIALS = frozenset('()<>@,:;."[]\\')
+# What the shortcut for display names covers: letters of any script, single
+# spaces and these marks (no quotes or backslashes, which get escaped).
+_NAME_MARKS = frozenset(" -'.,()")
+
+
+def display_name(name: str) -> str | None:
+    """The display name as the header folder writes it on one line, or None
+    when the name is not one the shortcut covers.
+
+    The folder keeps ASCII words as they are (quoted when a special is in the
+    name) and encodes the rest as one RFC 2047 encoded word, from the first
+    word that needs encoding to the last: words in between are merged into it.
+    """
+    if not name or name != name.strip() or "  " in name:
+        return None
+    if not all(c.isalpha() or c in _NAME_MARKS for c in name):
+        return None
+    quoted = not _SPECIALS.isdisjoint(name)
+    if name.isascii():
+        return f'"{name}"' if quoted else name
+    words = name.split(" ")
+    flagged = [
+        i
+        for i, word in enumerate(words)
+        if not word.isascii() or (quoted and not _SPECIALS.isdisjoint(word))
+    ]
+    first, last = flagged[0], flagged[-1]
+    encoded = encoded_word(" ".join(words[first : last + 1]))
+    return " ".join([*words[:first], encoded, *words[last + 1 :]])
+
+
+def _address_lines(name: str, phrase: str, spec: str) -> str | None:
+    """``name: phrase <spec>`` folded the way the header folder does it.
+
+    The address as a whole goes on the first line if it fits, else on a line
+    of its own; if it fits on no line, the ``<spec>`` moves to the next one.
+    An encoded address may use the whole second line, a plain one must leave
+    room for the leading space. Close calls are left to the folder.
+    """
+    whole = f"{phrase} <{spec}>" if phrase else spec
+    if len(name) + 2 + len(whole) <= _MAX_LINE:
+        return f"{name}: {whole}\r\n"
+    if not phrase:
+        return None
+    if len(whole) <= (_MAX_LINE - 1 if "=?" not in phrase else _MAX_LINE):
+        return f"{name}:\r\n {whole}\r\n"
+    if len(name) + 2 + len(phrase) <= _MAX_LINE - 2 and len(spec) + 3 <= _MAX_LINE:
+        return f"{name}: {phrase}\r\n <{spec}>\r\n"
+    return None
+
+
+class _HeaderCache:
+    """Folded headers: shortcuts for the ordinary cases, the standard library otherwise.
+
+    The shortcuts rely on how the folder treats a header that fits on one line
+    (78 characters): it is written as it is, with the display name of an
+    address written by :func:`display_name`.
+    """
+
+    def __init__(self) -> None:
+        self._folded: dict[tuple[str, str], bytes] = {}
+
+    def cached(self, name: str, value: str) -> bytes:
+        key = (name, value)
+        folded = self._folded.get(key)
+        if folded is None:
+            if len(self._folded) > 4096:
+                self._folded.clear()
+            folded = self._folded[key] = fold(name, value)
+        return folded
+
+    def address(self, name: str, address: Address) -> bytes:
+        spec = address.addr_spec
+        if _PLAIN_ADDRESS.fullmatch(spec):
+            phrase = display_name(address.display_name) if address.display_name else ""
+            if phrase is not None:
+                folded = _address_lines(name, phrase, spec)
+                if folded is not None:
+                    return folded.encode("ascii")
+        return fold(name, address)
+
+    def message_id(self, name: str, value: str) -> bytes:
+        line = f"{name}: {value}\r\n"
+        if len(line) - 2 <= _MAX_LINE and _PLAIN_MESSAGE_ID.fullmatch(value):
+            return line.encode("ascii")
+        return fold(name, value)
+
+    def url_list(self, name: str, value: str) -> bytes:
+        # compose._UrlListHeader: the <...> items, one per line.
+        if value.isascii() and "=?" not in value:
+            urls = re.findall(r"<[^<>]*>", value)
+            return (f"{name}: " + ",\r\n ".join(urls) + "\r\n").encode("ascii")
+        return self.cached(name, value)
+
+
+# --- skeletons ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """What differs between two recipients of one mailing, rendered."""
+
+    kind: str
+    event: Event | None
+    now: datetime
+    to: Address
+    subject: str
+    text: str
+    html: str
+    message_id: str
+    unsubscribe: str
+    attachments: tuple[_File, ...]
+    one_click: bool
+
+    def shape(self) -> tuple[object, ...]:
+        return (
+            self.kind,
+            self.event.id if self.event is not None else "",
+            self.one_click,
+            self.attachments,
+        )
+
+
+_Slot = bytes | str  # literal bytes, or the name of what goes there
+
+
+@dataclass
+class _Skeleton:
+    """One standard-library message cut at what differs between recipients."""
+
+    head: list[tuple[str, _Slot | tuple[bytes, bytes]]]  # (header name, literal/slot)
+    body: list[_Slot]
+    checked: int = 0
+    broken: bool = False
+
+
+def _cut(pieces: list[_Slot], token: bytes, slot: str) -> list[_Slot]:
+    out: list[_Slot] = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.append(piece)
+            continue
+        parts = piece.split(token)
+        for number, part in enumerate(parts):
+            if number:
+                out.append(slot)
+            if part:
+                out.append(part)
+    return out
+
+
+# --- the composer ---------------------------------------------------------------------
+
+
+@dataclass
+class WireComposer:
+    """Exact wire bytes for the mails of one :class:`Composer`, fast.
+
+    Use :meth:`wire`; kinds outside :data:`FAST_KINDS`, and anything the fast
+    path is not sure about, go through the composer and the standard library.
+    """
+
+    composer: Composer
+    notes: list[str] = field(default_factory=list)
+    _skeletons: dict[tuple[object, ...], _Skeleton | None] = field(default_factory=dict)
+    _qp: dict[str, str] = field(default_factory=dict)
+    _headers: _HeaderCache = field(default_factory=_HeaderCache)
+
+    def wire(
+        self,
+        kind: Kind | str,
+        contact: Contact,
+        *,
+        event: Event | None,
+        now: datetime,
+        attended: bool | None = None,
+        sequences: Mapping[str, int] | None = None,
+        previous: Mapping[str, str] | None = None,
+    ) -> Wire:
+        """The mail as :meth:`Composer.compose` would build it, as transmitted."""
+        kind = str(kind)
+        args: dict[str, Any] = dict(
+            event=event, now=now, attended=attended, sequences=sequences, previous=previous
+        )
+        if kind not in FAST_KINDS or previous is not None:
+            return self.standard(kind, contact, **args)
+        rendered = self._render(kind, contact, event, now, attended, sequences or {})
+        if rendered is None:
+            return self.standard(kind, contact, **args)
+        shape = rendered.shape()
+        if shape not in self._skeletons:
+            if len(self._skeletons) > 64:  # e.g. a calendar file per minute, for days
+                self._skeletons.clear()
+            reference = self.composer.compose(kind, contact, **args)
+            self._skeletons[shape] = self._skeleton(rendered, reference)
+        skeleton = self._skeletons[shape]
+        if skeleton is None or skeleton.broken:
+            return self.standard(kind, contact, **args)
+        data = self._fill(skeleton, rendered)
+        if skeleton.checked < _VERIFY:
+            expected = self.standard(kind, contact, **args)
+            skeleton.checked += 1
+            if expected.data != data:
+                skeleton.broken = True
+                self._note(
+                    f"fast path differs from the standard library for {kind} "
+                    f"{rendered.event.id if rendered.event else '(series)'}; "
+                    "composing this mailing the standard way"
+                )
+                return expected
+        return Wire(rendered.message_id, data)
+
+    def standard(self, kind: str, contact: Contact, **args: Any) -> Wire:
+        """The slow, reference way: the composer and ``as_bytes(policy=SMTP)``."""
+        message = self.composer.compose(kind, contact, **args)
+        return Wire(str(message["Message-ID"]), message.as_bytes(policy=_SMTP))
+
+    def _note(self, text: str) -> None:
+        log.warning("%s", text)
+        self.notes.append(text)
+
+    # -- rendering, exactly as Composer.compose does it --
+
+    def _render(
+        self,
+        kind: str,
+        contact: Contact,
+        event: Event | None,
+        now: datetime,
+        attended: bool | None,
+        sequences: Mapping[str, int],
+    ) -> _Rendered | None:
+        c = self.composer
+        if f"{kind}.subject.j2" not in c._templates or (event is None) != (kind in _SERIES_KINDS):
+            return None  # the composer raises the proper error
+        zone = c._series.zone
+        now = (now if now.tzinfo is not None else now.replace(tzinfo=zone)).astimezone(zone)
+        attachments = c._attachments(kind, event, now, sequences, contact)
+        context = c._context(kind, contact, event, now, attended, attachments)
+        context["sequence"] = sequences.get(event.id, 0) if event is not None else 0
+        context["changes"] = ()
+        subject = german.clean(c._render(f"{kind}.subject.j2", context))
+        if not subject:
+            return None
+        context["subject"] = subject
+        text = _tidy_text(c._render(f"{kind}.txt.j2", context))
+        html = c._inliner.inline(c._render(f"{kind}.html.j2", context))
+        link = context["unsubscribe_url"]
+        return _Rendered(
+            kind=kind,
+            event=event,
+            now=now,
+            to=_recipient(contact),
+            subject=subject,
+            text=text,
+            html=html,
+            message_id=c.message_id(kind, contact, event),
+            unsubscribe=", ".join(f"<{u}>" for u in (c._unsubscribe_mailto, link) if u),
+            attachments=tuple(attachments),
+            one_click=bool(link),
+        )
+
+    # -- skeletons --
+
+    def _skeleton(self, rendered: _Rendered, message: Any) -> _Skeleton | None:
+        """Cut the standard library's bytes for the first recipient of a shape."""
+        data: bytes = message.as_bytes(policy=_SMTP)
+        boundaries = [p.get_boundary() for p in message.walk() if p.is_multipart()]
+        mid = str(message["Message-ID"])
+        if mid != rendered.message_id or boundaries != [
+            mime_boundary(mid, i) for i in range(len(boundaries))
+        ]:
+            self._note(f"no fast path for {rendered.kind}: unexpected message structure")
+            return None
+        head: list[tuple[str, _Slot | tuple[bytes, bytes]]] = []
+        written = b""
+        for name, value in message.raw_items():
+            folded = _SMTP.fold_binary(name, value)
+            written += folded
+            lname = name.lower()
+            if lname in _PER_RECIPIENT:
+                head.append((name, lname))
+            elif lname == "content-type" and boundaries:
+                pieces = folded.split(boundaries[0].encode("ascii"))
+                if len(pieces) != 2:
+                    return None
+                head.append((name, (pieces[0], pieces[1])))
+            else:
+                head.append((name, folded))
+        if not data.startswith(written + b"\r\n"):
+            self._note(f"no fast path for {rendered.kind}: headers differ")
+            return None
+        body: list[_Slot] = [data[len(written) + 2 :]]
+        for slot, token in (
+            ("html", qp_wire(rendered.html, self._qp)),
+            ("text", qp_wire(rendered.text, self._qp)),
+        ):
+            body = _cut(body, token, slot)
+            if body.count(slot) != 1:
+                self._note(f"no fast path for {rendered.kind}: the {slot} part was not found")
+                return None
+        for index, boundary in enumerate(boundaries):
+            body = _cut(body, boundary.encode("ascii"), f"boundary{index}")
+        return _Skeleton(head, body)
+
+    def _fill(self, skeleton: _Skeleton, r: _Rendered) -> bytes:
+        h = self._headers
+        boundaries = {}
+        out: list[bytes] = []
+        for name, slot in skeleton.head:
+            if isinstance(slot, bytes):
+                out.append(slot)
+            elif isinstance(slot, tuple):
+                boundaries["boundary0"] = mime_boundary(r.message_id, 0).encode("ascii")
+                out += (slot[0], boundaries["boundary0"], slot[1])
+            elif slot == "to":
+                out.append(h.address(name, r.to))
+            elif slot == "subject":
+                out.append(h.cached(name, r.subject))
+            elif slot == "date":
+                out.append(h.cached(name, format_datetime(r.now)))
+            elif slot == "message-id":
+                out.append(h.message_id(name, r.message_id))
+            else:
+                out.append(h.url_list(name, r.unsubscribe))
+        out.append(b"\r\n")
+        for piece in skeleton.body:
+            if isinstance(piece, bytes):
+                out.append(piece)
+            elif piece == "text":
+                out.append(qp_wire(r.text, self._qp))
+            elif piece == "html":
+                out.append(qp_wire(r.html, self._qp))
+            else:
+                found = boundaries.get(piece)
+                if found is None:
+                    index = int(piece.removeprefix("boundary"))
+                    found = boundaries[piece] = mime_boundary(r.message_id, index).encode("ascii")
+                out.append(found)
+        if len(self._qp) > 200_000:
+            self._qp.clear()
+        return b"".join(out)
+
+
+# --- a second process -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One mail a pass is going to send, in the order the senders take them."""
+
+    kind: str
+    event: str  # "" for mails about the whole series
+    contact: Contact
+    attended: bool | None = None
+
+
+def _pack(contact: Contact) -> tuple[Any, ...]:
+    # Contacts hold a read-only mapping, which pickle refuses; a dict travels.
+    return tuple(
+        dict(value) if isinstance(value, MappingProxyType) else value
+        for value in (getattr(contact, f.name) for f in fields(Contact))
+    )
+
+
+def _unpack(values: tuple[Any, ...]) -> Contact:
+    contact = Contact(*values)
+    if isinstance(contact.extra, dict):
+        contact = replace(contact, extra=MappingProxyType(contact.extra))
+    return contact
+
+
+_worker: WireComposer | None = None
+
+
+def _start_worker(
+    settings: Settings, series: Series, templates_dir: Path, config_dir: Path
+) -> None:
+    """Initialiser of a worker process: the same composer as the parent's."""
+    import signal
+
+    # Ctrl-C and SIGTERM are for the parent, which finishes and then ends us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    global _worker
+    composer = Composer(settings, series, templates_dir=templates_dir, config_dir=config_dir)
+    _worker = WireComposer(composer)
+
+
+def _ready() -> bool:
+    return _worker is not None
+
+
+def _compose_chunk(
+    jobs: list[tuple[str, str, tuple[Any, ...], bool | None]],
+    now: datetime,
+    sequences: dict[str, int],
+) -> tuple[list[Wire | None], list[str]]:
+    """Runs in the worker: the wires of *jobs*, None where composing failed."""
+    assert _worker is not None
+    series = _worker.composer._series
+    wires: list[Wire | None] = []
+    for kind, event_id, packed, attended in jobs:
+        try:
+            event = series.event(event_id) if event_id else None
+            wires.append(
+                _worker.wire(
+                    kind,
+                    _unpack(packed),
+                    event=event,
+                    now=now,
+                    attended=attended,
+                    sequences=sequences,
+                )
+            )
+        except Exception:  # the parent composes it again and reports the error
+            wires.append(None)
+    notes, _worker.notes[:] = list(_worker.notes), []
+    return wires, notes
+
+
+class WirePipeline:
+    """Composes the mails of a pass in worker processes, ahead of the senders.
+
+    The dispatcher's senders take the mails in the order of *jobs*; the pipeline
+    hands chunks of the upcoming ones to the workers and keeps a few chunks
+    ahead, so that a sender finds its mail composed. Until the workers are up,
+    and for anything not prepared (a retry, a mail skipped ahead to), the mail
+    is composed in this process, the same fast way. The first prepared mail of
+    each kind and date is compared with this process's own result before any
+    is used: a worker that composes differently (a template edited on disk
+    since the config was loaded) switches the pipeline off.
+
+    With ``processes=0`` everything is composed in this process.
+    """
+
+    CHUNK = 32
+    AHEAD = 6  # chunks
+
+    def __init__(
+        self,
+        composer: Composer,
+        jobs: Sequence[Job],
+        *,
+        sequences: Mapping[str, int],
+        clock: Callable[[], datetime],
+        settings: Settings,
+        config_dir: Path,
+        templates_dir: Path,
+        processes: int = 1,
+    ) -> None:
+        self.local = WireComposer(composer)
+        self._jobs = list(jobs)
+        self._index = {(j.kind, j.event, j.contact.key): n for n, j in enumerate(self._jobs)}
+        self._sequences = dict(sequences)
+        self._clock = clock
+        self._cursor = -1
+        self._moved = asyncio.Event()
+        self._chunks: dict[int, asyncio.Future[tuple[datetime, list[Wire | None]]]] = {}
+        self._checked: set[tuple[str, str]] = set()
+        self._disabled = processes < 1
+        self.prepared = 0  # mails taken from the workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._feeder: asyncio.Task[None] | None = None
+        if processes >= 1:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=processes,
+                # Not fork: this process has threads (the ledger's), and a
+                # forked copy of a thread's lock can deadlock.
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(settings, composer._series, templates_dir, config_dir),
+            )
+            self._feeder = asyncio.create_task(self._feed())
+
+    async def wire(
+        self,
+        kind: Kind | str,
+        contact: Contact,
+        *,
+        event: Event | None,
+        now: datetime,
+        attended: bool | None = None,
+        sequences: Mapping[str, int] | None = None,
+        previous: Mapping[str, str] | None = None,
+    ) -> Wire:
+        """Like :meth:`WireComposer.wire`, from the workers when they have it."""
+        kind = str(kind)
+        args: dict[str, Any] = dict(
+            event=event, now=now, attended=attended, sequences=sequences, previous=previous
+        )
+        found = None
+        if not self._disabled and previous is None:
+            found = await self._prepared(kind, contact, event, attended, sequences, args)
+        if found is None:
+            return self.local.wire(kind, contact, **args)
+        self.prepared += 1
+        return found
+
+    async def _prepared(
+        self,
+        kind: str,
+        contact: Contact,
+        event: Event | None,
+        attended: bool | None,
+        sequences: Mapping[str, int] | None,
+        args: dict[str, Any],
+    ) -> Wire | None:
+        index = self._index.get((kind, event.id if event else "", contact.key))
+        if index is None:
+            return None
+        job = self._jobs[index]
+        if job.attended != attended or dict(sequences or {}) != self._sequences:
+            return None
+        if index > self._cursor:
+            self._cursor = index
+            self._moved.set()
+        future = self._chunks.get(index // self.CHUNK)
+        if future is None:
+            return None
+        try:
+            stamp, wires = await future
+        except Exception as exc:  # a worker died: carry on here
+            self._switch_off(f"composing in a second process failed ({exc!r})")
+            return None
+        found = wires[index % self.CHUNK]
+        shape = (kind, job.event)
+        if found is not None and shape not in self._checked:
+            # Same files, same bytes? Checked once per kind and date.
+            self._checked.add(shape)
+            if found != self.local.standard(kind, contact, **{**args, "now": stamp}):
+                self._switch_off("the second process composes differently")
+                return None
+        return found
+
+    def _switch_off(self, reason: str) -> None:
+        if not self._disabled:
+            log.warning("%s; composing in this process", reason)
+        self._disabled = True
+
+    async def _feed(self) -> None:
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, _ready)
+        except Exception as exc:
+            self._switch_off(f"the second process did not start ({exc!r})")
+            return
+        chunk = self._cursor // self.CHUNK + 1
+        count = -(-len(self._jobs) // self.CHUNK)
+        while chunk < count and not self._disabled:
+            while chunk > self._cursor // self.CHUNK + self.AHEAD:
+                self._moved.clear()
+                await self._moved.wait()
+            for old in [k for k in self._chunks if k < self._cursor // self.CHUNK - 1]:
+                del self._chunks[old]  # every sender has moved past these
+            if (chunk + 1) * self.CHUNK > self._cursor + 1:
+                future = asyncio.ensure_future(self._submit(chunk))
+                future.add_done_callback(_retrieve)
+                self._chunks[chunk] = future
+            chunk += 1
+
+    async def _submit(self, chunk: int) -> tuple[datetime, list[Wire | None]]:
+        assert self._pool is not None
+        jobs = self._jobs[chunk * self.CHUNK : (chunk + 1) * self.CHUNK]
+        packed = [(j.kind, j.event, _pack(j.contact), j.attended) for j in jobs]
+        now = self._clock()
+        loop = asyncio.get_running_loop()
+        wires, notes = await loop.run_in_executor(
+            self._pool, _compose_chunk, packed, now, self._sequences
+        )
+        for note in notes:
+            log.warning("%s", note)
+        return now, wires
+
+    async def aclose(self) -> None:
+        """Stop the workers; mails still being composed are dropped."""
+        if self._feeder is not None:
+            self._feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feeder
+        for future in self._chunks.values():
+            future.cancel()
+        self._chunks.clear()
+        if self._pool is not None:
+            # The workers exit once their queue is closed; nothing to wait for.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A chunk nobody waited for (its mails were skipped) must not log
+    # "exception was never retrieved"; its mails are composed here if needed.
+    if not future.cancelled():
+        future.exception()
+
+
+#: Below this many mails in a pass a second process is not worth starting.
+MIN_PIPELINE = 300
+
+
+def pipeline(
+    config: Config,
+    transport: Transport,
+    mails: Sequence[tuple[str, str, str]],
+    *,
+    sequences: Mapping[str, int],
+    clock: Callable[[], datetime],
+) -> WirePipeline | None:
+    """The pipeline for a delivery pass of *mails* (kind, event id, contact key),
+    or None when the transport takes only :class:`~email.message.EmailMessage`
+    objects (then the composer is used as it is)."""
+    if not isinstance(transport, WireTransport):
+        return None
+    jobs = []
+    for kind, event_id, key in mails:
+        contact = config.contacts.by_key(key)
+        if contact is None or str(kind) not in FAST_KINDS:
+            continue
+        attended = None
+        if event_id and event_id in config.attendance:
+            attended = contact.key in config.attendance[event_id]
+        jobs.append(Job(str(kind), event_id, contact, attended))
+    processes = min(4, (os.cpu_count() or 1) - 1) if len(jobs) >= MIN_PIPELINE else 0
+    return WirePipeline(
+        config.composer,
+        jobs,
+        sequences=sequences,
+        clock=clock,
+        settings=config.settings,
+        config_dir=config.config_dir,
+        templates_dir=config.templates_dir,
+        processes=processes,
+    )
