@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,3 +38,22 @@ def smtp_server_factory() -> Iterator[Any]:
     finally:
         for server in servers:
             server.stop()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the shipped config/ and templates/, as the working directory.
+
+    INVITE_MAILER_* variables of the caller's environment are removed, so the
+    tests see exactly the shipped settings.
+    """
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("INVITE_MAILER_"):
+            monkeypatch.delenv(name)
+    return tmp_path

@@ -9,7 +9,6 @@ nothing sent.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,17 +322,6 @@ CASES = [
         r"(link|url)",
     ),
 ]
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    monkeypatch.chdir(tmp_path)
-    for name in list(__import__("os").environ):
-        if name.startswith("INVITE_MAILER_"):
-            monkeypatch.delenv(name)
-    return tmp_path
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:

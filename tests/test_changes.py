@@ -7,8 +7,6 @@ series.yaml between runs as an organiser would, and reads what was written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -26,16 +24,10 @@ SERIES = "config/series.yaml"
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("INVITE_MAILER_"):
-            monkeypatch.delenv(name)
+def project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # The organiser's summary mails would only add noise to the counts here.
     monkeypatch.setenv("INVITE_MAILER_NOTIFY__ORGANISER_SUMMARY", "false")
-    return tmp_path
+    return project
 
 
 def run(*args: str) -> str:

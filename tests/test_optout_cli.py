@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from invite_mailer.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("INVITE_MAILER_"):
-            monkeypatch.delenv(name)
-    return tmp_path
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -12,7 +12,6 @@ import email.policy
 import json
 import os
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -26,17 +25,6 @@ from invite_mailer.cli import cli
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ("verwaltung", "kreislaufwirtschaft", "allianzen", "forschung")
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("INVITE_MAILER_"):
-            monkeypatch.delenv(name)
-    return tmp_path
 
 
 def run(*args: str) -> tuple[int, str]:

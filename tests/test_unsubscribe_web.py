@@ -13,7 +13,6 @@ import base64
 import email
 import email.policy
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -42,17 +41,11 @@ ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the shipped config with the one-click link switched on."""
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("INVITE_MAILER_"):
-            monkeypatch.delenv(name)
     monkeypatch.setenv("INVITE_MAILER_UNSUBSCRIBE__SECRET", SECRET)
     monkeypatch.setenv("INVITE_MAILER_SENDER__UNSUBSCRIBE_URL", BASE_URL)
-    return tmp_path
+    return project
 
 
 @dataclass
