@@ -389,3 +389,15 @@ async def test_one_commit_per_state_change_is_fast_enough(db_path: Path) -> None
         assert (await ledger.counts(SERIES))[("invitation", "")][SENT] == pairs
     # 10,000 pairs must stay well under 10 s; this is a fifth of that.
     assert took < 2.0, f"{pairs} claim+mark_sent pairs took {took:.2f} s"
+
+
+async def test_view_carries_attempts_of_deliveries_waiting_for_a_retry(tmp_path: Path) -> None:
+    key = DeliveryKey("s", "invitation", "", "a@example.org")
+    now = datetime(2024, 10, 24, 8, 0, tzinfo=UTC)
+    async with Ledger.open(tmp_path / "l.db") as ledger:
+        for attempt in range(3):
+            assert await ledger.claim(key, "<m@example.org>", now)
+            await ledger.mark_retry(key, "451 try later", now, now + timedelta(minutes=attempt + 1))
+        view = await ledger.view("s")
+    assert view.attempts("invitation", "", "A@example.org") == 3
+    assert view.attempts("invitation", "", "b@example.org") == 0

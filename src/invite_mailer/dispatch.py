@@ -139,7 +139,9 @@ class Dispatcher:
                     # Still backing off from a temporary failure: "to retry later".
                     result.mailings[mailing.id].counts[Outcome.RETRY] += 1
                     continue
-                items.append(_Item(mailing, key))
+                # Backoff keeps growing across passes while a relay stays down.
+                tried = view.attempts(mailing.ledger_kind, mailing.event, key)
+                items.append(_Item(mailing, key, attempt=tried + 1))
         if not items:
             await self._send_summaries(result, now)
             return result

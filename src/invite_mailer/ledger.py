@@ -115,6 +115,7 @@ class LedgerView:
     _next: Mapping[tuple[str, str, str], datetime] = field(default_factory=dict, repr=False)
     _seen: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
     _dates: Mapping[str, DateHistory] = field(default_factory=dict, repr=False)
+    _attempts: Mapping[tuple[str, str, str], int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def empty(cls, series: str) -> LedgerView:
@@ -127,6 +128,10 @@ class LedgerView:
     def next_attempt(self, kind: str, event: str, email: str) -> datetime | None:
         """When a pending or uncertain delivery should be tried again, if set."""
         return self._next.get((kind, event, email.lower()))
+
+    def attempts(self, kind: str, event: str, email: str) -> int:
+        """How often a delivery waiting for its retry has been tried already."""
+        return self._attempts.get((kind, event, email.lower()), 0)
 
     def seen(self, event: str) -> Mapping[str, str]:
         """Email → version of *event* described by the latest mail they got about it."""
@@ -433,21 +438,23 @@ class Ledger:
     async def view(self, series: str) -> LedgerView:
         """A snapshot of every delivery state of *series*, for the planner."""
         rows = await self._db.execute_fetchall(
-            "SELECT kind, event, email, state, next_attempt_at, version FROM deliveries "
-            "WHERE series = ? ORDER BY last_attempt_at",
+            "SELECT kind, event, email, state, next_attempt_at, version, attempts "
+            "FROM deliveries WHERE series = ? ORDER BY last_attempt_at",
             (series,),
         )
         states: dict[tuple[str, str], dict[str, DeliveryState]] = {}
         upcoming: dict[tuple[str, str, str], datetime] = {}
         seen: dict[str, dict[str, str]] = {}
         parsed: dict[str, dict[str, str]] = {}
-        for kind, event, email, state, next_attempt_at, version in rows:
+        attempts_made: dict[tuple[str, str, str], int] = {}
+        for kind, event, email, state, next_attempt_at, version, attempts in rows:
             mailing = states.get((kind, event))
             if mailing is None:
                 mailing = states[(kind, event)] = {}
             mailing[email] = _STATES[state]
             if next_attempt_at is not None:
                 upcoming[(kind, event, email)] = datetime.fromisoformat(next_attempt_at)
+                attempts_made[(kind, event, email)] = attempts
             if version and state == DeliveryState.SENT:
                 # Rows come oldest first, so the latest mail about a date wins.
                 described = parsed.get(version)
@@ -461,6 +468,7 @@ class Ledger:
             MappingProxyType(upcoming),
             MappingProxyType({key: MappingProxyType(value) for key, value in seen.items()}),
             MappingProxyType(await self._date_histories(series)),
+            MappingProxyType(attempts_made),
         )
 
     # -- versions of dates -------------------------------------------------------
