@@ -217,6 +217,7 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
             "sent": sent,
             "failed": failed,
             "retry_later": retry,
+            "reports_sent": result.reports_sent,
             "uncertain_recovered": len(outcome.recovered),
             "sender_refused": result.sender_refused,
             "mailings": {
@@ -226,7 +227,15 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
         }
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
     else:
-        line = f"{sent} sent, {failed} failed, {retry} to retry later → {outcome.destination}"
+        reports = (
+            f" (+{result.reports_sent} report{'s' if result.reports_sent != 1 else ''} "
+            "to the organiser)"
+            if result.reports_sent
+            else ""
+        )
+        line = (
+            f"{sent} sent{reports}, {failed} failed, {retry} to retry later → {outcome.destination}"
+        )
         if not result.mailings:
             line = f"nothing due at {report.local(now, config.series)}; {line}"
         out.print(line, highlight=False)

@@ -58,6 +58,7 @@ class PassResult:
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # mailing id, email, answer
     stopped: bool = False
     sender_refused: str | None = None  # the relay's answer when it refused our sender
+    reports_sent: int = 0  # summaries to the organiser
 
     def total(self, outcome: Outcome) -> int:
         return sum(r.counts[outcome] for r in self.mailings.values())
@@ -452,3 +453,4 @@ class Dispatcher:
                 await self.ledger.mark_retry(key, exc.response, now, now + timedelta(minutes=5))
             else:
                 await self.ledger.mark_sent(key, answer, now)
+                result.reports_sent += 1
