@@ -114,7 +114,7 @@ def test_a_refused_recipient_is_failed_with_the_servers_answer(
     env = smtp_env(smtp_server.port)
     result = invoke(["send-due", "--now", NOW], env)
     assert result.exit_code == 3, result.output
-    assert "11 sent, 1 failed, 0 to retry later" in result.stdout
+    assert "11 sent (+1 report to the organiser), 1 failed, 0 to retry later" in result.stdout
     assert "alex.meyer@example.org" in result.stderr and "User unknown" in result.stderr
     assert sorted(recipients(smtp_server)) == sorted(EVERYONE - {"alex.meyer@example.org"})
     # The mailing is complete (one failure is an outcome): the organiser is told.
