@@ -24,6 +24,7 @@ from invite_mailer.errors import ConfigError
 from invite_mailer.series import Kind, Series, load_series
 from invite_mailer.settings import Settings, load_settings
 from invite_mailer.unsubscribe import make_token, verify_token
+from samplemails import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config"
@@ -119,22 +120,14 @@ def material_config(tmp_path: Path) -> Path:
     shutil.copytree(CONFIG, config)
     (config / "materials").mkdir()
     (config / "materials" / "protokoll.pdf").write_bytes(b"%PDF-1.4\n" + b"0" * 20_000)
-    path = config / "series.yaml"
-    text = path.read_text(encoding="utf-8")
-    old = "      entlasten – Erfahrungen aus den Projekten und Diskussion.\n    materials: []\n"
-    assert old in text
-    path.write_text(
-        text.replace(
-            old,
-            "      entlasten – Erfahrungen aus den Projekten und Diskussion.\n"
-            "    materials:\n"
-            "      - title: Folien der Vorträge\n"
-            "        url: https://example.org/transferreihe/verwaltung/folien.pdf\n"
-            "        description: alle Präsentationen als PDF\n"
-            "      - {title: Aufzeichnung, url: https://example.org/transferreihe/video}\n"
-            "      - {title: Protokoll, file: materials/protokoll.pdf}\n",
-        ),
-        encoding="utf-8",
+    set_materials(
+        config,
+        FIRST_DATE,
+        "      - title: Folien der Vorträge\n"
+        "        url: https://example.org/transferreihe/verwaltung/folien.pdf\n"
+        "        description: alle Präsentationen als PDF\n"
+        "      - {title: Aufzeichnung, url: https://example.org/transferreihe/video}\n"
+        "      - {title: Protokoll, file: materials/protokoll.pdf}\n",
     )
     return config
 

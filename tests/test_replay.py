@@ -286,7 +286,9 @@ def test_send_due_as_a_real_process(project: Path, smtp_server: SmtpServer) -> N
     env = smtp_env(smtp_server.port)
     first = run_process(["send-due", "--now", "2024-10-24T10:05"], env, project)
     assert first.returncode == 0, first.stderr
-    assert "10 sent (+1 report to the organiser), 0 failed, 0 to retry later" in first.stdout, first.stdout
+    assert "10 sent (+1 report to the organiser), 0 failed, 0 to retry later" in first.stdout, (
+        first.stdout
+    )
     assert f"smtp 127.0.0.1:{smtp_server.port}" in first.stdout
     got, summaries = split(mails(smtp_server.received))
     assert sorted(m.to for m in got) == sorted(

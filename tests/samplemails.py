@@ -1,0 +1,166 @@
+"""One mail of every kind, composed from a copy of the shipped config and templates.
+
+Used by the tests that hand finished mails to real mail software (SpamAssassin,
+Postfix). The copy gets result materials so that follow-ups have something to
+send: the first date links its slides and attaches a small PDF, the second
+date only links its slides and recording.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from invite_mailer.compose import Composer
+from invite_mailer.config import Config, load_config
+from invite_mailer.contacts import Contact
+from invite_mailer.series import Event, Kind
+
+ROOT = Path(__file__).resolve().parent.parent
+BERLIN = ZoneInfo("Europe/Berlin")
+
+# A small but well-formed PDF (what an organiser would attach, only shorter).
+PDF = (
+    b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"
+    b"1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n"
+    b"2 0 obj\n<< /Type /Pages /Kids [3 0 R] /Count 1 >>\nendobj\n"
+    b"3 0 obj\n<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>\nendobj\n"
+    b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
+)
+PDF_NAME = "protokoll-verwaltung.pdf"
+
+FIRST_DATE = "      entlasten – Erfahrungen aus den Projekten und Diskussion.\n    materials: []\n"
+SECOND_DATE = "      Auftraggeberinnen und Impulsgeberinnen.\n    materials: []\n"
+
+
+def set_materials(config: Path, date: str, materials: str) -> None:
+    """Give one date of the shipped ``series.yaml`` under *config* result materials.
+
+    *date* is :data:`FIRST_DATE` or :data:`SECOND_DATE` (the end of that date's
+    entry); *materials* are the YAML list items, indented as in the file.
+    """
+    path = config / "series.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert date in text, "the shipped series.yaml changed"
+    path.write_text(text.replace(date, date.replace(" []", "") + materials), encoding="utf-8")
+
+
+def sample_project(target: Path) -> Path:
+    """The shipped ``config/`` and ``templates/`` under *target*, with materials.
+
+    Returns the config folder.
+    """
+    shutil.copytree(ROOT / "config", target / "config")
+    shutil.copytree(ROOT / "templates", target / "templates")
+    config = target / "config"
+    (config / "materials").mkdir()
+    (config / "materials" / PDF_NAME).write_bytes(PDF)
+    set_materials(
+        config,
+        FIRST_DATE,
+        "      - title: Folien der Vorträge\n"
+        "        url: https://example.org/transferreihe/verwaltung/folien.pdf\n"
+        "      - title: Protokoll\n"
+        f"        file: materials/{PDF_NAME}\n",
+    )
+    set_materials(
+        config,
+        SECOND_DATE,
+        "      - title: Folien der Vorträge\n"
+        "        url: https://example.org/transferreihe/kreislaufwirtschaft/folien.pdf\n"
+        "      - title: Aufzeichnung\n"
+        "        url: https://example.org/transferreihe/kreislaufwirtschaft/aufzeichnung\n",
+    )
+    return config
+
+
+@contextmanager
+def shipped_environment() -> Iterator[None]:
+    """No INVITE_MAILER_* variable of the caller's environment while inside."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("INVITE_MAILER_")}
+    for name in saved:
+        del os.environ[name]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def load_sample_config(config_dir: Path) -> Config:
+    with shipped_environment():
+        return load_config(config_dir, env_file=None)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One composed mail and what it is."""
+
+    name: str
+    kind: str
+    message: EmailMessage
+    attachment: bool  # carries a material file
+
+
+def sample_mails(
+    config: Config, contact: Contact, *, composer: Composer | None = None
+) -> list[Sample]:
+    """Every kind for *contact*, each at the moment it would go out."""
+    composer = composer or config.composer
+    first = config.series.event("verwaltung")
+    second = config.series.event("kreislaufwirtschaft")
+    moved = {
+        **first.fingerprint(),
+        "start": first.starts_at.replace(hour=10).isoformat(),
+        "end": first.ends_at.replace(hour=12).isoformat(),
+    }
+    changed = datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN)
+
+    def make(
+        name: str,
+        kind: Kind,
+        event: Event | None,
+        now: datetime,
+        *,
+        attended: bool | None = None,
+        sequences: Mapping[str, int] | None = None,
+        previous: Mapping[str, str] | None = None,
+    ) -> Sample:
+        message = composer.compose(
+            kind,
+            contact,
+            event=event,
+            now=now,
+            attended=attended,
+            sequences=sequences,
+            previous=previous,
+        )
+        return Sample(name, str(kind), message, name == "followup-attachment")
+
+    return [
+        make("invitation", Kind.INVITATION, None, datetime(2024, 10, 24, 10, 0, tzinfo=BERLIN)),
+        make("reminder", Kind.REMINDER, first, datetime(2024, 11, 13, 14, 0, tzinfo=BERLIN)),
+        make("followup-links", Kind.FOLLOWUP, second, datetime(2024, 11, 22, 10, 0, tzinfo=BERLIN)),
+        make(
+            "followup-attachment",
+            Kind.FOLLOWUP,
+            first,
+            datetime(2024, 11, 15, 10, 0, tzinfo=BERLIN),
+            attended=True,
+        ),
+        make(
+            "followup-absent",
+            Kind.FOLLOWUP,
+            first,
+            datetime(2024, 11, 15, 10, 0, tzinfo=BERLIN),
+            attended=False,
+        ),
+        make("update", Kind.UPDATE, first, changed, sequences={first.id: 1}, previous=moved),
+        make("cancellation", Kind.CANCELLATION, first, changed, sequences={first.id: 1}),
+    ]
