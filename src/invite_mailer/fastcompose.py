@@ -41,6 +41,7 @@ import logging
 import multiprocessing
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
@@ -286,6 +287,7 @@ class _HeaderCache:
 
     def __init__(self) -> None:
         self._folded: dict[tuple[str, str], bytes] = {}
+        self._dates: dict[tuple[str, datetime], bytes] = {}
 
     def cached(self, name: str, value: str) -> bytes:
         key = (name, value)
@@ -296,15 +298,28 @@ class _HeaderCache:
             folded = self._folded[key] = fold(name, value)
         return folded
 
-    def address(self, name: str, address: Address) -> bytes:
-        spec = address.addr_spec
+    def address(self, name: str, address: Address | tuple[str, str]) -> bytes:
+        """*address*: an :class:`Address`, or (display name, plain address)."""
+        shown, spec = (
+            address if isinstance(address, tuple) else (address.display_name, address.addr_spec)
+        )
         if _PLAIN_ADDRESS.fullmatch(spec):
-            phrase = display_name(address.display_name) if address.display_name else ""
+            phrase = display_name(shown) if shown else ""
             if phrase is not None:
                 folded = _address_lines(name, phrase, spec)
                 if folded is not None:
                     return folded.encode("ascii")
+        if isinstance(address, tuple):
+            address = Address(display_name=shown, addr_spec=spec)
         return fold(name, address)
+
+    def date(self, name: str, moment: datetime) -> bytes:
+        folded = self._dates.get((name, moment))
+        if folded is None:
+            if len(self._dates) > 4096:
+                self._dates.clear()
+            folded = self._dates[(name, moment)] = self.cached(name, format_datetime(moment))
+        return folded
 
     def message_id(self, name: str, value: str) -> bytes:
         line = f"{name}: {value}\r\n"
@@ -320,6 +335,144 @@ class _HeaderCache:
         return self.cached(name, value)
 
 
+# --- CSS inlining ---------------------------------------------------------------------
+
+# Tags, comments and the text between them; enough to tell where text is.
+_TAG = re.compile(r"(<!--.*?-->|<[^>]*>)", re.DOTALL)
+_HTML_SPACE = " \t\n\f\r"
+# Elements whose content is not ordinary text (CSS, scripts, raw text).
+_RAW = re.compile(
+    r"<(style|script|xmp|iframe|noembed|noframes|noscript|plaintext|textarea|title)\b", re.I
+)
+# Text that the HTML parser and serialiser pass through unchanged.
+_PLAIN_TEXT = re.compile(r"[^&<>\r\x00\xa0]+")
+_MARK = re.compile("\ue000([0-9]+)\ue001")
+
+
+@dataclass
+class _Frame:
+    """One HTML structure (its tags), inlined once with markers for the text that varies."""
+
+    texts: list[str]  # the text between the tags, as first seen
+    raw: set[int]  # texts inside <style>, <script> and the like
+    slots: list[int] = field(default_factory=list)  # texts that vary, in output order
+    pieces: list[str] = field(default_factory=list)  # output around the slots
+    edges: dict[int, tuple[str, str]] = field(default_factory=dict)  # whitespace kept
+    checked: int = 0
+    broken: bool = False
+
+
+class _InlineCache:
+    """``inliner.inline(html)`` for many mails that differ only in some text.
+
+    CSS selectors see elements and attributes, never text, and the HTML parser
+    treats every run of ordinary characters alike. So two documents with the
+    same tags, whose differing texts are plain (no ``&``, ``<``, ``>``, CR, NUL
+    or no-break space; not inside ``<style>`` or the like) and keep their
+    surrounding whitespace, come out of the inliner with the same markup
+    around those texts. The inliner runs once per structure on the document
+    with markers in place of the texts that vary; after that a mail's output is
+    the marked output with its texts put back. Each new structure and each
+    change of the varying texts is checked against the inliner for the next
+    mails, and anything unusual goes to the inliner itself.
+    """
+
+    MAX_FRAMES = 16
+
+    def __init__(self, inline: Callable[[str], str]) -> None:
+        self._inline = inline
+        self._frames: dict[str, _Frame] = {}
+        self._misses = 0
+
+    def __call__(self, html: str) -> str:
+        if self._misses > 4 * self.MAX_FRAMES:
+            return self._inline(html)  # every mail looks different: no use
+        tokens = _TAG.split(html)
+        texts = tokens[0::2]
+        key = "\x00".join(tokens[1::2])
+        frame = self._frames.get(key)
+        if frame is None:
+            self._misses += 1
+            if len(self._frames) < self.MAX_FRAMES:
+                self._frames[key] = _Frame(texts, _raw_texts(tokens))
+            return self._inline(html)
+        if frame.broken:
+            return self._inline(html)
+        varying = {i for i, (a, b) in enumerate(zip(texts, frame.texts, strict=True)) if a != b}
+        if not frame.pieces or not varying.issubset(frame.slots):
+            if not self._remark(frame, tokens, varying | set(frame.slots)):
+                return self._inline(html)
+        cores = {}
+        for i in frame.slots:
+            lead, trail = frame.edges[i]
+            text = texts[i]
+            core = text[len(lead) : len(text) - len(trail)]
+            if (
+                not text.startswith(lead)
+                or not text.endswith(trail)
+                or len(text) < len(lead) + len(trail)
+                or not _PLAIN_TEXT.fullmatch(core)
+                or core.strip(_HTML_SPACE) != core
+            ):
+                return self._inline(html)
+            cores[i] = core
+        out = [frame.pieces[0]]
+        for number, i in enumerate(frame.slots):
+            out += (cores[i], frame.pieces[number + 1])
+        result = "".join(out)
+        if frame.checked < _VERIFY:
+            frame.checked += 1
+            expected = self._inline(html)
+            if expected != result:
+                frame.broken = True
+                return expected
+        return result
+
+    def _remark(self, frame: _Frame, tokens: list[str], slots: set[int]) -> bool:
+        """Inline *tokens* with markers in the texts *slots*; False if not possible."""
+        if len(slots) > 32 or slots & frame.raw:
+            frame.broken = True
+            return False
+        marked = list(tokens)
+        edges = {}
+        for i in slots:
+            text = tokens[2 * i]
+            core = text.strip(_HTML_SPACE)
+            if not core:
+                frame.broken = True
+                return False
+            start = text.index(core)
+            edges[i] = (text[:start], text[start + len(core) :])
+            marked[2 * i] = f"{edges[i][0]}\ue000{i}\ue001{edges[i][1]}"
+        parts = _MARK.split(self._inline("".join(marked)))
+        order = [int(n) for n in parts[1::2]]
+        if sorted(order) != sorted(slots):
+            frame.broken = True
+            return False
+        frame.slots, frame.pieces, frame.edges = order, parts[0::2], edges
+        frame.texts = tokens[0::2]
+        frame.checked = 0
+        return True
+
+
+def _raw_texts(tokens: list[str]) -> set[int]:
+    raw: set[int] = set()
+    inside: str | None = None
+    for n in range(1, len(tokens), 2):
+        tag = tokens[n]
+        if inside is not None:
+            if tag.lower().startswith(f"</{inside}"):
+                inside = None
+            else:
+                raw.add(n // 2 + 1)
+        else:
+            found = _RAW.match(tag)
+            if found:
+                inside = found.group(1).lower()
+                raw.add(n // 2 + 1)
+    return raw
+
+
 # --- skeletons ------------------------------------------------------------------------
 
 
@@ -330,7 +483,7 @@ class _Rendered:
     kind: str
     event: Event | None
     now: datetime
-    to: Address
+    to: Address | tuple[str, str]
     subject: str
     text: str
     html: str
@@ -389,9 +542,15 @@ class WireComposer:
 
     composer: Composer
     notes: list[str] = field(default_factory=list)
+    #: How many mails went which way ("fast", "standard"), for tests and benchmarks.
+    counts: Counter[str] = field(default_factory=Counter)
     _skeletons: dict[tuple[object, ...], _Skeleton | None] = field(default_factory=dict)
     _qp: dict[str, str] = field(default_factory=dict)
     _headers: _HeaderCache = field(default_factory=_HeaderCache)
+    _inline: _InlineCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._inline = _InlineCache(self.composer._inliner.inline)
 
     def wire(
         self,
@@ -425,20 +584,26 @@ class WireComposer:
             return self.standard(kind, contact, **args)
         data = self._fill(skeleton, rendered)
         if skeleton.checked < _VERIFY:
-            expected = self.standard(kind, contact, **args)
+            expected = self._reference(kind, contact, **args)
             skeleton.checked += 1
-            if expected.data != data:
+            if expected != Wire(rendered.message_id, data):
                 skeleton.broken = True
                 self._note(
                     f"fast path differs from the standard library for {kind} "
                     f"{rendered.event.id if rendered.event else '(series)'}; "
                     "composing this mailing the standard way"
                 )
+                self.counts["standard"] += 1
                 return expected
+        self.counts["fast"] += 1
         return Wire(rendered.message_id, data)
 
     def standard(self, kind: str, contact: Contact, **args: Any) -> Wire:
         """The slow, reference way: the composer and ``as_bytes(policy=SMTP)``."""
+        self.counts["standard"] += 1
+        return self._reference(kind, contact, **args)
+
+    def _reference(self, kind: str, contact: Contact, **args: Any) -> Wire:
         message = self.composer.compose(kind, contact, **args)
         return Wire(str(message["Message-ID"]), message.as_bytes(policy=_SMTP))
 
@@ -471,13 +636,20 @@ class WireComposer:
             return None
         context["subject"] = subject
         text = _tidy_text(c._render(f"{kind}.txt.j2", context))
-        html = c._inliner.inline(c._render(f"{kind}.html.j2", context))
+        html = self._inline(c._render(f"{kind}.html.j2", context))
         link = context["unsubscribe_url"]
+        # compose._recipient, without parsing an address that is plain anyway.
+        spec = german.clean(contact.email)
+        to: Address | tuple[str, str] = (
+            (german.full_name(contact.titel, contact.vorname, contact.nachname), spec)
+            if _PLAIN_ADDRESS.fullmatch(spec)
+            else _recipient(contact)
+        )
         return _Rendered(
             kind=kind,
             event=event,
             now=now,
-            to=_recipient(contact),
+            to=to,
             subject=subject,
             text=text,
             html=html,
@@ -545,7 +717,7 @@ class WireComposer:
             elif slot == "subject":
                 out.append(h.cached(name, r.subject))
             elif slot == "date":
-                out.append(h.cached(name, format_datetime(r.now)))
+                out.append(h.date(name, r.now))
             elif slot == "message-id":
                 out.append(h.message_id(name, r.message_id))
             else:
@@ -564,7 +736,7 @@ class WireComposer:
                     index = int(piece.removeprefix("boundary"))
                     found = boundaries[piece] = mime_boundary(r.message_id, index).encode("ascii")
                 out.append(found)
-        if len(self._qp) > 200_000:
+        if len(self._qp) > 20_000:  # per-recipient lines would pile up
             self._qp.clear()
         return b"".join(out)
 
@@ -687,6 +859,7 @@ class WirePipeline:
         self._checked: set[tuple[str, str]] = set()
         self._disabled = processes < 1
         self.prepared = 0  # mails taken from the workers
+        self.started = asyncio.Event()  # set once the workers take chunks
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._feeder: asyncio.Task[None] | None = None
         if processes >= 1:
@@ -737,8 +910,12 @@ class WirePipeline:
         if index is None:
             return None
         job = self._jobs[index]
-        if job.attended != attended or dict(sequences or {}) != self._sequences:
-            return None
+        if (
+            job.contact != contact
+            or job.attended != attended
+            or dict(sequences or {}) != self._sequences
+        ):
+            return None  # not the mail that was prepared (e.g. the config changed)
         if index > self._cursor:
             self._cursor = index
             self._moved.set()
@@ -755,7 +932,7 @@ class WirePipeline:
         if found is not None and shape not in self._checked:
             # Same files, same bytes? Checked once per kind and date.
             self._checked.add(shape)
-            if found != self.local.standard(kind, contact, **{**args, "now": stamp}):
+            if found != self.local._reference(kind, contact, **{**args, "now": stamp}):
                 self._switch_off("the second process composes differently")
                 return None
         return found
@@ -773,6 +950,7 @@ class WirePipeline:
         except Exception as exc:
             self._switch_off(f"the second process did not start ({exc!r})")
             return
+        self.started.set()
         chunk = self._cursor // self.CHUNK + 1
         count = -(-len(self._jobs) // self.CHUNK)
         while chunk < count and not self._disabled:

@@ -22,10 +22,15 @@ from enum import StrEnum
 
 import aiosmtplib
 from aiosmtplib import (
+    SMTPDataError,
     SMTPException,
     SMTPHeloError,
     SMTPRecipientRefused,
+    SMTPResponse,
     SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPStatus,
+    SMTPTimeoutError,
 )
 from aiosmtplib.protocol import normalize_message_line_endings
 
@@ -238,7 +243,7 @@ class SmtpPool:
                 # Temporary refusals win: the message may still go out later.
                 raise min(refused, key=lambda exc: exc.code)
             phase = _Phase.DATA
-            response = await client.data(data)
+            response = await _data(client, data)
         except PermanentFailure:
             await self._reset(connection)
             raise
@@ -294,13 +299,58 @@ class SmtpPool:
             connection.drop()
 
 
+def _canonical(data: bytes) -> bool:
+    """Whether every line of *data* ends in CRLF (as messages from compose do)."""
+    crlf = data.count(b"\r\n")
+    return crlf == data.count(b"\n") == data.count(b"\r") and data.endswith(b"\r\n")
+
+
+def _data_block(data: bytes) -> bytes | None:
+    """What follows DATA for *data*: dot-stuffed, ended by ".", or None when
+    *data* has line ends other than CRLF (aiosmtplib normalises those)."""
+    if not _canonical(data):
+        return None
+    # RFC 5321 4.5.2: a line that starts with "." gets one more.
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+async def _data(client: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
+    """``client.data(data)``, with the same answers and errors.
+
+    aiosmtplib normalises line ends and dot-stuffs with two regular
+    expressions over the whole message, which is a fifth of the CPU time of
+    sending a mail. For a message whose line ends are CRLF already (every
+    message invite-mailer composes) the same bytes come from two quick
+    ``bytes`` operations; anything else goes through aiosmtplib.
+    """
+    protocol = client.protocol
+    wire = _data_block(data)
+    if protocol is None or wire is None:
+        return await client.data(data)
+    try:
+        start = await protocol.execute_command(b"DATA", timeout=client.timeout)
+        if start.code != SMTPStatus.start_input:
+            raise SMTPDataError(start.code, start.message)
+        protocol.write(wire)
+        response = await protocol.read_response(timeout=client.timeout)
+    except (SMTPServerDisconnected, SMTPTimeoutError):
+        client.close()  # as SMTP.data(): the protocol state is unknown
+        raise
+    if response.code != SMTPStatus.completed:
+        raise SMTPDataError(response.code, response.message)
+    return response
+
+
 def _mail_options(
     client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], data: bytes
 ) -> tuple[list[str], str]:
     options: list[str] = []
     if client.supports_extension("size"):
         # RFC 1870: octets as transmitted, CRLF line ends included.
-        size = len(normalize_message_line_endings(data))
+        size = len(data) if _canonical(data) else len(normalize_message_line_endings(data))
         options.append(f"SIZE={size}")
     if not data.isascii():
         if client.supports_extension("8bitmime"):
