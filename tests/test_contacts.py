@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import openpyxl
@@ -12,6 +13,7 @@ import pytest
 
 from invite_mailer.contacts import (
     MAX_PROBLEMS,
+    Contact,
     ContactList,
     find_contacts_file,
     load_address_list,
@@ -609,3 +611,12 @@ def test_hundred_thousand_rows(tmp_path: Path) -> None:
     assert contacts.by_key(f"p99999@stadt{99999 % 97}.example.org") is not None
     # About 3 s on a laptop; the bound only catches accidental quadratic work.
     assert elapsed < 30
+
+
+def test_key_is_the_lower_cased_address_and_follows_changes() -> None:
+    contact = Contact(email="Jana.Mueller@Example.org")
+    assert contact.key == "jana.mueller@example.org"
+    assert replace(contact, email="JM@example.org").key == "jm@example.org"
+    assert Contact(email="jm@example.org").key == "jm@example.org"
+    # The key is derived: it takes no part in equality beyond the address.
+    assert contact == Contact(email="Jana.Mueller@Example.org")

@@ -55,10 +55,13 @@ class Contact:
     registered_all: bool = False
     extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     row: int | None = None  # line/row in the source file, for messages
+    # Computed once: plans and the ledger hold a key per mail, and a new
+    # string per call would cost ~80 bytes each time (8 MB per 100,000).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return self.email.lower()
+    def __post_init__(self) -> None:
+        lower = self.email.lower()
+        object.__setattr__(self, "key", self.email if lower == self.email else lower)
 
     def is_registered(self, event_id: str) -> bool:
         return self.registered_all or event_id in self.registrations
@@ -589,6 +592,9 @@ class _ContactReader:
         self.unnamed: list[int] = []
         # Many rows share the same registrations; parse (and store) each spelling once.
         self._registrations: dict[str, tuple[frozenset[str], bool]] = {}
+        # Titles, first names and organisations repeat across a long list: one
+        # string each, shared by every contact that has it.
+        self._shared: dict[str, str] = {}
         self._read_header(header_number, header)
 
     def add(self, number: int | None, message: str, hint: str | None = None) -> None:
@@ -679,7 +685,10 @@ class _ContactReader:
                 valid = False
             else:
                 # Names go into "Sehr geehrte Frau Dr. Müller": no doubled spaces.
-                texts[column] = " ".join(value.split())
+                text = " ".join(value.split())
+                if column != "nachname":
+                    text = self._shared.setdefault(text, text)
+                texts[column] = text
         anrede = self._anrede(number, cell("anrede"))
         registrations = self._events(number, cell("anmeldungen"))
         extra = _NO_EXTRA

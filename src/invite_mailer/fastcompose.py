@@ -758,7 +758,7 @@ def _pack(contact: Contact) -> tuple[Any, ...]:
     # Contacts hold a read-only mapping, which pickle refuses; a dict travels.
     return tuple(
         dict(value) if isinstance(value, MappingProxyType) else value
-        for value in (getattr(contact, f.name) for f in fields(Contact))
+        for value in (getattr(contact, f.name) for f in fields(Contact) if f.init)
     )
 
 
@@ -850,7 +850,10 @@ class WirePipeline:
     ) -> None:
         self.local = WireComposer(composer)
         self._jobs = list(jobs)
-        self._index = {(j.kind, j.event, j.contact.key): n for n, j in enumerate(self._jobs)}
+        # Per (kind, date), then per contact key: no tuple per mail to keep.
+        self._index: dict[tuple[str, str], dict[str, int]] = {}
+        for n, job in enumerate(self._jobs):
+            self._index.setdefault((job.kind, job.event), {})[job.contact.key] = n
         self._sequences = dict(sequences)
         self._clock = clock
         self._cursor = -1
@@ -906,7 +909,7 @@ class WirePipeline:
         sequences: Mapping[str, int] | None,
         args: dict[str, Any],
     ) -> Wire | None:
-        index = self._index.get((kind, event.id if event else "", contact.key))
+        index = self._index.get((kind, event.id if event else ""), {}).get(contact.key)
         if index is None:
             return None
         job = self._jobs[index]
@@ -1018,14 +1021,16 @@ def pipeline(
     if not isinstance(transport, WireTransport):
         return None
     jobs = []
+    names: dict[str, str] = {}  # one string per kind, not one per mail
     for kind, event_id, key in mails:
         contact = config.contacts.by_key(key)
-        if contact is None or str(kind) not in FAST_KINDS:
+        name = names.setdefault(kind, str(kind))
+        if contact is None or name not in FAST_KINDS:
             continue
         attended = None
         if event_id and event_id in config.attendance:
             attended = contact.key in config.attendance[event_id]
-        jobs.append(Job(str(kind), event_id, contact, attended))
+        jobs.append(Job(name, event_id, contact, attended))
     processes = min(4, (os.cpu_count() or 1) - 1) if len(jobs) >= MIN_PIPELINE else 0
     return WirePipeline(
         config.composer,
