@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 from email.headerregistry import Address
@@ -425,3 +426,47 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
     finally:
         await pipeline.aclose()
     assert pipeline.prepared > 100
+
+
+class _WireSink:
+    """A transport that takes wire bytes (and discards them)."""
+
+    async def send_wire(
+        self, data: bytes, *, message_id: str, sender: str, recipients: list[str]
+    ) -> str:
+        return "250 OK"
+
+
+@pytest.mark.parametrize(("workers", "pooled"), [(0, False), (1, True)])
+async def test_compose_workers_setting(config: Config, workers: int, pooled: bool) -> None:
+    """limits.compose_workers = 0 keeps large passes in one process (less memory)."""
+    limits = config.settings.limits.model_copy(update={"compose_workers": workers})
+    settings = config.settings.model_copy(update={"limits": limits})
+    changed = replace(config, settings=settings)
+    mails = [("invitation", "", f"kontakt{n:04d}@example.org") for n in range(400)]
+    contacts = replace(
+        config.contacts,
+        contacts=tuple(
+            Contact(email=f"kontakt{n:04d}@example.org", vorname="Jana", nachname="Müller")
+            for n in range(400)
+        ),
+    )
+    changed = replace(changed, contacts=contacts)
+    pipeline = fastcompose.pipeline(
+        changed, _WireSink(), mails, sequences={}, clock=lambda: NOW[Kind.INVITATION]
+    )
+    assert pipeline is not None
+    try:
+        assert (pipeline._pool is not None) is pooled
+        wire = await pipeline.wire(
+            Kind.INVITATION, contacts.contacts[0], event=None, now=NOW[Kind.INVITATION]
+        )
+        assert wire == reference(
+            config.composer,
+            Kind.INVITATION,
+            contacts.contacts[0],
+            event=None,
+            now=NOW[Kind.INVITATION],
+        )
+    finally:
+        await pipeline.aclose()

@@ -1031,7 +1031,11 @@ def pipeline(
         if event_id and event_id in config.attendance:
             attended = contact.key in config.attendance[event_id]
         jobs.append(Job(name, event_id, contact, attended))
-    processes = min(4, (os.cpu_count() or 1) - 1) if len(jobs) >= MIN_PIPELINE else 0
+    processes = config.settings.limits.compose_workers
+    if processes is None:
+        processes = min(4, (os.cpu_count() or 1) - 1)
+    if len(jobs) < MIN_PIPELINE:
+        processes = 0
     return WirePipeline(
         config.composer,
         jobs,
