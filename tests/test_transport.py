@@ -453,6 +453,40 @@ async def test_rate_limit_holds_every_window_at_full_rate(per_minute: int) -> No
     assert len(starts) >= 5 * per_minute * 0.98
 
 
+@pytest.mark.parametrize("per_minute", [30, 600])
+async def test_rate_limit_holds_at_the_relay_however_long_sends_take(per_minute: int) -> None:
+    """The relay counts a mail somewhere between its send's start and end.
+
+    Sends here take 5 to 500 ms, now and then a 20 s stall; wherever inside
+    its send each mail is counted, no 60 s window holds more than the limit,
+    and a stalled send does not hold up the others.
+    """
+    virtual = VirtualTime()
+    limiter = RateLimiter(per_minute, clock=virtual.clock, sleep=virtual.sleep)
+    sends: list[tuple[float, float]] = []
+    rng = random.Random(per_minute)
+
+    async def worker() -> None:
+        while virtual.now < 300:
+            async with limiter.slot():
+                started = virtual.now
+                stall = rng.random() < 0.01
+                await virtual.sleep(20.0 if stall else rng.uniform(0.005, 0.5))
+                sends.append((started, virtual.now))
+
+    # Enough senders that demand always exceeds the limit (each sends ~4/s).
+    senders = 8 + per_minute // 30
+    await virtual.run(*(asyncio.create_task(worker()) for _ in range(senders)))
+    for pick in (0.0, 1.0, None):  # counted at the start, the end, anywhere
+        counted = [
+            start + (end - start) * (rng.random() if pick is None else pick) for start, end in sends
+        ]
+        assert most_in_any_window(counted) <= per_minute, pick
+    done = [end for _, end in sends if end <= 300]
+    # Five minutes of demand: within 2 % of five minutes' worth.
+    assert len(done) >= 5 * per_minute * 0.98
+
+
 async def test_rate_limit_allows_no_burst_after_idle_time() -> None:
     virtual = VirtualTime()
     limiter = RateLimiter(10, clock=virtual.clock, sleep=virtual.sleep)

@@ -6,30 +6,39 @@ bucket refills, so one 60-second window can hold almost 2·N mails. Spacing
 every start 60/N seconds apart would hold the rule too, but sleep overshoot
 adds up and the achieved rate drifts below N.
 
-:class:`RateLimiter` keeps a log of the last N start times instead and lets a
-start happen only when the oldest of them is at least a full window old. So
-for any start ``s[k]``, ``s[k] >= s[k-N] + window``: no half-open window
-``[t, t + window)`` can hold N + 1 starts, after idle time or not, and under
-steady demand exactly N starts fall into each window (the full rate).
+:class:`RateLimiter` counts instead, for every moment a send wants to start,
+the sends that could still be counted by the relay within a window from then:
+those in flight and those that ended less than a window ago. A send starts
+only while there are fewer than N of them. A send *ends* when the relay has
+answered it; the relay counts it at some moment between its start and its end.
+Take any window ``[t, t + window)`` at the relay and the send in it that
+started last, at ``s``: every other mail in that window was counted after
+``t > s - window``, so it had not ended by ``s - window`` and was among the
+fewer than N that allowed the start. So no window holds N + 1 mails, however
+long a send takes, after idle time or not. A slow or stalled send holds one
+place, never the others. Under steady demand N mails go out in every window
+plus the duration of one send (a few milliseconds): the full rate for any
+practical purpose.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
 
 class RateLimiter:
-    """At most *limit* starts in any *window* seconds; ``limit=0`` means no limit.
+    """At most *limit* sends in any *window* seconds; ``limit=0`` means no limit.
 
-    *clock* and *sleep* are injectable so tests can run minutes of demand in
-    virtual time. The clock must be monotonic (the default is
-    :func:`time.monotonic`).
+    Use ``async with limiter.slot(): <send>``. *clock* and *sleep* are
+    injectable so tests can run minutes of demand in virtual time. The clock
+    must be monotonic (the default is :func:`time.monotonic`).
     """
 
     def __init__(
@@ -48,23 +57,50 @@ class RateLimiter:
         self.window = window
         self._clock = clock
         self._sleep = sleep
-        self._starts: deque[float] = deque(maxlen=limit or None)
+        self._in_flight = 0
+        self._ended: deque[float] = deque()  # end times, oldest first
+        self._one_ended = asyncio.Event()
         # Waiters queue on the lock, so they get their slots in arrival order.
         self._lock = asyncio.Lock()
 
-    async def acquire(self) -> None:
-        """Wait until one more start is allowed, and record it as started now.
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait until one more send may start, and hold its place while it runs.
 
-        A cancelled wait records nothing.
+        The send counts from the moment the block is left (the relay has
+        answered, or the send failed). A cancelled wait records nothing.
         """
         if self.limit == 0:
+            yield
             return
+        await self._reserve()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._ended.append(self._clock())
+            self._one_ended.set()
+
+    async def acquire(self) -> None:
+        """Wait for a slot for a send that takes no time (its start is its end)."""
+        async with self.slot():
+            pass
+
+    async def _reserve(self) -> None:
         async with self._lock:
-            while len(self._starts) == self.limit:
-                # Re-read the clock after every sleep: it may have overslept or
+            while True:
+                # Re-read the clock after every wait: it may have overslept or
                 # woken early, and only the recorded times make the guarantee.
-                wait = self._starts[0] + self.window - self._clock()
-                if wait <= 0:
+                now = self._clock()
+                while self._ended and self._ended[0] + self.window <= now:
+                    self._ended.popleft()  # can no longer share a window with us
+                if self._in_flight + len(self._ended) < self.limit:
                     break
-                await self._sleep(wait)
-            self._starts.append(self._clock())
+                if self._ended:
+                    # At least a microsecond: a clock that lands a rounding
+                    # error short of the moment must still move on.
+                    await self._sleep(max(self._ended[0] + self.window - now, 1e-6))
+                else:  # all in flight: wait until one ends, then a window on
+                    self._one_ended.clear()
+                    await self._one_ended.wait()
+            self._in_flight += 1

@@ -166,8 +166,21 @@ class SmtpPool:
         reused = connection.is_open
         if not reused:
             await self._connect(connection)
-        if self.limiter is not None:
-            await self.limiter.acquire()
+        if self.limiter is None:
+            return await self._send_once(connection, sender, recipients, data, reused=reused)
+        # The slot counts from the relay's answer: see ratelimit.
+        async with self.limiter.slot():
+            return await self._send_once(connection, sender, recipients, data, reused=reused)
+
+    async def _send_once(
+        self,
+        connection: _Connection,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        reused: bool,
+    ) -> str:
         try:
             return await self._transact(connection, sender, recipients, data, reused=reused)
         except _StaleConnection as stale:
