@@ -63,6 +63,34 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def descendants(pid: int) -> set[int]:
+    """The processes below *pid* (Linux /proc), e.g. the composing workers."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        children = {child for child, parent in parents.items() if parent == current}
+        todo.extend(children - found)
+        found |= children
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether *pid* is still a live process (a zombie waiting to be reaped is not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
 def sent_in_ledger(project: Path) -> set[str]:
     with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
         rows = db.execute(
@@ -88,6 +116,7 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
             what=f"{kill_after} mails to arrive",
         )
         assert process.poll() is None, "send-due finished before it could be killed"
+        helpers = descendants(process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
     finally:
@@ -97,6 +126,14 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
         assert process.stdout is not None
         process.stdout.close()
     assert process.returncode == -signal.SIGKILL
+    if Path("/proc/self/stat").exists():
+        # 2,000 mails: a worker process composed ahead; it must not outlive us.
+        assert helpers, "send-due started no worker process"
+        wait_for(
+            lambda: not any(running(pid) for pid in helpers),
+            timeout=15,
+            what=f"the worker processes {sorted(helpers)} to end after the kill",
+        )
     wait_for(
         lambda: smtp_server.open_connections == 0, timeout=5, what="the server to see the kill"
     )

@@ -41,6 +41,8 @@ import logging
 import multiprocessing
 import os
 import re
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -781,9 +783,26 @@ def _start_worker(
     # Ctrl-C and SIGTERM are for the parent, which finishes and then ends us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _follow_parent(os.getppid())
     global _worker
     composer = Composer(settings, series, templates_dir=templates_dir, config_dir=config_dir)
     _worker = WireComposer(composer)
+
+
+def _follow_parent(parent: int, interval: float = 1.0) -> None:
+    """End this worker once *parent* is gone.
+
+    A parent killed outright (SIGKILL, the out-of-memory killer) cannot shut
+    its pool down, and a worker blocked on its queue would wait forever. The
+    worker is re-parented when its parent dies, so a changed parent id tells.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 
 
 def _ready() -> bool:
