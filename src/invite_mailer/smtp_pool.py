@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Sequence
 from enum import StrEnum
@@ -28,10 +29,12 @@ from aiosmtplib import (
     SMTPRecipientRefused,
     SMTPResponse,
     SMTPResponseException,
+    SMTPSenderRefused,
     SMTPServerDisconnected,
     SMTPStatus,
     SMTPTimeoutError,
 )
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import normalize_message_line_endings
 
 from invite_mailer.errors import (
@@ -244,12 +247,12 @@ class SmtpPool:
                 except SMTPHeloError:
                     await client.helo()
             options, encoding = _mail_options(client, sender, recipients, data)
-            await client.mail(sender, options=options, encoding=encoding)
+            await _mail(client, sender, options, encoding)
             phase = _Phase.RCPT
             refused: list[SMTPRecipientRefused] = []
             for recipient in recipients:
                 try:
-                    await client.rcpt(recipient, encoding=encoding)
+                    await _rcpt(client, recipient, encoding)
                 except SMTPRecipientRefused as exc:
                     refused.append(exc)
             if len(refused) == len(recipients):
@@ -310,6 +313,41 @@ class SmtpPool:
             await client.rset(timeout=_HOUSEKEEPING_TIMEOUT)
         except (SMTPException, OSError):
             connection.drop()
+
+
+# A dot-atom address: email.utils.parseaddr, which aiosmtplib's quote_address
+# runs on every address, returns it unchanged.
+_DOT_ATOM = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+)
+
+
+def _quote(address: str) -> str:
+    """``aiosmtplib.email.quote_address(address)``, without parsing plain addresses."""
+    return f"<{address}>" if _DOT_ATOM.fullmatch(address) else quote_address(address)
+
+
+async def _mail(
+    client: aiosmtplib.SMTP, sender: str, options: Sequence[str], encoding: str
+) -> SMTPResponse:
+    """``client.mail(sender, options=options, encoding=encoding)``, same bytes and errors."""
+    response = await client.execute_command(
+        b"MAIL",
+        b"FROM:" + _quote(sender).encode(encoding),
+        *(option.encode("ascii") for option in options),
+    )
+    if response.code != SMTPStatus.completed:
+        raise SMTPSenderRefused(response.code, response.message, sender)
+    return response
+
+
+async def _rcpt(client: aiosmtplib.SMTP, recipient: str, encoding: str) -> SMTPResponse:
+    """``client.rcpt(recipient, encoding=encoding)``, same bytes and errors."""
+    response = await client.execute_command(b"RCPT", b"TO:" + _quote(recipient).encode(encoding))
+    if response.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+        raise SMTPRecipientRefused(response.code, response.message, recipient)
+    return response
 
 
 def _canonical(data: bytes) -> bool:
