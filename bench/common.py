@@ -243,7 +243,16 @@ def machine() -> dict[str, str]:
         postfix = subprocess.run(
             ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
         ).stdout.strip()
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     return {
+        "commit": commit,
         "cpu": model,
         "cores": str(os.cpu_count()),
         "memory": memory,

@@ -54,7 +54,9 @@ def mark(ok: object) -> str:
 def provenance(result: dict[str, Any]) -> str:
     m = result["machine"]
     return (
-        f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {m['memory']}, "
+        f"Measured {m['date']}"
+        + (f" at commit `{m['commit']}`" if m.get("commit") else "")
+        + f" on {m['cpu']}, {m['cores']} cores, {m['memory']}, "
         f"{m['os']}, Python {m['python']}"
         + (f", Postfix {m['postfix']}" if m.get("postfix") else "")
         + f". Command: `.venv/bin/python {result['command']}`"
@@ -138,8 +140,9 @@ def scale(result: dict[str, Any]) -> str:
 `bench/scale.py` runs `validate` (every mail for every recipient rendered),
 `plan --json` and `send-due` (the invitation to everyone over SMTP to
 `smtp-sink`, ledger written, empty ledger at the start) on generated contact
-lists. *Peak RSS (process)* is the kernel's high-water mark of the
-invite-mailer process (`ru_maxrss`). For large passes `send-due` starts a second
+lists; `send-due-1p` is `send-due` with `limits.compose_workers = 0`.
+*Peak RSS (process)* is the kernel's high-water mark of the invite-mailer
+process (`ru_maxrss`). For large passes `send-due` starts a second
 process that composes mails ahead of the senders; *peak PSS* is the whole
 process tree sampled every 10 ms, each process's proportional set size summed
 (shared pages counted once).
@@ -151,6 +154,11 @@ process tree sampled every 10 ms, each process's proportional set size summed
 {targets}
 
 ![Memory and time against the number of contacts](scale.png)
+
+The composing worker is what makes `send-due` fast (see above), and it costs
+about 50 MB of its own. Where memory is tighter than time, set
+`limits.compose_workers = 0` (or `INVITE_MAILER_LIMITS__COMPOSE_WORKERS=0`):
+everything then stays in one process, at the speed shown for `send-due-1p`.
 
 Contacts are held in memory once (about 500 bytes each: address, names, row
 number), plans keep references, never copies; mails are composed one at a time
@@ -167,6 +175,7 @@ institutions repeat; last names and addresses are held per contact.
 
 def timing(result: dict[str, Any]) -> str:
     daemon, rate = result["daemon"], result["rate"]
+    mailings_per_minute = daemon["mailings"] // max(1, len(daemon["due_minutes"]))
     late = daemon["lateness_first_arrival_s"]
     started = daemon.get("lateness_started_s")
     started_row = (
@@ -181,9 +190,13 @@ def timing(result: dict[str, Any]) -> str:
 
 `bench/timing.py` runs the real daemon (`invite-mailer run`) on a series whose
 dates lie just ahead of the real clock, so that {daemon["mailings"]} mailings
-fall due while it runs, and measures how late each one starts: the time from
-its due moment to the first of its messages arriving at the SMTP server on
-127.0.0.1 (and, from the daemon's own log, to the start of its job).
+fall due while it runs ({mailings_per_minute} at each of {len(daemon["due_minutes"])}
+consecutive minutes, since series times have minute resolution), and measures
+how late each one starts: the time from its due moment to the first of its
+messages arriving at the SMTP server on 127.0.0.1 (and, from the daemon's own
+log, to the start of its delivery pass). Mailings due in the same minute go out
+in one pass, one after the other, so the last of them waits for the mails of
+those before it: that, not the scheduler, is most of the lateness.
 
 | lateness over {daemon["mailings"]} mailings | p50 | p99 | max |
 |---|---:|---:|---:|
@@ -204,6 +217,15 @@ server records when each message arrives (what a relay counts).
 {limit} ± 2 % | {mark(abs(rate["achieved_of_limit"] - 1) <= 0.02)} |
 | most messages in any sliding 60 s window | {rate["sliding_max"]:,} | ≤ {limit} | \
 {mark(rate["sliding_max"] <= limit)} |
+| the same, counted at the MAIL command | {rate["mail_commands"]["sliding_max"]:,} | \
+≤ {limit} | {mark(rate["mail_commands"]["sliding_max"] <= limit)} |
+| messages in the first 60 s | {rate["first_window"]:,} | {limit} | \
+{mark(rate["first_window"] == limit)} |
+
+Per minute: {", ".join(str(n) for n in rate["arrivals"]["per_minute"])}. The smallest
+distance between a message and the one {limit} before it was
+{rate["arrivals"]["min_gap_to_nth_before_s"]:.6f} s (a window could hold one
+too many only below 60 s).
 
 ![Lateness and messages per 60-second window](timing.png)
 

@@ -12,6 +12,8 @@ send-due
     ``invite-mailer send-due --now 2024-10-24T10:05``: the invitation to
     every contact, over SMTP to Postfix's ``smtp-sink`` on 127.0.0.1, with the
     ledger written for every mail, on an empty ledger.
+send-due-1p
+    the same with ``limits.compose_workers = 0``: no second process.
 
 Memory: ``peak_main_mb`` is the peak resident set size (RSS) of the
 invite-mailer process, as the kernel records it (``ru_maxrss``); the target
@@ -43,7 +45,11 @@ COMMANDS = {
     "validate": ("validate",),
     "plan": ("plan", "--now", "2024-11-01T09:00", "--json"),
     "send-due": ("send-due", "--now", common.INVITATION_NOW, "--json"),
+    "send-due-1p": ("send-due", "--now", common.INVITATION_NOW, "--json"),
 }
+# Extra environment per command: send-due-1p is send-due with
+# limits.compose_workers = 0, composing in the sending process only.
+ENV = {"send-due-1p": {"INVITE_MAILER_LIMITS__COMPOSE_WORKERS": "0"}}
 LIMIT_MB = 150
 
 
@@ -118,7 +124,9 @@ def main() -> None:
             env = workspace.env()
             for name in options.commands:
                 common.reset_state(workspace)
-                figures = measure(workspace.invoke(*COMMANDS[name]), env, workspace.root)
+                figures = measure(
+                    workspace.invoke(*COMMANDS[name]), {**env, **ENV.get(name, {})}, workspace.root
+                )
                 row = {"contacts": size, "command": name, **figures}
                 rows.append(row)
                 print(
@@ -129,16 +137,21 @@ def main() -> None:
                     flush=True,
                 )
     largest = max(options.sizes)
+    at_largest = [r for r in rows if r["contacts"] == largest]
     result = {
         "machine": common.machine(),
         "command": " ".join(["bench/scale.py", *sys.argv[1:]]),
         "rows": rows,
         "target": {
-            f"process peak RSS <= {LIMIT_MB} MB at {largest:,}": all(
-                r["peak_main_mb"] <= LIMIT_MB for r in rows if r["contacts"] == largest
+            f"process peak RSS <= {LIMIT_MB} MB at {largest:,}, every command": all(
+                r["peak_main_mb"] <= LIMIT_MB for r in at_largest
             ),
-            f"process tree peak PSS <= {LIMIT_MB} MB at {largest:,}": all(
-                r["peak_mb"] <= LIMIT_MB for r in rows if r["contacts"] == largest
+            f"process tree peak PSS <= {LIMIT_MB} MB at {largest:,}, one process": all(
+                r["peak_mb"] <= LIMIT_MB for r in at_largest if r["command"] != "send-due"
+            ),
+            f"process tree peak PSS <= {LIMIT_MB} MB at {largest:,}, "
+            "send-due with its composing worker": all(
+                r["peak_mb"] <= LIMIT_MB for r in at_largest if r["command"] == "send-due"
             ),
         },
     }
