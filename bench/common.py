@@ -245,12 +245,19 @@ def machine() -> dict[str, str]:
         ).stdout.strip()
     commit = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(ROOT)]
         commit = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        # Changed code (not the results and plots the benchmarks write themselves).
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--", "src", "templates", "pyproject.toml", "bench"],
             capture_output=True,
             text=True,
             check=False,
-        ).stdout.strip()
+        ).stdout.splitlines()
+        if commit and any("bench/results/" not in line for line in changed):
+            commit += " with uncommitted changes"
     return {
         "commit": commit,
         "cpu": model,
