@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import random
 import re
 import shutil
@@ -45,7 +46,7 @@ from invite_mailer.fastcompose import (
     qp_wire,
 )
 from invite_mailer.series import Kind
-from invite_mailer.smtp_pool import _DOT_ATOM, _data_block, _quote
+from invite_mailer.smtp_pool import _DOT_ATOM, CrlfBytes, _data_block, _quote, crlf_checked
 from samplemails import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,6 +382,29 @@ def test_dot_stuffing_matches_aiosmtplib() -> None:
             canonical += 1
             assert block == expected, data
     assert canonical > 200
+
+
+def test_crlf_checked_marks_only_canonical_bytes() -> None:
+    """Bytes the worker marked as CRLF-clean are sent exactly as unmarked ones."""
+    rng = random.Random(9)
+    pieces = [b".", b"a", b"\r\n", b"\n", b"\r", b"x" * 10]
+    marked = 0
+    for _ in range(2000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        checked = crlf_checked(data)
+        assert checked == data
+        if type(checked) is CrlfBytes:
+            marked += 1
+            assert b"\n" not in checked.replace(b"\r\n", b"") and b"\r" not in checked.replace(
+                b"\r\n", b""
+            )
+            # Across the process boundary the mark survives, and nothing else changes.
+            travelled = pickle.loads(pickle.dumps(checked))
+            assert type(travelled) is CrlfBytes and travelled == data
+            assert _data_block(travelled) == _data_block(data)
+        else:
+            assert _data_block(checked) is None
+    assert marked > 100
 
 
 def test_envelope_addresses_match_aiosmtplib() -> None:

@@ -70,6 +70,7 @@ from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
 from invite_mailer.series import Event, Kind, Series
 from invite_mailer.settings import Settings
+from invite_mailer.smtp_pool import crlf_checked
 from invite_mailer.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -821,16 +822,16 @@ def _compose_chunk(
     for kind, event_id, packed, attended in jobs:
         try:
             event = series.event(event_id) if event_id else None
-            wires.append(
-                _worker.wire(
-                    kind,
-                    _unpack(packed),
-                    event=event,
-                    now=now,
-                    attended=attended,
-                    sequences=sequences,
-                )
+            wire = _worker.wire(
+                kind,
+                _unpack(packed),
+                event=event,
+                now=now,
+                attended=attended,
+                sequences=sequences,
             )
+            # Checked here, in the less busy process (see smtp_pool.CrlfBytes).
+            wires.append(Wire(wire.message_id, crlf_checked(wire.data)))
         except Exception:  # the parent composes it again and reports the error
             wires.append(None)
     notes, _worker.notes[:] = list(_worker.notes), []

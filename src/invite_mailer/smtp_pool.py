@@ -350,8 +350,25 @@ async def _rcpt(client: aiosmtplib.SMTP, recipient: str, encoding: str) -> SMTPR
     return response
 
 
+class CrlfBytes(bytes):
+    """Message bytes already checked to end every line in CRLF.
+
+    The composing worker process checks its mails (:func:`crlf_checked`), so
+    the sending process, the busier of the two, need not scan them again.
+    """
+
+    __slots__ = ()
+
+
+def crlf_checked(data: bytes) -> bytes:
+    """*data* as :class:`CrlfBytes` when every line ends in CRLF, else unchanged."""
+    return CrlfBytes(data) if _canonical(data) else data
+
+
 def _canonical(data: bytes) -> bool:
     """Whether every line of *data* ends in CRLF (as messages from compose do)."""
+    if type(data) is CrlfBytes:
+        return True
     crlf = data.count(b"\r\n")
     return crlf == data.count(b"\n") == data.count(b"\r") and data.endswith(b"\r\n")
 
