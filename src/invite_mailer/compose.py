@@ -825,13 +825,24 @@ def set_boundaries(msg: EmailMessage) -> None:
         part.set_boundary(mime_boundary(seed, index))
 
 
+def recipient_parts(contact: Contact) -> tuple[str, str]:
+    """The display name and the address of the To header, not yet parsed.
+
+    german.clean removes line breaks so hostile data cannot split the header
+    even if the loader missed it.
+    """
+    return (
+        german.full_name(contact.titel, contact.vorname, contact.nachname),
+        german.clean(contact.email),
+    )
+
+
 def _recipient(contact: Contact) -> Address:
     # The display name goes through the header machinery (quoted or encoded
-    # there), never into a string; german.clean removes line breaks so hostile
-    # data cannot split the header even if the loader missed it.
-    name = german.full_name(contact.titel, contact.vorname, contact.nachname)
+    # there), never into a string.
+    name, spec = recipient_parts(contact)
     try:
-        return Address(display_name=name, addr_spec=german.clean(contact.email))
+        return Address(display_name=name, addr_spec=spec)
     except (ValueError, IndexError) as exc:
         where = f" (row {contact.row})" if contact.row is not None else ""
         raise ConfigError.single(

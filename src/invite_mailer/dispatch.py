@@ -103,7 +103,6 @@ class Dispatcher:
         self._sequences: dict[str, int] = {}
         self._issued: set[str] = set()
         self._wires: fastcompose.WirePipeline | None = None
-        self._versions: dict[str, str] = {}
 
     async def plan(self, now: datetime) -> list[Mailing]:
         """The plan at *now*, with opt-outs from the file and the ledger merged."""
@@ -128,8 +127,6 @@ class Dispatcher:
             for e in series.events
         }
         self._issued = set()
-        # Event.version hashes the date's details: once per pass, not per mail.
-        self._versions = {e.id: e.version for e in series.events}
         mailings = await self.plan(now)
         result = PassResult(now=now)
         items: list[_Item] = []
@@ -311,7 +308,7 @@ class Dispatcher:
             if date.id not in self._issued:
                 self._issued.add(date.id)
                 await self.ledger.issue_sequence(config.series.id, date.id, date.version)
-        version = format_version({date.id: self._versions[date.id] for date in described})
+        version = format_version({date.id: date.version for date in described})
         if not await self.ledger.claim(key, str(message["Message-ID"]), now, version=version):
             return Outcome.SKIPPED, None
         sender = config.settings.sender.from_address.addr_spec

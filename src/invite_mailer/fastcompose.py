@@ -65,6 +65,7 @@ from invite_mailer.compose import (
     _recipient,
     _tidy_text,
     mime_boundary,
+    recipient_parts,
 )
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
@@ -642,11 +643,9 @@ class WireComposer:
         html = self._inline(c._render(f"{kind}.html.j2", context))
         link = context["unsubscribe_url"]
         # compose._recipient, without parsing an address that is plain anyway.
-        spec = german.clean(contact.email)
+        parts = recipient_parts(contact)
         to: Address | tuple[str, str] = (
-            (german.full_name(contact.titel, contact.vorname, contact.nachname), spec)
-            if _PLAIN_ADDRESS.fullmatch(spec)
-            else _recipient(contact)
+            parts if _PLAIN_ADDRESS.fullmatch(parts[1]) else _recipient(contact)
         )
         return _Rendered(
             kind=kind,

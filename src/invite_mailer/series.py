@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -274,9 +275,12 @@ class Event(_Model):
             "cancelled": "yes" if self.cancelled else "",
         }
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """A short hash of :meth:`fingerprint`: equal versions describe the same date."""
+        """A short hash of :meth:`fingerprint`: equal versions describe the same date.
+
+        Cached: the event is frozen, and every mail of a pass records it.
+        """
         data = json.dumps(self.fingerprint(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
