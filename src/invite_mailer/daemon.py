@@ -12,20 +12,22 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from watchfiles import awatch
+from watchfiles import Change, DefaultFilter, awatch
 
 from invite_mailer.app import validate_sample
 from invite_mailer.config import Config, load_config
 from invite_mailer.dispatch import Dispatcher, Outcome
-from invite_mailer.errors import ConfigError
+from invite_mailer.errors import ConfigError, InviteMailerError
 from invite_mailer.health import heartbeat_path, write_heartbeat
 from invite_mailer.ledger import Ledger, state_lock
 from invite_mailer.plan import MailingState
@@ -39,6 +41,104 @@ HEARTBEAT_JOB = "heartbeat"
 HEARTBEAT_SECONDS = 30
 SWEEP_SECONDS = 60
 STOP_TIMEOUT = 30.0
+RELOAD_TIMEOUT = 120.0
+"""A reload that takes longer is given up; the last good config keeps running."""
+WATCH_RETRY_SECONDS = (1.0, 2.0, 5.0, 15.0, 60.0)
+"""Pauses before the file watcher is started again after a failure."""
+
+# Exit codes of ``invite-mailer run``. 1 is "invalid config" as for every
+# command; the systemd unit does not restart on it (RestartPreventExitStatus=1),
+# since a broken config stays broken until someone edits it. Everything else
+# is worth another start, so it must never exit 1 by accident.
+EXIT_OK = 0
+EXIT_INVALID_CONFIG = 1
+EXIT_SOFTWARE = 70  # sysexits EX_SOFTWARE: an unexpected error
+EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: lock held, port taken, ledger unavailable
+
+NOT_RESTARTING = "not restarting: fix the config and start again"
+
+T = TypeVar("T")
+
+
+class ConfigFilter(DefaultFilter):
+    """Only real config files: editors' swap, backup, lock and test files are ignored.
+
+    vim writes ``.series.yaml.swp`` and a test file ``4913``; emacs
+    ``.#series.yaml`` and ``#series.yaml#``; many editors ``series.yaml~``;
+    LibreOffice and Excel lock files ``.~lock.contacts.csv#`` and
+    ``~$contacts.xlsx``; ``sed -i`` a ``sedXXXXXX``. None of them is config,
+    and a reload they trigger would only name them in the log.
+    """
+
+    ignore_entity_patterns = (
+        *DefaultFilter.ignore_entity_patterns,
+        r"^\.",  # hidden files: swap files, lock files, gedit's .goutputstream-*
+        r"~$",
+        r"^~",
+        r"^#.*#$",
+        r"^\d+$",  # every config file has an extension
+        r"^sed[A-Za-z0-9]{6}$",
+        r"\.(swp|swx|swo|tmp|temp|bak|orig|rej|part|crdownload|kate-swp)$",
+    )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failure that is not a :class:`ConfigError`: no traceback in the log."""
+    text = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return (
+        f"the config could not be loaded ({detail}); "
+        "run `invite-mailer validate` to see which file and line"
+    )
+
+
+def _problems(exc: ConfigError) -> str:
+    count = len(exc.problems)
+    lines = "\n".join(f"- {problem}" for problem in exc.problems)
+    return f"{count} problem{'s' if count != 1 else ''} found:\n{lines}"
+
+
+def _printable(name: str) -> str:
+    """A file name as it can go into a log line (no line breaks, no undecodable bytes)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
+def _load(config_dir: Path, templates_dir: Path | None) -> Config:
+    config = load_config(config_dir, templates_dir)
+    validate_sample(config)
+    return config
+
+
+async def _in_thread(func: Callable[[], T], name: str) -> T:
+    """Run *func* in a daemon thread and wait for its result.
+
+    Parsing config is CPU work that may take long (a huge or hostile file):
+    on the event loop it would stop the heartbeat, the scheduler and the web
+    endpoint. Not :func:`asyncio.to_thread`: its executor is joined when the
+    loop closes, so a parse that never ends would keep SIGTERM from ending
+    the process; a daemon thread is simply left behind.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # given up (timeout, shutdown)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = func(), None
+        except BaseException as exc:  # handed to the waiting coroutine
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return await future
 
 
 class RunState(StrEnum):
@@ -74,7 +174,10 @@ class Daemon:
         self._dispatcher: Dispatcher | None = None
         self._stopped = asyncio.Event()
         self._last_waiting_warning: dict[str, datetime] = {}
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[object]] = set()
         self.failed_permanently = 0
+        self.reloads = 0
 
     def now(self) -> datetime:
         return datetime.now(self.config.series.zone)
@@ -128,9 +231,11 @@ class Daemon:
         finally:
             # The watcher may be running a reload's pass: let it finish first.
             await self._shutdown()
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (watcher, *self._tasks):
+                task.cancel()
+            for task in (watcher, *self._tasks):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def beat(self) -> None:
         """Tell ``invite-mailer health`` that this daemon is alive."""
@@ -152,6 +257,14 @@ class Daemon:
             self._dispatcher.stop.set()
         self._stopped.set()
 
+    def request_reload(self, reason: str) -> None:
+        """Reload in the background (SIGHUP)."""
+        if self.state is not RunState.RUNNING:
+            return
+        task: asyncio.Task[object] = asyncio.create_task(self.reload(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _shutdown(self) -> None:
         # A pass in progress has been told to stop; wait for it to record what
         # is in flight. Only then stop the scheduler: its shutdown cancels the
@@ -164,6 +277,9 @@ class Daemon:
             log.error("a delivery pass did not finish within %.0fs", STOP_TIMEOUT)
         self.scheduler.shutdown(wait=False)
         self.state = RunState.STOPPED
+        # The last beat says so: `health` must not call a stopped daemon alive
+        # for the minutes its last beat is still young.
+        self.beat()
         log.info("daemon stopped")
 
     # --- scheduling ------------------------------------------------------------
@@ -233,12 +349,49 @@ class Daemon:
     # --- reloading -------------------------------------------------------------
 
     async def reload(self, reason: str) -> bool:
-        """Load the config again; keep the last good one if the new one is broken."""
+        """Load the config again; keep the last good one if the new one is broken.
+
+        Never raises: whatever goes wrong is logged, and the daemon keeps
+        running (and watching) with the config it had.
+        """
+        async with self._reload_lock:
+            try:
+                return await self._reload(reason)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error(
+                    "reload (%s) failed, the last good config keeps running: %s",
+                    reason,
+                    describe_failure(exc),
+                )
+                return False
+
+    async def _reload(self, reason: str) -> bool:
+        rejected = "reload (%s) rejected, the last good config keeps running: %s"
         try:
-            config = load_config(self.config_dir, self.templates_dir)
-            validate_sample(config)
+            async with asyncio.timeout(RELOAD_TIMEOUT):
+                config = await _in_thread(
+                    lambda: _load(self.config_dir, self.templates_dir), "config-reload"
+                )
+            # The plan of the new config is worked out before it replaces the old:
+            # dates at the calendar's limits only fail there.
+            await Dispatcher(config, self.ledger, self.transport).plan(self.now())
         except ConfigError as exc:
-            log.error("reload (%s) rejected, the last good config keeps running:\n%s", reason, exc)
+            log.error(rejected, reason, _problems(exc))
+            return False
+        except TimeoutError:
+            log.error(
+                rejected,
+                reason,
+                f"reading the config took more than {RELOAD_TIMEOUT:.0f} s; "
+                "check the size of the files just edited",
+            )
+            return False
+        except Exception as exc:
+            log.error(rejected, reason, describe_failure(exc))
+            return False
+        if self.state is not RunState.RUNNING:
             return False
         if (config.settings.transport, config.settings.smtp) != (
             self.config.settings.transport,
@@ -246,6 +399,7 @@ class Daemon:
         ):
             log.warning("transport or SMTP settings changed: they take effect after a restart")
         self.config = config
+        self.reloads += 1
         log.info("config reloaded (%s)", reason)
         # The pass records changed dates first, so update mails are scheduled
         # from the moment the edit was seen.
@@ -253,19 +407,108 @@ class Daemon:
         await self.reschedule()
         return True
 
-    async def _watch(self) -> None:
+    def _watched(self) -> list[Path]:
         paths = [self.config_dir]
         if self.templates_dir is not None:
             paths.append(self.templates_dir)
         elif self.config.templates_dir.exists():
             paths.append(self.config.templates_dir)
-        async for changes in awatch(*paths, stop_event=self._stopped, debounce=500):
-            names = sorted({Path(p).name for _, p in changes})
-            await self.reload("changed: " + ", ".join(names))
+        return [path.resolve() for path in paths]
+
+    async def _watch(self) -> None:
+        """Reload on every edit, for as long as the daemon runs.
+
+        The watcher is started again when it fails (watchfiles raising, a
+        watched folder deleted or replaced), and the config is reloaded once
+        it watches again, so an edit made meanwhile is not missed.
+        """
+        failures = 0
+        catch_up = False
+        while self.state is RunState.RUNNING:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                await self._watch_once(catch_up)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                problem = f"the file watcher failed ({type(exc).__name__}: {exc})"
+            else:
+                if self.state is not RunState.RUNNING:
+                    return
+                problem = "a watched folder was removed or replaced"
+            if loop.time() - started > WATCH_RETRY_SECONDS[-1]:
+                failures = 0
+            pause = WATCH_RETRY_SECONDS[min(failures, len(WATCH_RETRY_SECONDS) - 1)]
+            failures += 1
+            catch_up = True
+            log.error("%s; watching again in %.0f s (SIGHUP reloads at any time)", problem, pause)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stopped.wait()
+
+    async def _watch_once(self, catch_up: bool) -> None:
+        """Watch until stopped; returns early when a watched folder itself goes away.
+
+        With *catch_up*, the config is reloaded as soon as the watch is set up
+        (watchfiles yields an empty set then): edits made while nothing
+        watched are picked up, and none made after it can slip through.
+        """
+        roots = self._watched()
+        async for changes in awatch(
+            *roots,
+            watch_filter=ConfigFilter(),
+            stop_event=self._stopped,
+            debounce=500,
+            rust_timeout=1000,
+            yield_on_timeout=catch_up,
+        ):
+            # inotify watches the folder, not its name: once it is deleted or
+            # renamed (a deployment swapping config/), nothing more is seen.
+            if any(Path(p) in roots for change, p in changes if change is Change.deleted):
+                return
+            names = changed_names(roots, (p for _, p in changes))
+            if catch_up:
+                catch_up = False
+                await self.reload("file watcher restarted")
+            elif names:
+                await self.reload("changed: " + ", ".join(names))
+
+
+def changed_names(roots: list[Path], paths: Iterable[str]) -> list[str]:
+    """Changed files as the organiser knows them: relative to the watched folder."""
+    names = set()
+    for raw in paths:
+        path = Path(raw)
+        for root in roots:
+            if path.is_relative_to(root) and path != root:
+                names.add(_printable(path.relative_to(root).as_posix()))
+                break
+        else:
+            names.add(_printable(path.name))
+    return sorted(names)
 
 
 async def run_daemon(config: Config, *, config_dir: Path, templates_dir: Path | None) -> int:
-    """Entry point of ``invite-mailer run``; returns the exit code."""
+    """Run the daemon with a loaded *config*; returns the exit code.
+
+    Failures are logged here and become exit codes (see ``EXIT_*``), so the
+    service manager can tell a config to fix from a fault worth a restart.
+    """
+    try:
+        return await _run(config, config_dir=config_dir, templates_dir=templates_dir)
+    except ConfigError as exc:
+        log.error("invalid config, %s\n%s", NOT_RESTARTING, _problems(exc))
+        return EXIT_INVALID_CONFIG
+    except (InviteMailerError, OSError) as exc:
+        log.error("the daemon cannot run: %s", exc)
+        return EXIT_TEMPFAIL
+    except Exception:
+        log.exception("the daemon stopped on an unexpected error")
+        return EXIT_SOFTWARE
+
+
+async def _run(config: Config, *, config_dir: Path, templates_dir: Path | None) -> int:
     state_path = config.settings.state.path
     state_path.parent.mkdir(parents=True, exist_ok=True)
     loop = asyncio.get_running_loop()
@@ -276,9 +519,7 @@ async def run_daemon(config: Config, *, config_dir: Path, templates_dir: Path | 
             )
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, daemon.request_stop)
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: asyncio.ensure_future(daemon.reload("SIGHUP"))
-            )
+            loop.add_signal_handler(signal.SIGHUP, daemon.request_reload, "SIGHUP")
             web = None
             try:
                 # The one-click unsubscribe endpoint, when unsubscribe.serve is set.
@@ -289,4 +530,27 @@ async def run_daemon(config: Config, *, config_dir: Path, templates_dir: Path | 
                     await web.stop()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
-    return 0
+    return EXIT_OK
+
+
+def main(config_dir: Path, templates_dir: Path | None) -> int:
+    """``invite-mailer run``: load and check the config, run the daemon, return the exit code.
+
+    Everything goes to the log (so ``--log-format json`` holds for start-up
+    errors too). A config that is invalid at start exits
+    :data:`EXIT_INVALID_CONFIG` and says that a restart will not help.
+    """
+    try:
+        config = _load(config_dir, templates_dir)
+    except ConfigError as exc:
+        log.error("invalid config, %s\n%s", NOT_RESTARTING, _problems(exc))
+        return EXIT_INVALID_CONFIG
+    except OSError as exc:
+        log.error("cannot read the config: %s", exc)
+        return EXIT_TEMPFAIL
+    except Exception as exc:
+        log.error("invalid config, %s: %s", NOT_RESTARTING, describe_failure(exc))
+        return EXIT_INVALID_CONFIG
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return asyncio.run(run_daemon(config, config_dir=config_dir, templates_dir=templates_dir))
