@@ -8,6 +8,7 @@ from typing import Any
 
 from babel.dates import format_datetime as babel_datetime
 from rich.table import Table
+from rich.text import Text
 
 from invite_mailer.ledger import Delivery
 from invite_mailer.plan import Mailing, MailingState
@@ -55,9 +56,17 @@ def mailing_json(mailing: Mailing, *, with_recipients: bool = False) -> dict[str
     return data
 
 
+# Every cell is a Text, never a str: rich would read "[/]" in a title, a name or a
+# relay's answer as markup (and fail on it).
+
+
+def state_cell(state: MailingState) -> Text:
+    return Text(str(state), style=STATE_STYLES[state])
+
+
 def plan_table(mailings: Sequence[Mailing], series: Series, now: datetime) -> Table:
     table = Table(
-        title=f"{series.title} — plan at {local(now, series)} ({series.timezone})",
+        title=Text(f"{series.title} — plan at {local(now, series)} ({series.timezone})"),
         title_justify="left",
     )
     for column in ("kind", "event", "due", "deadline", "state", "recipients", "sent"):
@@ -65,14 +74,14 @@ def plan_table(mailings: Sequence[Mailing], series: Series, now: datetime) -> Ta
     table.add_column("note")
     for m in mailings:
         table.add_row(
-            str(m.kind),
-            event_label(m, series),
-            local(m.due, series),
-            local(m.deadline, series),
-            f"[{STATE_STYLES[m.state]}]{m.state}[/]",
-            str(len(m.audience)),
-            str(m.sent) + (f" (+{m.failed} failed)" if m.failed else ""),
-            m.note,
+            Text(str(m.kind)),
+            Text(event_label(m, series)),
+            Text(local(m.due, series)),
+            Text(local(m.deadline, series)),
+            state_cell(m.state),
+            Text(str(len(m.audience))),
+            Text(str(m.sent) + (f" (+{m.failed} failed)" if m.failed else "")),
+            Text(m.note),
         )
     return table
 
@@ -82,19 +91,21 @@ def status_table(
     pending_retry: Mapping[str, int],
     series: Series,
 ) -> Table:
-    table = Table(title=f"{series.title} — deliveries", title_justify="left")
+    table = Table(title=Text(f"{series.title} — deliveries"), title_justify="left")
     for column in ("mailing", "state", "sent", "failed", "uncertain", "pending", "opted out"):
         table.add_column(column, justify="left" if column in ("mailing", "state") else "right")
     for m in mailings:
         table.add_row(
-            f"{m.kind} {event_label(m, series)}",
-            f"[{STATE_STYLES[m.state]}]{m.state}[/]",
-            str(m.sent),
-            f"[red]{m.failed}[/]" if m.failed else "0",
-            f"[yellow]{m.uncertain}[/]" if m.uncertain else "0",
-            str(len(m.outstanding))
-            + (f" ({pending_retry[m.id]} retrying)" if pending_retry.get(m.id) else ""),
-            str(m.opted_out),
+            Text(f"{m.kind} {event_label(m, series)}"),
+            state_cell(m.state),
+            Text(str(m.sent)),
+            Text(str(m.failed), style="red") if m.failed else Text("0"),
+            Text(str(m.uncertain), style="yellow") if m.uncertain else Text("0"),
+            Text(
+                str(len(m.outstanding))
+                + (f" ({pending_retry[m.id]} retrying)" if pending_retry.get(m.id) else "")
+            ),
+            Text(str(m.opted_out)),
         )
     return table
 
@@ -115,15 +126,15 @@ def delivery_json(delivery: Delivery) -> dict[str, Any]:
 
 
 def deliveries_table(title: str, deliveries: Sequence[Delivery], series: Series) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for column in ("mailing", "recipient", "attempts", "last attempt", "server answer"):
         table.add_column(column)
     for d in deliveries:
         table.add_row(
-            f"{d.kind} {d.event or '(series)'}",
-            d.email,
-            str(d.attempts),
-            local(d.last_attempt_at, series) if d.last_attempt_at else "",
-            d.last_response,
+            Text(f"{d.kind} {d.event or '(series)'}"),
+            Text(d.email),
+            Text(str(d.attempts)),
+            Text(local(d.last_attempt_at, series) if d.last_attempt_at else ""),
+            Text(d.last_response or ""),
         )
     return table
