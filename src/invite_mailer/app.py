@@ -7,13 +7,15 @@ CLI prints it. Tests can call these directly or through the CLI.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.utils import make_msgid, parseaddr
 from pathlib import Path
 
 from invite_mailer.config import Config
@@ -23,8 +25,14 @@ from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.fastcompose import WireComposer
 from invite_mailer.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
 from invite_mailer.plan import EmptyLedger, Mailing, audience_of, mailing_times, plan
-from invite_mailer.series import Event, Kind
+from invite_mailer.series import SERIES_FILE, Event, Kind
+from invite_mailer.settings import SETTINGS_FILE
 from invite_mailer.transport import make_transport
+from invite_mailer.yamlfile import load_yaml
+
+# What --now may be: far enough out for any real series, near enough that every
+# due time and deadline derived from it stays computable.
+NOW_YEARS = range(1970, 9001)
 
 
 def parse_now(text: str | None, config: Config) -> datetime:
@@ -42,7 +50,38 @@ def parse_now(text: str | None, config: Config) -> datetime:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=zone)
+    try:
+        year = moment.astimezone(UTC).year
+    except (OverflowError, ValueError):
+        year = 0
+    if year not in NOW_YEARS:
+        raise ConfigError.single(
+            None,
+            f"--now {text!r} is outside the years {NOW_YEARS[0]} to {NOW_YEARS[-1]}",
+            hint="pass a moment of the series, e.g. --now 2024-10-24T10:05",
+        )
     return moment
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``state/x.db: permission denied``: the file and the reason, in one line."""
+    reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason
+
+
+@contextlib.contextmanager
+def writing(target: Path, option: str = "--out") -> Iterator[None]:
+    """Output files that cannot be written are an input problem, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else target
+        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        raise ConfigError.single(
+            None,
+            f"cannot write {where}: {reason}",
+            hint=f"pass {option} DIR with a folder you can write to",
+        ) from None
 
 
 # --- validate --------------------------------------------------------------------
@@ -124,6 +163,93 @@ def validate(config: Config) -> ValidationReport:
     if problems:
         raise ConfigError(problems.values())
     return report
+
+
+# The shipped example: a new series that still carries these addresses would
+# send its mail, replies and unsubscribe requests to somebody else's domain.
+SHIPPED_SERIES_ID = "transferreihe-2024"
+EXAMPLE_SENDER_ADDRESSES = ("transferreihe@example.org", "abmeldung@example.org")
+
+
+def advisories(config: Config) -> list[Problem]:
+    """Config that loads and renders but probably does not do what was meant.
+
+    Warnings only: nothing is sent wrong because of them, so the exit code
+    stays 0. ``validate`` and ``rehearse`` print them.
+    """
+    return [*_example_sender(config), *_closed_windows(config)]
+
+
+def _example_sender(config: Config) -> list[Problem]:
+    if config.series.id == SHIPPED_SERIES_ID:
+        return []
+    sender = config.settings.sender
+    fields = {
+        "address": sender.address,
+        "reply_to": sender.reply_to,
+        "unsubscribe_mailto": sender.unsubscribe_mailto.removeprefix("mailto:"),
+    }
+    path = config.config_dir / SETTINGS_FILE
+    warnings = []
+    for key, value in fields.items():
+        address = parseaddr(value)[1].lower()
+        if address in EXAMPLE_SENDER_ADDRESSES:
+            warnings.append(
+                Problem(
+                    path,
+                    f"sender.{key} is still the example address {address} of the shipped "
+                    f"series, but this series is {config.series.id!r}",
+                    hint="write your own addresses into [sender] (address, reply_to, "
+                    "unsubscribe_mailto): replies and unsubscribe requests go there",
+                )
+            )
+    return warnings
+
+
+def _closed_windows(config: Config) -> list[Problem]:
+    """Mailings whose window closes before (or as) it opens: they can never go out."""
+    series = config.series
+    path = config.config_dir / SERIES_FILE
+
+    def at(moment: datetime) -> str:
+        return f"{moment.astimezone(series.zone):%Y-%m-%d %H:%M}"
+
+    warnings = []
+    for kind, event, due, deadline in mailing_times(series):
+        if due < deadline or (event is not None and event.cancelled):
+            continue
+        rule = str(kind)
+        if kind is Kind.INVITATION:
+            key = "send_at"
+            if series.mailings.invitation is not None and series.mailings.invitation.until:
+                why = f"send_at {at(due)} is not before its until {at(deadline)}"
+            else:
+                why = f"send_at {at(due)} is after the first date starts {at(deadline)}"
+            message = f"the invitation can never go out: {why}"
+            hint = "set mailings.invitation.send_at to a time before the first date"
+        elif kind is Kind.REMINDER:
+            key = "before"
+            message = (
+                f"the reminder for {event.id if event else ''} can never go out: it is due "
+                f"{at(due)}, not before the date starts {at(deadline)}"
+            )
+            hint = "set mailings.reminder.before (and at:) so the reminder is due before the date"
+        else:
+            key = "wait_for_materials"
+            message = (
+                f"the {rule} for {event.id if event else ''} can never go out: its window "
+                f"closes {at(deadline)}, as it opens"
+            )
+            hint = "set mailings.followup.wait_for_materials to a span, e.g. 14 days"
+        warnings.append(Problem(path, message, _line_of(path, ("mailings", rule, key)), hint))
+    return warnings
+
+
+def _line_of(path: Path, where: tuple[str, ...]) -> int | None:
+    try:
+        return load_yaml(path).line_of(where)
+    except (ConfigError, OSError):
+        return None
 
 
 def _attended(config: Config, event: Event | None, contact: Contact) -> bool | None:
@@ -267,7 +393,6 @@ def preview(
     """
     event = pick_event(config, kind, event_id)
     written = []
-    out.mkdir(parents=True, exist_ok=True)
     sequences = sequences_of(config, view)
     for contact in pick_contacts(config, kind, event, email):
         message = config.composer.compose(
@@ -279,20 +404,32 @@ def preview(
             sequences=sequences,
             previous=previous_version(view, event, contact) if kind is Kind.UPDATE else None,
         )
-        stem = "-".join(p for p in (str(kind), event.id if event else "", _safe(contact.key)) if p)
-        eml = out / f"{stem}.eml"
-        eml.write_bytes(message.as_bytes(policy=policy.SMTP))
-        written.append(eml)
+        stem = safe_name(str(kind), event.id if event else "", contact.key)
         html = message.get_body(("html",))
-        if html is not None:
-            path = out / f"{stem}.html"
-            path.write_text(html.get_content(), encoding="utf-8")
-            written.append(path)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            eml = out / f"{stem}.eml"
+            eml.write_bytes(message.as_bytes(policy=policy.SMTP))
+            written.append(eml)
+            if html is not None:
+                path = out / f"{stem}.html"
+                path.write_text(html.get_content(), encoding="utf-8")
+                written.append(path)
     return written
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._@-]+", "_", text)
+def safe_name(*parts: str, limit: int = 120) -> str:
+    """A file name from data: no separators, no leading dot, short enough for any file system.
+
+    A shortened name ends in a hash of the whole, so two long addresses still
+    get two files.
+    """
+    text = "-".join(p for p in parts if p)
+    name = re.sub(r"[^A-Za-z0-9._@-]+", "_", text).lstrip(".") or "mail"
+    if len(name) > limit:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        name = f"{name[: limit - 13]}-{digest}"
+    return name
 
 
 # --- send-due and send-test ------------------------------------------------------------
@@ -347,13 +484,15 @@ async def send_test(
     message = config.composer.compose(
         kind, contact, event=event, now=now, attended=_attended(config, event, contact)
     )
-    test = _readdress(message, to)
+    # Its own Message-ID: with the real one, the tester's client (or the relay)
+    # would thread it with, or drop it as a duplicate of, the contact's real mail.
+    test = _readdress(message, to, make_msgid("test", domain=config.settings.sender.domain))
     sender = config.settings.sender.from_address.addr_spec
     async with make_transport(config.settings) as transport:
         return await transport.send(test, sender=sender, recipients=[to])
 
 
-def _readdress(message: EmailMessage, to: str) -> EmailMessage:
+def _readdress(message: EmailMessage, to: str, message_id: str) -> EmailMessage:
     copy = EmailMessage(policy=message.policy)
     for name, value in message.items():
         copy[name] = value
@@ -365,4 +504,6 @@ def _readdress(message: EmailMessage, to: str) -> EmailMessage:
     del copy["Subject"]
     copy["Subject"] = f"[Test] {subject}"
     copy["X-Invite-Mailer-Test-For"] = original_to
+    del copy["Message-ID"]
+    copy["Message-ID"] = message_id
     return copy

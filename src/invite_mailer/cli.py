@@ -7,26 +7,63 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+from email_validator import EmailNotValidError, validate_email
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from invite_mailer import __version__, app, report
 from invite_mailer.config import Config, load_config
 from invite_mailer.dispatch import Outcome
-from invite_mailer.errors import ConfigError, InviteMailerError, LockedError, TransportError
+from invite_mailer.errors import (
+    ConfigError,
+    InviteMailerError,
+    PermanentFailure,
+    Problem,
+    TransportError,
+)
 from invite_mailer.logs import setup_logging
 from invite_mailer.series import Kind
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 # Tables stay readable when piped into a file or a pager (rich would assume 80 columns).
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+# Markup off: names, relay answers and opt-out sources are data, and "[/]" in them
+# must print as it is. Styling goes through Text objects (see say()).
+out = Console(
+    soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False, highlight=False
+)
+err = Console(
+    stderr=True,
+    soft_wrap=True,
+    width=None if sys.stderr.isatty() else 160,
+    markup=False,
+    highlight=False,
+)
+
+LABEL_STYLES = {
+    "error:": "bold red",
+    "warning:": "yellow",
+    "failed:": "red",
+    "uncertain:": "yellow",
+}
+
+
+def say(console: Console, label: str, message: str) -> None:
+    """*label* styled, *message* printed exactly as it is."""
+    console.print(Text.assemble((label, LABEL_STYLES.get(label, "")), " ", message))
+
+
+def warn(problem: Problem | str) -> None:
+    say(err, "warning:", str(problem))
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,36 +101,84 @@ def with_json(func: F) -> F:
 
 
 def handle_errors(func: F) -> F:
-    """Turn expected errors into one clear message and an exit code."""
+    """Turn every error into one clear message and an exit code, never a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ConfigError as exc:
-            count = len(exc.problems)
-            err.print(
-                f"[bold red]error:[/] {count} problem{'s' if count != 1 else ''} found; "
-                "nothing was sent.",
-                highlight=False,
-            )
-            for problem in exc.problems:
-                err.print(f"- {problem}", highlight=False, markup=False)
-            sys.exit(EXIT_INVALID)
-        except LockedError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            sys.exit(EXIT_INVALID)
-        except InviteMailerError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            sys.exit(EXIT_INVALID)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as exc:  # the last stop before the user: no traceback
+            _fail(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    exc = _only_cause(exc)
+    if isinstance(exc, ConfigError):
+        count = len(exc.problems)
+        say(err, "error:", f"{count} problem{'s' if count != 1 else ''} found; nothing was sent.")
+        for problem in exc.problems:
+            err.print(f"- {problem}")
+        sys.exit(EXIT_INVALID)
+    if isinstance(exc, PermanentFailure):
+        say(err, "error:", str(exc))
+        sys.exit(EXIT_FAILED)
+    if isinstance(exc, InviteMailerError):
+        say(err, "error:", str(exc))
+        sys.exit(EXIT_INVALID)
+    if isinstance(exc, OSError):
+        say(err, "error:", app.describe_os_error(exc))
+        sys.exit(EXIT_INVALID)
+    say(err, "error:", f"{type(exc).__name__}: {exc}")
+    err.print(
+        "  this is a bug; please report it"
+        + (" with the traceback above" if _verbose() else " (run with --verbose for the traceback)")
+    )
+    if _verbose():
+        traceback.print_exception(exc, file=sys.stderr)
+    sys.exit(EXIT_INVALID)
+
+
+def _only_cause(exc: BaseException) -> BaseException:
+    """The one error inside an exception group (asyncio task groups wrap them)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _verbose() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context is not None and context.find_root().params.get("verbose"))
+
+
+def now_of(text: str | None, config: Config) -> datetime:
+    """``--now``, or a usage error that says what was wrong with it."""
+    try:
+        return app.parse_now(text, config)
+    except ConfigError as exc:
+        problem = exc.problems[0]
+        hint = f" ({problem.hint})" if problem.hint else ""
+        raise click.BadParameter(f"{problem.message}{hint}", param_hint="'--now'") from None
+
+
+def plain_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``send-test --to``: one plain address, nothing a header could be built from."""
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise click.BadParameter(
+            f"{value!r} is not one plain email address: {exc} "
+            "(write it like tester@example.org, without a name or a second address)"
+        ) from None
 
 
 def load(config_dir: Path, templates: Path | None) -> Config:
     config = load_config(config_dir, templates)
     for warning in config.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        warn(warning)
     return config
 
 
@@ -123,10 +208,14 @@ def validate(config_dir: Path, templates: Path | None) -> None:
     """Check all files and render every mail for every recipient; send nothing."""
     config = load(config_dir, templates)
     result = app.validate(config)
+    for warning in app.advisories(config):
+        warn(warning)
     out.print(
-        f"[green]OK[/]: {result.contacts} contacts, {result.mailings} mailings, "
-        f"{result.rendered} mails rendered without error.",
-        highlight=False,
+        Text.assemble(
+            ("OK", "green"),
+            f": {result.contacts} contacts, {result.mailings} mailings, "
+            f"{result.rendered} mails rendered without error.",
+        )
     )
 
 
@@ -140,7 +229,7 @@ def plan_command(
 ) -> None:
     """The timeline: every mailing with due time, deadline, state and counts."""
     config = load(config_dir, templates)
-    now = app.parse_now(now_text, config)
+    now = now_of(now_text, config)
     mailings = asyncio.run(app.current_plan(config, now))
     if as_json:
         data = {
@@ -178,7 +267,7 @@ def preview(
 ) -> None:
     """Write the exact message as .eml, and its HTML part as .html."""
     config = load(config_dir, templates)
-    now = app.parse_now(now_text, config)
+    now = now_of(now_text, config)
     view = asyncio.run(app.snapshot(config))
     written = app.preview(
         config, Kind(kind), event_id=event_id, email=email, out=out, now=now, view=view
@@ -195,7 +284,7 @@ def preview(
 def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_json: bool) -> None:
     """One pass: send everything due and open, then exit (safe to repeat, e.g. from cron)."""
     config = load(config_dir, templates)
-    now = app.parse_now(now_text, config)
+    now = now_of(now_text, config)
     with app.locked(config):
         if sys.stderr.isatty() and not as_json:
             outcome = _send_due_with_progress(config, now)
@@ -203,10 +292,11 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
             outcome = asyncio.run(app.send_due(config, now))
     result = outcome.result
     for delivery in outcome.recovered:
-        err.print(
-            f"[yellow]uncertain:[/] {delivery.kind} {delivery.event or '(series)'} to "
-            f"{delivery.email} was in flight when the last run stopped; sending again",
-            highlight=False,
+        say(
+            err,
+            "uncertain:",
+            f"{delivery.kind} {delivery.event or '(series)'} to {delivery.email} was in "
+            "flight when the last run stopped; sending again",
         )
     sent, failed = result.total(Outcome.SENT), result.total(Outcome.FAILED)
     retry = result.total(Outcome.RETRY)
@@ -238,15 +328,16 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
         )
         if not result.mailings:
             line = f"nothing due at {report.local(now, config.series)}; {line}"
-        out.print(line, highlight=False)
+        out.print(line)
         for mailing_id, email, answer in result.failures:
-            err.print(f"[red]failed:[/] {mailing_id} {email}: {answer}", highlight=False)
+            say(err, "failed:", f"{mailing_id} {email}: {answer}")
     if result.sender_refused is not None:
-        err.print(
-            f"[bold red]error:[/] the relay refuses the sender address: {result.sender_refused}\n"
+        say(
+            err,
+            "error:",
+            f"the relay refuses the sender address: {result.sender_refused}\n"
             "  hint: check [sender] address in settings.toml and that your SMTP account may "
             "send as it; nothing was marked failed, the next run tries again",
-            highlight=False,
         )
     if failed or result.sender_refused is not None:
         sys.exit(EXIT_FAILED)
@@ -254,7 +345,7 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
 
 def _send_due_with_progress(config: Config, now: Any) -> app.SendDueResult:
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -284,7 +375,7 @@ def status(
 ) -> None:
     """What was sent, failed, uncertain and pending, per mailing."""
     config = load(config_dir, templates)
-    now = app.parse_now(now_text, config)
+    now = now_of(now_text, config)
     result = asyncio.run(app.status(config, now))
     if as_json:
         data: dict[str, Any] = {
@@ -321,7 +412,9 @@ def status(
 
 @cli.command("send-test")
 @click.argument("kind", type=kind_choice())
-@click.option("--to", "to", required=True, metavar="ADDR", help="Test address.")
+@click.option(
+    "--to", "to", required=True, metavar="ADDR", callback=plain_address, help="Test address."
+)
 @click.option("--event", "event_id", metavar="ID")
 @click.option("--contact", "email", metavar="EMAIL", help="Render as for this contact.")
 @common
@@ -338,15 +431,15 @@ def send_test(
 ) -> None:
     """Send one rendered sample to a test address (not recorded as a delivery)."""
     config = load(config_dir, templates)
-    now = app.parse_now(now_text, config)
+    now = now_of(now_text, config)
     try:
         answer = asyncio.run(
             app.send_test(config, Kind(kind), to=to, event_id=event_id, email=email, now=now)
         )
     except TransportError as exc:
-        err.print(f"[red]failed:[/] {exc}", highlight=False)
+        say(err, "failed:", str(exc))
         sys.exit(EXIT_FAILED)
-    out.print(f"sent test {kind} to {to} via {app.destination(config)}: {answer}", highlight=False)
+    out.print(f"sent test {kind} to {to} via {app.destination(config)}: {answer}")
 
 
 @cli.command()
@@ -429,10 +522,10 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     if not entries:
-        out.print(f"No opt-outs for {files.series.id}.", highlight=False)
+        out.print(f"No opt-outs for {files.series.id}.")
         return
     table = Table(
-        title=f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)"
+        title=Text(f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)")
     )
     for column in ("address", "stored in", "source", "since"):
         table.add_column(column)
@@ -441,7 +534,7 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
         if entry.stored_in == "file":
             where = str(files.optout_file) + (f", line {entry.line}" if entry.line else "")
         since = report.local(entry.created_at, files.series) if entry.created_at else ""
-        table.add_row(entry.email, where, entry.source, since)
+        table.add_row(*(Text(cell) for cell in (entry.email, where, entry.source, since)))
     out.print(table)
 
 
@@ -464,11 +557,8 @@ def optout_add(addresses: tuple[str, ...], source: str, config_dir: Path) -> Non
     files = optouts.load(config_dir)
     result = asyncio.run(optouts.add(files, list(addresses), now=datetime.now(UTC), source=source))
     for email, added in result.items():
-        out.print(f"{email}: {'opted out' if added else 'was already opted out'}", highlight=False)
-    out.print(
-        "Takes effect with the next delivery pass (a running daemon checks every minute).",
-        highlight=False,
-    )
+        out.print(f"{email}: {'opted out' if added else 'was already opted out'}")
+    out.print("Takes effect with the next delivery pass (a running daemon checks every minute).")
 
 
 @optout.command("remove")
@@ -485,21 +575,21 @@ def optout_remove(address: str, config_dir: Path) -> None:
     line = optouts.file_lines(files.optout_file).get(key)
     where = str(files.optout_file) + (f", line {line}" if line else "")
     if outcome is optouts.Removal.REMOVED:
-        out.print(f"{key}: opt-out removed; this address gets mail again.", highlight=False)
+        out.print(f"{key}: opt-out removed; this address gets mail again.")
     elif outcome is optouts.Removal.NOT_FOUND:
-        out.print(f"{key} was not opted out; nothing to do.", highlight=False)
+        out.print(f"{key} was not opted out; nothing to do.")
     elif outcome is optouts.Removal.ONLY_IN_FILE:
-        err.print(
-            f"[bold red]error:[/] {key} is not in the state database but listed in {where}; "
+        say(
+            err,
+            "error:",
+            f"{key} is not in the state database but listed in {where}; "
             "to allow mail to it again, delete that line from the file.",
-            highlight=False,
         )
         sys.exit(EXIT_INVALID)
     else:
-        err.print(
-            f"[yellow]warning:[/] {key}: removed from the state database, but it is also "
-            f"listed in {where} and stays blocked; delete that line from the file too.",
-            highlight=False,
+        warn(
+            f"{key}: removed from the state database, but it is also "
+            f"listed in {where} and stays blocked; delete that line from the file too."
         )
         sys.exit(EXIT_INVALID)
 
@@ -525,6 +615,9 @@ def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: b
 
     config = load(config_dir, templates)
     app.validate_sample(config)
+    advisories = app.advisories(config)
+    for warning in advisories:
+        warn(warning)
     result = asyncio.run(play(config, out_dir))
     counts = {str(kind): result.count(str(kind)) for kind in Kind if result.count(str(kind))}
     waiting = [r.mailing.id for r in result.waiting]
@@ -534,14 +627,15 @@ def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: b
             "mails": counts,
             "waiting_for_materials": waiting,
             "optouts": result.optouts,
+            "warnings": [str(w) for w in advisories],
         }
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     summary = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no mails"
-    out.print(f"Rehearsal written, nothing was sent: {summary}.", highlight=False)
+    out.print(f"Rehearsal written, nothing was sent: {summary}.")
     for mailing_id in waiting:
-        out.print(f"  {mailing_id}: waiting for materials (nothing sent)", highlight=False)
-    out.print(f"Open {result.index} in a browser.", highlight=False)
+        out.print(f"  {mailing_id}: waiting for materials (nothing sent)")
+    out.print(f"Open {result.index} in a browser.")
 
 
 def main(argv: list[str] | None = None) -> int:

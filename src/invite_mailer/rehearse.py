@@ -34,6 +34,7 @@ import jinja2
 from babel.dates import format_datetime as babel_datetime
 
 from invite_mailer import german
+from invite_mailer.app import safe_name, writing
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
 from invite_mailer.dispatch import Dispatcher
@@ -204,7 +205,8 @@ def _html_of(message: email.message.EmailMessage) -> str:
 
 async def rehearse(config: Config, out: Path) -> Rehearsal:
     """Play the whole series into *out*; see the module docstring."""
-    _prepare(out)
+    with writing(out):
+        _prepare(out)
     mails_dir = out / MAILS_DIR
     with tempfile.TemporaryDirectory(dir=out, prefix=".state-") as state_dir:
         settings = config.settings.model_copy(
@@ -217,7 +219,8 @@ async def rehearse(config: Config, out: Path) -> Rehearsal:
         with _quiet("invite_mailer.dispatch"):
             reports, optouts = await _play(config, virtual, out, mails_dir)
     index = out / INDEX_FILE
-    index.write_text(_render_index(config, reports, optouts), encoding="utf-8")
+    with writing(out):
+        index.write_text(_render_index(config, reports, optouts), encoding="utf-8")
     return Rehearsal(out, index, reports, optouts)
 
 
@@ -269,7 +272,8 @@ async def _play(
             continue
         message, moment, eml = written
         html_path = eml.with_suffix(".html")
-        html_path.write_text(_html_of(message), encoding="utf-8")
+        with writing(out):
+            html_path.write_text(_html_of(message), encoding="utf-8")
         summary = delivery.kind == SUMMARY_KIND
         # A summary's "event" is the id of the mailing it reports on.
         mailing_id = delivery.event if summary else f"{delivery.kind}:{delivery.event or 'series'}"
@@ -341,11 +345,12 @@ def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
         log.warning("no preview of %s: %s", mailing.id, exc)
         return None
     folder = out / PREVIEWS_DIR
-    folder.mkdir(exist_ok=True)
-    stem = mailing.id.replace(":", "-")
-    (folder / f"{stem}.eml").write_bytes(wire_bytes(message))
+    stem = safe_name(mailing.id.replace(":", "-"))
     path = folder / f"{stem}.html"
-    path.write_text(_html_of(message), encoding="utf-8")
+    with writing(out):
+        folder.mkdir(exist_ok=True)
+        (folder / f"{stem}.eml").write_bytes(wire_bytes(message))
+        path.write_text(_html_of(message), encoding="utf-8")
     return path.relative_to(out)
 
 

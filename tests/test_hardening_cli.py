@@ -1,0 +1,446 @@
+"""The command line under hostile data and faults: one clear message, never a traceback.
+
+Every test drives ``invite-mailer`` as a user runs it (the CLI runner on
+:data:`invite_mailer.cli.cli`, or a child process) in a copy of the shipped
+project.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from deliverykit import copy_project, smtp_env, subprocess_env
+from invite_mailer.cli import cli
+from smtpserver import SmtpServer
+
+ROOT = Path(__file__).resolve().parent.parent
+JANA = "jana.mueller@example.org"
+HOSTILE_NAMES = ("Jana [/]", "Jana [bold]fett[/bold]", "Jana [link=https://evil.example]x[/link]")
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def no_traceback(result: Result) -> None:
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def append_contact(project: Path, row: str) -> None:
+    with (project / "config" / "contacts.csv").open("a", encoding="utf-8") as file:
+        file.write(row + "\n")
+
+
+# --- data is never markup ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_markup_in_a_duplicated_contact_name_is_printed_as_it_is(project: Path, name: str) -> None:
+    append_contact(project, f"{JANA};Frau;Dr.;{name};Müller;Stadt Musterhausen;alle")
+    for command in (["validate"], ["plan", "--now", "2024-10-01T10:00"]):
+        result = invoke(*command)
+        no_traceback(result)
+        assert result.exit_code == 0, result.output
+        assert "warning:" in result.stderr
+        assert name in result.stderr  # literally: no tag swallowed, no link made
+
+
+def test_markup_in_the_series_title_is_printed_as_it_is(project: Path) -> None:
+    title = "Reihe [/] [bold]X[/bold]"
+    edit(project / "config" / "series.yaml", "title: Online-Transferreihe", f'title: "{title}"')
+    result = invoke("plan", "--now", "2024-10-01T10:00")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert title in result.stdout
+    result = invoke("status", "--now", "2024-10-01T10:00")
+    assert result.exit_code == 0, result.output
+    assert title in result.stdout
+
+
+def test_markup_in_a_relay_answer_reaches_send_due_and_status_as_text(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    answer = "550 5.1.1 [/] no [bold]such[/bold] user"
+    smtp_server.behaviour.reject_recipients[JANA] = answer
+    env = smtp_env(smtp_server.port)
+    result = invoke("send-due", "--now", "2024-10-24T10:05", env=env)
+    no_traceback(result)
+    assert result.exit_code == 3, result.output
+    assert len(smtp_server.received) > 0  # the others went out
+    assert "[/] no [bold]such[/bold] user" in result.stderr
+    assert "[red]" not in result.output
+
+    for args in (["status", "--failed"], ["status"]):
+        result = invoke(*args, "--now", "2024-10-24T11:00", env=env)
+        no_traceback(result)
+        assert result.exit_code == 3, result.output
+        assert JANA in result.stdout
+        assert "[/] no [bold]such[/bold] user" in result.stdout
+
+
+def test_markup_in_the_relay_refusing_the_sender_is_printed_as_text(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    smtp_server.behaviour.temp_fail = 1000
+    smtp_server.behaviour.temp_fail_reply = "553 5.7.1 [/] sender not [bold]owned[/bold]"
+    result = invoke("send-due", "--now", "2024-10-24T10:05", env=smtp_env(smtp_server.port))
+    no_traceback(result)
+    assert result.exit_code == 3, result.output
+    assert "[/] sender not [bold]owned[/bold]" in result.stderr
+    # The hint names the settings section; rich used to swallow "[sender]" as a tag.
+    assert "check [sender] address in settings.toml" in result.stderr
+    assert smtp_server.received == []
+
+
+def test_markup_in_an_optout_source_is_listed_as_text(project: Path) -> None:
+    source = "[/] Anruf [bold]vom[/bold] [link=https://evil.example]12.11.[/link]"
+    result = invoke("optout", "add", JANA, "--source", source)
+    assert result.exit_code == 0, result.output
+    result = invoke("optout", "list")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert source in result.stdout
+
+
+def test_markup_in_an_address_argument_is_echoed_as_text(project: Path) -> None:
+    result = invoke("optout", "remove", "[bold]x@example.org")
+    no_traceback(result)
+    assert "[bold]x@example.org" in result.output
+
+
+# --- send-test -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        "a@b.c\r\nBcc: victim@evil.example",
+        "a@example.org\nBcc: victim@evil.example",
+        "a@example.org, victim@evil.example",
+        "Name <a@example.org>",
+        "not an address",
+        "",
+    ],
+)
+def test_send_test_refuses_a_bad_address_before_sending(
+    project: Path, smtp_server: SmtpServer, to: str
+) -> None:
+    result = invoke("send-test", "invitation", "--to", to, env=smtp_env(smtp_server.port))
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert "--to" in result.output
+    assert smtp_server.received == []
+
+
+def test_send_test_gets_its_own_message_id(project: Path, smtp_server: SmtpServer) -> None:
+    env = smtp_env(smtp_server.port)
+    result = invoke("send-test", "invitation", "--to", "tester@example.net", env=env)
+    assert result.exit_code == 0, result.output
+    result = invoke("send-test", "invitation", "--to", "tester@example.net", env=env)
+    assert result.exit_code == 0, result.output
+    tests = [
+        email.message_from_bytes(r.data, policy=email.policy.SMTP) for r in smtp_server.received
+    ]
+    assert len(tests) == 2
+    assert tests[0]["To"] == "tester@example.net"
+    assert tests[0]["Subject"].startswith("[Test] ")
+    smtp_server.reset()
+
+    result = invoke("send-due", "--now", "2024-10-24T10:05", env=env)
+    assert result.exit_code == 0, result.output
+    real = {
+        str(m["To"]): m
+        for m in (
+            email.message_from_bytes(r.data, policy=email.policy.SMTP) for r in smtp_server.received
+        )
+    }
+    rendered_as = tests[0]["X-Invite-Mailer-Test-For"]
+    assert rendered_as in real
+    ids = {str(m["Message-ID"]) for m in real.values()}
+    assert str(tests[0]["Message-ID"]) not in ids
+    # Two test sends are two different mails, not one the recipient's client folds together.
+    assert tests[0]["Message-ID"] != tests[1]["Message-ID"]
+    assert re.fullmatch(r"<[^<>@\s]+@[^<>@\s]+>", str(tests[0]["Message-ID"]))
+
+
+# --- warnings that save organisers ---------------------------------------------------------
+
+
+def new_series(project: Path) -> None:
+    edit(project / "config" / "series.yaml", "id: transferreihe-2024", "id: fachtag-2025")
+
+
+def test_a_new_series_with_the_example_sender_is_warned_about(project: Path) -> None:
+    new_series(project)
+    result = invoke("validate")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    text = "\n".join(warnings)
+    assert "transferreihe@example.org" in text and "abmeldung@example.org" in text
+    assert "sender.address" in text and "sender.reply_to" in text
+    assert "sender.unsubscribe_mailto" in text
+    assert "settings.toml" in text
+    assert "hint:" in result.stderr
+
+
+def test_the_example_sender_is_also_caught_when_settings_lack_a_sender(project: Path) -> None:
+    new_series(project)
+    settings = project / "config" / "settings.toml"
+    text = settings.read_text(encoding="utf-8")
+    text = re.sub(r"\[sender\].*?(?=\n\[)", "", text, flags=re.S)
+    assert "[sender]" not in text
+    settings.write_text(text, encoding="utf-8")
+    result = invoke("validate")
+    assert result.exit_code == 0, result.output
+    assert "transferreihe@example.org" in result.stderr
+
+
+def test_own_sender_addresses_give_no_warning(project: Path) -> None:
+    new_series(project)
+    settings = project / "config" / "settings.toml"
+    text = settings.read_text(encoding="utf-8")
+    text = text.replace("transferreihe@example.org", "fachtag@institut.example")
+    text = text.replace("abmeldung@example.org", "abmelden@institut.example")
+    settings.write_text(text, encoding="utf-8")
+    result = invoke("validate")
+    assert result.exit_code == 0, result.output
+    assert "warning:" not in result.output
+
+
+def test_the_shipped_series_keeps_its_example_sender_without_a_warning(project: Path) -> None:
+    result = invoke("validate")
+    assert result.exit_code == 0, result.output
+    assert "warning:" not in result.output
+
+
+def test_the_example_addresses_are_those_of_the_shipped_settings() -> None:
+    from invite_mailer import app
+
+    text = (ROOT / "config" / "settings.toml").read_text(encoding="utf-8")
+    shipped = set(re.findall(r"[\w.+-]+@[\w.-]+", text))
+    assert shipped == set(app.EXAMPLE_SENDER_ADDRESSES)
+    series = (ROOT / "config" / "series.yaml").read_text(encoding="utf-8")
+    assert f"\nid: {app.SHIPPED_SERIES_ID}\n" in series
+
+
+def test_an_invitation_after_the_first_date_is_warned_about(project: Path) -> None:
+    edit(
+        project / "config" / "series.yaml",
+        'send_at: "2024-10-24 10:00"',
+        'send_at: "2024-11-20 10:00"',
+    )
+    expected = (
+        "the invitation can never go out: send_at 2024-11-20 10:00 is after the first date "
+        "starts 2024-11-14 14:00"
+    )
+    result = invoke("validate")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert expected in result.stderr
+    line = next(
+        n
+        for n, text in enumerate(
+            (project / "config" / "series.yaml").read_text(encoding="utf-8").splitlines(), 1
+        )
+        if "2024-11-20 10:00" in text
+    )
+    assert f"series.yaml, line {line}" in result.stderr
+
+    result = invoke("rehearse", "--out", str(project / "probe"))
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert expected in result.stderr
+    result = invoke("rehearse", "--json", "--out", str(project / "probe"))
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert any(expected in w for w in data["warnings"])
+
+
+def test_a_reminder_with_no_window_is_warned_about(project: Path) -> None:
+    edit(project / "config" / "series.yaml", "before: 1 day", "before: 0 days")
+    result = invoke("validate")
+    assert result.exit_code == 0, result.output
+    assert "the reminder for verwaltung can never go out" in result.stderr
+    assert result.stderr.count("can never go out") == 4  # one per date
+
+
+def test_the_shipped_series_has_no_mailing_warning(project: Path) -> None:
+    result = invoke("rehearse", "--out", str(project / "probe"))
+    assert result.exit_code == 0, result.output
+    assert "warning:" not in result.output
+
+
+# --- output folders ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_project() -> Iterator[Path]:
+    """A project folder its user can read but not write (as after a read-only deploy)."""
+    base = Path(tempfile.mkdtemp())
+    project = copy_project(base / "project")
+    base.chmod(0o755)
+    for path in [project, *project.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        yield project
+    finally:
+        for path in [project, *project.rglob("*")]:
+            path.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def run_unprivileged(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``invite-mailer ARGS`` as a child process of a user that file modes bind.
+
+    root ignores them, so as root the child runs as nobody (util-linux setpriv).
+    """
+    command = [sys.executable, "-m", "invite_mailer", *args]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=subprocess_env({}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(("command", "folder"), [("preview", "preview"), ("rehearse", "rehearsal")])
+def test_preview_and_rehearse_in_a_read_only_folder_say_what_to_do(
+    read_only_project: Path, command: str, folder: str
+) -> None:
+    args = [command, "invitation"] if command == "preview" else [command]
+    done = run_unprivileged(args, read_only_project)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"cannot write {folder}: permission denied" in done.stderr
+    assert "pass --out DIR" in done.stderr
+    assert not (read_only_project / folder).exists()
+
+
+def test_preview_into_a_file_path_is_a_clear_error(project: Path) -> None:
+    (project / "taken").write_text("x", encoding="utf-8")
+    result = invoke("preview", "invitation", "--out", "taken/sub")
+    no_traceback(result)
+    assert result.exit_code == 1, result.output
+    assert "cannot write taken" in result.stderr
+
+
+@pytest.mark.parametrize("event", ["../../x", "/etc/passwd", "..", "verwaltung/../../x"])
+def test_preview_event_is_an_id_never_a_path(project: Path, event: str) -> None:
+    result = invoke("preview", "reminder", "--event", event, "--out", "preview")
+    no_traceback(result)
+    assert result.exit_code == 1, result.output
+    assert "--event" in result.stderr
+    outside = [p for p in project.rglob("*") if p.suffix in (".eml", ".html")]
+    assert outside == []
+    assert not Path("/x.eml").exists()
+
+
+def test_preview_file_names_from_contact_data_stay_in_the_folder(project: Path) -> None:
+    # As long as an address may be (254 characters): too long for a file name.
+    address = f"{'a' * 64}@{'b' * 63}.{'c' * 63}.{'d' * 58}.de"
+    assert len(address) == 254
+    append_contact(project, f"{address};;;Lang;Name;Org;alle")
+    result = invoke("preview", "invitation", "--contact", address, "--out", "preview")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    written = [Path(line) for line in result.stdout.splitlines()]
+    assert written
+    for path in written:
+        assert path.resolve().parent == (project / "preview").resolve()
+        assert len(path.name.encode()) <= 255
+        assert path.exists()
+
+
+# --- errors as one message -----------------------------------------------------------------
+
+
+def test_a_zero_byte_ledger_is_one_clear_message(project: Path) -> None:
+    (project / "state").mkdir()
+    ledger = project / "state" / "invite-mailer.db"
+    ledger.write_bytes(b"")
+    for args in (["send-due", "--now", "2024-10-24T10:05"], ["status"], ["plan"]):
+        result = invoke(*args)
+        no_traceback(result)
+        assert result.exit_code == 1, (args, result.output)
+        assert "invite-mailer.db" in result.stderr
+        assert result.stderr.count("error:") == 1
+    assert not (project / "outbox").exists() or not any((project / "outbox").iterdir())
+    assert ledger.read_bytes() == b""
+
+
+def test_an_unexpected_error_is_one_line_and_a_bug_report_request(project: Path) -> None:
+    # A bug, simulated in a real child process by a core function that raises
+    # something no command expects: the user sees one line, not a traceback.
+    script = (
+        "import sys\n"
+        "from invite_mailer import app, cli\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('boom [/] inside')\n"
+        "app.validate = broken\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    for verbose in (False, True):
+        args = [sys.executable, "-c", script, *(["--verbose"] if verbose else []), "validate"]
+        done = subprocess.run(args, cwd=project, capture_output=True, text=True, check=False)
+        assert done.returncode == 1, done.stderr
+        assert "RuntimeError: boom [/] inside" in done.stderr
+        assert "this is a bug; please report it" in done.stderr
+        assert ("Traceback" in done.stderr) is verbose, done.stderr
+
+
+# --- --now -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        "9999-12-31T23:59",
+        "0001-01-01T00:00",
+        "garbage",
+        "2024-13-01T00:00",
+        "9999-12-31T23:59+00:00",
+        "0001-01-01T00:00:00-12:00",
+        "",
+    ],
+)
+@pytest.mark.parametrize("command", ["plan", "status", "send-due", "preview"])
+def test_now_out_of_range_or_garbage_is_a_usage_error(
+    project: Path, now: str, command: str
+) -> None:
+    args = [command, "--now", now]
+    if command == "preview":
+        args[1:1] = ["invitation"]
+    result = invoke(*args)
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert "--now" in result.stderr
+    assert not (project / "outbox").exists()
