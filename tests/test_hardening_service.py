@@ -20,9 +20,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 
-from deliverykit import clean_environ, copy_project, start_process, wait_for, write_contacts
+from deliverykit import (
+    clean_environ,
+    copy_project,
+    free_port,
+    start_process,
+    wait_for,
+    write_contacts,
+)
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CONTACTS = ("anna.alt@example.org", "bernd.berg@example.org", "clara.chen@example.org")
@@ -265,3 +273,60 @@ def test_editor_temp_files_neither_reload_nor_appear_in_the_log(
     assert line.endswith("config reloaded (changed: series.yaml)"), line
     assert temporary not in daemon.output()
     assert daemon.stop() == 0
+
+
+# --- config is parsed off the event loop ---------------------------------------------------
+
+SECRET = "test-secret-0123456789"
+
+
+def endpoint_env(port: int) -> dict[str, str]:
+    return {
+        "INVITE_MAILER_UNSUBSCRIBE__SERVE": "true",
+        "INVITE_MAILER_UNSUBSCRIBE__SECRET": SECRET,
+        "INVITE_MAILER_UNSUBSCRIBE__BIND_PORT": str(port),
+    }
+
+
+def get(url: str, timeout: float = 5) -> httpx.Response:
+    return httpx.get(url, timeout=timeout)
+
+
+def wait_for_endpoint(daemon: Daemon, base: str) -> None:
+    def answers() -> bool:
+        if daemon.process.poll() is not None:
+            raise AssertionError(daemon.output())
+        try:
+            return get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answers, 15, "the endpoint to answer")
+
+
+def test_a_slow_reload_does_not_stall_the_endpoint(service: Path, daemons: list[Daemon]) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    daemon = start(daemons, service, env=endpoint_env(port))
+    offset = daemon.wait_for_log("scheduled")
+    wait_for_endpoint(daemon, base)
+    # 40,000 contacts take a couple of seconds to read and check.
+    many = service / "contacts.csv.new"
+    write_contacts(
+        many, ((f"person{n:06d}@example.org", "Frau", "Vorname", f"N{n}", "") for n in range(40000))
+    )
+    written = time.monotonic()
+    many.rename(service / "config" / "contacts.csv")
+    slowest = 0.0
+    while daemon.output().find("config reloaded", offset) < 0:
+        assert time.monotonic() - written < 60, daemon.output()[offset:]
+        asked = time.monotonic()
+        assert get(f"{base}/healthz").status_code == 200
+        slowest = max(slowest, time.monotonic() - asked)
+        time.sleep(0.05)
+    took = time.monotonic() - written
+    assert took > 1.0, f"the reload took only {took:.2f} s: nothing was measured"
+    assert slowest < 0.5, (
+        f"the endpoint took {slowest:.2f} s to answer during a {took:.1f} s reload"
+    )
+    assert daemon.stop() == 0, daemon.output()
