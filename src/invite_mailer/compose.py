@@ -68,7 +68,9 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
+import os
 import re
+import stat
 import textwrap
 import traceback
 from collections.abc import Mapping
@@ -98,6 +100,14 @@ from invite_mailer.unsubscribe import mailto_url, make_token, unsubscribe_url
 
 PARTS = ("subject", "txt", "html")
 TEXT_WIDTH = 72
+
+#: The folder (inside the config folder) that material files are attached from.
+MATERIALS_DIR = "materials"
+#: The most material files one mail attaches.
+MAX_MATERIAL_FILES = 20
+# Control characters and line separators (what str.splitlines() breaks at):
+# never allowed in a header.
+_UNSAFE_HEADER_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # What each kind attaches. "series": one calendar file per active date;
 # "event": the date's calendar file. Kinds not listed attach nothing; the
@@ -630,28 +640,48 @@ class Composer:
             series_lines = series_path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
             series_lines = []
+        try:
+            folder: Path | None = (config_dir / MATERIALS_DIR).resolve(strict=True)
+        except (OSError, RuntimeError):
+            folder = None
         for event in self._series.events:
             files = []
             lines = []
-            for material in event.materials:
-                if material.file is None:
-                    continue
-                path = config_dir / material.file
-                line = _line_of(series_lines, str(material.file))
+            entries = [m.file for m in event.materials if m.file is not None]
+            if len(entries) > MAX_MATERIAL_FILES:
+                problems.add(
+                    series_path,
+                    f"{len(entries)} material files for {event.id!r}, more than "
+                    f"{MAX_MATERIAL_FILES} can be attached to one mail",
+                    line=_line_of(series_lines, str(entries[0])),
+                    hint="attach a few files and link the rest with url:",
+                )
+                continue
+            for entry in entries:
+                line = _line_of(series_lines, str(entry))
                 try:
-                    data = path.read_bytes()
-                except OSError as exc:
+                    data = _read_material(config_dir, entry, folder, limit)
+                except _MaterialProblem as exc:
                     problems.add(
                         series_path,
-                        f"material file {str(material.file)!r} of {event.id!r} cannot be read "
-                        f"({exc.strerror or exc})",
+                        f"material file {str(entry)!r} of {event.id!r} {exc.what}",
                         line=line,
-                        hint="paths are relative to the config folder",
+                        hint=exc.hint,
                     )
                     continue
-                guessed, _ = mimetypes.guess_type(path.name)
+                name = entry.name
+                if _UNSAFE_HEADER_TEXT.search(name):
+                    problems.add(
+                        series_path,
+                        f"the name of the material file {str(entry)!r} of {event.id!r} "
+                        "contains a control character",
+                        line=line,
+                        hint="rename the file (letters, digits, - and _ are safe)",
+                    )
+                    continue
+                guessed, _ = mimetypes.guess_type(name)
                 maintype, subtype = (guessed or "application/octet-stream").split("/", 1)
-                files.append(_File(path.name, data, maintype, subtype))
+                files.append(_File(name, data, maintype, subtype))
                 lines.append(line)
             total = sum(len(f.data) for f in files)
             if total > limit:
@@ -661,11 +691,83 @@ class Composer:
                     f"the files attached to the follow-up of {event.id!r} are {_size(total)} "
                     f"together, more than the limit of {_size(limit)}: {listed}",
                     line=next((n for n in lines if n is not None), None),
-                    hint="link large files with url: instead of file: (or raise "
-                    "[limits] max_attachment_bytes in settings.toml)",
+                    hint=_TOO_BIG_HINT,
                 )
             loaded[event.id] = tuple(files)
         return loaded
+
+
+class _MaterialProblem(Exception):
+    def __init__(self, what: str, hint: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.hint = hint
+
+
+_MATERIALS_HINT = (
+    f"put the file into the folder {MATERIALS_DIR}/ beside series.yaml and write "
+    f"file: {MATERIALS_DIR}/<name>; only files in that folder are attached"
+)
+_TOO_BIG_HINT = (
+    "link large files with url: instead of file: (or raise "
+    "[limits] max_attachment_bytes in settings.toml)"
+)
+
+
+def _read_material(config_dir: Path, entry: Path, folder: Path | None, limit: int) -> bytes:
+    """The bytes of a material file, which must be a regular file in *folder*.
+
+    The path is resolved (symlinks followed) before anything is opened, so
+    neither "../" nor an absolute path nor a link can reach the secrets of
+    the machine; the size is known before a byte is read, and the file that
+    is opened must be the one that was checked.
+    """
+    path = config_dir / entry
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise _MaterialProblem(f"does not exist (looked for {path})", _MATERIALS_HINT) from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise _MaterialProblem(f"cannot be read ({_reason(exc)})", _MATERIALS_HINT) from None
+    if folder is None or not resolved.is_relative_to(folder):
+        where = f" (it leads to {resolved})" if resolved != path.absolute() else ""
+        raise _MaterialProblem(
+            f"lies outside the folder {MATERIALS_DIR}/ of the config{where}", _MATERIALS_HINT
+        )
+    try:
+        checked = os.stat(resolved)
+        if not stat.S_ISREG(checked.st_mode):
+            raise _MaterialProblem(
+                "is not a regular file", f"only ordinary files can be attached; {_MATERIALS_HINT}"
+            )
+        if checked.st_size > limit:
+            raise _MaterialProblem(
+                f"is too large: {entry.name} ({_size(checked.st_size)}), more than the "
+                f"limit of {_size(limit)}",
+                _TOO_BIG_HINT,
+            )
+        # O_NONBLOCK: should the file have been swapped for a FIFO meanwhile,
+        # the open does not wait for a writer; fstat then tells.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(resolved, flags)
+        with os.fdopen(fd, "rb") as file:
+            opened = os.fstat(file.fileno())
+            if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino) or not (
+                stat.S_ISREG(opened.st_mode)
+            ):
+                raise _MaterialProblem(
+                    "changed while it was being read", "save the file again, then retry"
+                )
+            data = file.read(limit + 1)
+    except OSError as exc:
+        raise _MaterialProblem(f"cannot be read ({_reason(exc)})", _MATERIALS_HINT) from None
+    if len(data) > limit:
+        raise _MaterialProblem(f"is larger than the limit of {_size(limit)}", _TOO_BIG_HINT)
+    return data
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "strerror", None) or exc)
 
 
 # --- helpers ---------------------------------------------------------------------------
