@@ -197,11 +197,13 @@ def test_a_new_series_with_the_example_sender_is_warned_about(project: Path) -> 
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     text = "\n".join(warnings)
-    assert "transferreihe@example.org" in text and "abmeldung@example.org" in text
-    assert "sender.address" in text and "sender.reply_to" in text
-    assert "sender.unsubscribe_mailto" in text
-    assert "settings.toml" in text
-    assert "hint:" in result.stderr
+    assert "sender.address (transferreihe@example.org)" in text
+    assert "sender.reply_to (transferreihe@example.org)" in text
+    assert "sender.unsubscribe_mailto (abmeldung@example.org)" in text
+    assert "config/settings.toml: " in text
+    assert "'fachtag-2025'" in text
+    assert "hint: write your own addresses into [sender]" in result.stderr
+    assert "config/series.yaml, line 10: organiser.email is still the example address" in text
 
 
 def test_the_example_sender_is_also_caught_when_settings_lack_a_sender(project: Path) -> None:
@@ -223,6 +225,16 @@ def test_own_sender_addresses_give_no_warning(project: Path) -> None:
     text = text.replace("transferreihe@example.org", "fachtag@institut.example")
     text = text.replace("abmeldung@example.org", "abmelden@institut.example")
     settings.write_text(text, encoding="utf-8")
+    result = invoke("validate")
+    assert result.exit_code == 0, result.output
+    assert "sender." not in result.stderr
+    assert "organiser.email is still the example address" in result.stderr
+
+    edit(
+        project / "config" / "series.yaml",
+        "  email: transferreihe@example.org",
+        "  email: fachtag@institut.example",
+    )
     result = invoke("validate")
     assert result.exit_code == 0, result.output
     assert "warning:" not in result.output

@@ -181,7 +181,8 @@ def advisories(config: Config) -> list[Problem]:
 
 
 def _example_sender(config: Config) -> list[Problem]:
-    if config.series.id == SHIPPED_SERIES_ID:
+    series = config.series
+    if series.id == SHIPPED_SERIES_ID:
         return []
     sender = config.settings.sender
     fields = {
@@ -189,20 +190,35 @@ def _example_sender(config: Config) -> list[Problem]:
         "reply_to": sender.reply_to,
         "unsubscribe_mailto": sender.unsubscribe_mailto.removeprefix("mailto:"),
     }
-    path = config.config_dir / SETTINGS_FILE
+    kept = {
+        key: address
+        for key, value in fields.items()
+        if (address := parseaddr(value)[1].lower()) in EXAMPLE_SENDER_ADDRESSES
+    }
     warnings = []
-    for key, value in fields.items():
-        address = parseaddr(value)[1].lower()
-        if address in EXAMPLE_SENDER_ADDRESSES:
-            warnings.append(
-                Problem(
-                    path,
-                    f"sender.{key} is still the example address {address} of the shipped "
-                    f"series, but this series is {config.series.id!r}",
-                    hint="write your own addresses into [sender] (address, reply_to, "
-                    "unsubscribe_mailto): replies and unsubscribe requests go there",
-                )
+    if kept:
+        names = ", ".join(f"sender.{key} ({address})" for key, address in kept.items())
+        warnings.append(
+            Problem(
+                config.config_dir / SETTINGS_FILE,
+                f"{names} still use the example addresses of the shipped series, "
+                f"but this series is {series.id!r}",
+                hint="write your own addresses into [sender]: mail goes out from "
+                "sender.address, replies go to sender.reply_to and unsubscribe requests "
+                "to sender.unsubscribe_mailto",
             )
+        )
+    if series.organiser.email.lower() in EXAMPLE_SENDER_ADDRESSES:
+        path = config.config_dir / SERIES_FILE
+        warnings.append(
+            Problem(
+                path,
+                f"organiser.email is still the example address {series.organiser.email} "
+                f"of the shipped series, but this series is {series.id!r}",
+                _line_of(path, ("organiser", "email")),
+                "write your own address: the sending reports go there",
+            )
+        )
     return warnings
 
 
