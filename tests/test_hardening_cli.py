@@ -357,6 +357,15 @@ def test_preview_and_rehearse_in_a_read_only_folder_say_what_to_do(
     assert not (read_only_project / folder).exists()
 
 
+def test_send_due_in_a_read_only_folder_says_what_to_do(read_only_project: Path) -> None:
+    done = run_unprivileged(["send-due", "--now", "2024-10-24T10:05"], read_only_project)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "- state: cannot write the state folder: permission denied" in done.stderr
+    assert "hint: run where the state folder may be written" in done.stderr
+    assert not (read_only_project / "outbox").exists()
+
+
 def test_preview_into_a_file_path_is_a_clear_error(project: Path) -> None:
     (project / "taken").write_text("x", encoding="utf-8")
     result = invoke("preview", "invitation", "--out", "taken/sub")

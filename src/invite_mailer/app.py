@@ -65,8 +65,12 @@ def parse_now(text: str | None, config: Config) -> datetime:
 
 def describe_os_error(exc: OSError) -> str:
     """``state/x.db: permission denied``: the file and the reason, in one line."""
-    reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+    reason = _reason(exc)
     return f"{exc.filename}: {reason}" if exc.filename is not None else reason
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
 @contextlib.contextmanager
@@ -76,10 +80,9 @@ def writing(target: Path, option: str = "--out") -> Iterator[None]:
         yield
     except OSError as exc:
         where = exc.filename if exc.filename is not None else target
-        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
         raise ConfigError.single(
             None,
-            f"cannot write {where}: {reason}",
+            f"cannot write {where}: {_reason(exc)}",
             hint=f"pass {option} DIR with a folder you can write to",
         ) from None
 
@@ -469,8 +472,17 @@ def destination(config: Config) -> str:
 @contextlib.contextmanager
 def locked(config: Config) -> Iterator[None]:
     path = config.settings.state.path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with state_lock(path):
+    with contextlib.ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(state_lock(path))
+        except OSError as exc:
+            raise ConfigError.single(
+                Path(exc.filename) if exc.filename is not None else path.parent,
+                f"cannot write the state folder: {_reason(exc)}",
+                hint="run where the state folder may be written (as the user that owns it), "
+                "or point [state] url at a writable place",
+            ) from None
         yield
 
 
