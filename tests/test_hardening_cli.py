@@ -7,6 +7,7 @@ project.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import json
@@ -306,20 +307,27 @@ def test_the_shipped_series_has_no_mailing_warning(project: Path) -> None:
 # --- output folders ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def read_only_project() -> Iterator[Path]:
-    """A project folder its user can read but not write (as after a read-only deploy)."""
+@contextlib.contextmanager
+def project_for_others(mode: int) -> Iterator[Path]:
+    """A copy of the project that other users may read, every entry set to *mode*."""
     base = Path(tempfile.mkdtemp())
     project = copy_project(base / "project")
     base.chmod(0o755)
     for path in [project, *project.rglob("*")]:
-        path.chmod(0o555 if path.is_dir() else 0o444)
+        path.chmod(mode | 0o111 if path.is_dir() else mode)
     try:
         yield project
     finally:
         for path in [project, *project.rglob("*")]:
             path.chmod(0o755)
         shutil.rmtree(base)
+
+
+@pytest.fixture
+def read_only_project() -> Iterator[Path]:
+    """A project folder its user can read but not write (as after a read-only deploy)."""
+    with project_for_others(0o444) as project:
+        yield project
 
 
 def run_unprivileged(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -364,6 +372,17 @@ def test_send_due_in_a_read_only_folder_says_what_to_do(read_only_project: Path)
     assert "- state: cannot write the state folder: permission denied" in done.stderr
     assert "hint: run where the state folder may be written" in done.stderr
     assert not (read_only_project / "outbox").exists()
+
+
+def test_an_unreadable_config_file_is_one_message_not_a_traceback() -> None:
+    with project_for_others(0o666) as project:
+        (project / "config" / "series.yaml").chmod(0)
+        done = run_unprivileged(["plan"], project)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "series.yaml" in done.stderr
+    assert "permission denied" in done.stderr.lower()
+    assert done.stderr.count("error:") == 1
 
 
 def test_preview_into_a_file_path_is_a_clear_error(project: Path) -> None:
@@ -432,7 +451,7 @@ def test_an_unexpected_error_is_one_line_and_a_bug_report_request(project: Path)
     for verbose in (False, True):
         args = [sys.executable, "-c", script, *(["--verbose"] if verbose else []), "validate"]
         done = subprocess.run(args, cwd=project, capture_output=True, text=True, check=False)
-        assert done.returncode == 1, done.stderr
+        assert done.returncode == 70, done.stderr
         assert "RuntimeError: boom [/] inside" in done.stderr
         assert "this is a bug; please report it" in done.stderr
         assert ("Traceback" in done.stderr) is verbose, done.stderr

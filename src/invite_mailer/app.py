@@ -70,7 +70,10 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc) or type(exc).__name__).lower()
+    if exc.strerror:
+        return exc.strerror.lower()
+    # OSError subclasses of libraries (jinja2.TemplateNotFound) carry only a message.
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @contextlib.contextmanager

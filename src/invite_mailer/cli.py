@@ -33,6 +33,17 @@ from invite_mailer.logs import setup_logging
 from invite_mailer.series import Kind
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+# Beyond the product's codes, as the daemon uses them (sysexits): systemd restarts
+# on these, but not on 1 (a broken config that a restart cannot fix).
+EXIT_SOFTWARE = 70  # an unexpected error: a bug
+EXIT_TEMPFAIL = 75  # the system refused (I/O error, no descriptors): try again later
+LASTING_OS_ERRORS = (
+    PermissionError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 # Tables stay readable when piped into a file or a pager (rich would assume 80 columns).
 # Markup off: names, relay answers and opt-out sources are data, and "[/]" in them
@@ -131,7 +142,9 @@ def _fail(exc: BaseException) -> NoReturn:
         sys.exit(EXIT_INVALID)
     if isinstance(exc, OSError):
         say(err, "error:", app.describe_os_error(exc))
-        sys.exit(EXIT_INVALID)
+        # A missing file or permission stays so until someone fixes it; a full
+        # disk or too many open files may pass.
+        sys.exit(EXIT_INVALID if isinstance(exc, LASTING_OS_ERRORS) else EXIT_TEMPFAIL)
     say(err, "error:", f"{type(exc).__name__}: {exc}")
     err.print(
         "  this is a bug; please report it"
@@ -139,7 +152,7 @@ def _fail(exc: BaseException) -> NoReturn:
     )
     if _verbose():
         traceback.print_exception(exc, file=sys.stderr)
-    sys.exit(EXIT_INVALID)
+    sys.exit(EXIT_SOFTWARE)
 
 
 def _only_cause(exc: BaseException) -> BaseException:
