@@ -484,3 +484,26 @@ def test_now_out_of_range_or_garbage_is_a_usage_error(
     assert result.exit_code == 2, result.output
     assert "--now" in result.stderr
     assert not (project / "outbox").exists()
+
+
+def test_every_command_turns_errors_into_messages() -> None:
+    import click
+
+    def commands(group: click.Group) -> Iterator[click.Command]:
+        for command in group.commands.values():
+            if isinstance(command, click.Group):
+                yield from commands(command)
+            else:
+                yield command
+
+    from invite_mailer.cli import handle_errors
+
+    wrapper = handle_errors(lambda: None).__code__
+    names = [c.name for c in commands(cli)]
+    assert {"validate", "send-due", "rehearse", "list"} <= set(names)
+    unwrapped = [
+        c.name
+        for c in commands(cli)
+        if c.callback is None or getattr(c.callback, "__code__", None) is not wrapper
+    ]
+    assert unwrapped == []
