@@ -14,9 +14,18 @@ from email.headerregistry import Address
 from email.utils import parseaddr
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +49,17 @@ class Security(StrEnum):
     STARTTLS = "starttls"
     TLS = "tls"
     NONE = "none"
+
+
+# Control characters end up in SMTP commands and mail headers, where a line
+# break starts a new command or header.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("contains a line break or another control character; write it on one line")
+    return value
 
 
 class _Section(BaseModel):
@@ -66,6 +86,40 @@ class SmtpSettings(_Section):
     messages_per_connection: int = Field(
         0, ge=0, description="re-open a connection after this many messages; 0 = never"
     )
+    allow_plaintext_auth: bool = Field(
+        False,
+        description="send username and password over a connection without TLS "
+        '(security = "none"); only for a trusted relay on this host or network',
+    )
+
+    @field_validator("host", "username", "local_hostname")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        return None if value is None else _no_control(value)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        # Checked here, so that validate reports it instead of every send failing.
+        if value is None:
+            return None
+        if not value.exists():
+            raise ValueError(f"the CA file {str(value)!r} does not exist")
+        if not value.is_file():
+            raise ValueError(f"the CA file {str(value)!r} is not a regular file")
+        if not os.access(value, os.R_OK):
+            raise ValueError(f"the CA file {str(value)!r} is not readable")
+        return value
+
+    @model_validator(mode="after")
+    def _no_plaintext_password(self) -> Self:
+        if self.username and self.security is Security.NONE and not self.allow_plaintext_auth:
+            raise ValueError(
+                'smtp.username is set but smtp.security is "none": the password would be '
+                'sent unencrypted. Use security = "starttls" or "tls"; for a trusted relay '
+                "on this host only, set smtp.allow_plaintext_auth = true"
+            )
+        return self
 
 
 class SenderSettings(_Section):
@@ -77,18 +131,37 @@ class SenderSettings(_Section):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
+        _no_control(value)
         name, addr = parseaddr(value)
-        if "@" not in addr or any(c in value for c in "\r\n"):
+        if "@" not in addr:
             raise ValueError(
                 'expected "Name <address@example.org>" or a plain address, got ' + repr(value)
             )
         return value
 
+    @field_validator("reply_to", "unsubscribe_mailto")
+    @classmethod
+    def _plain_address(cls, value: str) -> str:
+        _no_control(value)
+        if value and "@" not in parseaddr(value)[1]:
+            raise ValueError(f"expected an address like name@example.org, got {value!r}")
+        return value
+
     @field_validator("unsubscribe_url")
     @classmethod
     def _https(cls, value: str) -> str:
-        if value and not value.startswith("https://"):
+        _no_control(value)
+        if not value:
+            return value
+        if not value.startswith("https://"):
             raise ValueError("the one-click unsubscribe URL must start with https://")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises for a port that is no number
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL: {exc}") from None
+        if not parts.hostname or " " in value or "<" in value or ">" in value:
+            raise ValueError(f"not a valid URL: {value!r}")
         return value.rstrip("/")
 
     @property
@@ -300,8 +373,14 @@ def _problems(path: Path, text: str, exc: ValidationError) -> list[Problem]:
             message = f"unknown setting {dotted!r}"
             hint = "check the spelling; the README lists every setting"
         else:
-            message = f"{dotted}: {error['msg']}"
-            hint = f"fix it in the file or in the environment variable {env}"
+            said = str(error["msg"]).removeprefix("Value error, ")
+            if key is None and section:
+                # A rule across keys of one section (the text names them).
+                message = said
+                hint = f"fix it in [{section}] or in the {env}{ENV_DELIMITER}* variables"
+            else:
+                message = f"{dotted}: {said}"
+                hint = f"fix it in the file or in the environment variable {env}"
         where = path
         line = _find_line(text, section, key) if text else None
         if env in os.environ:
