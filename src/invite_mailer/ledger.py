@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -61,6 +62,14 @@ _STATES = {state.value: state for state in DeliveryState}
 
 class LedgerError(InviteMailerError, RuntimeError):
     """The state database cannot be used, or was asked for an impossible change."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,8 +242,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # Every send handed to the relay, by wall-clock time (Unix seconds),
+        # so that a rate limit holds across processes and restarts. Kept for
+        # a day, long enough for per-hour and per-day quotas too.
+        """
+        CREATE TABLE sends (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX sends_at ON sends (at)",
+        # Marks the file as an invite-mailer ledger ("IMLG"); see _check_ours.
+        f"PRAGMA application_id = {0x494D4C47:d}",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+APPLICATION_ID = 0x494D4C47
+# Sends older than this are forgotten.
+_SENDS_KEPT_SECONDS = 86400.0
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 _COLUMNS = (
     "series, kind, event, email, state, attempts, last_response, message_id, "
@@ -312,32 +339,65 @@ class Ledger:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path | str) -> AsyncIterator[Ledger]:
-        """Open (creating if needed) and migrate the database at *path*."""
+    async def open(cls, path: Path | str, *, lock_wait: float = 10.0) -> AsyncIterator[Ledger]:
+        """Open (creating if needed) and migrate the database at *path*.
+
+        A file that exists but is not an invite-mailer ledger is refused: taken
+        as a new, empty ledger it would have every mail sent again. *lock_wait*
+        is how many seconds to wait for another process's lock.
+        """
         path = Path(path)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-        # isolation_level=None: autocommit, so each statement is its own
-        # transaction and explicit BEGIN/COMMIT mean what they say.
-        db = await aiosqlite.connect(path, isolation_level=None, timeout=10.0)
+        try:
+            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(_check_file, path)
+            # isolation_level=None: autocommit, so each statement is its own
+            # transaction and explicit BEGIN/COMMIT mean what they say.
+            db = await aiosqlite.connect(path, isolation_level=None, timeout=lock_wait)
+        except (OSError, sqlite3.Error) as exc:
+            raise _ledger_error(path, exc) from exc
         try:
             try:
-                await db.execute("PRAGMA busy_timeout = 10000")
+                await db.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000):d}")
+                # Before anything is written: never convert another program's database.
+                await _check_ours(db, path)
                 await db.execute("PRAGMA journal_mode = WAL")
                 await db.execute("PRAGMA synchronous = NORMAL")
                 await _migrate(db, path)
-            except sqlite3.DatabaseError as exc:
-                raise LedgerError(
-                    f"{path}: cannot use this file as the state database: {exc}"
-                ) from exc
+            except sqlite3.Error as exc:
+                raise _ledger_error(path, exc) from exc
             yield cls(db, path)
         finally:
             await db.close()
+
+    async def _fetch(self, sql: str, params: Any = ()) -> list[Any]:
+        try:
+            return list(await self._db.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise _ledger_error(self.path, exc) from exc
+
+    async def _execute(self, sql: str, params: Any = ()) -> None:
+        try:
+            await self._db.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise _ledger_error(self.path, exc) from exc
+
+    # -- sends, for the rate limit ---------------------------------------------------
+
+    async def recent_sends(self, since: float) -> list[float]:
+        """Wall-clock times (Unix seconds) of the sends recorded at or after *since*."""
+        await self._execute("DELETE FROM sends WHERE at < ?", (since - _SENDS_KEPT_SECONDS,))
+        rows = await self._fetch("SELECT at FROM sends WHERE at >= ? ORDER BY at", (since,))
+        return [float(row[0]) for row in rows]
+
+    async def record_send(self, at: float) -> None:
+        """One send ended (the relay answered or the attempt failed) at *at*."""
+        await self._execute("INSERT INTO sends (at) VALUES (?)", (at,))
 
     # -- changing rows ---------------------------------------------------------
 
     async def recover(self, now: datetime) -> list[Delivery]:
         """After a crash: every delivery left in ``sending`` becomes ``uncertain``."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             f"""
             UPDATE deliveries
             SET state = '{DeliveryState.UNCERTAIN}', updated_at = ?,
@@ -360,7 +420,7 @@ class Ledger:
         copy can be recognised as the same mail.
         """
         stamp = _iso(now)
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             _CLAIM,
             (key.series, key.kind, key.event, key.email, message_id, version, stamp, stamp, stamp),
         )
@@ -406,7 +466,7 @@ class Ledger:
         now: datetime,
         next_attempt_at: datetime | None,
     ) -> None:
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             _FINISH,
             (
                 state.value,
@@ -428,7 +488,7 @@ class Ledger:
 
     async def get(self, key: DeliveryKey) -> Delivery | None:
         rows = list(
-            await self._db.execute_fetchall(
+            await self._fetch(
                 f"SELECT {_COLUMNS} FROM deliveries WHERE {_KEY}",
                 (key.series, key.kind, key.event, key.email),
             )
@@ -437,7 +497,7 @@ class Ledger:
 
     async def view(self, series: str) -> LedgerView:
         """A snapshot of every delivery state of *series*, for the planner."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             "SELECT kind, event, email, state, next_attempt_at, version, attempts "
             "FROM deliveries WHERE series = ? ORDER BY last_attempt_at",
             (series,),
@@ -474,7 +534,7 @@ class Ledger:
     # -- versions of dates -------------------------------------------------------
 
     async def _date_histories(self, series: str) -> dict[str, DateHistory]:
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             "SELECT event, version, details, observed_since, sequence FROM date_versions "
             "WHERE series = ? ORDER BY event, observed_since",
             (series,),
@@ -509,19 +569,19 @@ class Ledger:
         }
         if not changed:
             return
-        await self._db.execute("BEGIN IMMEDIATE")
+        await self._execute("BEGIN IMMEDIATE")
         try:
             for event, (version, details) in changed.items():
                 await self._observe(series, event, version, details, now)
         except BaseException:
-            await self._db.execute("ROLLBACK")
+            await self._execute("ROLLBACK")
             raise
-        await self._db.execute("COMMIT")
+        await self._execute("COMMIT")
 
     async def _observe(
         self, series: str, event: str, version: str, details: Mapping[str, str], now: datetime
     ) -> None:
-        await self._db.execute(
+        await self._execute(
             "INSERT INTO date_versions (series, event, version, details, observed_since) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (series, event, version) DO UPDATE SET "
             "observed_since = excluded.observed_since, details = excluded.details",
@@ -534,7 +594,7 @@ class Ledger:
         history = histories.get(event)
         sequence = 0 if history is None else history.sequence_for(version)
         if history is None or history.sequences.get(version) != sequence:
-            await self._db.execute(
+            await self._execute(
                 "UPDATE date_versions SET sequence = ? "
                 "WHERE series = ? AND event = ? AND version = ?",
                 (sequence, series, event, version),
@@ -563,7 +623,7 @@ class Ledger:
         if event is not None:
             where.append("event = ?")
             params.append(event)
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             f"SELECT {_COLUMNS} FROM deliveries WHERE {' AND '.join(where)} "
             "ORDER BY kind, event, email",
             params,
@@ -572,7 +632,7 @@ class Ledger:
 
     async def counts(self, series: str) -> dict[tuple[str, str], Counter[DeliveryState]]:
         """How many deliveries of each mailing ((kind, event)) are in each state."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             "SELECT kind, event, state, count(*) FROM deliveries WHERE series = ? "
             "GROUP BY kind, event, state",
             (series,),
@@ -586,7 +646,7 @@ class Ledger:
 
     async def add_optout(self, series: str, email: str, *, source: str, now: datetime) -> bool:
         """Record that *email* must never be mailed again; False if it already was."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             "INSERT INTO optouts (series, email, source, created_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (series, email) DO NOTHING RETURNING email",
             (series, email.strip().lower(), source, _iso(now)),
@@ -595,22 +655,20 @@ class Ledger:
 
     async def remove_optout(self, series: str, email: str) -> bool:
         """Forget an opt-out; False if there was none."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             "DELETE FROM optouts WHERE series = ? AND email = ? RETURNING email",
             (series, email.strip().lower()),
         )
         return bool(rows)
 
     async def optouts(self, series: str) -> frozenset[str]:
-        rows = await self._db.execute_fetchall(
-            "SELECT email FROM optouts WHERE series = ?", (series,)
-        )
+        rows = await self._fetch("SELECT email FROM optouts WHERE series = ?", (series,))
         return frozenset(row[0] for row in rows)
 
     async def is_opted_out(self, series: str, email: str) -> bool:
         """Whether *email* has opted out of *series* (one indexed lookup)."""
         rows = list(
-            await self._db.execute_fetchall(
+            await self._fetch(
                 "SELECT 1 FROM optouts WHERE series = ? AND email = ?",
                 (series, email.strip().lower()),
             )
@@ -619,7 +677,7 @@ class Ledger:
 
     async def optout_entries(self, series: str) -> list[OptOut]:
         """Every opt-out of *series* with its source and time, oldest first."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._fetch(
             "SELECT email, source, created_at FROM optouts WHERE series = ? "
             "ORDER BY created_at, email",
             (series,),
@@ -634,6 +692,84 @@ class OptOut:
     email: str
     source: str  # "one-click", "web form", "cli", ...
     created_at: datetime
+
+
+def _check_file(path: Path) -> None:
+    """Refuse a file at *path* that cannot be an SQLite database at all."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return  # a new ledger
+    if not stat.S_ISREG(info.st_mode):
+        raise LedgerError(
+            f"{path}: the state database is not a regular file",
+            hint="set [state] url to a file path, e.g. sqlite:///state/invite-mailer.db",
+        )
+    with path.open("rb") as file:
+        header = file.read(len(_SQLITE_HEADER))
+    if info.st_size == 0 or header != _SQLITE_HEADER:
+        what = "is empty (0 bytes)" if info.st_size == 0 else "is not an SQLite database"
+        raise LedgerError(
+            f"{path}: cannot use this file as the state database: it {what}, so it is not "
+            "an invite-mailer ledger. Nothing was sent: starting with an empty ledger would "
+            "send every mail again",
+            hint=_FOREIGN_HINT,
+        )
+
+
+_FOREIGN_HINT = (
+    "restore the ledger from a backup, or point [state] url at the right file; only if "
+    "no mail of this series was ever sent, move the file away and run again"
+)
+
+
+async def _check_ours(db: aiosqlite.Connection, path: Path) -> None:
+    """Refuse an SQLite database that another program wrote."""
+    version = await _user_version(db)
+    application = int(list(await db.execute_fetchall("PRAGMA application_id"))[0][0])
+    tables = {
+        str(row[0])
+        for row in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    if version == 0 and not tables and application == 0:
+        return  # new and empty: ours to create
+    if application not in (0, APPLICATION_ID) or (version == 0 and tables):
+        foreign = True
+    else:
+        # Ledgers written before the application id was set are known by their tables.
+        foreign = "deliveries" not in tables
+    if foreign:
+        raise LedgerError(
+            f"{path}: cannot use this file as the state database: it is an SQLite database "
+            "of another program (no invite-mailer ledger tables). Nothing was sent",
+            hint=_FOREIGN_HINT,
+        )
+
+
+def _ledger_error(path: Path, exc: BaseException) -> LedgerError:
+    """The cause of an SQLite or file error, for an operator."""
+    if isinstance(exc, LedgerError):
+        return exc
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return LedgerError(
+            f"{path}: the state database is locked by another process ({text})",
+            hint="wait until the other program (a backup, an sqlite3 shell, another "
+            "invite-mailer) has finished, then run again",
+        )
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return LedgerError(
+            f"{path}: the state database is damaged ({text})",
+            hint="stop invite-mailer and restore the file from a backup (sqlite3 "
+            "'.recover' can rescue the readable rows); do not delete it: an empty ledger "
+            "would send every mail again",
+        )
+    if "disk is full" in text or "disk I/O" in text or getattr(exc, "errno", None) is not None:
+        return LedgerError(
+            f"{path}: cannot write the state database ({text})",
+            hint="free disk space or fix the permissions of the state folder, then run again",
+        )
+    return LedgerError(f"{path}: cannot use this file as the state database: {text}")
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
