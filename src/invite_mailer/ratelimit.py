@@ -19,18 +19,37 @@ long a send takes, after idle time or not. A slow or stalled send holds one
 place, never the others. Under steady demand N mails go out in every window
 plus the duration of one send (a few milliseconds): the full rate for any
 practical purpose.
+
+The relay's window does not start again when invite-mailer does: with a
+:class:`SendJournal` (the ledger), each end is also written down with its
+wall-clock time, and a new process starts with the ends of the last window
+already counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
+
+log = logging.getLogger(__name__)
+
+
+class SendJournal(Protocol):
+    """Where sends are counted beyond one process: wall-clock times (Unix seconds)."""
+
+    async def recent_sends(self, since: float) -> Sequence[float]:
+        """The recorded ends at or after *since*."""
+        ...
+
+    async def record_send(self, at: float) -> None: ...
 
 
 class RateLimiter:
@@ -48,6 +67,7 @@ class RateLimiter:
         *,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        wall_clock: Clock = time.time,
     ) -> None:
         if limit < 0:
             raise ValueError("limit must be 0 (no limit) or positive")
@@ -57,11 +77,26 @@ class RateLimiter:
         self.window = window
         self._clock = clock
         self._sleep = sleep
+        self._wall_clock = wall_clock
+        self._journal: SendJournal | None = None
         self._in_flight = 0
         self._ended: deque[float] = deque()  # end times, oldest first
         self._one_ended = asyncio.Event()
         # Waiters queue on the lock, so they get their slots in arrival order.
         self._lock = asyncio.Lock()
+
+    async def share(self, journal: SendJournal) -> None:
+        """Count the sends *journal* recorded in the last window, and record ours there."""
+        if self.limit == 0 or journal is self._journal:
+            return
+        async with self._lock:
+            wall, now = self._wall_clock(), self._clock()
+            recorded = await journal.recent_sends(wall - self.window)
+            # Wall-clock times onto this limiter's monotonic clock; one from
+            # the "future" (the clock was set back) counts as ending now.
+            ends = sorted(now - max(wall - at, 0.0) for at in recorded)
+            self._ended = deque(sorted([*self._ended, *ends]))
+            self._journal = journal
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -80,6 +115,16 @@ class RateLimiter:
             self._in_flight -= 1
             self._ended.append(self._clock())
             self._one_ended.set()
+            if self._journal is not None:
+                await self._record(self._journal)
+
+    async def _record(self, journal: SendJournal) -> None:
+        try:
+            await journal.record_send(self._wall_clock())
+        except Exception as exc:
+            # The send itself is recorded elsewhere; this only shortens the
+            # wait of a process started within the next minute.
+            log.warning("could not record a send for the rate limit: %s", exc)
 
     async def acquire(self) -> None:
         """Wait for a slot for a send that takes no time (its start is its end)."""
