@@ -15,23 +15,40 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from enum import StrEnum
+from typing import TypeVar
 
 from invite_mailer import fastcompose
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
-from invite_mailer.errors import ConfigError, PermanentFailure, SenderRefused, TemporaryFailure
-from invite_mailer.ledger import DeliveryKey, Ledger, LedgerView, format_version
+from invite_mailer.errors import (
+    ConfigError,
+    InviteMailerError,
+    PermanentFailure,
+    SenderRefused,
+    SetupFailure,
+    TemporaryFailure,
+)
+from invite_mailer.ledger import (
+    DeliveryKey,
+    DeliveryState,
+    Ledger,
+    LedgerError,
+    LedgerView,
+    format_version,
+)
 from invite_mailer.plan import Mailing, plan
 from invite_mailer.series import Event, Kind
 from invite_mailer.summary import compose_summary
-from invite_mailer.transport import Transport, UncertainFailure
+from invite_mailer.transport import Handover, Transport, UncertainFailure, track_handover
 
 log = logging.getLogger("invite_mailer.dispatch")
+
+_T = TypeVar("_T")
 
 SUMMARY_KIND = "summary"
 
@@ -65,6 +82,20 @@ class PassResult:
 
 
 ProgressCallback = Callable[[Mailing, str, Outcome], None]
+
+
+async def _settle(step: Awaitable[_T]) -> _T:
+    """Await *step* to its end even when cancelled meanwhile (then re-raise).
+
+    For ledger writes: a record cut off half-way would leave a mail claimed
+    that never left, or lose the relay's answer for one that did.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +134,10 @@ class Dispatcher:
         self._sequences: dict[str, int] = {}
         self._issued: set[str] = set()
         self._wires: fastcompose.WirePipeline | None = None
+        # What a worker's current send has handed over (see Handover).
+        self._handovers: dict[asyncio.Task[object], Handover] = {}
+        # An error that stops the whole pass (the setup or the ledger).
+        self._halted: InviteMailerError | None = None
 
     async def plan(self, now: datetime) -> list[Mailing]:
         """The plan at *now*, with opt-outs from the file and the ledger merged."""
@@ -127,6 +162,11 @@ class Dispatcher:
             for e in series.events
         }
         self._issued = set()
+        self._halted = None
+        share = getattr(self.transport, "share_rate_limit", None)
+        if share is not None:
+            # Sends of earlier processes in the last minute count too.
+            await share(self.ledger)
         mailings = await self.plan(now)
         result = PassResult(now=now)
         items: list[_Item] = []
@@ -204,11 +244,14 @@ class Dispatcher:
                 busy.add(me)
                 try:
                     outcome, delay = await self._deliver(item, virtual_now(), result, started)
+                except LedgerError as exc:
+                    # Nothing can be recorded: no further mail may go out.
+                    self._halt(exc)
+                    outcome, delay = Outcome.RETRY, None
                 except Exception:
-                    # A bug or a failing disk must not hang the pass: the other
-                    # mails go on, this one is left to a later pass.
+                    # A bug must not hang the pass: the other mails go on,
+                    # this one is left to a later pass.
                     log.exception("mailing %s: unexpected error", item.mailing.id)
-                    await self._unsettled(item, virtual_now())
                     outcome, delay = Outcome.RETRY, None
                 finally:
                     busy.discard(me)
@@ -233,10 +276,16 @@ class Dispatcher:
         try:
             await asyncio.wait({stop_wait, finish_wait}, return_when=asyncio.FIRST_COMPLETED)
             if self.stop.is_set():
-                # Let in-flight sends finish and be recorded; take nothing new.
-                result.stopped = True
+                # Let sends whose data is out finish and be recorded; the others
+                # (waiting for a connection or a rate-limit slot, connecting)
+                # stop at once and give their mail back. Take nothing new.
+                result.stopped = self._halted is None
                 for task in delayed:
                     task.cancel()
+                for task in busy:
+                    handover = self._handovers.get(task)
+                    if handover is None or not handover.started:
+                        task.cancel()
                 # Idle workers wait on the queue for ever: wait for the busy ones only.
                 if busy:
                     await asyncio.wait(set(busy), timeout=self.config.settings.smtp.timeout + 5)
@@ -260,9 +309,19 @@ class Dispatcher:
                     counts[Outcome.RETRY],
                     extra={"mailing": mailing_id, **{str(k): v for k, v in counts.items()}},
                 )
+        if self._halted is not None:
+            # The reason is the error itself, reported once by whoever runs the pass.
+            log.warning("delivery pass stopped after %d sent", result.total(Outcome.SENT))
+            raise self._halted
         if not result.stopped:
             await self._send_summaries(result, virtual_now())
         return result
+
+    def _halt(self, exc: InviteMailerError) -> None:
+        """Stop the pass for a reason no single mail is at fault for; reported once."""
+        if self._halted is None:
+            self._halted = exc
+        self.stop.set()
 
     async def _deliver(
         self, item: _Item, now: datetime, result: PassResult, started: float
@@ -309,16 +368,57 @@ class Dispatcher:
                 self._issued.add(date.id)
                 await self.ledger.issue_sequence(config.series.id, date.id, date.version)
         version = format_version({date.id: date.version for date in described})
-        if not await self.ledger.claim(key, str(message["Message-ID"]), now, version=version):
+        me = asyncio.current_task()
+        assert me is not None
+        with track_handover() as handover:
+            self._handovers[me] = handover
+            try:
+                return await self._send(item, key, message, version, now, result, started)
+            except asyncio.CancelledError:
+                # Stopped (SIGTERM, a cancelled pass): a mail that never left is
+                # given back at once; only one whose data was out may have arrived.
+                await _settle(self._stopped_during(key, handover, now))
+                raise
+            except InviteMailerError:
+                raise
+            except Exception as exc:
+                await _settle(self._failed_locally(item, key, handover, exc, now))
+                return Outcome.RETRY, None
+            finally:
+                del self._handovers[me]
+
+    async def _send(
+        self,
+        item: _Item,
+        key: DeliveryKey,
+        message: EmailMessage | fastcompose.Wire,
+        version: str,
+        now: datetime,
+        result: PassResult,
+        started: float,
+    ) -> tuple[Outcome, float | None]:
+        mailing, config = item.mailing, self.config
+        if not await _settle(
+            self.ledger.claim(key, str(message["Message-ID"]), now, version=version)
+        ):
             return Outcome.SKIPPED, None
+        contact_email = key.email
+        contact = config.contacts.by_key(key.email)
+        if contact is not None:
+            contact_email = contact.email
         sender = config.settings.sender.from_address.addr_spec
         try:
             answer = await fastcompose.send(
-                self.transport, message, sender=sender, recipients=[contact.email]
+                self.transport, message, sender=sender, recipients=[contact_email]
             )
+        except SetupFailure as exc:
+            # TLS, login or the outbox folder: nothing left, no mail is at fault.
+            await _settle(self.ledger.release(key, now))
+            self._halt(exc)
+            return Outcome.SKIPPED, None
         except SenderRefused as exc:
             # Not this recipient's fault: undo the claim and stop the pass.
-            await self.ledger.release(key, now)
+            await _settle(self.ledger.release(key, now))
             if result.sender_refused is None:
                 result.sender_refused = exc.response
                 log.error(
@@ -330,14 +430,14 @@ class Dispatcher:
             self.stop.set()
             return Outcome.SKIPPED, None
         except PermanentFailure as exc:
-            await self.ledger.mark_failed(key, exc.response, now)
-            result.failures.append((mailing.id, contact.email, exc.response))
+            await _settle(self.ledger.mark_failed(key, exc.response, now))
+            result.failures.append((mailing.id, contact_email, exc.response))
             log.warning(
                 "mailing %s: %s refused permanently: %s",
                 mailing.id,
-                contact.email,
+                contact_email,
                 exc.response,
-                extra={"mailing": mailing.id, "recipient": contact.email},
+                extra={"mailing": mailing.id, "recipient": contact_email},
             )
             return Outcome.FAILED, None
         except TemporaryFailure as exc:
@@ -347,35 +447,62 @@ class Dispatcher:
                 # The data went out but no answer came back: it may have been
                 # delivered. Retried like a temporary failure (at least once
                 # beats never), and shown as uncertain by status meanwhile.
-                await self.ledger.mark_uncertain(key, exc.response, now, next_at)
+                await _settle(self.ledger.mark_uncertain(key, exc.response, now, next_at))
             else:
-                await self.ledger.mark_retry(key, exc.response, now, next_at)
+                await _settle(self.ledger.mark_retry(key, exc.response, now, next_at))
             in_pass = (self.clock() - started) + delay <= self.retry_in_pass_seconds
             in_window = next_at < mailing.deadline
             log.warning(
                 "mailing %s: %s temporary failure (attempt %d), retry in %.1fs: %s",
                 mailing.id,
-                contact.email,
+                contact_email,
                 item.attempt,
                 delay,
                 exc.response,
-                extra={"mailing": mailing.id, "recipient": contact.email},
+                extra={"mailing": mailing.id, "recipient": contact_email},
             )
             return (
                 Outcome.RETRY,
                 delay if in_pass and in_window and not self.stop.is_set() else None,
             )
-        await self.ledger.mark_sent(key, answer, now)
+        await _settle(self.ledger.mark_sent(key, answer, now))
         return Outcome.SENT, None
 
-    async def _unsettled(self, item: _Item, now: datetime) -> None:
-        """After an unexpected error: if the mail was claimed, it may or may not have gone out."""
-        mailing = item.mailing
-        key = DeliveryKey(self.config.series.id, mailing.ledger_kind, mailing.event, item.key)
+    async def _stopped_during(self, key: DeliveryKey, handover: Handover, now: datetime) -> None:
+        """After a cancellation: give a claimed mail back, unless its data was out."""
         try:
-            await self.ledger.mark_uncertain(key, "unexpected error; see the log", now)
-        except Exception:  # not claimed yet, or the ledger itself is failing
-            log.debug("could not mark %s as uncertain", key, exc_info=True)
+            current = await self.ledger.get(key)
+            if current is None or current.state is not DeliveryState.SENDING:
+                return  # not claimed yet, or already recorded
+            if handover.started:
+                await self.ledger.mark_uncertain(
+                    key, "stopped while the message data was being sent; it may have arrived", now
+                )
+            else:
+                await self.ledger.release(key, now)
+        except LedgerError as exc:
+            log.error("could not record that %s was stopped: %s", key, exc)
+
+    async def _failed_locally(
+        self, item: _Item, key: DeliveryKey, handover: Handover, exc: Exception, now: datetime
+    ) -> None:
+        """An error of this machine (a file, a bug) while sending one mail."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError):
+            log.error("mailing %s: %s not sent: %s", item.mailing.id, key.email, reason)
+        else:
+            log.exception("mailing %s: unexpected error", item.mailing.id)
+        current = await self.ledger.get(key)
+        if current is None or current.state is not DeliveryState.SENDING:
+            return
+        if handover.started:
+            # The bytes had begun to leave: it may have arrived.
+            await self.ledger.mark_uncertain(key, f"unexpected error: {reason}", now)
+            return
+        # Nothing left this machine: pending again, for a later pass.
+        delay = self._backoff(item.attempt)
+        next_at = (now.astimezone(UTC) + timedelta(seconds=delay)).astimezone(now.tzinfo)
+        await self.ledger.mark_retry(key, f"not sent: {reason}", now, next_at)
 
     async def _compose(
         self,
@@ -449,8 +576,9 @@ class Dispatcher:
                 answer = await self.transport.send(message, sender=sender, recipients=[organiser])
             except PermanentFailure as exc:
                 await self.ledger.mark_failed(key, exc.response, now)
-            except TemporaryFailure as exc:
-                await self.ledger.mark_retry(key, exc.response, now, now + timedelta(minutes=5))
+            except (TemporaryFailure, OSError) as exc:
+                response = exc.response if isinstance(exc, TemporaryFailure) else str(exc)
+                await self.ledger.mark_retry(key, response, now, now + timedelta(minutes=5))
             else:
                 await self.ledger.mark_sent(key, answer, now)
                 result.reports_sent += 1

@@ -118,6 +118,22 @@ class TemporaryFailure(TransportError):
     """4xx answers, lost connections and timeouts: worth another try later."""
 
 
+class SetupFailure(TemporaryFailure):
+    """The transport cannot send anything as set up: TLS, login, the outbox folder.
+
+    No message is at fault and none left: the pass stops with one message,
+    and every mail stays pending for a run after the setup is fixed.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+
 class PermanentFailure(TransportError):
     """5xx answers: the server refused this message or recipient for good."""
 

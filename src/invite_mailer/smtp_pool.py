@@ -18,11 +18,14 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import StrEnum
 
 import aiosmtplib
 from aiosmtplib import (
+    SMTPAuthenticationError,
     SMTPDataError,
     SMTPException,
     SMTPHeloError,
@@ -40,6 +43,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from invite_mailer.errors import (
     PermanentFailure,
     SenderRefused,
+    SetupFailure,
     TemporaryFailure,
     TransportError,
 )
@@ -54,6 +58,44 @@ _HOUSEKEEPING_TIMEOUT = 5.0
 
 class UncertainFailure(TemporaryFailure):
     """The message data was sent, but no answer came: it may have been delivered."""
+
+
+class Handover:
+    """Whether a message's bytes have begun to leave: from then on it may arrive.
+
+    Before that moment (waiting for a connection or a rate-limit slot,
+    connecting, TLS, login, MAIL, RCPT, a local error) nothing can have been
+    delivered, so a mail stopped there is simply not sent yet.
+    """
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+# The transports mark the handover of the send running in the current task;
+# a context variable, so that everything between the dispatcher and the socket
+# (or the outbox file) need not pass it along.
+_handover: ContextVar[Handover | None] = ContextVar("invite_mailer_handover", default=None)
+
+
+@contextmanager
+def track_handover() -> Iterator[Handover]:
+    """Watch whether the sends made inside the block hand any bytes over."""
+    handover = Handover()
+    token = _handover.set(handover)
+    try:
+        yield handover
+    finally:
+        _handover.reset(token)
+
+
+def mark_handover() -> None:
+    """Called by a transport the moment a message's bytes start to leave."""
+    handover = _handover.get()
+    if handover is not None:
+        handover.started = True
 
 
 class _Phase(StrEnum):
@@ -218,15 +260,48 @@ class SmtpPool:
             client.close()
             # Whatever the code, a refused connection or login is no verdict on
             # a message: it is retried later, never recorded as permanent.
-            code = exc.code if isinstance(exc, SMTPResponseException) else None
-            text = _response_text(exc)
-            raise TemporaryFailure(
-                f"could not connect to {self.address}: {text}", code=code
-            ) from exc
+            raise self._connect_failure(exc) from exc
         connection.client = client
         connection.messages = 0
         self.connections_opened += 1
         log.debug("connected to %s (%d opened so far)", self.address, self.connections_opened)
+
+    def _connect_failure(self, exc: BaseException) -> TemporaryFailure:
+        """What a failed connect means; setup problems stop the whole pass."""
+        code = exc.code if isinstance(exc, SMTPResponseException) else None
+        text = _response_text(exc)
+        settings = self.settings
+        if isinstance(exc, SMTPAuthenticationError):
+            return SetupFailure(
+                f"authentication failed ({text}) at {self.address} as {settings.username!r}",
+                code=code,
+                hint="check smtp.username and the password in INVITE_MAILER_SMTP__PASSWORD",
+            )
+        if isinstance(_cause(exc, ssl.SSLCertVerificationError), ssl.SSLCertVerificationError):
+            return SetupFailure(
+                f"could not connect to {self.address}: TLS certificate verification failed: {text}",
+                hint="check smtp.ca_file / smtp.verify_certificates and smtp.host "
+                "(the name must match the certificate)",
+            )
+        if isinstance(_cause(exc, ssl.SSLError), ssl.SSLError):
+            return SetupFailure(
+                f"could not connect to {self.address}: TLS failed: {text}",
+                hint='check smtp.security ("tls" for port 465, "starttls" for 587) and smtp.port',
+            )
+        if isinstance(exc, SMTPException) and "STARTTLS extension not supported" in exc.message:
+            # Also what an attacker stripping STARTTLS from the greeting looks like.
+            return SetupFailure(
+                f"{self.address} does not offer STARTTLS; nothing was sent unencrypted",
+                hint='check smtp.port and smtp.security ("tls" for port 465); never switch '
+                'to "none" for a relay outside this host',
+            )
+        if isinstance(exc, SMTPException) and "AUTH extension is not supported" in exc.message:
+            return SetupFailure(
+                f"{self.address} does not offer AUTH, but smtp.username is set",
+                hint="leave smtp.username empty for a relay without login, or check "
+                "smtp.security: many relays offer AUTH only after STARTTLS",
+            )
+        return TemporaryFailure(f"could not connect to {self.address}: {text}", code=code)
 
     async def _transact(
         self,
@@ -246,6 +321,9 @@ class SmtpPool:
                     await client.ehlo()
                 except SMTPHeloError:
                     await client.helo()
+            sender, recipients, unsendable = _envelope(client, sender, recipients)
+            if not recipients:
+                raise PermanentFailure(unsendable[0])
             options, encoding = _mail_options(client, sender, recipients, data)
             await _mail(client, sender, options, encoding)
             phase = _Phase.RCPT
@@ -289,13 +367,15 @@ class SmtpPool:
                 raise _StaleConnection(failure) from exc
             raise failure from exc
         connection.messages += 1
-        if refused:
+        if refused or unsendable:
             log.warning(
                 "%s refused some recipients: %s",
                 self.address,
-                "; ".join(f"{exc.recipient}: {exc.code} {exc.message}" for exc in refused),
+                "; ".join(
+                    [*(f"{exc.recipient}: {_response_text(exc)}" for exc in refused), *unsendable]
+                ),
             )
-        return f"{response.code} {response.message}"
+        return _plain(f"{response.code} {response.message}")
 
     def _uncertain(self, exc: BaseException) -> UncertainFailure:
         return UncertainFailure(
@@ -397,11 +477,14 @@ async def _data(client: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
     protocol = client.protocol
     wire = _data_block(data)
     if protocol is None or wire is None:
+        # aiosmtplib's own DATA: counted as handed over from the command on.
+        mark_handover()
         return await client.data(data)
     try:
         start = await protocol.execute_command(b"DATA", timeout=client.timeout)
         if start.code != SMTPStatus.start_input:
             raise SMTPDataError(start.code, start.message)
+        mark_handover()
         protocol.write(wire)
         response = await protocol.read_response(timeout=client.timeout)
     except (SMTPServerDisconnected, SMTPTimeoutError):
@@ -410,6 +493,47 @@ async def _data(client: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
     if response.code != SMTPStatus.completed:
         raise SMTPDataError(response.code, response.message)
     return response
+
+
+def _envelope(
+    client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str]
+) -> tuple[str, list[str], list[str]]:
+    """Sender and recipients as this relay can take them, and the ones it cannot.
+
+    A relay without SMTPUTF8 takes an internationalised domain in its ASCII
+    (IDNA) form, which is the same address; a non-ASCII local part has no
+    such form.
+    """
+    addresses = [sender, *recipients]
+    if all(address.isascii() for address in addresses) or client.supports_extension("smtputf8"):
+        return sender, list(recipients), []
+    try:
+        ascii_sender = _ascii_address(sender)
+    except ValueError as exc:
+        raise SenderRefused(f"the sender address {sender!r}: {exc}") from None
+    sendable, unsendable = [], []
+    for recipient in recipients:
+        try:
+            sendable.append(_ascii_address(recipient))
+        except ValueError as exc:
+            unsendable.append(f"{recipient}: {exc}")
+    return ascii_sender, sendable, unsendable
+
+
+def _ascii_address(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        raise ValueError(
+            "the relay does not support SMTPUTF8; this address has a non-ASCII local part"
+        )
+    if domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        raise ValueError(
+            "the relay does not support SMTPUTF8, and the domain has no valid ASCII (IDNA) form"
+        ) from None
 
 
 def _mail_options(
@@ -446,7 +570,35 @@ def _failure_from_response(exc: SMTPResponseException) -> TransportError:
 
 def _response_text(exc: BaseException) -> str:
     if isinstance(exc, SMTPResponseException):
-        return f"{exc.code} {exc.message}"
+        return _plain(f"{exc.code} {exc.message}")
     if isinstance(exc, SMTPException):
-        return exc.message
-    return str(exc) or type(exc).__name__
+        return _plain(exc.message)
+    return _plain(str(exc) or type(exc).__name__)
+
+
+# What a relay says ends up in the ledger, the log and the terminal: one line
+# of printable text of a bounded length, whatever arrived.
+_MAX_ANSWER = 500
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)?")
+
+
+def _plain(text: str) -> str:
+    """*text* from a relay as one bounded line of printable characters."""
+    text = _ESCAPE_SEQUENCE.sub("", text[: _MAX_ANSWER * 4])
+    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
+    if len(text) > _MAX_ANSWER:
+        text = text[: _MAX_ANSWER - 1] + "…"
+    return text
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of *kind* in the chain of *exc*."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import email.policy
+import errno
 import hashlib
 import os
 import re
@@ -18,16 +19,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
-from invite_mailer.ratelimit import RateLimiter
+from invite_mailer.errors import SetupFailure
+from invite_mailer.ratelimit import RateLimiter, SendJournal
 from invite_mailer.settings import Settings, SmtpSettings, TransportKind
-from invite_mailer.smtp_pool import SmtpPool, UncertainFailure
+from invite_mailer.smtp_pool import (
+    Handover,
+    SmtpPool,
+    UncertainFailure,
+    mark_handover,
+    track_handover,
+)
 
 __all__ = [
+    "Handover",
     "OutboxTransport",
     "SmtpTransport",
     "Transport",
     "UncertainFailure",
     "make_transport",
+    "track_handover",
     "wire_bytes",
 ]
 
@@ -69,7 +79,10 @@ class OutboxTransport:
         self.directory = Path(directory)
 
     async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _outbox_failure(self.directory, exc) from exc
         return self
 
     async def __aexit__(
@@ -84,17 +97,50 @@ class OutboxTransport:
         self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
     ) -> str:
         data = wire_bytes(message)
-        path = self.directory / f"{outbox_name(message, data)}.eml"
-        await asyncio.to_thread(_write_atomically, path, data)
-        return f"250 written to {path}"
+        return await self._write(self.directory / f"{outbox_name(message, data)}.eml", data)
 
     async def send_wire(
         self, data: bytes, *, message_id: str, sender: str, recipients: Sequence[str]
     ) -> str:
         """Like :meth:`send`, for a message already in wire form (see fastcompose)."""
-        path = self.directory / f"{_file_name(message_id, data)}.eml"
-        await asyncio.to_thread(_write_atomically, path, data)
+        return await self._write(self.directory / f"{_file_name(message_id, data)}.eml", data)
+
+    async def _write(self, path: Path, data: bytes) -> str:
+        # A thread cannot be stopped half-way: when the send is cancelled, the
+        # write still ends, so that whether the file exists is known.
+        write = asyncio.ensure_future(asyncio.to_thread(_write_atomically, path, data))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait([write])
+            raise
+        except OSError as exc:
+            if exc.errno in _OUTBOX_UNUSABLE:
+                raise _outbox_failure(self.directory, exc) from exc
+            raise  # something in the way of this one file, e.g. a folder of its name
         return f"250 written to {path}"
+
+
+# The outbox folder as a whole cannot take files: no message is at fault.
+_OUTBOX_UNUSABLE = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EFBIG,
+    errno.EIO,
+}
+
+
+def _outbox_failure(directory: Path, exc: OSError) -> SetupFailure:
+    return SetupFailure(
+        f"cannot write to the outbox folder {directory}: {type(exc).__name__}: "
+        f"{exc.strerror or exc}",
+        hint="free disk space, or make transport.outbox_dir a writable folder",
+    )
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
@@ -122,6 +168,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    mark_handover()  # the file is there: the message has gone out
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -142,6 +189,11 @@ class SmtpTransport:
     @property
     def connections_opened(self) -> int:
         return self._pool.connections_opened if self._pool is not None else 0
+
+    async def share_rate_limit(self, journal: SendJournal) -> None:
+        """Count the rate limit in *journal* (the ledger) too, across processes."""
+        if self.limiter is not None:
+            await self.limiter.share(journal)
 
     async def __aenter__(self) -> Self:
         # Connections open lazily on the first send, so entering never fails
