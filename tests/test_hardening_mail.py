@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from datetime import datetime
 from email import policy
 from pathlib import Path
@@ -233,3 +234,268 @@ def test_validate_refuses_a_secret_material(tree: Path, monkeypatch: pytest.Monk
     assert "series.yaml" in result.output and "/proc/self/environ" in result.output
     assert "Traceback" not in result.output
     assert "geheim-1234" not in result.output
+
+
+# --- templates run in a sandbox, bounded -------------------------------------------------
+
+
+def put_line(config: Path, name: str, text: str) -> int:
+    """Add *text* as a line of the template *name* that is rendered (the first
+    of its content block, or the second line); returns its line number."""
+    path = templates_of(config) / name
+    lines = path.read_text(encoding="utf-8").split("\n")
+    blocks = [n for n, line in enumerate(lines) if line.startswith("{% block content %}")]
+    at = blocks[0] + 1 if blocks else 1
+    lines.insert(at, text)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return at + 1
+
+
+def render_error(config: Path, name: str = "invitation.txt.j2") -> ConfigError:
+    """Compose an invitation; the ConfigError it must end in."""
+    with pytest.raises(ConfigError) as caught:
+        composer = composer_of(config)
+        composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
+    return caught.value
+
+
+ESCAPES = [
+    '{{ cycler.__init__.__globals__.os.popen("touch {marker}").read() }}',
+    '{{ joiner.__init__.__globals__.os.popen("touch {marker}").read() }}',
+    '{{ namespace.__init__.__globals__.os.popen("touch {marker}").read() }}',
+    "{{ lipsum.__globals__['os'].popen('touch {marker}').read() }}",
+    "{{ self.__init__.__globals__ }}",
+    "{{ self._TemplateReference__context }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ contact.__class__.__init__.__globals__ }}",
+    "{{ series.__class__.__mro__ }}",
+    "{{ paragraphs.__wrapped__.__globals__['os'].popen('touch {marker}').read() }}",
+    "{{ (events|first).__class__ }}",
+    "{{ range.__self__ }}",
+    "{% set x = events.__class__.__base__.__subclasses__() %}{{ x }}",
+]
+
+
+@pytest.mark.parametrize("payload", ESCAPES)
+def test_sandbox_escapes_are_template_errors(tree: Path, payload: str) -> None:
+    marker = tree.parent / "PWNED"
+    line = put_line(tree, "invitation.txt.j2", payload.replace("{marker}", str(marker)))
+    error = render_error(tree)
+    (problem,) = error.problems
+    assert problem.path == templates_of(tree) / "invitation.txt.j2"
+    assert problem.line == line
+    assert problem.hint and "sandbox" in problem.hint or "unknown" in problem.message
+    assert not marker.exists()
+
+
+def test_validate_does_not_run_commands(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tree.parent / "PWNED"
+    put_line(
+        tree,
+        "reminder.subject.j2",
+        f'{{{{ cycler.__init__.__globals__.os.popen("touch {marker}").read() }}}}',
+    )
+    monkeypatch.chdir(tree.parent)
+    result = CliRunner().invoke(cli, ["validate", "--config", "config"])
+    assert result.exit_code == 1, result.output
+    assert "reminder.subject.j2, line 2" in result.output
+    assert "Traceback" not in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "{% include '/etc/passwd' %}",
+        "{% include '../../config/settings.toml' %}",
+        "{% extends '../../config/settings.toml' %}",
+        "{% import '/proc/self/environ' as env %}",
+    ],
+)
+def test_templates_from_outside_the_folder(tree: Path, statement: str) -> None:
+    put_line(tree, "invitation.txt.j2", statement)
+    with pytest.raises(ConfigError) as caught:
+        composer_of(tree)
+    assert any(p.path == templates_of(tree) / "invitation.txt.j2" for p in caught.value.problems)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "{% include '../../config/settings.toml' ignore missing %}",
+        "{% include contact.extra['datei'] %}",
+    ],
+)
+def test_dynamic_includes_stay_in_the_folder(tree: Path, statement: str) -> None:
+    (tree / "settings.toml").write_text(
+        (tree / "settings.toml").read_text(encoding="utf-8") + "\n# GEHEIM-4711\n",
+        encoding="utf-8",
+    )
+    put_line(tree, "invitation.txt.j2", statement)
+    composer = composer_of(tree)
+    contact = Contact(email="a@example.org", extra={"datei": "../../config/settings.toml"})
+    try:
+        message = composer.compose(Kind.INVITATION, contact, event=None, now=INVITATION_NOW)
+    except ConfigError as exc:
+        assert "GEHEIM" not in str(exc)
+        return
+    assert b"GEHEIM-4711" not in message.as_bytes(policy=policy.SMTP)
+
+
+def test_symlinked_template_leading_outside(tree: Path) -> None:
+    secret = tree.parent / "secret.txt"
+    secret.write_text("GEHEIM-4711\n", encoding="utf-8")
+    (templates_of(tree) / "fuss.j2").symlink_to(secret)
+    put_line(tree, "invitation.txt.j2", "{% include 'fuss.j2' %}")
+    with pytest.raises(ConfigError) as caught:
+        composer = composer_of(tree)
+        composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
+    text = str(caught.value)
+    assert "fuss.j2" in text and "outside the templates folder" in text
+    assert "GEHEIM" not in text
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{{ "x" * 3000000000 }}',
+        '{{ 3000000000 * "x" }}',
+        "{{ [1] * 3000000000 }}",
+        "{{ 9 ** 999999999 }}",
+        "{% for i in range(10**9) %}x{% endfor %}",
+        "{% for a in range(100000) %}{% for b in range(100000) %}xxxxxxxxxx{% endfor %}"
+        "{% endfor %}",
+        '{% set ns = namespace(s="xx") %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}'
+        "{% endfor %}{{ ns.s|length }}",
+        '{% set ns = namespace(s="xx") %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}'
+        "{% endfor %}{{ ns.s|length }}",
+        '{{ "%999999999s" % "x" }}',
+        '{{ "{:999999999}".format("x") }}',
+        '{{ "x"|center(3000000000) }}',
+        '{{ "x".ljust(3000000000) }}',
+        '{{ "x"|indent(3000000000, true) }}',
+        '{{ ("x" * 1000)|replace("x", "y" * 1000000) }}',
+        '{{ ("x" * 1000).replace("x", "y" * 1000000) }}',
+        '{{ range(100000)|join("y" * 100000) }}',
+        '{{ "%s"|format("x") ~ "%999999999d"|format(1) }}',
+        "{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}",
+    ],
+)
+def test_runaway_templates_end_in_a_template_error(tree: Path, payload: str) -> None:
+    line = put_line(tree, "invitation.txt.j2", payload)
+    started = time.monotonic()
+    error = render_error(tree)
+    assert time.monotonic() - started < 30
+    (problem,) = error.problems
+    assert problem.path is not None and problem.path.name in (
+        "invitation.txt.j2",
+        "layout.txt.j2",
+    )
+    if "writes more than" not in problem.message:  # where the output stops is not known
+        assert problem.path.name == "invitation.txt.j2" and problem.line == line
+    assert "too large" in problem.message or "longer than" in problem.message
+    assert problem.hint
+
+
+def test_loops_without_output_are_stopped_in_time(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from invite_mailer import compose
+
+    monkeypatch.setattr(compose, "MAX_RENDER_SECONDS", 0.5)
+    put_line(
+        tree,
+        "invitation.txt.j2",
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    )
+    started = time.monotonic()
+    error = render_error(tree)
+    assert time.monotonic() - started < 20
+    assert "longer than 0.5 seconds" in str(error)
+
+
+def test_context_holds_no_secret(tree: Path) -> None:
+    """Nothing a template can reach holds the SMTP password or the link secret."""
+    from pydantic import SecretStr
+
+    settings = settings_of(tree)
+    settings = settings.model_copy(
+        update={
+            "smtp": settings.smtp.model_copy(update={"password": SecretStr("SMTP-GEHEIM")}),
+            "unsubscribe": settings.unsubscribe.model_copy(
+                update={"secret": SecretStr("LINK-GEHEIM-0123456789abcdef")}
+            ),
+            "sender": settings.sender.model_copy(
+                update={"unsubscribe_url": "https://example.org/abmelden"}
+            ),
+        }
+    )
+    dump = (
+        "{% for name in ['contact', 'series', 'events', 'event', 'next_event', "
+        "'registered_events', 'attachments', 'unsubscribe_url', 'unsubscribe_mailto', "
+        "'unsubscribe_address', 'kind', 'subject', 'salutation'] %}"
+        "{{ name }}={{ self._TemplateReference__context.get(name) if false else '' }}"
+        "{% endfor %}{{ contact }}{{ series }}{{ events }}{{ event }}{{ next_event }}"
+        "{{ registered_events }}{{ attachments }}{{ unsubscribe_url }}"
+    )
+    put_line(tree, "reminder.txt.j2", dump)
+    composer = composer_of(tree, settings)
+    series = load_series(tree)
+    message = composer.compose(
+        Kind.REMINDER, JANA, event=series.event("verwaltung"), now=FOLLOWUP_NOW
+    )
+    text = message.get_body(preferencelist=("plain",))
+    assert text is not None
+    content = text.get_content()
+    assert "Contact(" in content and "SeriesView(" in content
+    assert "SMTP-GEHEIM" not in content and "LINK-GEHEIM" not in content
+
+
+def test_contact_data_is_never_evaluated(tree: Path) -> None:
+    composer = composer_of(tree)
+    series = load_series(tree)
+    put_line(tree, "invitation.html.j2", "")
+    hostile = Contact(
+        email="a@example.org",
+        anrede="Frau",
+        titel="{{ 7*7000 }}",
+        vorname="{% for i in range(3) %}Z{% endfor %}",
+        nachname="{{ cycler.__init__.__globals__ }}",
+        organisation="{{ 6*7111 }}",
+        registered_all=True,
+    )
+    for kind in composer.kinds:
+        event = None if kind == Kind.INVITATION else series.event("verwaltung")
+        message = composer.compose(kind, hostile, event=event, now=FOLLOWUP_NOW)
+        for preference in ("plain", "html"):
+            part = message.get_body(preferencelist=(preference,))
+            assert part is not None
+            content = part.get_content()
+            assert "49000" not in content and "ZZZ" not in content and "42666" not in content
+            assert "{{ 7*7000 }}" in content
+
+
+def test_contact_fields_and_extra_columns_are_escaped_in_html(tree: Path) -> None:
+    tag = '<b onmouseover="x">fett</b>'
+    for name in ("invitation", "reminder", "followup", "update", "cancellation"):
+        put_line(tree, f"{name}.html.j2", '{{ contact.extra["Funktion"] }}')
+    composer = composer_of(tree)
+    series = load_series(tree)
+    hostile = Contact(
+        email="a@example.org",
+        anrede="Frau",
+        titel=tag,
+        vorname=tag,
+        nachname=tag,
+        organisation=tag,
+        registered_all=True,
+        extra={"Funktion": tag},
+    )
+    for kind in composer.kinds:
+        event = None if kind == Kind.INVITATION else series.event("verwaltung")
+        message = composer.compose(kind, hostile, event=event, now=FOLLOWUP_NOW)
+        html = message.get_body(preferencelist=("html",))
+        assert html is not None
+        content = html.get_content()
+        assert "<b " not in content and "fett</b>" not in content, kind
+        assert "&lt;b onmouseover=" in content, kind

@@ -66,14 +66,19 @@ lines removed, so organisers can write one paragraph per line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import mimetypes
 import os
 import re
 import stat
 import textwrap
+import threading
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy as email_policy
@@ -87,6 +92,11 @@ from typing import Any
 import css_inline
 import jinja2
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.exceptions import SecurityError
+from jinja2.loaders import split_template_path
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup, escape
 
 from invite_mailer import german
@@ -240,6 +250,213 @@ _HEADERS = _Headers()
 
 # SMTP line endings; 76 keeps quoted-printable lines within RFC 2045.
 POLICY = email_policy.SMTP.clone(max_line_length=76, header_factory=_HEADERS)
+
+
+# --- the template sandbox ------------------------------------------------------------
+
+# Templates are organisers' files, so they are input, not code: they run in
+# Jinja's sandbox (no Python internals, no changing shared objects), may only
+# load files of the templates folder, and every render is bounded in output
+# and time so that a runaway loop or "x" * 10**9 ends as a template error.
+
+#: The most characters one template may write (or any one value may have).
+MAX_RENDER_CHARS = 2 * 1024 * 1024
+#: The most seconds rendering one template may take.
+MAX_RENDER_SECONDS = 5.0
+#: The largest template file that is read.
+MAX_TEMPLATE_BYTES = 1024 * 1024
+# The most bits an integer computed in a template may have (10**1000 is fine).
+_MAX_INT_BITS = 64 * 1024
+
+
+_CONFINED_HINT = (
+    "templates run in a sandbox: they can use the documented variables and filters "
+    "and include files of the templates folder, nothing of Python's internals "
+    "(names with __) and no other files"
+)
+
+
+class TemplateLimitError(SecurityError):
+    """A template went beyond the output size or time it may take."""
+
+
+class _Budget(threading.local):
+    deadline: float = math.inf
+    ticks: int = 0
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's code generator, with a time check at the start of every block
+    body (so in every loop iteration) and a size check on every ``~``."""
+
+    def blockvisit(self, nodes: Iterable[nodes.Node], frame: Frame) -> None:
+        self.writeline("environment.tick()")
+        super().blockvisit(nodes, frame)
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.bounded(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    code_generator_class = _BoundedCodeGenerator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._budget = _Budget()
+
+    @contextmanager
+    def budget(self, seconds: float) -> Iterator[None]:
+        """Bound the rendering done inside the block to *seconds*."""
+        budget = self._budget
+        saved = budget.deadline
+        budget.deadline = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            budget.deadline = saved
+
+    def tick(self) -> None:
+        budget = self._budget
+        budget.ticks += 1
+        if budget.ticks % 256 == 0:
+            self.check_time()
+
+    def check_time(self) -> None:
+        if time.monotonic() > self._budget.deadline:
+            raise TemplateLimitError(
+                f"rendering took longer than {MAX_RENDER_SECONDS:g} seconds (a loop that "
+                "runs too often?)"
+            )
+
+    def bounded(self, value: Any) -> Any:
+        if isinstance(value, str | bytes | list | tuple) and len(value) > MAX_RENDER_CHARS:
+            raise TemplateLimitError(_too_long(len(value)))
+        return value
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            _check_repeat(left, right)
+            _check_repeat(right, left)
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if right > 0 and abs(left) > 1 and abs(left).bit_length() * right > _MAX_INT_BITS:
+                raise TemplateLimitError(f"{left} ** {right} is too large a number")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left)
+        return self.bounded(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            _check_call(getattr(__obj, "__name__", ""), owner, args, kwargs)
+        return __self.bounded(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapper = super().wrap_str_format(value)
+        if wrapper is not None:
+            _check_format(value.__self__)
+        return wrapper
+
+
+def _too_long(length: int) -> str:
+    return (
+        f"a text of {length:,} characters is more than the limit of {MAX_RENDER_CHARS:,}"
+    ).replace(",", ".")
+
+
+def _check_repeat(sequence: Any, count: Any) -> None:
+    if (
+        isinstance(sequence, str | bytes | list | tuple)
+        and isinstance(count, int)
+        and len(sequence) * count > MAX_RENDER_CHARS
+    ):
+        raise TemplateLimitError(_too_long(len(sequence) * count))
+
+
+# A width or precision of six digits or more in a %- or {}-format.
+_HUGE_WIDTH = re.compile(r"[%:][^%{}:]*?\d{6,}")
+
+
+def _check_format(text: str) -> None:
+    if _HUGE_WIDTH.search(text):
+        raise TemplateLimitError("a field width in this format is too large")
+
+
+def _check_call(name: str, text: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Refuse string methods and filters whose result would be huge, before they run."""
+    numbers = [a for a in (*args, *kwargs.values()) if isinstance(a, int)]
+    if name in {"center", "ljust", "rjust", "zfill", "indent", "expandtabs"} and any(
+        n > MAX_RENDER_CHARS // max(1, text.count("\n") + (name == "expandtabs") * len(text))
+        for n in numbers
+    ):
+        raise TemplateLimitError(f"{name}() with a width of {max(numbers):,} is too large")
+    strings = [a for a in (*args, *kwargs.values()) if isinstance(a, str)]
+    if name == "replace" and len(strings) >= 2:
+        old, new = strings[0], strings[1]
+        grows = (len(new) - len(old)) * (text.count(old) if old else len(text) + 1)
+        if len(text) + grows > MAX_RENDER_CHARS:
+            raise TemplateLimitError(_too_long(len(text) + grows))
+    if name == "format":
+        _check_format(text)
+
+
+def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter that refuses arguments it would turn into a huge text."""
+
+    @functools.wraps(func)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        values = [a for a in args if isinstance(a, str)]
+        if values:
+            _check_call(name, values[0], args[args.index(values[0]) + 1 :], kwargs)
+        if name == "join":
+            joined = [a for a in args if isinstance(a, list | tuple | range)]
+            separator = next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, str)), "")
+            if joined and len(separator) * len(joined[0]) > MAX_RENDER_CHARS:
+                raise TemplateLimitError(_too_long(len(separator) * len(joined[0])))
+        result = func(*args, **kwargs)
+        if isinstance(result, str) and len(result) > MAX_RENDER_CHARS:
+            raise TemplateLimitError(_too_long(len(result)))
+        return result
+
+    return guarded
+
+
+class _ConfinedLoader(jinja2.FileSystemLoader):
+    """Loads regular files of the templates folder only: a name with "..", an
+    absolute one or a symlink leading elsewhere is refused."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, encoding="utf-8")
+        self._folder = folder
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        path = self._folder.joinpath(*split_template_path(template))
+        try:
+            resolved = path.resolve(strict=True)
+            root = self._folder.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise jinja2.TemplateNotFound(template) from None
+        if not resolved.is_relative_to(root):
+            raise SecurityError(
+                f"the template {template!r} leads outside the templates folder ({resolved})"
+            )
+        try:
+            with resolved.open("rb") as file:
+                info = os.fstat(file.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise SecurityError(f"the template {template!r} is not a regular file")
+                data = file.read(MAX_TEMPLATE_BYTES + 1)
+        except OSError:
+            raise jinja2.TemplateNotFound(template) from None
+        if len(data) > MAX_TEMPLATE_BYTES:
+            raise SecurityError(
+                f"the template {template!r} is larger than {MAX_TEMPLATE_BYTES // 1024} KB"
+            )
+        return data.decode("utf-8"), str(path), lambda: False
 
 
 # --- the composer --------------------------------------------------------------------
@@ -560,11 +777,15 @@ class Composer:
         for name in names:
             path = folder / name
             try:
-                source = path.read_text(encoding="utf-8")
+                assert self._env.loader is not None
+                source, _, _ = self._env.loader.get_source(self._env, name)
                 tree = self._env.parse(source, name, str(path))
                 templates[name] = self._env.get_template(name)
             except UnicodeDecodeError:
                 problems.add(path, "the file is not UTF-8 text", hint="save it as UTF-8")
+                continue
+            except SecurityError as exc:
+                problems.add(path, str(exc), hint=_CONFINED_HINT)
                 continue
             except jinja2.TemplateSyntaxError as exc:
                 problems.add(
@@ -601,10 +822,25 @@ class Composer:
         return templates
 
     def _render(self, name: str, context: Mapping[str, Any]) -> str:
+        env = self._env
+        out: list[str] = []
+        size = 0
         try:
-            return self._templates[name].render(context)
-        except Exception as exc:
+            with env.budget(MAX_RENDER_SECONDS):
+                # Chunk by chunk, so that a template writing without end is
+                # stopped at the limit instead of filling the memory.
+                for chunk in self._templates[name].generate(context):
+                    size += len(chunk)
+                    if size > MAX_RENDER_CHARS:
+                        raise TemplateLimitError(
+                            f"the template writes more than {MAX_RENDER_CHARS // 1024 // 1024} "
+                            "million characters"
+                        )
+                    out.append(chunk)
+                    env.check_time()
+        except (Exception, MemoryError, RecursionError) as exc:
             raise self._render_error(name, exc) from exc
+        return "".join(out)
 
     def _render_error(self, name: str, exc: Exception) -> ConfigError:
         path, line = self._templates_dir / name, None
@@ -614,6 +850,26 @@ class Composer:
             filename = frame.f_code.co_filename
             if filename.endswith(".j2"):
                 path, line = Path(filename), lineno
+        if isinstance(exc, TemplateLimitError | MemoryError | RecursionError | OverflowError):
+            what = str(exc) if isinstance(exc, TemplateLimitError) else type(exc).__name__
+            if isinstance(exc, OverflowError):
+                what = f"a number or range is too large ({exc})"
+            elif isinstance(exc, RecursionError):
+                what = "a macro or loop calls itself without end"
+            return ConfigError.single(
+                path,
+                f"the template is too large to render: {what}",
+                line=line,
+                hint="a mail is at most a few pages: check loops (range() is limited to "
+                "100000 steps) and repeated text on this line",
+            )
+        if isinstance(exc, SecurityError):
+            return ConfigError.single(
+                path,
+                f"the template uses something templates may not use: {exc}",
+                line=line,
+                hint=_CONFINED_HINT,
+            )
         if isinstance(exc, jinja2.UndefinedError):
             return ConfigError.single(
                 path,
@@ -773,9 +1029,9 @@ def _reason(exc: BaseException) -> str:
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _environment(templates_dir: Path) -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates_dir, encoding="utf-8"),
+def _environment(templates_dir: Path) -> _Sandbox:
+    env = _Sandbox(
+        loader=_ConfinedLoader(templates_dir),
         autoescape=jinja2.select_autoescape(
             enabled_extensions=("html.j2",), default_for_string=False, default=False
         ),
@@ -790,6 +1046,8 @@ def _environment(templates_dir: Path) -> jinja2.Environment:
     env.filters["heading"] = heading
     env.filters["typeset"] = typeset
     env.filters["zahlwort"] = german.number_word
+    for name, func in list(env.filters.items()):
+        env.filters[name] = _guarded(name, func)
     return env
 
 
