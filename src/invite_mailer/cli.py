@@ -148,7 +148,7 @@ def _fail(exc: BaseException) -> NoReturn:
     say(err, "error:", f"{type(exc).__name__}: {exc}")
     err.print(
         "  this is a bug; please report it"
-        + (" with the traceback above" if _verbose() else " (run with --verbose for the traceback)")
+        + (" with the traceback below" if _verbose() else " (run with --verbose for the traceback)")
     )
     if _verbose():
         traceback.print_exception(exc, file=sys.stderr)
