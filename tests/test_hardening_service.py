@@ -8,14 +8,20 @@ around now, so what the daemon does is visible as ``.eml`` files in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -31,6 +37,10 @@ from deliverykit import (
     wait_for,
     write_contacts,
 )
+from invite_mailer.contacts import load_address_list
+from invite_mailer.ledger import Ledger
+from invite_mailer.unsubscribe import make_token
+from invite_mailer.web import RunningServer, create_app, start_server
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CONTACTS = ("anna.alt@example.org", "bernd.berg@example.org", "clara.chen@example.org")
@@ -330,3 +340,326 @@ def test_a_slow_reload_does_not_stall_the_endpoint(service: Path, daemons: list[
         f"the endpoint took {slowest:.2f} s to answer during a {took:.1f} s reload"
     )
     assert daemon.stop() == 0, daemon.output()
+
+
+# --- the endpoint under load ---------------------------------------------------------------
+
+FEW_DESCRIPTORS = 256
+
+
+def _few_descriptors() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FEW_DESCRIPTORS, FEW_DESCRIPTORS))
+
+
+def open_idle_connections(port: int, count: int) -> list[socket.socket]:
+    """*count* clients that connect and send nothing (those refused are skipped)."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.settimeout(2)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+    return held
+
+
+@pytest.mark.slow
+def test_idle_connections_cannot_take_the_endpoint_down(
+    service: Path, daemons: list[Daemon]
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    daemon = start(daemons, service, env=endpoint_env(port), preexec=_few_descriptors)
+    offset = daemon.wait_for_log("scheduled")
+    wait_for_endpoint(daemon, base)
+    before = daemon.log.stat().st_size
+    held = open_idle_connections(port, FEW_DESCRIPTORS + 150)
+    try:
+        # More idle clients than the daemon has descriptors: the ones over the
+        # limit are closed, the others time out, and a fresh request is answered.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, daemon.output()[-3000:]
+            time.sleep(0.2)
+        token_page = get(f"{base}/{'x' * 40}.{'y' * 24}")
+        assert token_page.status_code == 400
+        # Those still held were closed by the daemon: reading gives EOF (or a reset).
+        closed = 0
+        for sock in held:
+            try:
+                closed += sock.recv(1) == b""
+            except TimeoutError:  # still open
+                pass
+            except OSError:  # reset
+                closed += 1
+        assert closed == len(held)
+    finally:
+        for sock in held:
+            sock.close()
+    grown = daemon.log.stat().st_size - before
+    assert grown < 20_000, daemon.output()[before : before + 3000]
+    assert "Too many open files" not in daemon.output()
+    # The file watcher is alive: an edit is still picked up.
+    series = service / "config" / "series.yaml"
+    daemon.edit_until_logged(
+        series, series.read_text(encoding="utf-8") + "# edited\n", "config reloaded", after=offset
+    )
+    assert daemon.stop() == 0, daemon.output()
+
+
+# --- the endpoint against hostile clients (in this process, over real sockets) -------------
+
+SERIES_ID = "transferreihe-2024"
+JANA = "jana.mueller@example.org"
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+
+
+@dataclass
+class Served:
+    server: RunningServer
+    ledger_path: Path
+    optout_file: Path
+
+    async def optouts(self) -> set[str]:
+        if not self.ledger_path.exists():
+            return set()
+        async with Ledger.open(self.ledger_path) as ledger:
+            return set(await ledger.optouts(SERIES_ID))
+
+    async def raw(self, data: bytes, *, read_for: float = 3.0) -> bytes:
+        """Send *data* on a fresh connection; everything the server answers until it closes."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        try:
+            writer.write(data)
+            await writer.drain()
+            answer = b""
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(read_for):
+                    while chunk := await reader.read(65536):
+                        answer += chunk
+            return answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    ledger_path = tmp_path / "state" / "invite-mailer.db"
+    optout_file = tmp_path / "optout.txt"
+    app = create_app(
+        SERIES_ID,
+        SECRET,
+        ledger_path,
+        optout_file=optout_file,
+        series_title="Online-Transferreihe",
+        contact_address="abmeldung@example.org",
+    )
+    server = await start_server(app, "127.0.0.1", 0, max_connections=8, request_seconds=1.0)
+    try:
+        yield Served(server, ledger_path, optout_file)
+    finally:
+        await server.stop()
+
+
+async def closed_within(served: Served, send: list[bytes], pause: float, limit: float) -> float:
+    """Connect, send *send* piece by piece with *pause* between; seconds until the server closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.server.port)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(limit):
+            for piece in send:
+                writer.write(piece)
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                if reader.at_eof():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await reader.read(65536)
+                if reader.at_eof():
+                    break
+            while await reader.read(65536):
+                pass
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return time.monotonic() - started
+
+
+SLOW_CLIENTS = {
+    "silent": [b""],
+    "slowloris": [
+        bytes([c]) for c in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaa"
+    ],
+    "slow-body": [
+        b"POST /abc HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
+        *([b"x"] * 50),
+    ],
+}
+
+
+@pytest.mark.parametrize("client", list(SLOW_CLIENTS))
+async def test_slow_clients_are_cut_off(served: Served, client: str) -> None:
+    took = await closed_within(served, SLOW_CLIENTS[client], pause=0.2, limit=8)
+    assert took < 3, f"{client}: the server kept the connection for {took:.1f} s"
+
+
+async def test_keep_alive_requests_still_work(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=served.server.url) as client:
+        for _ in range(3):
+            assert (await client.get("/healthz")).status_code == 200
+            await asyncio.sleep(0.6)  # twice that is more than request_seconds
+
+
+async def test_connections_over_the_limit_are_closed_at_once(served: Served) -> None:
+    held = [await asyncio.open_connection("127.0.0.1", served.server.port) for _ in range(8)]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.server.port)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(100), 5) == b""
+        assert time.monotonic() - started < 0.9
+        writer.close()
+    finally:
+        for _, idle in held:
+            idle.close()
+    async with httpx.AsyncClient(base_url=served.server.url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+
+
+def one_click_request(token: str) -> bytes:
+    return (
+        f"POST /{token} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(ONE_CLICK)}\r\n\r\n"
+    ).encode() + ONE_CLICK
+
+
+@pytest.mark.parametrize("framing", ["cl-and-te", "te-and-cl", "two-lengths"])
+async def test_smuggled_requests_are_refused(served: Served, framing: str) -> None:
+    """What a proxy that reads the other length header would pass on as one request."""
+    smuggled = one_click_request(make_token(SECRET, SERIES_ID, JANA))
+    if framing == "two-lengths":
+        head = f"Content-Length: 0\r\nContent-Length: {len(smuggled)}\r\n"
+        body = b""
+    else:
+        lengths = [f"Content-Length: {5 + len(smuggled)}\r\n", "Transfer-Encoding: chunked\r\n"]
+        head = "".join(lengths if framing == "cl-and-te" else lengths[::-1])
+        body = b"0\r\n\r\n"
+    request = f"POST /healthz HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body + smuggled
+    answer = await served.raw(request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert await served.optouts() == set()
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        (b"/" + b"A" * 5000, b"414"),
+        (b"/" + b"A" * 600 + b"." + b"B" * 24, b"400"),
+        (b"/healthz?" + b"t=1&" * 1000, b"414"),
+        (b"/%ff%fe.%c3%28", b"400"),
+        (b"/\xff\xfe.abc", b"400"),
+        (b"/%00." + b"A" * 24, b"400"),
+    ],
+    ids=["huge-token", "long-token", "huge-query", "bad-utf8-escaped", "bad-utf8-raw", "nul"],
+)
+async def test_odd_targets_are_refused_cleanly(
+    served: Served, target: bytes, status: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    for method in (b"GET", b"POST"):
+        request = method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 26\r\n\r\n"
+        answer = await served.raw(request + ONE_CLICK)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    assert await served.optouts() == set()
+    assert "Traceback" not in caplog.text
+    async with httpx.AsyncClient(base_url=served.server.url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_huge_headers_are_refused(served: Served) -> None:
+    token = make_token(SECRET, SERIES_ID, JANA)
+    request = one_click_request(token).replace(
+        b"Host: x\r\n", b"Host: x\r\nX-Big: " + b"a" * 20000 + b"\r\n"
+    )
+    answer = await served.raw(request)
+    assert answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 400")), answer[:200]
+    assert await served.optouts() == set()
+
+
+async def test_head_options_and_other_methods(served: Served) -> None:
+    token = make_token(SECRET, SERIES_ID, JANA)
+    async with httpx.AsyncClient(base_url=served.server.url) as client:
+        head = await client.head(f"/{token}")
+        assert head.status_code == 200 and head.content == b""
+        assert (await client.head("/healthz")).status_code == 200
+        for method in ("OPTIONS", "TRACE", "PUT", "DELETE", "PATCH"):
+            response = await client.request(method, f"/{token}")
+            assert response.status_code == 405, method
+            assert "POST" in response.headers["allow"]
+        assert (await client.post("/healthz")).status_code == 405
+    assert await served.optouts() == set()
+
+
+async def test_nothing_about_an_address_leaks_from_a_forged_token(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    genuine = make_token(SECRET, SERIES_ID, JANA)
+    email_part = genuine.split(".")[0]
+    forged = email_part + "." + "A" * 24
+    async with httpx.AsyncClient(base_url=served.server.url) as client:
+        for method in ("GET", "POST"):
+            response = await client.request(method, f"/{forged}", content=ONE_CLICK)
+            assert response.status_code == 400
+            assert "mueller" not in response.text and email_part not in response.text
+    # What the service logs (the test's own HTTP client logs its URLs).
+    ours = "\n".join(
+        f"{r.getMessage()} {r.exc_text or ''}"
+        for r in caplog.records
+        if r.name.startswith(("invite_mailer", "uvicorn", "asyncio"))
+    )
+    assert "rejected an invalid token" in ours
+    assert "mueller" not in ours and email_part not in ours
+    assert await served.optouts() == set()
+
+
+async def test_optout_list_is_read_once_per_change(served: Served) -> None:
+    listed = [f"person{n:05d}@example.org" for n in range(20000)]
+    served.optout_file.write_text("\n".join(listed) + "\n", encoding="utf-8")
+    started = time.monotonic()
+    load_address_list(served.optout_file)
+    parse = time.monotonic() - started
+    token = make_token(SECRET, SERIES_ID, listed[-1])
+    async with httpx.AsyncClient(base_url=served.server.url, timeout=30) as client:
+        assert "bereits abgemeldet" in (await client.get(f"/{token}")).text
+        started = time.monotonic()
+        for _ in range(4):
+            assert "bereits abgemeldet" in (await client.get(f"/{token}")).text
+        pages = time.monotonic() - started
+        assert pages < parse, f"4 pages took {pages:.2f} s, one parse of the list {parse:.2f} s"
+
+        # An edit is seen by the next page: appended, and the file replaced.
+        other = make_token(SECRET, SERIES_ID, JANA)
+        assert "bereits abgemeldet" not in (await client.get(f"/{other}")).text
+        with served.optout_file.open("a", encoding="utf-8") as file:
+            file.write(JANA + "\n")
+        assert "bereits abgemeldet" in (await client.get(f"/{other}")).text
+        replacement = served.optout_file.with_name("optout.new")
+        replacement.write_text(JANA + "\n", encoding="utf-8")
+        replacement.replace(served.optout_file)
+        assert "bereits abgemeldet" not in (await client.get(f"/{token}")).text
+        served.optout_file.unlink()
+        assert "bereits abgemeldet" not in (await client.get(f"/{other}")).text

@@ -19,13 +19,16 @@ import asyncio
 import contextlib
 import html
 import logging
+import os
 import re
+import resource
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parseaddr
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
 import uvicorn
@@ -33,6 +36,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from invite_mailer.config import OPTOUT_FILE, Config
 from invite_mailer.contacts import load_address_list
@@ -46,6 +51,24 @@ log = logging.getLogger("invite_mailer.web")
 
 MAX_BODY_BYTES = 64 * 1024
 """A one-click body is 26 bytes; anything this large is not a mail program."""
+
+MAX_TOKEN_CHARS = 512
+"""A token for the longest possible address (254 characters) has 365."""
+
+MAX_TARGET_BYTES = 2048
+"""Longest request line target (path and query) that is looked at."""
+
+MAX_HEADER_BYTES = 8 * 1024
+"""Request line and headers together; a client sending more is cut off (h11)."""
+
+MAX_CONNECTIONS = 100
+"""Open connections at once; more are closed as soon as they are accepted."""
+
+REQUEST_SECONDS = 10.0
+"""A connection must send a complete request within this time (slow clients)."""
+
+KEEP_ALIVE_SECONDS = 5
+"""An idle connection between two requests is closed after this time."""
 
 STOP_SECONDS = 10.0
 """How long :meth:`RunningServer.stop` waits for requests in progress."""
@@ -131,6 +154,7 @@ def create_app(
     """
     ledger_path = Path(ledger_path)
     about = f"„{series_title}“" if series_title else "dieser Veranstaltungsreihe"
+    listed = _AddressListCache(optout_file) if optout_file is not None else None
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok", headers={"Cache-Control": "no-store"})
@@ -152,9 +176,9 @@ def create_app(
         )
 
     async def already_opted_out(address: str) -> bool:
-        if optout_file is not None:
+        if listed is not None:
             try:
-                if address in await asyncio.to_thread(load_address_list, optout_file):
+                if address in await listed.get():
                     return True
             except (ConfigError, OSError) as exc:
                 log.warning("cannot read %s: %s", optout_file, exc)
@@ -165,10 +189,17 @@ def create_app(
 
     async def unsubscribe(request: Request) -> Response:
         token = request.path_params["token"]
-        address = verify_token(secret, series_id, token)
+        if token == "healthz":  # another method than GET: not a token either
+            return PlainTextResponse(
+                "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
+            )
+        address = verify_token(secret, series_id, token) if len(token) <= MAX_TOKEN_CHARS else None
         if address is None:
             if request.method == "POST":
-                log.warning("unsubscribe: rejected an invalid token (%d characters)", len(token))
+                # The length tells a truncated link from a forged one; the token
+                # itself would show the address it claims.
+                length = str(len(token)) if len(token) <= MAX_TOKEN_CHARS else "too many"
+                log.warning("unsubscribe: rejected an invalid token (%s characters)", length)
             return invalid()
         shown = html.escape(mask_address(address))
         if request.method != "POST":  # GET and HEAD only look
@@ -226,12 +257,82 @@ def create_app(
             "<p>Falls das ein Versehen war, antworten Sie einfach auf eine unserer E-Mails.</p>",
         )
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/{token}", unsubscribe, methods=["GET", "POST"]),
         ]
     )
+    app.add_middleware(_RequestGuard)
+    return app
+
+
+class _AddressListCache:
+    """``optout.txt`` read again only when it changed (by inode, size and mtime).
+
+    Every confirmation page asks whether the address is listed there; a long
+    list would otherwise be parsed for every click on a link.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._key: tuple[int, int, int, int] | None = None
+        self._addresses: frozenset[str] = frozenset()
+        self._lock = asyncio.Lock()
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+    async def get(self) -> frozenset[str]:
+        async with self._lock:
+            key = self._stat()
+            if key is None:
+                self._key, self._addresses = None, frozenset()
+            elif key != self._key:
+                self._addresses = await asyncio.to_thread(load_address_list, self.path)
+                self._key = key
+            return self._addresses
+
+
+class _RequestGuard:
+    """Refuses requests that no mail program or browser sends, before any route sees them.
+
+    ``Content-Length`` together with ``Transfer-Encoding`` is how requests are
+    smuggled past a proxy that reads the other header: refused, and the
+    connection closed, so nothing that follows on it is taken as a request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        names = [name for name, _ in scope["headers"]]
+        refusal = None
+        if b"transfer-encoding" in names and b"content-length" in names:
+            refusal = (400, "Content-Length and Transfer-Encoding together")
+        elif names.count(b"content-length") > 1:
+            refusal = (400, "more than one Content-Length")
+        elif len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) > (
+            MAX_TARGET_BYTES
+        ):
+            refusal = (414, "URI too long")
+        elif sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+            # h11 bounds only what it buffers; a large header in one packet passes it.
+            refusal = (431, "request headers too large")
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        response = PlainTextResponse(
+            refusal[1], status_code=refusal[0], headers={"Connection": "close"}
+        )
+        await response(scope, receive, send)
 
 
 # --- serving ---------------------------------------------------------------------------
@@ -243,6 +344,71 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def connection_limit() -> int:
+    """:data:`MAX_CONNECTIONS`, or a quarter of the descriptors this process may open.
+
+    The listen backlog is as large, so at most half the descriptors go to
+    HTTP clients; the rest are for the ledger, the file watcher, SMTP
+    connections and config files, which idle clients must never use up.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(4, min(MAX_CONNECTIONS, soft // 4))
+
+
+class _BoundedProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a bound on connections and on request time.
+
+    uvicorn times out idle keep-alive connections only after a first
+    response: a client that connects and sends nothing, or drips a request
+    byte by byte (slowloris), would hold its descriptor for ever. Here every
+    request must be complete within :data:`REQUEST_SECONDS`, and connections
+    beyond the limit are closed at once instead of waiting for descriptors
+    to run out.
+    """
+
+    limit = MAX_CONNECTIONS
+    request_seconds = REQUEST_SECONDS
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limit:
+            log.warning(
+                "unsubscribe endpoint: more than %d connections at once; closing new ones",
+                self.limit,
+            )
+            transport.abort()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.request_seconds, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete and not self.cycle.more_body:
+            # The request is complete and the app is answering: not the client's fault.
+            self._arm()
+            return
+        self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()  # the next request on this connection gets the same time
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connection_lost(exc)
 
 
 @dataclass
@@ -292,13 +458,28 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_server(app: Starlette, host: str, port: int) -> RunningServer:
+async def start_server(
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    max_connections: int | None = None,
+    request_seconds: float = REQUEST_SECONDS,
+) -> RunningServer:
     """Serve *app* on *host*:*port* (0 = any free port) until :meth:`RunningServer.stop`.
 
     Returns once the socket listens. The socket is bound here rather than by
     uvicorn, which would exit the whole process when the port is taken.
+    *max_connections* (default: :func:`connection_limit`) and
+    *request_seconds* bound what clients can hold, see :class:`_BoundedProtocol`.
     """
     sock = _bind(host, port)
+    limit = max_connections or connection_limit()
+    protocol: Any = type(
+        "BoundedProtocol",
+        (_BoundedProtocol,),
+        {"limit": limit, "request_seconds": request_seconds},
+    )
     config = uvicorn.Config(
         app,
         host=host,
@@ -307,7 +488,16 @@ async def start_server(app: Starlette, host: str, port: int) -> RunningServer:
         log_level="warning",
         # uvicorn's own logging set-up would replace the application's format.
         log_config=None,
+        # The path holds the token, and the token the address: never logged.
+        access_log=False,
         server_header=False,
+        http=protocol,
+        limit_concurrency=limit,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        # asyncio accepts up to a backlog's worth of connections in one go,
+        # before any of them can be refused: this bounds that burst too.
+        backlog=limit,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="unsubscribe-endpoint")
