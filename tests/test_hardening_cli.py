@@ -507,3 +507,49 @@ def test_every_command_turns_errors_into_messages() -> None:
         if c.callback is None or getattr(c.callback, "__code__", None) is not wrapper
     ]
     assert unwrapped == []
+
+
+def json_lines(stderr: str) -> list[dict[str, object]]:
+    records = []
+    for line in stderr.splitlines():
+        record = json.loads(line)  # every line, or this fails
+        assert isinstance(record, dict)
+        records.append(record)
+    return records
+
+
+def test_json_logs_carry_the_commands_warnings_and_errors(project: Path) -> None:
+    append_contact(project, f"{JANA};Frau;Dr.;Jana [/];Müller;Stadt Musterhausen;alle")
+    args = [sys.executable, "-m", "invite_mailer", "--log-format", "json", "validate"]
+    env = subprocess_env({})
+    done = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    (warning,) = [r for r in json_lines(done.stderr) if r["level"] == "warning"]
+    assert "Jana [/]" in str(warning["message"])
+
+    edit(project / "config" / "series.yaml", 'end: "16:00"', 'end: "13:00"')
+    done = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 1, done.stderr
+    records = json_lines(done.stderr)
+    errors = [r for r in records if r["level"] == "error"]
+    assert len(errors) == 1
+    assert "1 problem found; nothing was sent." in str(errors[0]["message"])
+    assert "end 13:00 is not after start 14:00" in str(errors[0]["message"])
+
+
+def test_json_logs_carry_a_bug_report_with_its_traceback(project: Path) -> None:
+    script = (
+        "import sys\n"
+        "from invite_mailer import app, cli\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('boom')\n"
+        "app.validate = broken\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    args = [sys.executable, "-c", script, "--log-format", "json", "--verbose", "validate"]
+    done = subprocess.run(args, cwd=project, capture_output=True, text=True, check=False)
+    assert done.returncode == 70, done.stderr
+    (record,) = [r for r in json_lines(done.stderr) if r["level"] == "critical"]
+    assert "RuntimeError: boom" in str(record["message"])
+    assert "this is a bug; please report it" in str(record["message"])
+    assert "Traceback" in str(record["exception"])

@@ -65,10 +65,20 @@ LABEL_STYLES = {
     "failed:": "red",
     "uncertain:": "yellow",
 }
+LABEL_LEVELS = {"error:": logging.ERROR, "warning:": logging.WARNING, "failed:": logging.ERROR}
+
+log = logging.getLogger("invite_mailer.cli")
 
 
 def say(console: Console, label: str, message: str) -> None:
-    """*label* styled, *message* printed exactly as it is."""
+    """*label* styled, *message* printed exactly as it is.
+
+    With ``--log-format json`` what goes to stderr is a log record instead, so
+    that every line there is JSON.
+    """
+    if console is err and _json_logs():
+        log.log(LABEL_LEVELS.get(label, logging.WARNING), message)
+        return
     console.print(Text.assemble((label, LABEL_STYLES.get(label, "")), " ", message))
 
 
@@ -130,9 +140,9 @@ def _fail(exc: BaseException) -> NoReturn:
     exc = _only_cause(exc)
     if isinstance(exc, ConfigError):
         count = len(exc.problems)
-        say(err, "error:", f"{count} problem{'s' if count != 1 else ''} found; nothing was sent.")
-        for problem in exc.problems:
-            err.print(f"- {problem}")
+        lines = [f"{count} problem{'s' if count != 1 else ''} found; nothing was sent."]
+        lines += [f"- {problem}" for problem in exc.problems]
+        say(err, "error:", "\n".join(lines))
         sys.exit(EXIT_INVALID)
     if isinstance(exc, PermanentFailure):
         say(err, "error:", str(exc))
@@ -145,13 +155,15 @@ def _fail(exc: BaseException) -> NoReturn:
         # A missing file or permission stays so until someone fixes it; a full
         # disk or too many open files may pass.
         sys.exit(EXIT_INVALID if isinstance(exc, LASTING_OS_ERRORS) else EXIT_TEMPFAIL)
-    say(err, "error:", f"{type(exc).__name__}: {exc}")
-    err.print(
-        "  this is a bug; please report it"
-        + (" with the traceback below" if _verbose() else " (run with --verbose for the traceback)")
+    message = f"{type(exc).__name__}: {exc}\n  this is a bug; please report it" + (
+        " with the traceback below" if _verbose() else " (run with --verbose for the traceback)"
     )
-    if _verbose():
-        traceback.print_exception(exc, file=sys.stderr)
+    if _json_logs():
+        log.critical(message, exc_info=exc if _verbose() else None)
+    else:
+        say(err, "error:", message)
+        if _verbose():
+            traceback.print_exception(exc, file=sys.stderr)
     sys.exit(EXIT_SOFTWARE)
 
 
@@ -163,8 +175,16 @@ def _only_cause(exc: BaseException) -> BaseException:
 
 
 def _verbose() -> bool:
+    return bool(_root_option("verbose"))
+
+
+def _json_logs() -> bool:
+    return _root_option("log_format") == "json"
+
+
+def _root_option(name: str) -> object:
     context = click.get_current_context(silent=True)
-    return bool(context is not None and context.find_root().params.get("verbose"))
+    return None if context is None else context.find_root().params.get(name)
 
 
 def now_of(text: str | None, config: Config) -> datetime:
