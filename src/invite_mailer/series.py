@@ -33,6 +33,23 @@ SERIES_FILE = "series.yaml"
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
+#: Dates outside this range are typing mistakes, and near the ends of Python's
+#: calendar (years 1 and 9999) the derived times (a reminder a day before, a
+#: follow-up 14 days after) could not even be computed.
+EARLIEST = date(1970, 1, 1)
+LATEST = date(9000, 12, 31)
+
+#: The longest duration a rule may name (ten years): anything longer is a
+#: typing mistake and would push derived times off the calendar.
+MAX_DURATION_DAYS = 3660
+
+# Subjects, display names and calendar summaries are one line: a line break
+# would end a mail header, and control or bidi characters garble or disguise
+# what the recipient sees.
+_NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# Longer texts may have line breaks and tabs, nothing else of that kind.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
 
 class Kind(StrEnum):
     """The kinds of mail. Values are the template names."""
@@ -73,8 +90,8 @@ class Duration(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    days: int = 0
-    seconds: int = 0
+    days: int = Field(0, ge=0, le=MAX_DURATION_DAYS)
+    seconds: int = Field(0, ge=0, le=MAX_DURATION_DAYS * 86400)
 
     @model_validator(mode="before")
     @classmethod
@@ -102,6 +119,11 @@ class Duration(BaseModel):
                 days += int(amount) * factor
             else:
                 seconds += int(amount) * factor
+        if days * 86400 + seconds > MAX_DURATION_DAYS * 86400:
+            raise ValueError(
+                f"{value!r} is too long (at most {MAX_DURATION_DAYS} days, about ten years); "
+                'write e.g. "1 day" or "14 days"'
+            )
         return {"days": days, "seconds": seconds}
 
     def __str__(self) -> str:
@@ -153,10 +175,65 @@ def _parse_local_datetime(value: Any) -> Any:
 def _naive(value: datetime) -> datetime:
     if value.tzinfo is not None:
         raise ValueError("write the local time without an offset; the series' timezone applies")
+    _in_range(value.date())
+    return value
+
+
+def _in_range(value: date) -> date:
+    if not EARLIEST <= value <= LATEST:
+        raise ValueError(
+            f"{value.isoformat()} is outside the supported range {EARLIEST.year}..{LATEST.year}; "
+            "check the year"
+        )
     return value
 
 
 LocalDateTime = Annotated[datetime, BeforeValidator(_parse_local_datetime), AfterValidator(_naive)]
+Day = Annotated[date, AfterValidator(_in_range)]
+
+
+def _describe_char(char: str) -> str:
+    if char in "\r\n\u2028\u2029":
+        return "a line break"
+    if char == "\t":
+        return "a tab"
+    return f"the control character U+{ord(char):04X}"
+
+
+def _one_line(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        bad = _NOT_ONE_LINE.search(value)
+        if bad is not None:
+            raise ValueError(
+                f"contains {_describe_char(bad.group())}; write it on one line, as plain text "
+                "(in YAML without | or >)"
+            )
+        if len(value) > limit:
+            raise ValueError(f"is {len(value):,} characters long (at most {limit:,}); shorten it")
+        return value
+
+    return AfterValidator(check)
+
+
+def _text(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        bad = _NOT_TEXT.search(value)
+        if bad is not None:
+            raise ValueError(
+                f"contains {_describe_char(bad.group())}; remove it (line breaks are fine)"
+            )
+        if len(value) > limit:
+            raise ValueError(
+                f"is {len(value):,} characters long (at most {limit:,}); shorten it, or link "
+                "a longer text"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+Title = Annotated[str, Field(min_length=1), _one_line(200)]
+Line = Annotated[str, _one_line(300)]
 
 
 def _check_slug(value: str) -> str:
@@ -204,17 +281,17 @@ class _Model(BaseModel):
 
 
 class Organiser(_Model):
-    name: str
+    name: Annotated[str, _one_line(200)]
     email: EmailStr
 
 
 class Material(_Model):
     """A result of a date: a link, or a small file to attach."""
 
-    title: str = Field(min_length=1)
+    title: Title
     url: HttpUrl | None = None
     file: Path | None = None
-    description: str = ""
+    description: Annotated[str, _text(2_000)] = ""
 
     @model_validator(mode="after")
     def _one_of(self) -> Material:
@@ -227,16 +304,16 @@ class Event(_Model):
     """One date of the series."""
 
     id: Slug
-    title: str = Field(min_length=1)
-    date: date
+    title: Title
+    date: Day
     start: Clock
     end: Clock
     join_url: HttpUrl | None = None
-    description: str = ""
-    speakers: list[str] = []
-    materials: list[Material] = []
+    description: Annotated[str, _text(10_000)] = ""
+    speakers: Annotated[list[Annotated[str, _one_line(200)]], Field(max_length=50)] = []
+    materials: Annotated[list[Material], Field(max_length=50)] = []
     cancelled: bool = False
-    cancel_reason: str = ""
+    cancel_reason: Annotated[str, _text(2_000)] = ""
 
     _zone: ZoneInfo = PrivateAttr(default=ZoneInfo("UTC"))
 
@@ -285,9 +362,18 @@ class Event(_Model):
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
+def _before_the_date(value: Audience) -> Audience:
+    if value is Audience.ATTENDED:
+        raise ValueError(
+            "'attended' is known only after a date, and this mail goes out before it; "
+            "use registered or all"
+        )
+    return value
+
+
 class InvitationRule(_Model):
     send_at: LocalDateTime
-    audience: Audience = Audience.ALL
+    audience: Annotated[Audience, AfterValidator(_before_the_date)] = Audience.ALL
     until: LocalDateTime | None = None
     enabled: bool = True
 
@@ -295,7 +381,7 @@ class InvitationRule(_Model):
 class ReminderRule(_Model):
     before: Duration = Duration(days=1)
     at: Clock | None = None
-    audience: Audience = Audience.REGISTERED
+    audience: Annotated[Audience, AfterValidator(_before_the_date)] = Audience.REGISTERED
     enabled: bool = True
 
 
@@ -325,16 +411,16 @@ class Series(_Model):
     """The whole ``series.yaml``."""
 
     id: Slug
-    title: str = Field(min_length=1)
-    subtitle: str = ""
+    title: Title
+    subtitle: Line = ""
     organiser: Organiser
-    timezone: str = "Europe/Berlin"
+    timezone: Annotated[str, Field(max_length=100)] = "Europe/Berlin"
     registration_url: HttpUrl | None = None
-    description: str = ""
-    audience: str = ""
-    imprint: str = ""
+    description: Annotated[str, _text(20_000)] = ""
+    audience: Annotated[str, _text(5_000)] = ""
+    imprint: Annotated[str, _text(5_000)] = ""
     privacy_url: HttpUrl | None = None
-    events: list[Event] = Field(min_length=1)
+    events: list[Event] = Field(min_length=1, max_length=500)
     mailings: Mailings
 
     @field_validator("timezone")
@@ -383,6 +469,26 @@ def load_series(config_dir: Path) -> Series:
     path = config_dir / SERIES_FILE
     document = load_yaml(path)
     return parse_series(document, path, config_dir)
+
+
+def readable_event_ids(config_dir: Path) -> list[str] | None:
+    """The event ids of a ``series.yaml`` that does not validate, if they can be read.
+
+    Lets the contact list be checked against the real ids while an unrelated
+    mistake (a time zone, a rule) is being fixed. ``None`` when the file cannot
+    be parsed or some event has no usable id: then nothing is known.
+    """
+    try:
+        document = load_yaml(config_dir / SERIES_FILE)
+    except ConfigError:
+        return None
+    events = document.data.get("events") if isinstance(document.data, dict) else None
+    if not isinstance(events, list) or not events:
+        return None
+    ids = [event.get("id") if isinstance(event, dict) else None for event in events]
+    if not all(isinstance(ident, str) and _SLUG.match(ident) for ident in ids):
+        return None
+    return [str(ident) for ident in ids]
 
 
 def parse_series(document: LocatedDocument, path: Path, config_dir: Path) -> Series:
