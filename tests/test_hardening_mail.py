@@ -14,7 +14,9 @@ import os
 import shutil
 import time
 from datetime import datetime
-from email import policy
+from email import message_from_bytes, policy
+from email.headerregistry import Address
+from email.utils import getaddresses
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -499,3 +501,151 @@ def test_contact_fields_and_extra_columns_are_escaped_in_html(tree: Path) -> Non
         content = html.get_content()
         assert "<b " not in content and "fett</b>" not in content, kind
         assert "&lt;b onmouseover=" in content, kind
+
+
+# --- the To header names exactly one recipient --------------------------------------------
+
+HOSTILE_PIECES = [
+    "Mustermann-Schmidt,",
+    "victim@evil.example,",
+    "(Büro)",
+    '"Zitat"',
+    "Back\\slash",
+    "<x@evil.example>",
+    "a;b:c",
+    "Wittgenstein",
+    "von",
+    "Hohenberg",
+    "Ünïcödé",
+    "Line\r\nBcc: x@evil.example",
+    "[1]",
+    "=?utf-8?q?x?=",
+]
+
+
+def hostile_name(length: int, ascii_only: bool) -> str:
+    pieces = [p for p in HOSTILE_PIECES if p.isascii() or not ascii_only]
+    out, n = "", 0
+    while len(out) < length:
+        out += pieces[n % len(pieces)] + " "
+        n += 1
+    return out[:length]
+
+
+def to_addresses(data: bytes) -> tuple[list[tuple[str, str]], list[Address]]:
+    """The To header of *data* as getaddresses and as policy.default see it."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    parsed = message_from_bytes(head + b"\r\n\r\n", policy=policy.default)
+    raw = parsed.get_all("To")
+    assert raw is not None and len(raw) == 1
+    value = _unfolded(head.decode("utf-8"), "To")
+    return getaddresses([value]), list(parsed["To"].addresses)
+
+
+def _unfolded(head: str, name: str) -> str:
+    lines = head.split("\r\n")
+    for number, line in enumerate(lines):
+        if line.lower().startswith(name.lower() + ":"):
+            value = line.split(":", 1)[1]
+            for more in lines[number + 1 :]:
+                if not more.startswith((" ", "\t")):
+                    break
+                value += more
+            return value
+    raise AssertionError(f"no {name} header")
+
+
+@pytest.mark.parametrize("ascii_only", [True, False], ids=["ascii", "unicode"])
+def test_to_header_parses_back_to_one_address(tree: Path, ascii_only: bool) -> None:
+    from invite_mailer import german
+    from invite_mailer.fastcompose import WireComposer
+
+    composer = composer_of(tree)
+    wires = WireComposer(composer)
+    for length in range(1, 301):
+        contact = Contact(
+            email="max@example.org",
+            anrede="Herr",
+            titel="Prof. Dr.",
+            vorname="Max",
+            nachname=hostile_name(length, ascii_only),
+        )
+        shown = german.full_name(contact.titel, contact.vorname, contact.nachname)
+        message = composer.compose(Kind.INVITATION, contact, event=None, now=INVITATION_NOW)
+        data = message.as_bytes(policy=policy.SMTP)
+        wire = wires.wire(Kind.INVITATION, contact, event=None, now=INVITATION_NOW)
+        assert wire.data == data, length
+        assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+        found, parsed = to_addresses(data)
+        assert [spec for _, spec in found] == ["max@example.org"], (length, found)
+        assert [a.addr_spec for a in parsed] == ["max@example.org"], (length, parsed)
+        if ascii_only and "=?" not in shown:
+            assert found[0][0] == shown, length
+        assert parsed[0].display_name.replace(" ", "") == shown.replace(" ", ""), length
+
+
+def test_the_reported_name_stays_quoted(tree: Path) -> None:
+    contact = Contact(
+        email="max@example.org",
+        anrede="Herr",
+        titel="Prof. Dr.",
+        vorname="Max",
+        nachname="Mustermann-Schmidt, victim@evil.example, Wittgenstein von Hohenberg",
+    )
+    message = composer_of(tree).compose(Kind.INVITATION, contact, event=None, now=INVITATION_NOW)
+    data = message.as_bytes(policy=policy.SMTP)
+    found, parsed = to_addresses(data)
+    assert found == [
+        (
+            "Prof. Dr. Max Mustermann-Schmidt, victim@evil.example, Wittgenstein von Hohenberg",
+            "max@example.org",
+        )
+    ]
+    assert [a.addr_spec for a in parsed] == ["max@example.org"]
+    assert b"victim@evil.example" not in data.split(b"<max@example.org>")[1].split(b"\r\n\r\n")[0]
+
+
+# --- international addresses ---------------------------------------------------------
+
+
+def test_international_domain_in_ascii_form(tree: Path) -> None:
+    from invite_mailer.fastcompose import WireComposer
+
+    composer = composer_of(tree)
+    contact = Contact(email="info@bücher.de", anrede="Frau", vorname="Jana", nachname="Weiß")
+    message = composer.compose(Kind.INVITATION, contact, event=None, now=INVITATION_NOW)
+    data = message.as_bytes(policy=policy.SMTP)
+    assert (
+        WireComposer(composer).wire(Kind.INVITATION, contact, event=None, now=INVITATION_NOW).data
+        == data
+    )
+    assert data.isascii()
+    to = _unfolded(data.split(b"\r\n\r\n")[0].decode("ascii"), "To")
+    assert "<info@xn--bcher-kva.de>" in to
+    assert "=?" not in to.split("<", 1)[1]  # no encoded word inside the address
+    found, parsed = to_addresses(data)
+    assert [spec for _, spec in found] == ["info@xn--bcher-kva.de"]
+    assert [(a.display_name, a.addr_spec) for a in parsed] == [
+        ("Jana Weiß", "info@xn--bcher-kva.de")
+    ]
+
+
+def test_international_local_part_is_written_as_utf8(tree: Path) -> None:
+    """RFC 6532: the one way to write such an address; only SMTPUTF8 relays take it."""
+    from invite_mailer.fastcompose import WireComposer
+
+    composer = composer_of(tree)
+    contact = Contact(email="jürgen@bücher.de", anrede="Herr", vorname="Jürgen", nachname="Groß")
+    message = composer.compose(Kind.INVITATION, contact, event=None, now=INVITATION_NOW)
+    data = message.as_bytes(policy=policy.SMTP)
+    assert (
+        WireComposer(composer).wire(Kind.INVITATION, contact, event=None, now=INVITATION_NOW).data
+        == data
+    )
+    head = data.split(b"\r\n\r\n")[0].decode("utf-8")
+    to = _unfolded(head, "To")
+    assert "<jürgen@xn--bcher-kva.de>" in to
+    assert "=?" not in to.split("<", 1)[1]
+    assert getaddresses([to])[0][1] == "jürgen@xn--bcher-kva.de"
+    # Every other header stays ASCII.
+    assert all(line.isascii() for line in head.split("\r\n") if not line.startswith("To:"))

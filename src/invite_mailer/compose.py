@@ -82,15 +82,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy as email_policy
-from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
+from email.header import Header
+from email.headerregistry import (
+    Address,
+    BaseHeader,
+    HeaderRegistry,
+    UniqueAddressHeader,
+    UnstructuredHeader,
+)
 from email.message import EmailMessage, MIMEPart
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, getaddresses, parseaddr
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import css_inline
 import jinja2
+from email_validator import EmailNotValidError, validate_email
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
@@ -229,6 +237,29 @@ class _UrlListHeader(UnstructuredHeader, BaseHeader):
         return f"{self.name}: " + ("," + linesep + " ").join(urls) + linesep
 
 
+class _AddressHeader(UniqueAddressHeader):
+    """An address header that always parses back to the addresses it was given.
+
+    The standard library (3.11) drops the quotes of a quoted display name when
+    it folds a long header: ``"Schmidt, victim@evil.example, ..." <a@b>``
+    comes out with the comma bare, so readers see another address. It also
+    cannot write a non-ASCII local part at all. Its folding is kept wherever
+    it is right (almost always: the header fits on one line); otherwise the
+    header is folded here, between the words of the quoted name.
+    """
+
+    def fold(self, *, policy: Any) -> str:
+        linesep: str = policy.linesep
+        wanted = [(a.display_name, a.addr_spec) for a in self.addresses]
+        # "=?" in a name would be read as an encoded word by lenient readers.
+        if all(spec.isascii() and "=?" not in name for name, spec in wanted):
+            folded: str = super().fold(policy=policy)  # type: ignore[misc]
+            if _reads_back(folded, linesep, wanted):
+                return folded
+        # A mixin of BaseHeader (the registry combines them), which has the name.
+        return _fold_addresses(cast(BaseHeader, self).name, wanted, linesep)
+
+
 class _Headers(HeaderRegistry):
     """Builds each header class once; the stdlib creates a new class per header
     set, a tenth of the time of composing a mail."""
@@ -237,6 +268,8 @@ class _Headers(HeaderRegistry):
         super().__init__()
         self._classes: dict[str, type[BaseHeader]] = {}
         self.map_to_type("list-unsubscribe", _UrlListHeader)
+        for name in ("from", "to", "reply-to", "cc"):
+            self.map_to_type(name, cast(type[BaseHeader], _AddressHeader))
 
     def __getitem__(self, name: str) -> type[BaseHeader]:
         key = name.lower()
@@ -247,6 +280,78 @@ class _Headers(HeaderRegistry):
 
 
 _HEADERS = _Headers()
+_FOLD_WIDTH = 78  # what policy.SMTP folds headers to
+_MAX_HEADER_LINE = 998
+
+
+def _reads_back(folded: str, linesep: str, wanted: list[tuple[str, str]]) -> bool:
+    """Whether *folded* parses (unfolded, as every reader does) to exactly *wanted*."""
+    value = folded.split(":", 1)[1].replace(linesep, "")
+    found = getaddresses([value])
+    if [spec for _, spec in found] != [spec for _, spec in wanted]:
+        return False
+    # Non-ASCII names are encoded words, which getaddresses leaves as they are.
+    return all(
+        name == shown or not shown.isascii()
+        for (name, _), (shown, _) in zip(found, wanted, strict=True)
+    )
+
+
+def _fold_addresses(header: str, addresses: list[tuple[str, str]], linesep: str) -> str:
+    """``header: name <spec>, ...`` folded so that every name stays whole.
+
+    ASCII names are written as quoted strings (folded at their spaces if
+    long, which RFC 5322 allows), other names as RFC 2047 encoded words. A
+    non-ASCII local part has no ASCII form: it is written as raw UTF-8 (RFC
+    6532); such a mail can only go through a relay that offers SMTPUTF8,
+    which the transport checks.
+    """
+    tokens: list[str] = []
+    for number, (name, spec) in enumerate(addresses):
+        last = number == len(addresses) - 1
+        if name and name.isascii() and "=?" not in name:
+            tokens += _quoted(name).split(" ")
+        elif name:
+            prefix = len(header) + 2 if not tokens else 1
+            encoded = Header(name, "utf-8", maxlinelen=_FOLD_WIDTH - 1).encode(
+                linesep="\n", splitchars=" "
+            )
+            words = [w.strip() for w in encoded.split("\n")]
+            if prefix + len(words[0]) > _FOLD_WIDTH:
+                tokens.append((linesep + " ").join(words))  # starts on a line of its own
+            else:
+                tokens += words
+        tokens.append(f"<{_raw(spec)}>" + ("" if last else ",") if name else _raw(spec))
+    lines = [f"{header}:"]
+    for token in tokens:
+        if lines[-1] and len(lines[-1]) + 1 + len(token) > _FOLD_WIDTH and lines[-1].strip():
+            lines.append("")
+        lines[-1] += " " + token if token else " "
+    text = linesep.join(line for line in lines) + linesep
+    if any(len(line) > _MAX_HEADER_LINE for line in text.split(linesep)):
+        raise ValueError(f"a name in the {header} header is too long for one line")
+    return text
+
+
+def _quoted(name: str) -> str:
+    """*name* as an RFC 5322 phrase: as it is if it is plain words, else quoted."""
+    if all(word and _ATEXT.fullmatch(word) for word in name.split(" ")):
+        return name
+    return '"' + _escaped(name) + '"'
+
+
+def _escaped(name: str) -> str:
+    return name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+# A word of a phrase that needs no quotes (RFC 5322 atext).
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
+
+
+def _raw(spec: str) -> str:
+    # Written to the wire as the UTF-8 bytes (surrogateescape, as policy.SMTP does).
+    return spec if spec.isascii() else spec.encode("utf-8").decode("ascii", "surrogateescape")
+
 
 # SMTP line endings; 76 keeps quoted-printable lines within RFC 2045.
 POLICY = email_policy.SMTP.clone(max_line_length=76, header_factory=_HEADERS)
@@ -1189,19 +1294,40 @@ def recipient_parts(contact: Contact) -> tuple[str, str]:
     """The display name and the address of the To header, not yet parsed.
 
     german.clean removes line breaks so hostile data cannot split the header
-    even if the loader missed it.
+    even if the loader missed it. An international domain is written in its
+    ASCII form (RFC 2047 forbids encoded words inside an address).
     """
     return (
         german.full_name(contact.titel, contact.vorname, contact.nachname),
-        german.clean(contact.email),
+        header_address(german.clean(contact.email)),
     )
 
 
-def _recipient(contact: Contact) -> Address:
+@lru_cache(maxsize=4096)
+def header_address(spec: str) -> str:
+    """*spec* with its domain in the ASCII (IDNA, "xn--") form, as headers need it."""
+    local, at, domain = spec.rpartition("@")
+    if not at or domain.isascii():
+        return spec
+    try:
+        ascii_domain = validate_email(spec, check_deliverability=False).ascii_domain
+    except EmailNotValidError:
+        return spec  # Address() below reports it
+    return f"{local}@{ascii_domain}"
+
+
+def _recipient(contact: Contact) -> Address | str:
     # The display name goes through the header machinery (quoted or encoded
     # there), never into a string.
     name, spec = recipient_parts(contact)
     try:
+        if not spec.isascii():
+            # The standard library has no Address with a non-ASCII local
+            # part; the header parses this and writes it as UTF-8.
+            if _UNSAFE_HEADER_TEXT.search(spec) or not _SPEC_CHARS.fullmatch(spec):
+                raise ValueError("not a valid address")
+            shown = _quoted(name) if name.isascii() else '"' + _escaped(name) + '"'
+            return f"{shown} <{spec}>" if name else spec
         return Address(display_name=name, addr_spec=spec)
     except (ValueError, IndexError) as exc:
         where = f" (row {contact.row})" if contact.row is not None else ""
@@ -1210,6 +1336,10 @@ def _recipient(contact: Contact) -> Address:
             f"invalid recipient address {contact.email!r}{where}: {exc}",
             hint="correct the address in the contact list",
         ) from None
+
+
+# What a validated non-ASCII address may consist of: no quotes, brackets or spaces.
+_SPEC_CHARS = re.compile(r"[^\s\"<>()\[\],;:\\@]+@[^\s\"<>()\[\],;:\\@]+")
 
 
 def _reply_to(value: str) -> Address | None:

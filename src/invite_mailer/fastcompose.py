@@ -302,8 +302,11 @@ class _HeaderCache:
             folded = self._folded[key] = fold(name, value)
         return folded
 
-    def address(self, name: str, address: Address | tuple[str, str]) -> bytes:
-        """*address*: an :class:`Address`, or (display name, plain address)."""
+    def address(self, name: str, address: Address | tuple[str, str] | str) -> bytes:
+        """*address*: an :class:`Address`, (display name, plain address), or the
+        header value of an address the standard library has no Address for."""
+        if isinstance(address, str):
+            return fold(name, address)
         shown, spec = (
             address if isinstance(address, tuple) else (address.display_name, address.addr_spec)
         )
@@ -487,7 +490,7 @@ class _Rendered:
     kind: str
     event: Event | None
     now: datetime
-    to: Address | tuple[str, str]
+    to: Address | tuple[str, str] | str
     subject: str
     text: str
     html: str
@@ -644,7 +647,7 @@ class WireComposer:
         link = context["unsubscribe_url"]
         # compose._recipient, without parsing an address that is plain anyway.
         parts = recipient_parts(contact)
-        to: Address | tuple[str, str] = (
+        to: Address | tuple[str, str] | str = (
             parts if _PLAIN_ADDRESS.fullmatch(parts[1]) else _recipient(contact)
         )
         return _Rendered(
