@@ -264,7 +264,8 @@ def test_an_outbox_that_is_a_file_stops_with_one_message(project: Path) -> None:
     result = invoke(["send-due", "--now", NOW], {})
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert lines_with(result.stderr, "outbox") >= 1
+    assert lines_with(result.stderr, "cannot write to the outbox folder") == 1, result.stderr
+    assert "transport.outbox_dir" in result.stderr
     assert not ledger_file(project).exists() or set(states(project).values()) <= {"pending"}
 
 
@@ -682,3 +683,22 @@ async def test_a_relay_that_stalls_after_data_is_given_up_on_within_the_timeout(
                 recipients=["a@example.org"],
             )
     assert time.monotonic() - started < 10
+
+
+async def test_a_ca_file_removed_after_loading_stops_the_send_with_a_setup_error(
+    smtp_server: SmtpServer, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    shutil.copy(certificate[0], ca_file)
+    settings = SmtpSettings(
+        host=smtp_server.host, port=smtp_server.port, security="starttls", ca_file=ca_file
+    )
+    ca_file.unlink()  # e.g. a certificate rotation gone wrong while the daemon runs
+    async with SmtpTransport(settings) as transport:
+        with pytest.raises(SetupFailure, match="smtp.ca_file"):
+            await transport.send(
+                idn_message("a@example.org"),
+                sender="transferreihe@example.org",
+                recipients=["a@example.org"],
+            )
+    assert smtp_server.connections == 0

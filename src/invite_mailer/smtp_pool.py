@@ -241,7 +241,14 @@ class SmtpPool:
     async def _connect(self, connection: _Connection) -> None:
         settings = self.settings
         if self._tls is None and settings.security is not Security.NONE:
-            self._tls = tls_context(settings)
+            try:
+                self._tls = tls_context(settings)
+            except (OSError, ssl.SSLError) as exc:
+                # Checked when the settings were loaded; gone or broken since.
+                raise SetupFailure(
+                    f"cannot load the CA file {settings.ca_file}: {_plain(str(exc))}",
+                    hint="check smtp.ca_file (a readable PEM file) / smtp.verify_certificates",
+                ) from exc
         client = aiosmtplib.SMTP(
             hostname=settings.host,
             port=settings.port,
