@@ -553,3 +553,23 @@ def test_json_logs_carry_a_bug_report_with_its_traceback(project: Path) -> None:
     assert "RuntimeError: boom" in str(record["message"])
     assert "this is a bug; please report it" in str(record["message"])
     assert "Traceback" in str(record["exception"])
+
+
+def test_rehearse_never_writes_through_a_link_in_its_folder(project: Path) -> None:
+    result = invoke("rehearse", "--out", "probe")
+    assert result.exit_code == 0, result.output
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x", encoding="utf-8")
+    shutil.rmtree(project / "probe" / "mails")
+    (project / "probe" / "mails").symlink_to(elsewhere, target_is_directory=True)
+    (project / "probe" / "index.html").unlink()
+    (project / "probe" / "index.html").symlink_to(elsewhere / "keep.txt")
+
+    result = invoke("rehearse", "--out", "probe")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+    assert (elsewhere / "keep.txt").read_text(encoding="utf-8") == "x"
+    mails = project / "probe" / "mails"
+    assert not mails.is_symlink() and any(mails.glob("*.eml"))

@@ -186,11 +186,14 @@ def _prepare(out: Path) -> None:
         "Written by invite-mailer rehearse; the whole folder is replaced on the next run.\n",
         encoding="utf-8",
     )
-    for name in (MAILS_DIR, PREVIEWS_DIR):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for leftover in out.glob(".state-*"):  # the ledger of a run that was interrupted
-        shutil.rmtree(leftover, ignore_errors=True)
-    (out / INDEX_FILE).unlink(missing_ok=True)
+    leftovers = [out / MAILS_DIR, out / PREVIEWS_DIR, out / INDEX_FILE]
+    leftovers += out.glob(".state-*")  # the ledger of a run that was interrupted
+    for path in leftovers:
+        # A link is removed, never followed: the mails must land inside *out*.
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
 
 
 def _html_of(message: email.message.EmailMessage) -> str:
