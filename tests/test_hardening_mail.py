@@ -649,3 +649,98 @@ def test_international_local_part_is_written_as_utf8(tree: Path) -> None:
     assert getaddresses([to])[0][1] == "jürgen@xn--bcher-kva.de"
     # Every other header stays ASCII.
     assert all(line.isascii() for line in head.split("\r\n") if not line.startswith("To:"))
+
+
+# --- values from the config files never break a header ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("title", "Online-\nTransferreihe"),
+        ("title", "Online-Transferreihe\r\nBcc: victim@evil.example"),
+        ("title", "Online\u2028Transferreihe"),
+        ("title", "Online\x00Transferreihe"),
+        ("id", "reihe\nBcc: x"),
+    ],
+)
+def test_line_breaks_in_series_values(tree: Path, field: str, value: str) -> None:
+    series = load_series(tree).model_copy(update={field: value})
+    with pytest.raises(ConfigError) as caught:
+        Composer(settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree)
+    (problem,) = caught.value.problems
+    assert problem.path == tree / "series.yaml"
+    assert f"series {field}" in problem.message and "header" in problem.message
+    assert problem.hint
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("unsubscribe_url", "https://example.org/abmelden\r\nBcc: victim@evil.example"),
+        ("unsubscribe_mailto", "abmeldung@example.org\nBcc: victim@evil.example"),
+        ("reply_to", "antwort@example.org\r\n"),
+        ("address", "KomKomIn\n <transferreihe@example.org>"),
+    ],
+)
+def test_line_breaks_in_sender_settings(tree: Path, field: str, value: str) -> None:
+    settings = settings_of(tree)
+    settings = settings.model_copy(
+        update={"sender": settings.sender.model_copy(update={field: value})}
+    )
+    with pytest.raises(ConfigError) as caught:
+        composer_of(tree, settings)
+    (problem,) = caught.value.problems
+    assert problem.path == tree / "settings.toml"
+    assert f"[sender] {field}" in problem.message
+    assert "line break" in problem.message
+
+
+def test_validate_reports_a_broken_unsubscribe_url(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tree.parent)
+    monkeypatch.setenv(
+        "INVITE_MAILER_SENDER__UNSUBSCRIBE_URL", "https://example.org/ab\r\nBcc: x@evil.example"
+    )
+    monkeypatch.setenv("INVITE_MAILER_UNSUBSCRIBE__SECRET", "0123456789abcdef0123456789abcdef")
+    result = CliRunner().invoke(cli, ["validate", "--config", "config"])
+    assert result.exit_code == 1, result.output
+    assert "unsubscribe_url" in result.output
+    assert "Traceback" not in result.output and "ValueError" not in result.output
+
+
+def test_the_organisers_summary_keeps_its_headers_whole(tree: Path) -> None:
+    from dataclasses import replace
+
+    from invite_mailer.config import load_config
+    from invite_mailer.plan import Mailing, MailingState
+    from invite_mailer.summary import compose_summary
+
+    path = tree / "series.yaml"
+    text = path.read_text(encoding="utf-8")
+    name = "KomKomIn – Wissenschaftliches Begleitvorhaben"
+    assert name in text
+    hostile = "Begleitvorhaben Mustermann-Schmidt, victim@evil.example, Wittgenstein von Hohenberg"
+    path.write_text(text.replace(name, hostile), encoding="utf-8")
+    config = load_config(tree, templates_of(tree), env_file=None)
+    events = [
+        e.model_copy(update={"title": "Verwaltung\ntransformieren"}) if e.id == "verwaltung" else e
+        for e in config.series.events
+    ]
+    config = replace(config, series=config.series.model_copy(update={"events": events}))
+    mailing = Mailing(
+        kind=Kind.REMINDER,
+        event="verwaltung",
+        due=FOLLOWUP_NOW,
+        deadline=FOLLOWUP_NOW,
+        state=MailingState.DONE,
+        audience=(),
+        outstanding=(),
+        sent=3,
+    )
+    data = compose_summary(config, mailing, now=FOLLOWUP_NOW).as_bytes(policy=policy.SMTP)
+    found, parsed = to_addresses(data)
+    assert found == [(hostile, "transferreihe@example.org")]
+    assert [a.addr_spec for a in parsed] == ["transferreihe@example.org"]
+    assert b"Verwaltung transformieren" in data.split(b"\r\n\r\n")[0].replace(b"\r\n", b"")

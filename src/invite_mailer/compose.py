@@ -113,7 +113,7 @@ from invite_mailer.calendar import METHOD_CANCEL, METHOD_UPDATE, CalendarFiles
 from invite_mailer.contacts import Contact
 from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.series import SERIES_FILE, Event, Kind, Material, Series
-from invite_mailer.settings import Settings
+from invite_mailer.settings import SETTINGS_FILE, Settings
 from invite_mailer.unsubscribe import mailto_url, make_token, unsubscribe_url
 
 PARTS = ("subject", "txt", "html")
@@ -586,6 +586,7 @@ class Composer:
         problems = ProblemCollector()
         self._templates = self._load_templates(problems)
         self._files = self._load_materials(config_dir, problems)
+        _check_header_values(settings, series, config_dir, problems)
         problems.raise_if_any()
 
         self._calendars = CalendarFiles(series, domain=self._domain)
@@ -1056,6 +1057,36 @@ class Composer:
                 )
             loaded[event.id] = tuple(files)
         return loaded
+
+
+def _check_header_values(
+    settings: Settings, series: Series, config_dir: Path, problems: ProblemCollector
+) -> None:
+    """Values of the config files that end up in headers hold no line break or
+    control character: one would split the header (or make the standard
+    library refuse the whole mail)."""
+    sender = settings.sender
+    values = [
+        (config_dir / SETTINGS_FILE, "[sender] address", sender.address),
+        (config_dir / SETTINGS_FILE, "[sender] reply_to", sender.reply_to),
+        (config_dir / SETTINGS_FILE, "[sender] unsubscribe_mailto", sender.unsubscribe_mailto),
+        (config_dir / SETTINGS_FILE, "[sender] unsubscribe_url", sender.unsubscribe_url),
+        (config_dir / SERIES_FILE, "the series title", series.title),
+        (config_dir / SERIES_FILE, "the series id", series.id),
+        *((config_dir / SERIES_FILE, f"the id of the date {e.id!r}", e.id) for e in series.events),
+    ]
+    for path, what, value in values:
+        found = _UNSAFE_HEADER_TEXT.search(value)
+        if found is not None:
+            kind = (
+                "a line break" if found.group() in "\r\n\u2028\u2029\x85" else "a control character"
+            )
+            problems.add(
+                path,
+                f"{what} contains {kind} ({found.group()!r}), which cannot go into a mail header: "
+                f"{value!r}",
+                hint="write it on one line (in YAML: no | or > block for it)",
+            )
 
 
 class _MaterialProblem(Exception):

@@ -8,6 +8,8 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 
+from invite_mailer import german
+from invite_mailer.compose import POLICY, header_address
 from invite_mailer.config import Config
 from invite_mailer.plan import Mailing
 from invite_mailer.series import Kind
@@ -29,10 +31,11 @@ def compose_summary(config: Config, mailing: Mailing, *, now: datetime) -> Email
     """A plain-text summary: what went out, what failed, who had opted out."""
     series = config.series
     label = kind_label(mailing.kind)
-    about = series.title
+    # Titles come from series.yaml and end up in the subject: one line.
+    about = german.clean(series.title)
     if mailing.event:
         event = series.event(mailing.event)
-        about = f"{event.title} ({event.date:%d.%m.%Y})"
+        about = f"{german.clean(event.title)} ({event.date:%d.%m.%Y})"
     body = [
         "Guten Tag,",
         "",
@@ -50,11 +53,13 @@ def compose_summary(config: Config, mailing: Mailing, *, now: datetime) -> Email
             "",
         ]
     body += ["Diese Nachricht wurde automatisch von invite-mailer erstellt."]
-    message = EmailMessage()
+    # The composer's policy: its address headers keep long quoted names whole.
+    message = EmailMessage(policy=POLICY)
     sender = config.settings.sender
     message["From"] = sender.from_address
     message["To"] = Address(
-        display_name=series.organiser.name, addr_spec=str(series.organiser.email)
+        display_name=german.clean(series.organiser.name),
+        addr_spec=header_address(str(series.organiser.email)),
     )
     message["Subject"] = f"Versandbericht: {label} – {about}"
     message["Date"] = format_datetime(now)
