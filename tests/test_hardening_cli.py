@@ -573,3 +573,17 @@ def test_rehearse_never_writes_through_a_link_in_its_folder(project: Path) -> No
     assert (elsewhere / "keep.txt").read_text(encoding="utf-8") == "x"
     mails = project / "probe" / "mails"
     assert not mails.is_symlink() and any(mails.glob("*.eml"))
+
+
+def test_preview_never_writes_through_a_link_in_its_folder(project: Path) -> None:
+    target = project / "precious.txt"
+    target.write_text("keep", encoding="utf-8")
+    (project / "preview").mkdir()
+    for suffix in (".eml", ".html"):
+        (project / "preview" / f"invitation-{JANA}{suffix}").symlink_to(target)
+    result = invoke("preview", "invitation", "--contact", JANA)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert target.read_text(encoding="utf-8") == "keep"
+    eml = project / "preview" / f"invitation-{JANA}.eml"
+    assert not eml.is_symlink() and eml.read_bytes().startswith(b"From: ")

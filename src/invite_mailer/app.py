@@ -431,13 +431,20 @@ def preview(
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
             eml = out / f"{stem}.eml"
-            eml.write_bytes(message.as_bytes(policy=policy.SMTP))
+            write_file(eml, message.as_bytes(policy=policy.SMTP))
             written.append(eml)
             if html is not None:
                 path = out / f"{stem}.html"
-                path.write_text(html.get_content(), encoding="utf-8")
+                write_file(path, html.get_content().encode("utf-8"))
                 written.append(path)
     return written
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Replace *path*; a link standing there is replaced, never written through."""
+    if path.is_symlink():
+        path.unlink()
+    path.write_bytes(data)
 
 
 def safe_name(*parts: str, limit: int = 120) -> str:
