@@ -43,6 +43,10 @@ class Behaviour:
     temp_fail_reply: str = "451 4.3.0 Temporary local problem - please try later"
     # RCPT address (lower case) -> reply, e.g. "550 5.1.1 <x>: Recipient address rejected"
     reject_recipients: dict[str, str] = field(default_factory=dict)
+    # RCPT address (lower case) -> raw bytes sent as the first line(s) of its
+    # multi-line reply, before the line from reject_recipients; e.g.
+    # b"550-\xff\xfe binary" for a relay that answers in anything but text.
+    raw_reply_lines: dict[str, bytes] = field(default_factory=dict)
     # Replaces "250 ..." after the data of the next N messages.
     data_reply: str = "554 5.7.1 Message rejected"
     data_fail: int = 0
@@ -86,6 +90,9 @@ class _Handler:
     ) -> str:
         reply = self.server.behaviour.reject_recipients.get(address.lower())
         if reply is not None:
+            raw = self.server.behaviour.raw_reply_lines.get(address.lower())
+            if raw is not None:
+                await smtp.push(raw)
             return reply
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"

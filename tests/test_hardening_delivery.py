@@ -702,3 +702,22 @@ async def test_a_ca_file_removed_after_loading_stops_the_send_with_a_setup_error
                 recipients=["a@example.org"],
             )
     assert smtp_server.connections == 0
+
+
+def test_a_relay_answering_in_binary_is_recorded_as_text(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    address = "alex.meyer@example.org"
+    smtp_server.behaviour.raw_reply_lines[address] = b"550-\xff\xfe\x00\x9b31m \xc3(binary"
+    smtp_server.behaviour.reject_recipients[address] = "550 5.1.1 unknown user"
+    env = smtp_env(smtp_server.port)
+    result = invoke(["send-due", "--now", NOW, "--json"], env)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    data = json.loads(result.stdout)
+    assert data["sent"] == CONTACTS - 1
+    (failure,) = data["failures"]
+    assert failure["answer"].startswith("550 ") and "unknown user" in failure["answer"]
+    assert failure["answer"].isprintable()
+    status = status_json(env, "--now", NOW)
+    assert [d["email"] for d in status["failed"]] == [address]

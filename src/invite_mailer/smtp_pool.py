@@ -586,7 +586,11 @@ def _response_text(exc: BaseException) -> str:
 # What a relay says ends up in the ledger, the log and the terminal: one line
 # of printable text of a bounded length, whatever arrived.
 _MAX_ANSWER = 500
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+# Control characters, bidi and zero-width marks, and the surrogates that stand
+# for bytes that were no UTF-8 (aiosmtplib decodes with "surrogateescape").
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)?")
 
 
