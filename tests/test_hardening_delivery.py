@@ -721,3 +721,28 @@ def test_a_relay_answering_in_binary_is_recorded_as_text(
     assert failure["answer"].isprintable()
     status = status_json(env, "--now", NOW)
     assert [d["email"] for d in status["failed"]] == [address]
+
+
+def test_an_idn_contact_is_delivered_through_a_relay_without_smtputf8(
+    project: Path, smtp_server_factory: Any
+) -> None:
+    server = smtp_server_factory(enable_SMTPUTF8=False)
+    path = project / "config" / "contacts.csv"
+    with path.open("a", encoding="utf-8") as file:
+        file.write("info@bücher.de;;;Kim;Buch;Bücherei Beispielstadt;alle\n")
+        file.write("jürgen@example.org;Herr;;Jürgen;Umlaut;Stadt Beispiel;alle\n")
+    env = smtp_env(server.port)
+    result = invoke(["send-due", "--now", NOW, "--json"], env)
+    data = json.loads(result.stdout)
+    # One recipient's address cannot go through this relay: that recipient fails,
+    # every other mail goes out.
+    assert result.exit_code == 3, result.output
+    assert data["sent"] == CONTACTS + 1
+    (failure,) = data["failures"]
+    assert failure["email"] == "jürgen@example.org"
+    assert (
+        "does not support SMTPUTF8; this address has a non-ASCII local part" in (failure["answer"])
+    )
+    envelope = {to for received in server.received for to in received.rcpt_tos}
+    assert "info@xn--bcher-kva.de" in envelope
+    assert all(to.isascii() for to in envelope)
