@@ -298,6 +298,21 @@ def test_a_reminder_with_no_window_is_warned_about(project: Path) -> None:
     assert result.stderr.count("can never go out") == 4  # one per date
 
 
+def test_a_followup_with_no_window_is_warned_about(project: Path) -> None:
+    edit(
+        project / "config" / "series.yaml",
+        "wait_for_materials: 14 days",
+        "wait_for_materials: 0 days",
+    )
+    result = invoke("validate")
+    assert result.exit_code == 0, result.output
+    assert (
+        "the follow-up for verwaltung can never go out: it is due 2024-11-15 10:00 and its "
+        "window closes 2024-11-15 10:00"
+    ) in result.stderr
+    assert result.stderr.count("can never go out") == 4
+
+
 def test_the_shipped_series_has_no_mailing_warning(project: Path) -> None:
     result = invoke("rehearse", "--out", str(project / "probe"))
     assert result.exit_code == 0, result.output

@@ -99,6 +99,7 @@ class ValidationReport:
     rendered: int = 0
     contacts: int = 0
     warnings: list[Problem] = field(default_factory=list)
+    advisories: list[Problem] = field(default_factory=list)  # see advisories()
 
 
 def validate_sample(config: Config) -> None:
@@ -168,6 +169,7 @@ def validate(config: Config) -> ValidationReport:
             problems.setdefault(str(problem), problem)
     if problems:
         raise ConfigError(problems.values())
+    report.advisories = advisories(config)
     return report
 
 
@@ -246,7 +248,8 @@ def _closed_windows(config: Config) -> list[Problem]:
             if series.mailings.invitation is not None and series.mailings.invitation.until:
                 why = f"send_at {at(due)} is not before its until {at(deadline)}"
             else:
-                why = f"send_at {at(due)} is after the first date starts {at(deadline)}"
+                when = "is after" if due > deadline else "is when"
+                why = f"send_at {at(due)} {when} the first date starts {at(deadline)}"
             message = f"the invitation can never go out: {why}"
             hint = "set mailings.invitation.send_at to a time before the first date"
         elif kind is Kind.REMINDER:
@@ -259,8 +262,8 @@ def _closed_windows(config: Config) -> list[Problem]:
         else:
             key = "wait_for_materials"
             message = (
-                f"the {rule} for {event.id if event else ''} can never go out: its window "
-                f"closes {at(deadline)}, as it opens"
+                f"the follow-up for {event.id if event else ''} can never go out: it is due "
+                f"{at(due)} and its window closes {at(deadline)}"
             )
             hint = "set mailings.followup.wait_for_materials to a span, e.g. 14 days"
         warnings.append(Problem(path, message, _line_of(path, ("mailings", rule, key)), hint))

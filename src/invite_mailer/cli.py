@@ -241,7 +241,7 @@ def validate(config_dir: Path, templates: Path | None) -> None:
     """Check all files and render every mail for every recipient; send nothing."""
     config = load(config_dir, templates)
     result = app.validate(config)
-    for warning in app.advisories(config):
+    for warning in result.advisories:
         warn(warning)
     out.print(
         Text.assemble(
