@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import re
 import unicodedata
 import warnings
+import zipfile
 from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -25,6 +27,7 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.errors import ConfigError, Problem, ProblemCollector
+from invite_mailer.yamlfile import megabytes, read_config_file
 
 ALL_EVENTS = "alle"
 
@@ -34,6 +37,20 @@ ATTENDANCE_DIR = "attendance"
 #: After this many problems in one file the rest are only counted: a systematic
 #: mistake (a wrong export) would otherwise print one message per row.
 MAX_PROBLEMS = 100
+
+#: The largest contact list read: 100,000 contacts with extra columns take
+#: about 20 MB. Excel workbooks are zip files; what they unpack to is limited
+#: separately, before openpyxl sees them.
+MAX_TABLE_BYTES = 64 * 1024 * 1024
+MAX_WORKBOOK_UNPACKED = 512 * 1024 * 1024
+#: A part of a workbook that unpacks to more than this many times its size is
+#: a zip bomb, not a spreadsheet (real sheets compress 5 to 20 times).
+MAX_COMPRESSION_RATIO = 200
+#: Rows of a contact list, and lines of an opt-out or attendance list.
+MAX_ROWS = 200_000
+MAX_LIST_LINES = 1_000_000
+#: RFC 5321 limits a path to 256 octets; anything much longer is not an address.
+_EMAIL_LIMIT = 320
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +115,8 @@ def find_contacts_file(config_dir: Path) -> Path:
     """``contacts.csv`` in *config_dir*, else ``contacts.xlsx``; ConfigError if neither."""
     for name in CONTACTS_FILES:
         candidate = config_dir / name
-        if candidate.is_file():
+        # Links and special files too: reading them says what is wrong with them.
+        if candidate.is_symlink() or candidate.exists():
             return candidate
     hint = (
         "create contacts.csv with the header email;anrede;titel;vorname;nachname;"
@@ -120,11 +138,13 @@ def find_contacts_file(config_dir: Path) -> Path:
     )
 
 
-def load_contacts(path: Path, event_ids: Collection[str]) -> ContactList:
+def load_contacts(path: Path, event_ids: Collection[str] | None) -> ContactList:
     """Read and validate a contacts file (``.csv`` or ``.xlsx``).
 
     Every problem of the file is raised together as one :class:`ConfigError`.
     Duplicate addresses are merged into their first row, with a warning.
+    With *event_ids* ``None`` (the series could not be read) registrations
+    are taken as written, not checked against the dates.
     """
     problems = _Problems(path)
     notes: list[Problem] = []
@@ -142,7 +162,16 @@ def load_contacts(path: Path, event_ids: Collection[str]) -> ContactList:
         reader = _ContactReader(place, header[0], header[1], event_ids, problems)
         contacts: list[Contact] = []
         positions: dict[str, int] = {}
-        for number, cells in rows:
+        for count, (number, cells) in enumerate(rows, start=1):
+            if count > MAX_ROWS:
+                problems.add(
+                    path,
+                    f"the list has more than {MAX_ROWS:,} rows; reading stopped at "
+                    f"{place.at(number)}",
+                    hint="check that this is the right export; split a larger list into "
+                    "several series",
+                )
+                break
             contact = reader.contact(number, cells)
             if contact is None:
                 continue
@@ -176,31 +205,43 @@ def load_address_list(path: Path) -> frozenset[str]:
     """Addresses from a plain list such as ``config/optout.txt``, as lower-cased keys.
 
     One address per line; blank lines and ``#`` comments are skipped. A CSV with a
-    column ``email`` works too. A missing file is an empty list.
+    column ``email`` works too. A missing file is an empty list; a link to a
+    missing file is an error (a list that silently vanished would be worse).
     """
-    if not path.exists():
-        return frozenset()
-    return frozenset(_read_addresses(path))
+    return frozenset(address_lines(path))
 
 
-def load_attendance(config_dir: Path, event_ids: Collection[str]) -> dict[str, frozenset[str]]:
+def address_lines(path: Path) -> dict[str, int]:
+    """Like :func:`load_address_list`, with the first line that names each address."""
+    if not path.is_symlink() and not path.exists():
+        return {}
+    return _read_addresses(path, path.parent)
+
+
+def load_attendance(
+    config_dir: Path, event_ids: Collection[str] | None
+) -> dict[str, frozenset[str]]:
     """Who attended which date: ``config/attendance/<event-id>.csv``.
 
     Returns lower-cased address keys per event id. Events without a file are
     absent from the result (no list given), which is different from an empty
-    list (nobody attended). A missing folder gives ``{}``.
+    list (nobody attended). A missing folder gives ``{}``. With *event_ids*
+    ``None`` (the series could not be read) the lists are still checked, under
+    the names of their files.
     """
     folder = config_dir / ATTENDANCE_DIR
     if not folder.is_dir():
         return {}
-    ids = {event_id.casefold(): event_id for event_id in event_ids}
-    known = _known(event_ids)
+    ids = {event_id.casefold(): event_id for event_id in event_ids or ()}
+    known = _known(event_ids or ())
     problems = ProblemCollector()
     found: dict[str, set[str]] = {}
     for file in sorted(folder.iterdir()):
         name = file.name
         # Hidden files, Office lock files and editor backups are not lists.
-        if name.startswith((".", "~$")) or name.endswith("~") or file.is_dir():
+        if name.startswith((".", "~$")) or name.endswith("~"):
+            continue
+        if file.is_dir() and not file.is_symlink():
             continue
         if file.suffix.lower() not in (".csv", ".txt"):
             problems.add(
@@ -210,17 +251,17 @@ def load_attendance(config_dir: Path, event_ids: Collection[str]) -> dict[str, f
                 "with a column 'email'; ids: " + known,
             )
             continue
-        event_id = ids.get(file.stem.casefold())
+        event_id = file.stem if event_ids is None else ids.get(file.stem.casefold())
         if event_id is None:
             problems.add(
                 file,
                 f"{file.stem!r} is not an event id of the series",
                 hint=f"name the file after the date's id: {known} (e.g. "
-                f"{next(iter(event_ids), 'verwaltung')}.csv)",
+                f"{next(iter(event_ids or ()), 'verwaltung')}.csv)",
             )
             continue
         try:
-            found.setdefault(event_id, set()).update(_read_addresses(file))
+            found.setdefault(event_id, set()).update(_read_addresses(file, config_dir))
         except ConfigError as exc:
             problems.extend(exc)
     problems.raise_if_any()
@@ -317,45 +358,21 @@ def _lines(text: str) -> Iterator[str]:
     return (match.group() for match in _LINE.finditer(text))
 
 
-def _read_text(path: Path) -> str:
-    """Decode a text file: UTF-8 (BOM optional), UTF-16 with BOM, else Windows-1252."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError.single(
-            path,
-            "file not found",
-            hint="create it, or pass --config pointing at your config folder",
-        ) from None
-    except OSError as exc:
-        raise ConfigError.single(path, f"cannot read the file: {exc.strerror or exc}") from None
+_UTF32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_TEXT_HINT = "save it as 'CSV UTF-8' in Excel or as UTF-8 text in your editor"
+
+
+def _read_text(path: Path, root: Path | None = None, *, limit: int = MAX_TABLE_BYTES) -> str:
+    """Decode a text file: UTF-8 (BOM optional), UTF-16/32 with BOM, else Windows-1252."""
+    data = read_config_file(path, limit=limit, root=root)
     if data.startswith(b"PK\x03\x04"):
         raise ConfigError.single(
             path,
             "this is an Excel workbook (or another zip file), not CSV text",
             hint="give it the extension .xlsx, or in Excel use 'Save as' > 'CSV UTF-8'",
         )
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encodings: tuple[str, ...] = ("utf-16",)  # Excel's "Unicode text" export
-    elif data.startswith(codecs.BOM_UTF8):
-        encodings = ("utf-8-sig",)
-    else:
-        encodings = ("utf-8", "cp1252")
-    for encoding in encodings:
-        try:
-            text = data.decode(encoding)
-            break
-        except UnicodeDecodeError as exc:
-            failure = exc
-    else:
-        line = None if encodings == ("utf-16",) else data[: failure.start].count(b"\n") + 1
-        raise ConfigError.single(
-            path,
-            f"the file is not readable text (byte 0x{data[failure.start]:02x} is neither UTF-8 "
-            "nor Windows-1252)",
-            line=line,
-            hint="save it as 'CSV UTF-8' in Excel or as UTF-8 text in your editor",
-        )
+    text = _decode(path, data).lstrip("\ufeff")  # a BOM saved twice is still no text
     nul = text.find("\x00")
     if nul >= 0:
         raise ConfigError.single(
@@ -365,6 +382,71 @@ def _read_text(path: Path) -> str:
             hint="export the list as 'CSV UTF-8' (or save it as .xlsx)",
         )
     return text
+
+
+def _decode(path: Path, data: bytes) -> str:
+    # UTF-32's little-endian BOM begins with UTF-16's: test it first.
+    for boms, encoding in ((_UTF32_BOMS, "utf-32"), (_UTF16_BOMS, "utf-16")):
+        if data.startswith(boms):  # Excel's "Unicode text" export is UTF-16
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError:
+                raise ConfigError.single(
+                    path,
+                    f"the file starts like {encoding.upper()} text but is not readable as such",
+                    hint=_TEXT_HINT,
+                ) from None
+    bom = data.startswith(codecs.BOM_UTF8)
+    body = data[len(codecs.BOM_UTF8) :] if bom else data
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    # Either a Windows-1252 file (accepted), or UTF-8 with some lines pasted in
+    # from one: decoding it as Windows-1252 would garble every umlaut of the
+    # UTF-8 lines, so the foreign lines are reported instead.
+    foreign: list[int] = []
+    utf8 = bom
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if line.isascii():
+            continue
+        try:
+            line.decode("utf-8")
+            utf8 = True
+        except UnicodeDecodeError:
+            foreign.append(number)
+    if utf8:
+        shown = foreign[:20]
+        problems = [
+            Problem(
+                path,
+                "this line is not UTF-8 while the rest of the file is (it was probably pasted "
+                "from a Windows-1252 file); its umlauts would be garbled",
+                number,
+                "save the file as UTF-8 ('CSV UTF-8' in Excel) and retype the umlauts and "
+                "other special characters of this line",
+            )
+            for number in shown
+        ]
+        if len(foreign) > len(shown):
+            problems.append(
+                Problem(
+                    path,
+                    f"... and {len(foreign) - len(shown)} more lines that are not UTF-8",
+                    hint="fix the lines above first; they often have one common cause",
+                )
+            )
+        raise ConfigError(problems)
+    try:
+        return body.decode("cp1252")
+    except UnicodeDecodeError as exc:
+        raise ConfigError.single(
+            path,
+            f"the file is not readable text (byte 0x{body[exc.start]:02x} is neither UTF-8 "
+            "nor Windows-1252)",
+            line=body[: exc.start].count(b"\n") + 1,
+            hint=_TEXT_HINT,
+        ) from None
 
 
 def _sniff(text: str) -> tuple[str, bool]:
@@ -400,12 +482,13 @@ def _csv_rows(path: Path, text: str, problems: _Problems) -> Rows:
             return
         except csv.Error as exc:
             # The reader resumes at the next line, so later problems are still found.
-            problems.add(
-                path,
-                f"broken CSV in the record starting here: {exc}",
-                line=start,
-                hint=_QUOTE_HINT,
-            )
+            message = f"broken CSV in the record starting here: {exc}"
+            if "field limit" in str(exc):
+                message = (
+                    f"a value is longer than {csv.field_size_limit():,} characters; "
+                    "probably a quote that is never closed"
+                )
+            problems.add(path, message, line=start, hint=_QUOTE_HINT)
             consumed = reader.line_num
             continue
         consumed = reader.line_num
@@ -438,16 +521,17 @@ _EXCEL_HINT = (
 def _open_workbook(path: Path, problems: _Problems, notes: list[Problem]) -> tuple[_Place, Rows]:
     import openpyxl  # only here: most runs read CSV, and the import costs ~70 ms
 
+    # Read once and hand openpyxl the bytes that were checked, not the path.
+    data = io.BytesIO(read_config_file(path, limit=MAX_TABLE_BYTES))
+    _check_unpacked_size(path, data)
     try:
         # Real workbooks carry extensions openpyxl warns about (data validation,
         # conditional formatting); none of them matter for reading values.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             workbook = openpyxl.load_workbook(
-                path, read_only=True, data_only=True, keep_links=False
+                data, read_only=True, data_only=True, keep_links=False
             )
-    except FileNotFoundError:
-        raise ConfigError.single(path, "file not found") from None
     except Exception as exc:  # openpyxl fails with many kinds on damaged files
         raise ConfigError.single(
             path, f"cannot read the Excel workbook: {_describe(exc)}", hint=_EXCEL_HINT
@@ -467,6 +551,42 @@ def _open_workbook(path: Path, problems: _Problems, notes: list[Problem]) -> tup
         )
     place = _Place(path, excel=True, sheet=sheet.title if len(sheets) > 1 else None)
     return place, _sheet_rows(place, workbook, sheet, problems)
+
+
+def _check_unpacked_size(path: Path, data: io.BytesIO) -> None:
+    """Refuse a zip bomb before openpyxl unpacks it.
+
+    zipfile never unpacks more than a member's declared size (it stops there
+    and checks the CRC), so the declared sizes are a safe bound.
+    """
+    try:
+        with zipfile.ZipFile(data) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip at all: openpyxl's own message says so
+    finally:
+        data.seek(0)
+    hint = (
+        "this is not an ordinary workbook; open it in Excel or LibreOffice, delete what is "
+        "not a contact and save it again, or export it as 'CSV UTF-8'"
+    )
+    total = sum(member.file_size for member in members)
+    if total > MAX_WORKBOOK_UNPACKED:
+        raise ConfigError.single(
+            path,
+            f"the workbook would unpack to {megabytes(total)} (at most "
+            f"{megabytes(MAX_WORKBOOK_UNPACKED)})",
+            hint=hint,
+        )
+    for member in members:
+        ratio = member.file_size / max(member.compress_size, 1)
+        if member.file_size > 1024 * 1024 and ratio > MAX_COMPRESSION_RATIO:
+            raise ConfigError.single(
+                path,
+                f"the part {member.filename!r} of the workbook would unpack to "
+                f"{megabytes(member.file_size)}, {ratio:,.0f} times its compressed size",
+                hint=hint,
+            )
 
 
 def _sheet_rows(place: _Place, workbook: Any, sheet: Any, problems: _Problems) -> Rows:
@@ -578,14 +698,17 @@ class _ContactReader:
         place: _Place,
         header_number: int,
         header: Sequence[str],
-        event_ids: Collection[str],
+        event_ids: Collection[str] | None,
         problems: _Problems,
     ) -> None:
         self.place = place
         self.problems = problems
         self.width = len(header)
-        self.events = {event_id.casefold(): event_id for event_id in event_ids}
-        self.known = _known(event_ids)
+        # None: the dates are unknown, so registrations are taken as written.
+        self.events = (
+            None if event_ids is None else {event_id.casefold(): event_id for event_id in event_ids}
+        )
+        self.known = _known(event_ids or ())
         self.columns: dict[str, int] = {}
         self.labels: dict[str, str] = {}
         self.extras: list[tuple[int, str]] = []
@@ -722,6 +845,14 @@ class _ContactReader:
                 "every contact needs an address; delete the row if the person is not to be mailed",
             )
             return None
+        if len(value) > _EMAIL_LIMIT:
+            self.add(
+                number,
+                f"the address {_show(value)} is {len(value):,} characters long (at most "
+                f"{_EMAIL_LIMIT})",
+                "check that the columns are not shifted",
+            )
+            return None
         try:
             return validate_email(value, check_deliverability=False).normalized
         except EmailNotValidError as exc:
@@ -780,6 +911,8 @@ class _ContactReader:
                 continue
             if folded in _ALL_TOKENS:
                 registered_all = True
+            elif self.events is None:
+                ids.add(folded)
             elif folded in self.events:
                 ids.add(self.events[folded])
             else:
@@ -854,11 +987,14 @@ def _address_column(header: Sequence[str]) -> int | None:
     return mail[0] if len(mail) == 1 else None
 
 
-def _read_addresses(path: Path) -> set[str]:
-    """Lower-cased keys from a list: one address per line, or a CSV with a column email."""
-    text = _read_text(path)
+def _read_addresses(path: Path, root: Path) -> dict[str, int]:
+    """Lower-cased keys from a list, each with its first line.
+
+    One address per line, or a CSV with a column email.
+    """
+    text = _read_text(path, root)
     problems = _Problems(path)
-    keys: set[str] = set()
+    keys: dict[str, int] = {}
     with closing(_csv_rows(path, text, _Problems(path))) as probe:
         header = next(
             ((n, cells) for n, cells in probe if any(cells) and not cells[0].startswith("#")),
@@ -870,11 +1006,17 @@ def _read_addresses(path: Path) -> set[str]:
         hint = "write one complete address per row in the column with the addresses"
         with closing(_csv_rows(path, text, problems)) as rows:
             for number, cells in rows:
+                if number > MAX_LIST_LINES:
+                    _too_many_lines(problems, path)
+                    break
                 if number <= header[0] or column >= len(cells) or not cells[column]:
                     continue  # e.g. participants who dialled in by phone
                 _add_address(keys, problems, path, number, cells[column], hint)
     else:
         for number, line in enumerate(_lines(text), start=1):
+            if number > MAX_LIST_LINES:
+                _too_many_lines(problems, path)
+                break
             value = _COMMENT.sub("", line).strip()
             if value:
                 # Tolerate what a one-column spreadsheet export adds around an address.
@@ -884,11 +1026,27 @@ def _read_addresses(path: Path) -> set[str]:
     return keys
 
 
+def _too_many_lines(problems: _Problems, path: Path) -> None:
+    problems.add(
+        path,
+        f"the list has more than {MAX_LIST_LINES:,} lines; reading stopped there",
+        hint="check that this is the right file",
+    )
+
+
 def _add_address(
-    keys: set[str], problems: _Problems, path: Path, number: int, value: str, hint: str
+    keys: dict[str, int], problems: _Problems, path: Path, number: int, value: str, hint: str
 ) -> None:
+    if len(value) > _EMAIL_LIMIT:
+        problems.add(
+            path,
+            f"value {_show(value)} is {len(value):,} characters long; no address is that long",
+            line=number,
+            hint=hint,
+        )
+        return
     try:
-        keys.add(_address_key(value))
+        keys.setdefault(_address_key(value), number)
     except EmailNotValidError as exc:
         problems.add(
             path,
