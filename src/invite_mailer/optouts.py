@@ -13,7 +13,6 @@ anyone from blocking an address.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -22,7 +21,7 @@ from pathlib import Path
 from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.config import OPTOUT_FILE
-from invite_mailer.contacts import load_address_list
+from invite_mailer.contacts import address_lines, load_address_list
 from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.ledger import Ledger
 from invite_mailer.series import Series, load_series
@@ -102,15 +101,12 @@ def normalise(address: str) -> str:
 
 
 def file_lines(path: Path) -> dict[str, int]:
-    """Lower-cased address -> first line of *path* that mentions it."""
-    if not path.exists():
-        return {}
-    found: dict[str, int] = {}
-    text = path.read_text(encoding="utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), start=1):
-        for word in re.findall(r"[^\s;,\"'<>#]+@[^\s;,\"'<>#]+", line.split("#", 1)[0]):
-            found.setdefault(word.lower(), number)
-    return found
+    """Lower-cased address -> first line of *path* that names it.
+
+    The same reader as the delivery passes use, so the list shows exactly the
+    addresses that are blocked (and a FIFO or oversized file is refused).
+    """
+    return address_lines(path)
 
 
 async def entries(files: OptOutFiles) -> list[OptOutEntry]:
@@ -120,10 +116,9 @@ async def entries(files: OptOutFiles) -> list[OptOutEntry]:
         async with Ledger.open(files.ledger_path) as ledger:
             for entry in await ledger.optout_entries(files.series.id):
                 result.append(OptOutEntry(entry.email, "ledger", entry.source, entry.created_at))
-    listed = load_address_list(files.optout_file)
     lines = file_lines(files.optout_file)
-    for email in sorted(listed, key=lambda e: (lines.get(e, 0), e)):
-        result.append(OptOutEntry(email, "file", SOURCE_FILE, line=lines.get(email)))
+    for email in sorted(lines, key=lambda e: (lines[e], e)):
+        result.append(OptOutEntry(email, "file", SOURCE_FILE, line=lines[email]))
     return result
 
 
