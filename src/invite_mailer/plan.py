@@ -155,7 +155,16 @@ def audience_of(
     contacts: Iterable[Contact],
     attendance: Mapping[str, frozenset[str]],
 ) -> list[Contact]:
-    """The contacts a mailing is meant for, before opt-outs."""
+    """The contacts a mailing is meant for, before opt-outs.
+
+    An attendance list never changes who gets a mail before or about the
+    date: reminders (and everything else) for ``registered`` go to the
+    registered only, whatever a list says. After the date it matters: a
+    follow-up for ``registered`` also goes to those who attended without
+    registering (they were there and expect the slides and recording, and
+    the follow-up's wording tells attendees and absentees apart), and one
+    for ``attended`` goes to attendees only.
+    """
     rules = series.mailings
     if kind is Kind.INVITATION:
         assert rules.invitation is not None
@@ -169,10 +178,11 @@ def audience_of(
     if event is None:  # series-wide mail to the registered: registered for any date
         active = [e.id for e in series.active_events]
         return [c for c in contacts if c.registered_all or any(c.is_registered(e) for e in active)]
+    if kind is not Kind.FOLLOWUP:
+        return [c for c in contacts if c.is_registered(event.id)]
     attended = attendance.get(event.id, frozenset())
     if audience is Audience.ATTENDED:
         return [c for c in contacts if c.key in attended]
-    # Registered, plus anyone on the attendance list who came without registering.
     return [c for c in contacts if c.is_registered(event.id) or c.key in attended]
 
 
