@@ -744,3 +744,85 @@ def test_the_organisers_summary_keeps_its_headers_whole(tree: Path) -> None:
     assert found == [(hostile, "transferreihe@example.org")]
     assert [a.addr_spec for a in parsed] == ["transferreihe@example.org"]
     assert b"Verwaltung transformieren" in data.split(b"\r\n\r\n")[0].replace(b"\r\n", b"")
+
+
+# --- the size of a mail is bounded ------------------------------------------------------
+
+
+def test_a_huge_description_is_refused(tree: Path) -> None:
+    """Under the render limit (2 million characters), but rich in umlauts, which
+    quoted-printable writes as six octets each: the mail would be about 20 MB."""
+    from invite_mailer.fastcompose import WireComposer
+
+    description = "Größe übergroß äöüß ÄÖÜ. " * 72_000
+    series = load_series(tree).model_copy(update={"description": description})
+    composer = Composer(
+        settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
+    )
+    for make in (
+        lambda: composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW),
+        lambda: WireComposer(composer).wire(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            make()
+        text = single_problem(caught)
+        assert "series.yaml" in text and "invitation mail of the series" in text
+        assert "more than the limit of 10,0 MB" in text
+
+
+def test_a_twenty_megabyte_description_is_refused(tree: Path) -> None:
+    series = load_series(tree).model_copy(update={"description": "Text " * 4_000_000})
+    composer = Composer(
+        settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
+    )
+    with pytest.raises(ConfigError) as caught:
+        composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
+    text = single_problem(caught)
+    assert "too large" in text and "invitation" in text
+
+
+def test_a_mail_just_under_the_limit_goes_out(tree: Path) -> None:
+    description = "Städte, Gemeinden und Regionen im Übergang. " * 2_000
+    series = load_series(tree).model_copy(update={"description": description})
+    composer = Composer(
+        settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
+    )
+    message = composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
+    assert len(message.as_bytes(policy=policy.SMTP)) > 100_000
+
+
+def test_many_material_files_are_refused(tree: Path) -> None:
+    entries = []
+    for n in range(30):
+        (tree / "materials" / f"teil{n}.pdf").write_bytes(b"%PDF-1.4\n")
+        entries.append(f"      - {{title: Teil {n}, file: materials/teil{n}.pdf}}\n")
+    set_materials(tree, FIRST_DATE, "".join(entries))
+    with pytest.raises(ConfigError) as caught:
+        composer_of(tree)
+    text = single_problem(caught)
+    assert "30 material files" in text and "url:" in text
+
+
+# --- a test mail has a Message-ID of its own -----------------------------------------------
+
+
+def test_a_sample_gets_its_own_message_id(tree: Path) -> None:
+    composer = composer_of(tree)
+    series = load_series(tree)
+    event = series.event("verwaltung")
+    real = composer.compose(Kind.REMINDER, JANA, event=event, now=FOLLOWUP_NOW)
+    delivery_id = composer.message_id(Kind.REMINDER, JANA, event)
+    assert real["Message-ID"] == delivery_id
+
+    first = composer.fresh_message_id()
+    second = composer.fresh_message_id()
+    assert first != second and delivery_id not in (first, second)
+    sample = composer.compose(Kind.REMINDER, JANA, event=event, now=FOLLOWUP_NOW, message_id=first)
+    assert sample["Message-ID"] == first
+    data = sample.as_bytes(policy=policy.SMTP)
+    assert delivery_id.encode() not in data
+    # Boundaries follow the Message-ID too, so nothing of the delivery is reused.
+    assert real.get_boundary() != sample.get_boundary()
+    parsed = message_from_bytes(data, policy=policy.default)
+    assert parsed["Message-ID"] == first
+    assert first.endswith("@example.org>")

@@ -77,6 +77,7 @@ import textwrap
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,6 +122,8 @@ TEXT_WIDTH = 72
 
 #: The folder (inside the config folder) that material files are attached from.
 MATERIALS_DIR = "materials"
+#: The most a composed mail may be on the wire (about), attachments included.
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 #: The most material files one mail attaches.
 MAX_MATERIAL_FILES = 20
 # Control characters and line separators (what str.splitlines() breaks at):
@@ -581,6 +584,7 @@ class Composer:
         self._settings = settings
         self._series = series
         self._templates_dir = templates_dir
+        self._config_dir = config_dir
         self._domain = settings.sender.domain
         self._env = _environment(templates_dir)
         problems = ProblemCollector()
@@ -628,13 +632,16 @@ class Composer:
         attended: bool | None = None,
         sequences: Mapping[str, int] | None = None,
         previous: Mapping[str, str] | None = None,
+        message_id: str | None = None,
     ) -> EmailMessage:
         """The complete message, ready for the transport.
 
         *sequences* gives each date's calendar SEQUENCE (default 0); after a
         change every mail about the date carries the raised one. *previous* is
         the fingerprint (:meth:`Event.fingerprint`) of the version the
-        recipient saw last, for an update mail.
+        recipient saw last, for an update mail. *message_id* replaces the
+        delivery's own Message-ID, for a sample that is not the delivery
+        (see :meth:`fresh_message_id`).
         """
         sequences = sequences or {}
         kind = str(kind)
@@ -664,6 +671,7 @@ class Composer:
         context["subject"] = subject
         text = _tidy_text(self._render(f"{kind}.txt.j2", context))
         html = self._inliner.inline(self._render(f"{kind}.html.j2", context))
+        self.check_size(kind, event, text, html, attachments)
 
         msg = EmailMessage(policy=POLICY)
         msg["From"] = self._settings.sender.from_address
@@ -673,7 +681,7 @@ class Composer:
         msg["Subject"] = subject
         msg["Date"] = format_datetime(now)
         version = sequence if kind in (Kind.UPDATE, Kind.CANCELLATION) else 0
-        msg["Message-ID"] = self.message_id(kind, contact, event, version=version)
+        msg["Message-ID"] = message_id or self.message_id(kind, contact, event, version=version)
         msg["List-Id"] = f"{self._series.title} <{self._series.id}.{self._domain}>"
         link = context["unsubscribe_url"]
         msg["List-Unsubscribe"] = ", ".join(f"<{u}>" for u in (self._unsubscribe_mailto, link) if u)
@@ -722,6 +730,25 @@ class Composer:
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         return f"<{digest}@{self._domain}>"
+
+    def fresh_message_id(self) -> str:
+        """A Message-ID of its own, for a test mail: never one of a delivery."""
+        return f"<test.{uuid.uuid4().hex}@{self._domain}>"
+
+    def check_size(
+        self, kind: str, event: Event | None, text: str, html: str, attachments: Iterable[_File]
+    ) -> None:
+        """Refuse a mail that would be larger than :data:`MAX_MESSAGE_BYTES` on the wire."""
+        size = _qp_size(text) + _qp_size(html) + sum(_base64_size(len(f.data)) for f in attachments)
+        if size > MAX_MESSAGE_BYTES:
+            about = f"of {event.id!r}" if event is not None else "of the series"
+            raise ConfigError.single(
+                self._config_dir / SERIES_FILE,
+                f"the {kind} mail {about} would be about {_size(size)}, more than the "
+                f"limit of {_size(MAX_MESSAGE_BYTES)} for one mail",
+                hint="shorten the descriptions in series.yaml (or the templates), and "
+                "link large files with url: instead of file:",
+            )
 
     # -- context --
 
@@ -1411,6 +1438,18 @@ def _material_view(material: Material, files: Mapping[str, _File]) -> MaterialVi
         filename=None,
         size=None,
     )
+
+
+def _qp_size(text: str) -> int:
+    """About the quoted-printable size of *text*: three octets for each
+    non-ASCII one, plus the soft line breaks."""
+    octets = len(text.encode("utf-8"))
+    encoded = octets + 2 * (octets - len(text.encode("ascii", "ignore")))
+    return encoded + encoded // 25  # "=\r\n" every 75 characters
+
+
+def _base64_size(octets: int) -> int:
+    return (octets + 2) // 3 * 4 * 78 // 76
 
 
 def _size(octets: int) -> str:

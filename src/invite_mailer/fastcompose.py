@@ -644,6 +644,7 @@ class WireComposer:
         context["subject"] = subject
         text = _tidy_text(c._render(f"{kind}.txt.j2", context))
         html = self._inline(c._render(f"{kind}.html.j2", context))
+        c.check_size(kind, event, text, html, attachments)
         link = context["unsubscribe_url"]
         # compose._recipient, without parsing an address that is plain anyway.
         parts = recipient_parts(contact)
