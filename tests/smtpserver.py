@@ -58,6 +58,8 @@ class Behaviour:
     drop_at_mail: int = 0
     # Close the connection after reading the next N messages' data, without answering.
     drop_after_data: int = 0
+    # Close the connection when the next N DATA commands arrive (before any data).
+    drop_at_data_command: int = 0
     # Sleep this long before answering each message's data.
     data_delay: float = 0.0
 
@@ -146,6 +148,11 @@ class _RecordingSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._server._closed(self)
         super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self._server._take("drop_at_data_command"):
+            await _drop(self)
+        await super().smtp_DATA(arg)
 
 
 class _Controller(Controller):

@@ -40,7 +40,7 @@ from deliverykit import (
 )
 from invite_mailer.config import load_config
 from invite_mailer.dispatch import Dispatcher
-from invite_mailer.errors import PermanentFailure, SetupFailure
+from invite_mailer.errors import PermanentFailure, SetupFailure, TemporaryFailure
 from invite_mailer.ledger import Ledger
 from invite_mailer.ratelimit import RateLimiter
 from invite_mailer.settings import SmtpSettings
@@ -746,3 +746,19 @@ def test_an_idn_contact_is_delivered_through_a_relay_without_smtputf8(
     envelope = {to for received in server.received for to in received.rcpt_tos}
     assert "info@xn--bcher-kva.de" in envelope
     assert all(to.isascii() for to in envelope)
+
+
+async def test_a_connection_lost_at_the_data_command_is_not_uncertain(
+    smtp_server: SmtpServer,
+) -> None:
+    # Nothing of the message has left: a plain temporary failure, never "may have arrived".
+    smtp_server.behaviour.drop_at_data_command = 1
+    async with SmtpTransport(plain_settings(smtp_server)) as transport:
+        with pytest.raises(TemporaryFailure) as caught:
+            await transport.send(
+                idn_message("a@example.org"),
+                sender="transferreihe@example.org",
+                recipients=["a@example.org"],
+            )
+    assert not isinstance(caught.value, UncertainFailure), caught.value
+    assert smtp_server.received == []

@@ -279,7 +279,7 @@ class Dispatcher:
                 # Let sends whose data is out finish and be recorded; the others
                 # (waiting for a connection or a rate-limit slot, connecting)
                 # stop at once and give their mail back. Take nothing new.
-                result.stopped = self._halted is None
+                result.stopped = True
                 for task in delayed:
                     task.cancel()
                 for task in busy:
@@ -326,7 +326,7 @@ class Dispatcher:
     async def _deliver(
         self, item: _Item, now: datetime, result: PassResult, started: float
     ) -> tuple[Outcome, float | None]:
-        """Claim, compose, send and record one mail.
+        """Compose, claim, send and record one mail.
 
         Returns the outcome and, for a temporary failure that is retried within
         this pass, the delay before the next attempt.
@@ -373,7 +373,9 @@ class Dispatcher:
         with track_handover() as handover:
             self._handovers[me] = handover
             try:
-                return await self._send(item, key, message, version, now, result, started)
+                return await self._send(
+                    item, key, contact.email, message, version, now, result, started
+                )
             except asyncio.CancelledError:
                 # Stopped (SIGTERM, a cancelled pass): a mail that never left is
                 # given back at once; only one whose data was out may have arrived.
@@ -391,21 +393,19 @@ class Dispatcher:
         self,
         item: _Item,
         key: DeliveryKey,
+        contact_email: str,
         message: EmailMessage | fastcompose.Wire,
         version: str,
         now: datetime,
         result: PassResult,
         started: float,
     ) -> tuple[Outcome, float | None]:
+        """Claim, send and record one composed mail."""
         mailing, config = item.mailing, self.config
         if not await _settle(
             self.ledger.claim(key, str(message["Message-ID"]), now, version=version)
         ):
             return Outcome.SKIPPED, None
-        contact_email = key.email
-        contact = config.contacts.by_key(key.email)
-        if contact is not None:
-            contact_email = contact.email
         sender = config.settings.sender.from_address.addr_spec
         try:
             answer = await fastcompose.send(

@@ -322,6 +322,7 @@ class SmtpPool:
         client = connection.client
         assert client is not None
         phase = _Phase.MAIL
+        written = Handover()  # whether this message's data went onto the wire
         try:
             if client.is_ehlo_or_helo_needed:
                 try:
@@ -344,7 +345,7 @@ class SmtpPool:
                 # Temporary refusals win: the message may still go out later.
                 raise min(refused, key=lambda exc: exc.code)
             phase = _Phase.DATA
-            response = await _data(client, data)
+            response = await _data(client, data, written)
         except PermanentFailure:
             await self._reset(connection)
             raise
@@ -357,7 +358,7 @@ class SmtpPool:
                 connection.drop()  # 421: the relay is closing this connection
             else:
                 await self._reset(connection)
-            if phase is _Phase.DATA and not 400 <= exc.code <= 599:
+            if written.started and not 400 <= exc.code <= 599:
                 raise self._uncertain(exc) from exc
             if phase is _Phase.MAIL and 500 <= exc.code <= 599 and exc.code != 552:
                 # 552 at MAIL is "message too large" (SIZE=): this message only.
@@ -365,7 +366,7 @@ class SmtpPool:
             raise _failure_from_response(exc) from exc
         except (SMTPException, OSError) as exc:
             connection.drop()
-            if phase is _Phase.DATA:
+            if written.started:
                 raise self._uncertain(exc) from exc
             failure = TemporaryFailure(
                 f"connection to {self.address} failed at {phase}: {_response_text(exc)}"
@@ -472,7 +473,7 @@ def _data_block(data: bytes) -> bytes | None:
     return stuffed + b".\r\n"
 
 
-async def _data(client: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
+async def _data(client: aiosmtplib.SMTP, data: bytes, written: Handover) -> SMTPResponse:
     """``client.data(data)``, with the same answers and errors.
 
     aiosmtplib normalises line ends and dot-stuffs with two regular
@@ -485,12 +486,14 @@ async def _data(client: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
     wire = _data_block(data)
     if protocol is None or wire is None:
         # aiosmtplib's own DATA: counted as handed over from the command on.
+        written.started = True
         mark_handover()
         return await client.data(data)
     try:
         start = await protocol.execute_command(b"DATA", timeout=client.timeout)
         if start.code != SMTPStatus.start_input:
             raise SMTPDataError(start.code, start.message)
+        written.started = True
         mark_handover()
         protocol.write(wire)
         response = await protocol.read_response(timeout=client.timeout)
