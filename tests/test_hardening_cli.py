@@ -602,3 +602,22 @@ def test_preview_never_writes_through_a_link_in_its_folder(project: Path) -> Non
     assert target.read_text(encoding="utf-8") == "keep"
     eml = project / "preview" / f"invitation-{JANA}.eml"
     assert not eml.is_symlink() and eml.read_bytes().startswith(b"From: ")
+
+
+def test_terminal_control_characters_in_data_are_shown_not_obeyed(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    smtp_server.behaviour.reject_recipients[JANA] = "550 5.1.1 \x1b[2J\x1b[31mgone\u202e"
+    env = smtp_env(smtp_server.port)
+    result = invoke("send-due", "--now", "2024-10-24T10:05", env=env)
+    assert result.exit_code == 3, result.output
+    for text in (result.stderr, invoke("status", "--failed", env=env).stdout):
+        assert "\x1b" not in text and "\u202e" not in text
+        assert "gone" in text
+
+    result = invoke("optout", "add", JANA, "--source", "\x1b]0;pwned\x07Mail")
+    assert result.exit_code == 0, result.output
+    result = invoke("optout", "list")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "\\x1b]0;pwned\\x07Mail" in result.stdout

@@ -79,7 +79,9 @@ def say(console: Console, label: str, message: str) -> None:
     if console is err and _json_logs():
         log.log(LABEL_LEVELS.get(label, logging.WARNING), message)
         return
-    console.print(Text.assemble((label, LABEL_STYLES.get(label, "")), " ", message))
+    console.print(
+        Text.assemble((label, LABEL_STYLES.get(label, "")), " ", report.printable(message))
+    )
 
 
 def warn(problem: Problem | str) -> None:
@@ -558,7 +560,9 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
         out.print(f"No opt-outs for {files.series.id}.")
         return
     table = Table(
-        title=Text(f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)")
+        title=report.cell(
+            f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)"
+        )
     )
     for column in ("address", "stored in", "source", "since"):
         table.add_column(column)
@@ -567,7 +571,7 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
         if entry.stored_in == "file":
             where = str(files.optout_file) + (f", line {entry.line}" if entry.line else "")
         since = report.local(entry.created_at, files.series) if entry.created_at else ""
-        table.add_row(*(Text(cell) for cell in (entry.email, where, entry.source, since)))
+        table.add_row(*(report.cell(text) for text in (entry.email, where, entry.source, since)))
     out.print(table)
 
 

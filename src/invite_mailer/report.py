@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -56,17 +57,33 @@ def mailing_json(mailing: Mailing, *, with_recipients: bool = False) -> dict[str
     return data
 
 
-# Every cell is a Text, never a str: rich would read "[/]" in a title, a name or a
-# relay's answer as markup (and fail on it).
+# Control characters (ESC starts terminal commands) and bidirectional overrides
+# (they reorder what a reader sees); line breaks and tabs are left alone.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """*text* safe for a terminal: data cannot move the cursor, clear or recolour it."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def cell(text: str, style: str = "") -> Text:
+    """A table cell of data: a Text, never a str, so "[/]" is not read as rich markup."""
+    return Text(printable(text), style=style)
 
 
 def state_cell(state: MailingState) -> Text:
-    return Text(str(state), style=STATE_STYLES[state])
+    return cell(str(state), STATE_STYLES[state])
 
 
 def plan_table(mailings: Sequence[Mailing], series: Series, now: datetime) -> Table:
     table = Table(
-        title=Text(f"{series.title} — plan at {local(now, series)} ({series.timezone})"),
+        title=cell(f"{series.title} — plan at {local(now, series)} ({series.timezone})"),
         title_justify="left",
     )
     for column in ("kind", "event", "due", "deadline", "state", "recipients", "sent"):
@@ -74,14 +91,14 @@ def plan_table(mailings: Sequence[Mailing], series: Series, now: datetime) -> Ta
     table.add_column("note")
     for m in mailings:
         table.add_row(
-            Text(str(m.kind)),
-            Text(event_label(m, series)),
-            Text(local(m.due, series)),
-            Text(local(m.deadline, series)),
+            cell(str(m.kind)),
+            cell(event_label(m, series)),
+            cell(local(m.due, series)),
+            cell(local(m.deadline, series)),
             state_cell(m.state),
-            Text(str(len(m.audience))),
-            Text(str(m.sent) + (f" (+{m.failed} failed)" if m.failed else "")),
-            Text(m.note),
+            cell(str(len(m.audience))),
+            cell(str(m.sent) + (f" (+{m.failed} failed)" if m.failed else "")),
+            cell(m.note),
         )
     return table
 
@@ -91,21 +108,21 @@ def status_table(
     pending_retry: Mapping[str, int],
     series: Series,
 ) -> Table:
-    table = Table(title=Text(f"{series.title} — deliveries"), title_justify="left")
+    table = Table(title=cell(f"{series.title} — deliveries"), title_justify="left")
     for column in ("mailing", "state", "sent", "failed", "uncertain", "pending", "opted out"):
         table.add_column(column, justify="left" if column in ("mailing", "state") else "right")
     for m in mailings:
         table.add_row(
-            Text(f"{m.kind} {event_label(m, series)}"),
+            cell(f"{m.kind} {event_label(m, series)}"),
             state_cell(m.state),
-            Text(str(m.sent)),
-            Text(str(m.failed), style="red") if m.failed else Text("0"),
-            Text(str(m.uncertain), style="yellow") if m.uncertain else Text("0"),
-            Text(
+            cell(str(m.sent)),
+            cell(str(m.failed), "red") if m.failed else cell("0"),
+            cell(str(m.uncertain), "yellow") if m.uncertain else cell("0"),
+            cell(
                 str(len(m.outstanding))
                 + (f" ({pending_retry[m.id]} retrying)" if pending_retry.get(m.id) else "")
             ),
-            Text(str(m.opted_out)),
+            cell(str(m.opted_out)),
         )
     return table
 
@@ -126,15 +143,15 @@ def delivery_json(delivery: Delivery) -> dict[str, Any]:
 
 
 def deliveries_table(title: str, deliveries: Sequence[Delivery], series: Series) -> Table:
-    table = Table(title=Text(title), title_justify="left")
+    table = Table(title=cell(title), title_justify="left")
     for column in ("mailing", "recipient", "attempts", "last attempt", "server answer"):
         table.add_column(column)
     for d in deliveries:
         table.add_row(
-            Text(f"{d.kind} {d.event or '(series)'}"),
-            Text(d.email),
-            Text(str(d.attempts)),
-            Text(local(d.last_attempt_at, series) if d.last_attempt_at else ""),
-            Text(d.last_response or ""),
+            cell(f"{d.kind} {d.event or '(series)'}"),
+            cell(d.email),
+            cell(str(d.attempts)),
+            cell(local(d.last_attempt_at, series) if d.last_attempt_at else ""),
+            cell(d.last_response or ""),
         )
     return table
