@@ -182,6 +182,8 @@ def test_send_test_gets_its_own_message_id(project: Path, smtp_server: SmtpServe
     # Two test sends are two different mails, not one the recipient's client folds together.
     assert tests[0]["Message-ID"] != tests[1]["Message-ID"]
     assert re.fullmatch(r"<[^<>@\s]+@[^<>@\s]+>", str(tests[0]["Message-ID"]))
+    # The MIME boundaries come from the Message-ID: nothing of the real mail's is reused.
+    assert tests[0].get_boundary() != real[rendered_as].get_boundary()
 
 
 # --- warnings that save organisers ---------------------------------------------------------

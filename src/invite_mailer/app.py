@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import make_msgid, parseaddr
+from email.utils import parseaddr
 from pathlib import Path
 
 from invite_mailer.config import Config
@@ -522,18 +522,23 @@ async def send_test(
     """Send one rendered sample to *to*; the ledger is not touched."""
     event = pick_event(config, kind, event_id)
     contact = pick_contacts(config, kind, event, email)[0]
-    message = config.composer.compose(
-        kind, contact, event=event, now=now, attended=_attended(config, event, contact)
-    )
     # Its own Message-ID: with the real one, the tester's client (or the relay)
     # would thread it with, or drop it as a duplicate of, the contact's real mail.
-    test = _readdress(message, to, make_msgid("test", domain=config.settings.sender.domain))
+    message = config.composer.compose(
+        kind,
+        contact,
+        event=event,
+        now=now,
+        attended=_attended(config, event, contact),
+        message_id=config.composer.fresh_message_id(),
+    )
+    test = _readdress(message, to)
     sender = config.settings.sender.from_address.addr_spec
     async with make_transport(config.settings) as transport:
         return await transport.send(test, sender=sender, recipients=[to])
 
 
-def _readdress(message: EmailMessage, to: str, message_id: str) -> EmailMessage:
+def _readdress(message: EmailMessage, to: str) -> EmailMessage:
     copy = EmailMessage(policy=message.policy)
     for name, value in message.items():
         copy[name] = value
@@ -545,6 +550,4 @@ def _readdress(message: EmailMessage, to: str, message_id: str) -> EmailMessage:
     del copy["Subject"]
     copy["Subject"] = f"[Test] {subject}"
     copy["X-Invite-Mailer-Test-For"] = original_to
-    del copy["Message-ID"]
-    copy["Message-ID"] = message_id
     return copy
