@@ -623,3 +623,17 @@ def test_terminal_control_characters_in_data_are_shown_not_obeyed(
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     assert "\\x1b]0;pwned\\x07Mail" in result.stdout
+
+
+def test_send_test_to_an_international_domain_writes_it_as_ascii(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    result = invoke(
+        "send-test", "invitation", "--to", "info@bücher.de", env=smtp_env(smtp_server.port)
+    )
+    assert result.exit_code == 0, result.output
+    (received,) = smtp_server.received
+    headers = received.data.split(b"\r\n\r\n", 1)[0]
+    assert headers.isascii()
+    message = email.message_from_bytes(received.data, policy=email.policy.SMTP)
+    assert message["To"] == "info@xn--bcher-kva.de"

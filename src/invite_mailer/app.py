@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
-from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
 
+from invite_mailer.compose import header_address
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
 from invite_mailer.dispatch import Dispatcher, PassResult, ProgressCallback
@@ -545,7 +545,8 @@ def _readdress(message: EmailMessage, to: str) -> EmailMessage:
     copy.set_payload(message.get_payload())
     original_to = str(message["To"])
     del copy["To"]
-    copy["To"] = Address(addr_spec=to)
+    # An international domain in its ASCII form, as in every delivery's To header.
+    copy["To"] = header_address(to)
     subject = str(message["Subject"])
     del copy["Subject"]
     copy["Subject"] = f"[Test] {subject}"
