@@ -381,6 +381,8 @@ def test_symlinked_template_leading_outside(tree: Path) -> None:
         '{{ range(100000)|join("y" * 100000) }}',
         '{{ "%s"|format("x") ~ "%999999999d"|format(1) }}',
         "{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}",
+        "{{ [1]|batch(3000000000, 'x')|list }}",
+        "{{ [1]|slice(3000000000, 'x')|list }}",
     ],
 )
 def test_runaway_templates_end_in_a_template_error(tree: Path, payload: str) -> None:
