@@ -164,12 +164,16 @@ def load_contacts(path: Path, event_ids: Collection[str] | None) -> ContactList:
         positions: dict[str, int] = {}
         for count, (number, cells) in enumerate(rows, start=1):
             if count > MAX_ROWS:
-                problems.add(
-                    path,
-                    f"the list has more than {MAX_ROWS:,} rows; reading stopped at "
-                    f"{place.at(number)}",
-                    hint="check that this is the right export; split a larger list into "
-                    "several series",
+                # First, and never hidden by the cap: it explains the rest.
+                problems.problems.insert(
+                    0,
+                    Problem(
+                        path,
+                        f"the list has more than {MAX_ROWS:,} rows; reading stopped at "
+                        f"{place.at(number)}",
+                        hint="check that this is the right export; split a larger list into "
+                        "several series",
+                    ),
                 )
                 break
             contact = reader.contact(number, cells)
