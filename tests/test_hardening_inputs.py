@@ -685,3 +685,39 @@ def test_attendance_lists_are_read_when_the_series_is_broken(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as caught:
         load_attendance(tmp_path, None)
     assert "'tom@'" in str(caught.value)
+
+
+# --- more hostile shapes ----------------------------------------------------------------
+
+
+def test_a_line_of_millions_of_delimiters_is_refused_without_splitting_it(project: Path) -> None:
+    path = project / CONTACTS
+    with path.open("a", encoding="utf-8") as out:
+        out.write("x@example.org" + ";" * 60_000_000 + "\n")
+    number = len(path.read_bytes().splitlines())
+    code, output = run_bounded(project, "validate", timeout=60)
+    assert_clear_error(code, output, CONTACTS, rf"{CONTACTS}, line {number}\b", r"characters long")
+
+
+def test_a_yaml_tag_is_a_clear_error_with_its_line(project: Path) -> None:
+    edit(project, SERIES, "id: transferreihe-2024", 'id: !!python/object/apply:os.system ["id"]')
+    line = line_in(project, SERIES, "!!python")
+    code, output = run(["validate"])
+    assert_clear_error(code, output, SERIES, rf"{SERIES}, line {line}\b", r"tag")
+
+
+def test_a_link_loop_is_a_clear_error(project: Path) -> None:
+    path = project / "config/optout.txt"
+    path.unlink()
+    path.symlink_to("optout.txt")
+    code, output = run(["validate"])
+    assert_clear_error(code, output, "config/optout.txt", r"cannot read the file")
+
+
+def test_a_series_that_is_not_utf8_names_the_line(project: Path) -> None:
+    path = project / SERIES
+    text = path.read_text(encoding="utf-8")
+    path.write_bytes(text.encode("utf-8").replace("Städte".encode(), "Städte".encode("cp1252")))
+    line = next(n for n, row in enumerate(text.splitlines(), start=1) if "Städte" in row)
+    code, output = run(["validate"])
+    assert_clear_error(code, output, SERIES, rf"{SERIES}, line {line}\b", r"not UTF-8")

@@ -351,6 +351,9 @@ Rows = Generator[tuple[int, list[str]], None, None]
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 _SEP_LINE = re.compile(r'"?sep=(.)"?[\r\n]*', re.IGNORECASE)
 
+#: No honest line of a list is this long; the csv module's cell limit is 131,072.
+_LINE_LIMIT = 1_000_000
+
 _QUOTE_HINT = (
     "a value containing the delimiter, a quote or a line break must be enclosed in double "
     'quotes, and quotes inside it doubled, e.g. "Stadt ""Nord"", Amt 3"'
@@ -476,7 +479,7 @@ def _sniff(text: str) -> tuple[str, bool]:
 def _csv_rows(path: Path, text: str, problems: _Problems) -> Rows:
     """Records of a CSV text as (first physical line, stripped cells)."""
     delimiter, skip_sep_line = _sniff(text)
-    reader = csv.reader(_lines(text), delimiter=delimiter, strict=True)
+    reader = csv.reader(_bounded_lines(path, text, problems), delimiter=delimiter, strict=True)
     consumed = 0
     while True:
         start = consumed + 1
@@ -500,6 +503,24 @@ def _csv_rows(path: Path, text: str, problems: _Problems) -> Rows:
             skip_sep_line = False
             continue
         yield start, [cell.strip() for cell in record]
+
+
+def _bounded_lines(path: Path, text: str, problems: _Problems) -> Iterator[str]:
+    """The physical lines, each overlong one reported and read as empty.
+
+    The csv module would build a list of every cell of a line first: a line of
+    millions of delimiters would cost gigabytes before any check could run.
+    """
+    for number, line in enumerate(_lines(text), start=1):
+        if len(line) > _LINE_LIMIT:
+            problems.add(
+                path,
+                f"the line is {len(line):,} characters long (at most {_LINE_LIMIT:,})",
+                line=number,
+                hint="check that this is the right file; a contact needs one short line",
+            )
+            line = "\n"
+        yield line
 
 
 def _open_table(path: Path, problems: _Problems, notes: list[Problem]) -> tuple[_Place, Rows]:

@@ -246,7 +246,15 @@ def parse_yaml(text: str, path: Path | None = None) -> LocatedDocument:
     loader = _Loader(text)
     try:
         data = loader.get_single_data()
-    except yaml.YAMLError as exc:  # pragma: no cover - compose already succeeded
+    except yaml.MarkedYAMLError as exc:  # tags such as !!python/object: never code
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError.single(
+            path,
+            f"YAML error: {exc.problem or exc.context or 'a value cannot be read'}",
+            line=mark.line + 1 if mark else None,
+            hint="write plain values; tags starting with '!' are not supported",
+        ) from None
+    except yaml.YAMLError as exc:
         raise ConfigError.single(path, f"YAML error: {exc}") from None
     finally:
         loader.dispose()
