@@ -762,3 +762,36 @@ async def test_a_connection_lost_at_the_data_command_is_not_uncertain(
             )
     assert not isinstance(caught.value, UncertainFailure), caught.value
     assert smtp_server.received == []
+
+
+async def test_a_relay_that_offers_auth_only_after_starttls(
+    smtp_server_factory: Any, certificate: tuple[Path, Path]
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    logins = Logins()
+    # aiosmtpd's default: AUTH is announced only on an encrypted connection.
+    server = smtp_server_factory(tls_context=context, authenticator=logins)
+    common: dict[str, Any] = dict(
+        host=server.host, port=server.port, timeout=5, username="transfer", password="richtig"
+    )
+    starttls = SmtpSettings(security="starttls", ca_file=certificate[0], **common)
+    async with SmtpTransport(starttls) as transport:
+        await transport.send(
+            idn_message("a@example.org"),
+            sender="transferreihe@example.org",
+            recipients=["a@example.org"],
+        )
+    assert logins.seen == [(b"transfer", b"richtig")] and len(server.received) == 1
+
+    # Told to skip TLS, the login cannot happen: one clear setup error naming the cause.
+    plain = SmtpSettings(security="none", allow_plaintext_auth=True, **common)
+    async with SmtpTransport(plain) as transport:
+        with pytest.raises(SetupFailure, match="does not offer AUTH") as caught:
+            await transport.send(
+                idn_message("b@example.org"),
+                sender="transferreihe@example.org",
+                recipients=["b@example.org"],
+            )
+    assert "STARTTLS" in str(caught.value)
+    assert len(logins.seen) == 1 and len(server.received) == 1
