@@ -192,6 +192,9 @@ def parse_version(text: str) -> dict[str, str]:
     return result
 
 
+# Marks the file as an invite-mailer ledger ("IMLG" in PRAGMA application_id).
+APPLICATION_ID = 0x494D4C47
+
 # Migration n (1-based) brings the schema from version n-1 to n. Append only;
 # never edit a migration that has shipped.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -253,12 +256,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
         "CREATE INDEX sends_at ON sends (at)",
-        # Marks the file as an invite-mailer ledger ("IMLG"); see _check_ours.
-        f"PRAGMA application_id = {0x494D4C47:d}",
+        # See _check_ours.
+        f"PRAGMA application_id = {APPLICATION_ID:d}",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-APPLICATION_ID = 0x494D4C47
 # Sends older than this are forgotten.
 _SENDS_KEPT_SECONDS = 86400.0
 _SQLITE_HEADER = b"SQLite format 3\x00"
