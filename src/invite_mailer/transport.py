@@ -61,8 +61,12 @@ class Transport(Protocol):
 
         Raises :class:`~invite_mailer.errors.TemporaryFailure` (4xx, lost
         connection, timeout; its subclass :class:`UncertainFailure` when the data
-        went out but no answer came) or
+        went out but no answer came, and
+        :class:`~invite_mailer.errors.SetupFailure` when nothing can be sent as
+        set up: TLS, login, the outbox folder) or
         :class:`~invite_mailer.errors.PermanentFailure` (5xx for this message).
+        Calls :func:`~invite_mailer.smtp_pool.mark_handover` the moment the
+        message's bytes start to leave.
         """
         ...
 
