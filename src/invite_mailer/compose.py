@@ -540,10 +540,10 @@ def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         values = [a for a in args if isinstance(a, str)]
-        if values:
-            _check_call(name, values[0], args[args.index(values[0]) + 1 :], kwargs)
-        elif name in {"batch", "slice"}:
+        if name in {"batch", "slice"}:
             _check_call(name, "", args[1:], kwargs)
+        elif values:
+            _check_call(name, values[0], args[args.index(values[0]) + 1 :], kwargs)
         if name == "join":
             joined = [a for a in args if isinstance(a, list | tuple | range)]
             separator = next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, str)), "")
