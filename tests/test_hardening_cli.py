@@ -627,6 +627,10 @@ def test_terminal_control_characters_in_data_are_shown_not_obeyed(
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     assert "\\x1b]0;pwned\\x07Mail" in result.stdout
 
+    result = invoke("optout", "remove", "\x1b[2Jx@example.org")
+    no_traceback(result)
+    assert "\x1b" not in result.output and "\\x1b[2jx@example.org" in result.output
+
 
 def test_send_test_to_an_international_domain_writes_it_as_ascii(
     project: Path, smtp_server: SmtpServer

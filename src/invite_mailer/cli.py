@@ -84,6 +84,11 @@ def say(console: Console, label: str, message: str) -> None:
     )
 
 
+def echo(text: str) -> None:
+    """A line for stdout; data in it cannot send commands to the terminal."""
+    out.print(report.printable(text))
+
+
 def warn(problem: Problem | str) -> None:
     say(err, "warning:", str(problem))
 
@@ -363,7 +368,7 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
         )
         if not result.mailings:
             line = f"nothing due at {report.local(now, config.series)}; {line}"
-        out.print(line)
+        echo(line)
         for mailing_id, email, answer in result.failures:
             say(err, "failed:", f"{mailing_id} {email}: {answer}")
     if result.sender_refused is not None:
@@ -432,7 +437,7 @@ def status(
         if result.failed:
             out.print(report.deliveries_table("Failed (not retried)", result.failed, config.series))
         elif only_failed:
-            out.print("No failed deliveries.")
+            echo("No failed deliveries.")
         if result.uncertain:
             out.print(
                 report.deliveries_table(
@@ -474,7 +479,7 @@ def send_test(
     except TransportError as exc:
         say(err, "failed:", str(exc))
         sys.exit(EXIT_FAILED)
-    out.print(f"sent test {kind} to {to} via {app.destination(config)}: {answer}")
+    echo(f"sent test {kind} to {to} via {app.destination(config)}: {answer}")
 
 
 @cli.command()
@@ -557,7 +562,7 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     if not entries:
-        out.print(f"No opt-outs for {files.series.id}.")
+        echo(f"No opt-outs for {files.series.id}.")
         return
     table = Table(
         title=report.cell(
@@ -594,8 +599,8 @@ def optout_add(addresses: tuple[str, ...], source: str, config_dir: Path) -> Non
     files = optouts.load(config_dir)
     result = asyncio.run(optouts.add(files, list(addresses), now=datetime.now(UTC), source=source))
     for email, added in result.items():
-        out.print(f"{email}: {'opted out' if added else 'was already opted out'}")
-    out.print("Takes effect with the next delivery pass (a running daemon checks every minute).")
+        echo(f"{email}: {'opted out' if added else 'was already opted out'}")
+    echo("Takes effect with the next delivery pass (a running daemon checks every minute).")
 
 
 @optout.command("remove")
@@ -612,9 +617,9 @@ def optout_remove(address: str, config_dir: Path) -> None:
     line = optouts.file_lines(files.optout_file).get(key)
     where = str(files.optout_file) + (f", line {line}" if line else "")
     if outcome is optouts.Removal.REMOVED:
-        out.print(f"{key}: opt-out removed; this address gets mail again.")
+        echo(f"{key}: opt-out removed; this address gets mail again.")
     elif outcome is optouts.Removal.NOT_FOUND:
-        out.print(f"{key} was not opted out; nothing to do.")
+        echo(f"{key} was not opted out; nothing to do.")
     elif outcome is optouts.Removal.ONLY_IN_FILE:
         say(
             err,
@@ -669,10 +674,10 @@ def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: b
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     summary = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no mails"
-    out.print(f"Rehearsal written, nothing was sent: {summary}.")
+    echo(f"Rehearsal written, nothing was sent: {summary}.")
     for mailing_id in waiting:
-        out.print(f"  {mailing_id}: waiting for materials (nothing sent)")
-    out.print(f"Open {result.index} in a browser.")
+        echo(f"  {mailing_id}: waiting for materials (nothing sent)")
+    echo(f"Open {result.index} in a browser.")
 
 
 def main(argv: list[str] | None = None) -> int:
