@@ -382,6 +382,9 @@ def test_symlinked_template_leading_outside(tree: Path) -> None:
         '{{ "%s"|format("x") ~ "%999999999d"|format(1) }}',
         "{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}",
         "{{ [1]|batch(3000000000, 'x')|list }}",
+        "{{ lipsum(1000000000) }}",
+        '{{ "{0:{1}}".format("x", 3000000000) }}',
+        '{{ "%*s" % (3000000000, "x") }}',
         "{{ [1]|slice(3000000000, 'x')|list }}",
     ],
 )

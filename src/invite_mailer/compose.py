@@ -107,6 +107,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.loaders import split_template_path
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup, escape
 
 from invite_mailer import german
@@ -460,6 +461,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 raise TemplateLimitError(f"{left} ** {right} is too large a number")
         elif operator == "%" and isinstance(left, str):
             _check_format(left)
+            if "*" in left:  # "%*s": the width is an argument
+                _check_numbers(right if isinstance(right, tuple) else (right,), {})
         return self.bounded(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
@@ -481,9 +484,20 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         wrapper = super().wrap_str_format(value)
-        if wrapper is not None:
-            _check_format(value.__self__)
-        return wrapper
+        if wrapper is None:
+            return None
+        _check_format(value.__self__)
+        if not _NESTED_WIDTH.search(value.__self__):
+            return wrapper
+        unchecked = wrapper
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            # "{0:{1}}": the width is an argument.
+            _check_numbers(args, kwargs)
+            result: str = unchecked(*args, **kwargs)
+            return result
+
+        return checked
 
 
 def _too_long(length: int) -> str:
@@ -503,6 +517,22 @@ def _check_repeat(sequence: Any, count: Any) -> None:
 
 # A width or precision of six digits or more in a %- or {}-format.
 _HUGE_WIDTH = re.compile(r"[%:][^%{}:]*?\d{6,}")
+
+
+# A replacement field whose format spec takes a value: "{0:{1}}".
+_NESTED_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\{")
+
+
+def _check_numbers(args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and value > MAX_RENDER_CHARS:
+            raise TemplateLimitError(f"a width of {value:,} is too large")
+
+
+def _bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002
+    if n > 100 or max > 1000:
+        raise TemplateLimitError("lipsum() this long is too large")
+    return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
 
 
 def _check_format(text: str) -> None:
@@ -1236,6 +1266,7 @@ def _environment(templates_dir: Path) -> _Sandbox:
     env.filters["heading"] = heading
     env.filters["typeset"] = typeset
     env.filters["zahlwort"] = german.number_word
+    env.globals["lipsum"] = _bounded_lipsum
     for name in _GROWING_FILTERS:
         env.filters[name] = _guarded(name, env.filters[name])
     return env
