@@ -831,3 +831,17 @@ def test_a_sample_gets_its_own_message_id(tree: Path) -> None:
     parsed = message_from_bytes(data, policy=policy.default)
     assert parsed["Message-ID"] == first
     assert first.endswith("@example.org>")
+
+
+def test_control_characters_of_contact_data_stay_out_of_headers(tree: Path) -> None:
+    composer = composer_of(tree)
+    contact = Contact(
+        email="a@example.org", anrede="Frau", vorname="Jana\x9b31m", nachname="Müller\x85\x07"
+    )
+    message = composer.compose(Kind.INVITATION, contact, event=None, now=INVITATION_NOW)
+    data = message.as_bytes(policy=policy.SMTP)
+    _, parsed = to_addresses(data)
+    assert [a.display_name for a in parsed] == ["Jana31m Müller"]
+    text = message.get_body(preferencelist=("plain",))
+    assert text is not None
+    assert not any(0x80 <= ord(c) <= 0x9F or ord(c) < 0x09 for c in text.get_content())
