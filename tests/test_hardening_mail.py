@@ -845,3 +845,21 @@ def test_control_characters_of_contact_data_stay_out_of_headers(tree: Path) -> N
     text = message.get_body(preferencelist=("plain",))
     assert text is not None
     assert not any(0x80 <= ord(c) <= 0x9F or ord(c) < 0x09 for c in text.get_content())
+
+
+def test_ordinary_template_expressions_still_work(tree: Path) -> None:
+    """The bounds refuse only what is huge: numbers, formats, joins and loops of
+    an ordinary template render as before."""
+    line = (
+        '{{ "Tel: 0301234567 %s" % "x" }}|{{ "{:.2f}".format(2.5) }}|{{ "ab" * 3 }}|'
+        "{{ 2 ** 10 }}|{{ range(3)|join(',') }}|{{ [1, 2, 3]|batch(2)|list|length }}|"
+        '{{ "x"|center(5) }}|{% for i in range(3) %}{{ loop.index }}{% endfor %}|'
+        "{{ (events|first).title[:10] }}|{{ lipsum(1, false)|length > 0 }}"
+    )
+    put_line(tree, "invitation.txt.j2", line)
+    message = composer_of(tree).compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
+    text = message.get_body(preferencelist=("plain",))
+    assert text is not None
+    assert (
+        "Tel: 0301234567 x|2.50|ababab|1024|0,1,2|2|  x  |123|Verwaltung|True" in text.get_content()
+    )

@@ -516,7 +516,10 @@ def _check_repeat(sequence: Any, count: Any) -> None:
 
 
 # A width or precision of six digits or more in a %- or {}-format.
-_HUGE_WIDTH = re.compile(r"[%:][^%{}:]*?\d{6,}")
+_HUGE_WIDTH = re.compile(
+    r"%(?:\([^)]*\))?[-#0 +]*(?:\d{6,}|\d*\.\d{6,})"  # "%999999s", "%(x).999999f"
+    r"|\{[^{}]*:[^{}]*?\d{6,}[^{}]*\}"  # "{:999999}"
+)
 
 
 # A replacement field whose format spec takes a value: "{0:{1}}".
