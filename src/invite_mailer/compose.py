@@ -1172,7 +1172,8 @@ def _check_header_values(
                 path,
                 f"{what} contains {kind} ({found.group()!r}), which cannot go into a mail header: "
                 f"{value!r}",
-                hint="write it on one line (in YAML: no | or > block for it)",
+                hint="write it on one line"
+                + (" (no | or > block in YAML)" if path.name == SERIES_FILE else ""),
             )
 
 
