@@ -863,3 +863,33 @@ def test_ordinary_template_expressions_still_work(tree: Path) -> None:
     assert (
         "Tel: 0301234567 x|2.50|ababab|1024|0,1,2|2|  x  |123|Verwaltung|True" in text.get_content()
     )
+
+
+@pytest.mark.parametrize("kind", [Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP])
+def test_both_paths_agree_on_hostile_recipients(tree: Path, kind: Kind) -> None:
+    from invite_mailer.fastcompose import WireComposer
+
+    (tree / "materials" / "protokoll.pdf").write_bytes(b"%PDF-1.4\n" * 100)
+    with_material(tree, "materials/protokoll.pdf")
+    composer = composer_of(tree)
+    wires = WireComposer(composer)
+    event = None if kind == Kind.INVITATION else load_series(tree).event("verwaltung")
+    contacts = [
+        Contact(email="info@bücher.de", vorname="Jana", nachname="Weiß", registered_all=True),
+        Contact(email="jürgen@bücher.de", vorname="Jürgen", nachname="Groß", registered_all=True),
+        *(
+            Contact(
+                email=f"kontakt{n}@example.org",
+                titel="Prof. Dr.",
+                vorname="Max",
+                nachname=hostile_name(n, ascii_only=n % 2 == 0),
+                registered_all=True,
+            )
+            for n in range(40, 200, 7)
+        ),
+    ]
+    for contact in contacts:
+        expected = composer.compose(kind, contact, event=event, now=FOLLOWUP_NOW)
+        wire = wires.wire(kind, contact, event=event, now=FOLLOWUP_NOW)
+        assert wire.data == expected.as_bytes(policy=policy.SMTP), contact
+    assert not wires.notes
