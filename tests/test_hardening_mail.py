@@ -893,3 +893,13 @@ def test_both_paths_agree_on_hostile_recipients(tree: Path, kind: Kind) -> None:
         wire = wires.wire(kind, contact, event=event, now=FOLLOWUP_NOW)
         assert wire.data == expected.as_bytes(policy=policy.SMTP), contact
     assert not wires.notes
+
+
+def test_a_broken_link_among_the_templates(tree: Path) -> None:
+    (templates_of(tree) / "alt.txt.j2").symlink_to(tree.parent / "gibt-es-nicht.j2")
+    with pytest.raises(ConfigError) as caught:
+        composer_of(tree)
+    assert any(
+        p.path == templates_of(tree) / "alt.txt.j2" and "cannot be read" in p.message
+        for p in caught.value.problems
+    ), caught.value

@@ -979,6 +979,13 @@ class Composer:
             except SecurityError as exc:
                 problems.add(path, str(exc), hint=_CONFINED_HINT)
                 continue
+            except jinja2.TemplateNotFound:
+                problems.add(
+                    path,
+                    "the file cannot be read (a broken link?)",
+                    hint="replace it by an ordinary file, or delete it",
+                )
+                continue
             except jinja2.TemplateSyntaxError as exc:
                 problems.add(
                     path,
