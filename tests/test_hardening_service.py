@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import logging
 import os
 import re
@@ -33,12 +35,16 @@ from deliverykit import (
     clean_environ,
     copy_project,
     free_port,
+    invoke,
     start_process,
     wait_for,
     write_contacts,
 )
+from invite_mailer.config import load_config
 from invite_mailer.contacts import load_address_list
-from invite_mailer.ledger import Ledger
+from invite_mailer.daemon import EXIT_INVALID_CONFIG, EXIT_TEMPFAIL, run_daemon
+from invite_mailer.ledger import Ledger, state_lock
+from invite_mailer.logs import RepeatFilter
 from invite_mailer.unsubscribe import make_token
 from invite_mailer.web import RunningServer, create_app, start_server
 
@@ -663,3 +669,181 @@ async def test_optout_list_is_read_once_per_change(served: Served) -> None:
         assert "bereits abgemeldet" not in (await client.get(f"/{token}")).text
         served.optout_file.unlink()
         assert "bereits abgemeldet" not in (await client.get(f"/{other}")).text
+
+
+# --- logs: every line JSON, floods bounded ------------------------------------------------
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}\nin:\n{text}") from None
+    return records
+
+
+def test_json_log_format_holds_for_library_records_and_rejected_reloads(
+    service: Path, daemons: list[Daemon]
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    daemon = start(daemons, service, "--log-format", "json", env=endpoint_env(port))
+    offset = daemon.wait_for_log("scheduled")
+    wait_for_endpoint(daemon, base)
+    # uvicorn logs a bad request itself, through its own logger.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        sock.recv(1000)
+    series = service / "config" / "series.yaml"
+    good = series.read_text(encoding="utf-8")
+    offset = daemon.edit_until_logged(
+        series, good.replace("id: bald", "id: [bald"), "rejected", after=offset
+    )
+    daemon.edit_until_logged(series, _far_future_date(good), "rejected", after=offset)
+    assert daemon.stop() == 0
+    records = json_lines(daemon.output())
+    loggers = {record["logger"] for record in records}
+    assert "uvicorn.error" in loggers, loggers
+    rejected = [r for r in records if "rejected" in str(r["message"])]
+    assert len(rejected) >= 2
+    assert "series.yaml" in str(rejected[0]["message"])
+
+
+def run_python(
+    project: Path, code: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full = clean_environ()
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=project,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_uncaught_errors_and_python_warnings_are_json_records(tmp_path: Path) -> None:
+    result = run_python(
+        tmp_path,
+        "import warnings\n"
+        "from invite_mailer.logs import setup_logging\n"
+        "setup_logging('json')\n"
+        "warnings.warn('something is deprecated', DeprecationWarning, stacklevel=1)\n"
+        "raise RuntimeError('boom')\n",
+    )
+    assert result.returncode == 1
+    records = json_lines(result.stderr)
+    assert [r["logger"] for r in records] == ["py.warnings", "invite_mailer"]
+    assert "something is deprecated" in str(records[0]["message"])
+    assert records[1]["level"] == "critical"
+    assert "RuntimeError: boom" in str(records[1]["exception"])
+
+
+def test_a_flood_of_one_message_is_logged_once_per_interval_with_a_count() -> None:
+    clock = [0.0]
+    repeat = RepeatFilter(interval=60, clock=lambda: clock[0])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(repeat)
+    logger = logging.getLogger("test.flood")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for _ in range(10_000):
+            logger.error("socket.accept() out of system resource")
+            clock[0] += 0.001
+        logger.error("another problem")  # a different message is never hidden
+        clock[0] = 61
+        logger.error("socket.accept() out of system resource")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue().splitlines() == [
+        "socket.accept() out of system resource",
+        "another problem",
+        "socket.accept() out of system resource (repeated 9999 more time(s) in 60 s)",
+    ]
+
+
+# --- start-up, exit codes and health ------------------------------------------------------
+
+START = (
+    "from pathlib import Path\n"
+    "from invite_mailer.logs import setup_logging\n"
+    "from invite_mailer.daemon import main\n"
+    "setup_logging('json')\n"
+    "raise SystemExit(main(Path('config'), None))\n"
+)
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [lambda text: text.replace("id: bald", "id: [bald"), _far_future_date],
+    ids=["yaml-error", "date-overflow"],
+)
+def test_an_invalid_config_at_start_exits_1_and_says_a_restart_will_not_help(
+    service: Path, breakage: object
+) -> None:
+    series = service / "config" / "series.yaml"
+    series.write_text(breakage(series.read_text(encoding="utf-8")), encoding="utf-8")  # type: ignore[operator]
+    result = run_python(service, START)
+    assert result.returncode == 1, result.stderr
+    records = json_lines(result.stderr)
+    assert any(
+        "not restarting: fix the config and start again" in str(r["message"]) for r in records
+    )
+    assert "Traceback" not in result.stderr
+    assert not (service / "outbox").exists()
+
+
+async def test_other_failures_at_start_exit_with_a_status_that_is_restarted(
+    service: Path,
+) -> None:
+    """The state database locked by another process: worth another try, so not exit 1."""
+    config = load_config(service / "config")
+    with state_lock(config.settings.state.path):
+        code = await run_daemon(config, config_dir=service / "config", templates_dir=None)
+    assert code == EXIT_TEMPFAIL != EXIT_INVALID_CONFIG
+
+
+def test_a_daemon_that_stopped_is_not_healthy(service: Path, daemons: list[Daemon]) -> None:
+    daemon = start(daemons, service)
+    daemon.wait_for_log("scheduled")
+    assert invoke(["health"], {}).exit_code == 0
+    assert daemon.stop() == 0
+    result = invoke(["health"], {})
+    assert result.exit_code == 1, result.output
+    assert "stopped" in result.output
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe\x00{",
+        b'{"time": "2024-11-14T14:00:00+01:00", "pid": 1, "state": "runn\xe4ng"}',
+        b"\x00" * 100_000,
+    ],
+    ids=["utf16-garbage", "latin1", "huge"],
+)
+def test_a_garbled_heartbeat_is_reported_clearly(service: Path, content: bytes) -> None:
+    path = service / "state" / "invite-mailer.heartbeat"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    result = invoke(["health"], {})
+    assert result.exit_code == 1
+    assert "unreadable" in result.output, result.output
+
+
+def test_a_fifo_as_heartbeat_does_not_hang_health(service: Path) -> None:
+    path = service / "state" / "invite-mailer.heartbeat"
+    path.parent.mkdir()
+    os.mkfifo(path)
+    started = time.monotonic()
+    result = invoke(["health"], {})
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 1
+    assert "not a regular file" in result.output
