@@ -42,7 +42,7 @@ from deliverykit import (
 )
 from invite_mailer.config import load_config
 from invite_mailer.contacts import load_address_list
-from invite_mailer.daemon import EXIT_INVALID_CONFIG, EXIT_TEMPFAIL, run_daemon
+from invite_mailer.daemon import EXIT_INVALID_CONFIG, EXIT_SOFTWARE, EXIT_TEMPFAIL, run_daemon
 from invite_mailer.ledger import Ledger, state_lock
 from invite_mailer.logs import RepeatFilter
 from invite_mailer.unsubscribe import make_token
@@ -847,3 +847,16 @@ def test_a_fifo_as_heartbeat_does_not_hang_health(service: Path) -> None:
     assert time.monotonic() - started < 5
     assert result.exit_code == 1
     assert "not a regular file" in result.output
+
+
+def test_the_unit_does_not_restart_an_invalid_config_but_everything_else() -> None:
+    unit = (Path(__file__).resolve().parent.parent / "deploy" / "invite-mailer.service").read_text(
+        encoding="utf-8"
+    )
+    keys = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert keys["Restart"] == "on-failure"
+    prevented = {int(code) for code in keys["RestartPreventExitStatus"].split()}
+    assert prevented == {EXIT_INVALID_CONFIG}
+    assert not prevented & {EXIT_TEMPFAIL, EXIT_SOFTWARE}
