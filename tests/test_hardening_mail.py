@@ -903,3 +903,27 @@ def test_a_broken_link_among_the_templates(tree: Path) -> None:
         p.path == templates_of(tree) / "alt.txt.j2" and "cannot be read" in p.message
         for p in caught.value.problems
     ), caught.value
+
+
+def test_a_fifo_among_the_templates(tree: Path) -> None:
+    import threading
+
+    os.mkfifo(templates_of(tree) / "leitung.txt.j2")
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            composer_of(tree)
+            outcome.append(None)
+        except BaseException as exc:  # the test reports what happened
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    if worker.is_alive():
+        os.close(os.open(templates_of(tree) / "leitung.txt.j2", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("loading the templates blocked on a FIFO")
+    (error,) = outcome
+    assert isinstance(error, ConfigError)
+    assert any("not a regular file" in p.message for p in error.problems), error

@@ -612,7 +612,9 @@ class _ConfinedLoader(jinja2.FileSystemLoader):
                 f"the template {template!r} leads outside the templates folder ({resolved})"
             )
         try:
-            with resolved.open("rb") as file:
+            # O_NONBLOCK: a FIFO put here must not block the open.
+            fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            with os.fdopen(fd, "rb") as file:
                 info = os.fstat(file.fileno())
                 if not stat.S_ISREG(info.st_mode):
                     raise SecurityError(f"the template {template!r} is not a regular file")
