@@ -357,8 +357,6 @@ class Daemon:
         async with self._reload_lock:
             try:
                 return await self._reload(reason)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.error(
                     "reload (%s) failed, the last good config keeps running: %s",
@@ -404,7 +402,15 @@ class Daemon:
         # The pass records changed dates first, so update mails are scheduled
         # from the moment the edit was seen.
         await self.run_pass()
-        await self.reschedule()
+        try:
+            await self.reschedule()
+        except Exception as exc:
+            log.error(
+                "config reloaded, but its mailings could not be scheduled (%s: %s); "
+                "the sweep every minute still sends what is due",
+                type(exc).__name__,
+                exc,
+            )
         return True
 
     def _watched(self) -> list[Path]:
@@ -429,8 +435,6 @@ class Daemon:
             started = loop.time()
             try:
                 await self._watch_once(catch_up)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 problem = f"the file watcher failed ({type(exc).__name__}: {exc})"
             else:
