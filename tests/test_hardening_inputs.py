@@ -17,6 +17,7 @@ import io
 import os
 import re
 import resource
+import stat
 import subprocess
 import sys
 import time
@@ -721,3 +722,14 @@ def test_a_series_that_is_not_utf8_names_the_line(project: Path) -> None:
     line = next(n for n, row in enumerate(text.splitlines(), start=1) if "Städte" in row)
     code, output = run(["validate"])
     assert_clear_error(code, output, SERIES, rf"{SERIES}, line {line}\b", r"not UTF-8")
+
+
+def test_a_device_inside_the_config_folder_is_refused_unread(project: Path) -> None:
+    path = project / "config/optout.txt"
+    path.unlink()
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o444, os.makedev(1, 5))  # what /dev/zero is
+    except PermissionError:
+        pytest.skip("creating device files needs a privilege this machine does not grant")
+    code, output = run_bounded(project, "validate", timeout=30)
+    assert_clear_error(code, output, "config/optout.txt", r"not a regular file", r"device")
