@@ -769,6 +769,18 @@ def test_a_flood_of_one_message_is_logged_once_per_interval_with_a_count() -> No
     ]
 
 
+def test_answers_to_edits_and_routine_records_are_never_held_back() -> None:
+    repeat = RepeatFilter(exempt=("invite_mailer.daemon",))
+
+    def passes(name: str, level: int) -> bool:
+        return repeat.filter(logging.makeLogRecord({"name": name, "levelno": level, "msg": "x"}))
+
+    assert all(passes("invite_mailer.daemon", logging.ERROR) for _ in range(3))
+    assert all(passes("invite_mailer.web", logging.INFO) for _ in range(3))
+    assert passes("invite_mailer.web", logging.WARNING)
+    assert not passes("invite_mailer.web", logging.WARNING)
+
+
 # --- start-up, exit codes and health ------------------------------------------------------
 
 START = (

@@ -58,21 +58,31 @@ class RepeatFilter(logging.Filter):
     message passes; repeats within *interval* are counted, and the next one
     that passes says how many were left out. Records are told apart by their
     logger, level and formatted message, so two different problems never
-    hide each other.
+    hide each other. Records below *level* and of the *exempt* loggers always
+    pass.
     """
 
     MAX_KEYS = 1000
 
     def __init__(
-        self, interval: float = REPEAT_SECONDS, clock: Callable[[], float] = time.monotonic
+        self,
+        interval: float = REPEAT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        level: int = logging.WARNING,
+        exempt: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.interval = interval
         self.clock = clock
+        self.level = level
+        self.exempt = exempt
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level or record.name.startswith(self.exempt):
+            return True
         try:
             message = record.getMessage()
         except Exception:  # a record with bad arguments: let the handler report it
@@ -109,7 +119,9 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Send every log record of the process to stderr, as text or as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else _text_formatter())
-    handler.addFilter(RepeatFilter())
+    # The daemon's own messages answer what someone just did (an edit, a
+    # signal): each answer must be seen, even the same one twice a minute.
+    handler.addFilter(RepeatFilter(exempt=("invite_mailer.daemon",)))
     handler._invite_mailer = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     # Only our own earlier handler is replaced: a host (a test runner) may have its own.
