@@ -238,7 +238,10 @@ def test_an_unexpected_transport_error_neither_hangs_the_pass_nor_loses_the_mail
     assert (data["sent"], data["failed"], data["retry_later"]) == (11, 0, 1), data
     assert "IsADirectoryError" in first.stderr
     status = status_json({}, "--now", NOW)
-    assert [d["email"] for d in status["uncertain"]] == ["alex.meyer@example.org"]
+    # The write failed before the mail left: it is retried, never uncertain.
+    assert status["uncertain"] == []
+    assert [d["email"] for d in status["retrying"]] == ["alex.meyer@example.org"]
+    assert "IsADirectoryError" in status["retrying"][0]["answer"]
 
     blocker.rmdir()
     second = run_process(["send-due", "--now", "2024-10-24T10:10", "--json"], {}, project)

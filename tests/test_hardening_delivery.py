@@ -643,6 +643,31 @@ def test_sigterm_while_waiting_for_the_rate_limit_releases_the_waiting_mails(
     assert status_json(env)["uncertain"] == []
 
 
+def test_sigterm_stops_send_due_and_gives_the_waiting_mails_back(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    # The burst form under cron or systemd: SIGTERM must not leave claims behind.
+    series_due_now(project)
+    env = smtp_env(smtp_server.port, smtp__rate_per_minute=2, smtp__timeout=30)
+    run = start_process(["send-due"], env, project)
+    try:
+        wait_for(lambda: len(smtp_server.received) == 2, 30, "the first two mails")
+        wait_for(lambda: len(rows_in(project, "sending")) >= 2, 30, "mails waiting for a slot")
+        stopped_at = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=60)
+        took = time.monotonic() - stopped_at
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != -signal.SIGTERM, "send-due died of SIGTERM instead of stopping"
+    assert took < 10, f"stopping took {took:.1f}s"
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    assert len(smtp_server.received) == 2
+    assert rows_in(project, "sending") == set() and rows_in(project, "uncertain") == set()
+    assert len(rows_in(project, "sent")) == 2
+
+
 # -- beyond the findings: what a hostile relay says ---------------------------------------
 
 

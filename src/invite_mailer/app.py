@@ -6,9 +6,11 @@ CLI prints it. Tests can call these directly or through the CLI.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
+import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -512,7 +514,14 @@ async def send_due(
         recovered = await ledger.recover(now)
         async with make_transport(config.settings) as transport:
             dispatcher = Dispatcher(config, ledger, transport, on_progress=on_progress)
-            result = await dispatcher.run_pass(now)
+            # SIGTERM (systemd, docker stop, a cron timeout) ends the pass the
+            # way the daemon does: waiting mails go back, in-flight ones finish.
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, dispatcher.stop.set)
+            try:
+                result = await dispatcher.run_pass(now)
+            finally:
+                loop.remove_signal_handler(signal.SIGTERM)
     return SendDueResult(result, recovered, destination(config))
 
 
