@@ -927,3 +927,23 @@ def test_a_fifo_among_the_templates(tree: Path) -> None:
     (error,) = outcome
     assert isinstance(error, ConfigError)
     assert any("not a regular file" in p.message for p in error.problems), error
+
+
+@pytest.mark.parametrize("length", [76, 77, 78, 500, 899, 900, 1200, 3000])
+def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
+    from invite_mailer.fastcompose import WireComposer
+
+    composer = composer_of(tree)
+    contact = Contact(email="max@example.org", vorname="X,", nachname="a" * length)
+    data = composer.compose(Kind.INVITATION, contact, event=None, now=INVITATION_NOW).as_bytes(
+        policy=policy.SMTP
+    )
+    assert (
+        WireComposer(composer).wire(Kind.INVITATION, contact, event=None, now=INVITATION_NOW).data
+        == data
+    )
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    found, parsed = to_addresses(data)
+    assert [spec for _, spec in found] == ["max@example.org"]
+    assert [a.addr_spec for a in parsed] == ["max@example.org"]
+    assert parsed[0].display_name.replace(" ", "") == "X," + "a" * length
