@@ -103,6 +103,7 @@ def line_in(project: Path, name: str, needle: str) -> int:
 # --- special files -------------------------------------------------------------------
 
 SPECIAL_TARGETS = [
+    "config/settings.toml",
     "config/optout.txt",
     "config/attendance/verwaltung.csv",
     "config/contacts.csv",

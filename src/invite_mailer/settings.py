@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from invite_mailer.errors import ConfigError, Problem
+from invite_mailer.yamlfile import read_config_file
 
 ENV_PREFIX = "INVITE_MAILER_"
 ENV_DELIMITER = "__"
@@ -287,8 +288,8 @@ def settings_warnings(config_dir: Path, settings: Settings) -> list[Problem]:
     """Settings that load but probably do not do what was meant (nothing is sent wrong)."""
     path = config_dir / SETTINGS_FILE
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = _read_toml_text(path) or ""
+    except ConfigError:  # reported by the loader already
         text = ""
     secret_env = f"{ENV_PREFIX}UNSUBSCRIBE{ENV_DELIMITER}SECRET"
     warnings = []
@@ -318,11 +319,17 @@ def settings_warnings(config_dir: Path, settings: Settings) -> list[Problem]:
     return warnings
 
 
+#: settings.toml is a page of keys; anything larger is not one.
+MAX_SETTINGS_BYTES = 256 * 1024
+
+
 def _read_toml_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
+    # Through the one reader of organiser files: a FIFO or a device never blocks.
+    data = read_config_file(path, limit=MAX_SETTINGS_BYTES)
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError.single(
             path, "the file is not UTF-8 text", hint="save it as UTF-8 in your editor"
