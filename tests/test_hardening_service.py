@@ -232,6 +232,44 @@ def test_the_watcher_survives_edits_that_are_not_config_errors(
     assert "daemon stopped" in log
 
 
+def test_the_watcher_survives_running_out_of_descriptors(
+    service: Path, daemons: list[Daemon]
+) -> None:
+    """No descriptor left (EMFILE): the watcher or the reload fails, and recovers."""
+    series = service / "config" / "series.yaml"
+    daemon = start(daemons, service)
+    offset = daemon.wait_for_log("scheduled")
+    pid = daemon.process.pid
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    # No descriptor below the limit is free: every open() in the daemon fails.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        edited = series.read_text(encoding="utf-8") + "# edited\n"
+        failures = re.compile(r"the file watcher failed|the last good config keeps running")
+        for _ in range(10):
+            series.write_text(edited, encoding="utf-8")
+            time.sleep(1)
+            found = failures.search(daemon.output(), offset)
+            if found:
+                break
+        assert found, daemon.output()[offset:]
+        offset = found.end()
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+    if "watcher failed" in found[0]:
+        # It starts again by itself and catches up with what it missed.
+        offset = daemon.wait_for_log("config reloaded (file watcher restarted)", 30, after=offset)
+    now = datetime.now(BERLIN)
+    daemon.edit_until_logged(
+        series, series_text(now - timedelta(minutes=1)), "config reloaded", after=offset
+    )
+    wait_for(lambda: len(invitations(service)) >= len(CONTACTS), 15, "the invitations")
+    assert daemon.stop() == 0, daemon.output()
+    assert "Traceback" not in daemon.output(), daemon.output()
+
+
 def test_a_replaced_config_folder_is_watched_again(service: Path, daemons: list[Daemon]) -> None:
     """The watched folder deleted and created anew: the watcher restarts and sees edits."""
     config = service / "config"
