@@ -238,6 +238,25 @@ def test_validate_refuses_a_secret_material(tree: Path, monkeypatch: pytest.Monk
     assert "geheim-1234" not in result.output
 
 
+@pytest.mark.parametrize("make", ["fifo", "folder"])
+def test_validate_names_a_special_material_for_what_it_is(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, make: str
+) -> None:
+    # Not "not found": the organiser sees the name exists and is the wrong kind of thing.
+    monkeypatch.chdir(tree.parent)
+    special = tree / "materials" / "folien.pdf"
+    special.parent.mkdir(exist_ok=True)
+    if make == "fifo":
+        os.mkfifo(special)
+    else:
+        special.mkdir()
+    with_material(tree, "materials/folien.pdf")
+    result = CliRunner().invoke(cli, ["validate", "--config", "config"])
+    assert result.exit_code == 1, result.output
+    assert "is not a regular file" in result.output and "not found" not in result.output
+    assert "Traceback" not in result.output
+
+
 # --- templates run in a sandbox, bounded -------------------------------------------------
 
 

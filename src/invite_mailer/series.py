@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
@@ -506,7 +507,9 @@ def parse_series(document: LocatedDocument, path: Path, config_dir: Path) -> Ser
     problems = []
     for index, event in enumerate(series.events):
         for m_index, material in enumerate(event.materials):
-            if material.file is not None and not (config_dir / material.file).is_file():
+            # Only a missing name is reported here; what an existing path may be
+            # (a regular file inside config/materials/) the composer checks.
+            if material.file is not None and not os.path.lexists(config_dir / material.file):
                 problems.append(
                     Problem(
                         path,
