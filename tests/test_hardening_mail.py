@@ -815,6 +815,19 @@ def test_a_mail_just_under_the_limit_goes_out(tree: Path) -> None:
     assert len(message.as_bytes(policy=policy.SMTP)) > 100_000
 
 
+def test_the_mail_size_limit_is_a_setting(tree: Path) -> None:
+    description = "Städte, Gemeinden und Regionen im Übergang. " * 2_000
+    series = load_series(tree).model_copy(update={"description": description})
+    settings = settings_of(tree)
+    settings = settings.model_copy(
+        update={"limits": settings.limits.model_copy(update={"max_message_bytes": 100_000})}
+    )
+    composer = Composer(settings, series, templates_dir=templates_of(tree), config_dir=tree)
+    with pytest.raises(ConfigError) as caught:
+        composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
+    assert "limits.max_message_bytes" in single_problem(caught)
+
+
 def test_many_material_files_are_refused(tree: Path) -> None:
     entries = []
     for n in range(30):

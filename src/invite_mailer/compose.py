@@ -124,8 +124,6 @@ TEXT_WIDTH = 72
 
 #: The folder (inside the config folder) that material files are attached from.
 MATERIALS_DIR = "materials"
-#: The most a composed mail may be on the wire (about), attachments included.
-MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 #: The most material files one mail attaches.
 MAX_MATERIAL_FILES = 20
 # Control characters and line separators (what str.splitlines() breaks at):
@@ -798,14 +796,15 @@ class Composer:
     def check_size(
         self, kind: str, event: Event | None, text: str, html: str, attachments: Iterable[_File]
     ) -> None:
-        """Refuse a mail that would be larger than :data:`MAX_MESSAGE_BYTES` on the wire."""
+        """Refuse a mail larger than ``limits.max_message_bytes`` on the wire (about)."""
+        limit = self._settings.limits.max_message_bytes
         size = _qp_size(text) + _qp_size(html) + sum(_base64_size(len(f.data)) for f in attachments)
-        if size > MAX_MESSAGE_BYTES:
+        if size > limit:
             about = f"of {event.id!r}" if event is not None else "of the series"
             raise ConfigError.single(
                 self._config_dir / SERIES_FILE,
                 f"the {kind} mail {about} would be about {_size(size)}, more than the "
-                f"limit of {_size(MAX_MESSAGE_BYTES)} for one mail",
+                f"limit of {_size(limit)} for one mail (limits.max_message_bytes)",
                 hint="shorten the descriptions in series.yaml (or the templates), and "
                 "link large files with url: instead of file:",
             )

@@ -192,6 +192,12 @@ class StateSettings(_Section):
 
 class LimitsSettings(_Section):
     max_attachment_bytes: int = Field(5 * 1024 * 1024, ge=0)
+    max_message_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=64 * 1024,
+        description="the most one composed mail may be on the wire, attachments included; "
+        "relays refuse larger ones (Exchange Online: 25 MB after encoding)",
+    )
     retry_initial_seconds: float = Field(30, gt=0)
     retry_max_seconds: float = Field(1800, gt=0)
     retry_in_pass_seconds: float = Field(
