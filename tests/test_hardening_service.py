@@ -36,6 +36,7 @@ from deliverykit import (
     copy_project,
     free_port,
     invoke,
+    smtp_env,
     start_process,
     wait_for,
     write_contacts,
@@ -47,6 +48,7 @@ from invite_mailer.ledger import Ledger, state_lock
 from invite_mailer.logs import RepeatFilter
 from invite_mailer.unsubscribe import make_token
 from invite_mailer.web import RunningServer, create_app, start_server
+from smtpserver import SmtpServer
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CONTACTS = ("anna.alt@example.org", "bernd.berg@example.org", "clara.chen@example.org")
@@ -821,12 +823,9 @@ def test_answers_to_edits_and_routine_records_are_never_held_back() -> None:
 
 # --- start-up, exit codes and health ------------------------------------------------------
 
+# The command line exactly as the systemd unit runs it.
 START = (
-    "from pathlib import Path\n"
-    "from invite_mailer.logs import setup_logging\n"
-    "from invite_mailer.daemon import main\n"
-    "setup_logging('json')\n"
-    "raise SystemExit(main(Path('config'), None))\n"
+    "from invite_mailer.cli import main; raise SystemExit(main(['--log-format', 'json', 'run']))"
 )
 
 
@@ -858,6 +857,24 @@ async def test_other_failures_at_start_exit_with_a_status_that_is_restarted(
     with state_lock(config.settings.state.path):
         code = await run_daemon(config, config_dir=service / "config", templates_dir=None)
     assert code == EXIT_TEMPFAIL != EXIT_INVALID_CONFIG
+
+
+def test_a_pass_stopped_for_a_known_reason_is_one_line_not_a_traceback(
+    service: Path, daemons: list[Daemon], smtp_server: SmtpServer
+) -> None:
+    # The relay offers no STARTTLS although the settings require it: every pass
+    # stops before a mail leaves, and says why in one line.
+    (service / "config" / "series.yaml").write_text(
+        series_text(datetime.now(BERLIN) - timedelta(minutes=1)), encoding="utf-8"
+    )
+    env = smtp_env(smtp_server.port, smtp__security="starttls")
+    daemon = start(daemons, service, env=env)
+    daemon.wait_for_log("delivery pass stopped:", timeout=30)
+    assert daemon.stop() == 0
+    output = daemon.output()
+    assert "STARTTLS" in output
+    assert "Traceback" not in output, output
+    assert smtp_server.received == []
 
 
 def test_a_daemon_that_stopped_is_not_healthy(service: Path, daemons: list[Daemon]) -> None:

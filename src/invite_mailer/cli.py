@@ -487,11 +487,11 @@ def send_test(
 @handle_errors
 def run(config_dir: Path, templates: Path | None) -> None:
     """The daemon: schedule every mailing, catch up, reload on edits, stop on SIGTERM."""
-    from invite_mailer.daemon import run_daemon
+    from invite_mailer.daemon import main
 
-    config = load(config_dir, templates)
-    app.validate_sample(config)
-    sys.exit(asyncio.run(run_daemon(config, config_dir=config_dir, templates_dir=templates)))
+    # The daemon reports start-up problems itself, through the log (JSON too),
+    # with an exit status that systemd does not restart on.
+    sys.exit(main(config_dir, templates))
 
 
 @cli.command()

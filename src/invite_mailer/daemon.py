@@ -322,6 +322,10 @@ class Daemon:
             self._dispatcher = Dispatcher(self.config, self.ledger, self.transport)
             try:
                 result = await self._dispatcher.run_pass(now)
+            except InviteMailerError as exc:
+                # A known reason (the relay, the setup, the ledger): one line, no traceback.
+                log.error("delivery pass stopped: %s; retrying at the next wake-up", exc)
+                return
             except Exception:
                 log.exception("delivery pass failed; retrying at the next wake-up")
                 return
