@@ -408,6 +408,15 @@ def test_an_unreadable_config_file_is_one_message_not_a_traceback() -> None:
     assert done.stderr.count("error:") == 1
 
 
+def test_an_unreadable_template_is_named_with_the_reason() -> None:
+    with project_for_others(0o666) as project:
+        (project / "templates" / "email" / "invitation.html.j2").chmod(0)
+        done = run_unprivileged(["validate"], project)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "invitation.html.j2: the file cannot be read: permission denied" in done.stderr
+
+
 def test_preview_into_a_file_path_is_a_clear_error(project: Path) -> None:
     (project / "taken").write_text("x", encoding="utf-8")
     result = invoke("preview", "invitation", "--out", "taken/sub")

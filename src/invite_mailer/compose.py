@@ -587,6 +587,14 @@ def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+class _UnreadableTemplate(jinja2.TemplateNotFound):
+    """A template that exists but cannot be opened (its modes, a vanished target)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(name)
+        self.reason = reason
+
+
 class _ConfinedLoader(jinja2.FileSystemLoader):
     """Loads regular files of the templates folder only: a name with "..", an
     absolute one or a symlink leading elsewhere is refused."""
@@ -616,8 +624,9 @@ class _ConfinedLoader(jinja2.FileSystemLoader):
                 if not stat.S_ISREG(info.st_mode):
                     raise SecurityError(f"the template {template!r} is not a regular file")
                 data = file.read(MAX_TEMPLATE_BYTES + 1)
-        except OSError:
-            raise jinja2.TemplateNotFound(template) from None
+        except OSError as exc:
+            reason = (exc.strerror or type(exc).__name__).lower()
+            raise _UnreadableTemplate(template, reason) from None
         if len(data) > MAX_TEMPLATE_BYTES:
             raise SecurityError(
                 f"the template {template!r} is larger than {MAX_TEMPLATE_BYTES // 1024} KB"
@@ -978,6 +987,13 @@ class Composer:
                 continue
             except SecurityError as exc:
                 problems.add(path, str(exc), hint=_CONFINED_HINT)
+                continue
+            except _UnreadableTemplate as exc:
+                problems.add(
+                    path,
+                    f"the file cannot be read: {exc.reason}",
+                    hint="make it readable for the user invite-mailer runs as (chmod a+r)",
+                )
                 continue
             except jinja2.TemplateNotFound:
                 problems.add(
