@@ -9,10 +9,12 @@ real files, real SQLite, real processes and signals.
 
 from __future__ import annotations
 
+import email
 import email.policy
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -425,6 +427,84 @@ def test_a_line_break_written_into_settings_toml_is_reported_with_its_line(proje
     assert result.exit_code == 1, result.output
     assert f"config/settings.toml, line {line}: sender.reply_to" in result.stderr, result.stderr
     assert "line break" in result.stderr
+
+
+def test_a_settings_file_nested_too_deeply_is_a_clear_error(project: Path) -> None:
+    path = project / "config" / "settings.toml"
+    path.write_text(
+        path.read_text(encoding="utf-8") + "\n[x]\ny = " + "[" * 1000 + "]" * 1000 + "\n",
+        encoding="utf-8",
+    )
+    result = invoke(["validate"], {})
+    assert result.exit_code == 1, result.output
+    assert "RecursionError" not in result.output and "this is a bug" not in result.output
+    assert "config/settings.toml" in result.stderr and "nested too deeply" in result.stderr
+    assert "hint:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("address", "A <a@example.org>, B <evil@evil.example>"),
+        ("address", "evil@evil.example, Team <transferreihe@example.org>"),
+        ("reply_to", "transferreihe@example.org, evil@evil.example"),
+        ("reply_to", "transferreihe@example.org evil@evil.example"),
+        ("unsubscribe_mailto", "abmeldung@example.org; evil@evil.example"),
+        ("address", "Team <transferreihe@example.org> <evil@evil.example>"),
+    ],
+)
+@pytest.mark.parametrize("where", ["file", "environment"])
+def test_a_sender_setting_with_more_than_one_address_is_refused(
+    project: Path, key: str, value: str, where: str
+) -> None:
+    path = project / "config" / "settings.toml"
+    text = path.read_text(encoding="utf-8")
+    env = {}
+    if where == "file":
+        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {json.dumps(value)}", text)
+        assert count == 1
+        path.write_text(text, encoding="utf-8")
+    else:
+        env = {f"INVITE_MAILER_SENDER__{key.upper()}": value}
+    result = invoke(["validate"], env)
+    assert result.exit_code == 1, result.output
+    assert f"sender.{key}" in result.stderr and "one address only" in result.stderr, result.stderr
+    assert "double quotes" in result.stderr and "config/settings.toml" in result.stderr
+    if where == "file":
+        line = next(n for n, raw in enumerate(text.splitlines(), 1) if raw.startswith(key))
+        assert f"config/settings.toml, line {line}: sender.{key}" in result.stderr
+    else:
+        assert f"INVITE_MAILER_SENDER__{key.upper()}" in result.stderr
+    sent = invoke(["send-due", "--now", NOW], env)
+    assert sent.exit_code == 1 and outbox(project) == []
+
+
+def test_a_display_name_with_a_comma_in_double_quotes_is_one_address(project: Path) -> None:
+    env = {"INVITE_MAILER_SENDER__ADDRESS": '"KomKomIn, Transferreihe" <transferreihe@example.org>'}
+    result = invoke(["send-due", "--now", NOW], env)
+    assert result.exit_code == 0, result.output
+    mail = email.message_from_bytes(outbox(project)[0].read_bytes(), policy=email.policy.default)
+    assert [a.addr_spec for a in mail["From"].addresses] == ["transferreihe@example.org"]
+    assert mail["From"].addresses[0].display_name == "KomKomIn, Transferreihe"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///:memory:",
+        "sqlite:///file:x.db?mode=memory&cache=shared",
+        "sqlite:///file:state/invite-mailer.db",
+        "sqlite:///state/invite-mailer.db?mode=ro",
+        "sqlite:///",
+    ],
+)
+def test_a_state_database_that_is_no_file_is_refused(project: Path, url: str) -> None:
+    result = invoke(["validate"], {"INVITE_MAILER_STATE__URL": url})
+    assert result.exit_code == 1, result.output
+    assert "state.url" in result.stderr and "file path" in result.stderr, result.stderr
+    assert "hint:" in result.stderr
+    assert invoke(["send-due", "--now", NOW], {"INVITE_MAILER_STATE__URL": url}).exit_code == 1
+    assert outbox(project) == []
 
 
 # -- finding: a foreign or damaged ledger is never a fresh start -------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from email.headerregistry import Address
-from email.utils import parseaddr
+from email.errors import InvalidHeaderDefect
+from email.headerregistry import Address, HeaderRegistry
+from email.utils import getaddresses
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -61,6 +63,53 @@ def _no_control(value: str) -> str:
     if _CONTROL.search(value):
         raise ValueError("contains a line break or another control character; write it on one line")
     return value
+
+
+class _Invalid(ValueError):
+    """A setting's value is wrong in a way that deserves its own hint."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+_ONE_ADDRESS_HINT = (
+    "one address only; put a display name with a comma in double quotes, "
+    'e.g. "Team, KomKomIn" <name@example.org>'
+)
+
+
+def _single_address(value: str, *, named: bool) -> Address:
+    """The one address *value* holds, or an error.
+
+    Parsed twice (the lenient ``getaddresses`` and the strict header parser),
+    because each misses some ways a second address hides in the text; a second
+    one would silently become the sender or get every reply.
+    """
+    _no_control(value)
+    example = '"Name <address@example.org>" or a plain address' if named else "name@example.org"
+    # Typeshed's header classes lack what the parser gives them (.addresses, .defects).
+    header: Any = _HEADERS("From", value)
+    parsed = [addr for _, addr in getaddresses([value]) if addr]
+    if len(parsed) > 1 or len(header.addresses) > 1:
+        found = ", ".join(dict.fromkeys([*parsed, *(a.addr_spec for a in header.addresses)]))
+        raise _Invalid(f"holds more than one address ({found}): {value!r}", _ONE_ADDRESS_HINT)
+    broken = any(isinstance(d, InvalidHeaderDefect) for d in header.defects)
+    if broken or len(header.addresses) != 1 or "@" not in header.addresses[0].addr_spec:
+        raise _Invalid(
+            f"expected {example}, got {value!r}",
+            f"write it like {example}; {_ONE_ADDRESS_HINT}",
+        )
+    address = header.addresses[0]
+    try:
+        return Address(display_name=address.display_name, addr_spec=address.addr_spec)
+    except ValueError as exc:  # e.g. a non-ASCII local part
+        raise _Invalid(
+            f"not a usable address ({exc}): {value!r}", f"write it like {example}"
+        ) from None
+
+
+_HEADERS = HeaderRegistry()
 
 
 class _Section(BaseModel):
@@ -129,23 +178,11 @@ class SenderSettings(_Section):
     unsubscribe_mailto: str = ""
     unsubscribe_url: str = ""
 
-    @field_validator("address")
+    @field_validator("address", "reply_to", "unsubscribe_mailto")
     @classmethod
-    def _address(cls, value: str) -> str:
-        _no_control(value)
-        name, addr = parseaddr(value)
-        if "@" not in addr:
-            raise ValueError(
-                'expected "Name <address@example.org>" or a plain address, got ' + repr(value)
-            )
-        return value
-
-    @field_validator("reply_to", "unsubscribe_mailto")
-    @classmethod
-    def _plain_address(cls, value: str) -> str:
-        _no_control(value)
-        if value and "@" not in parseaddr(value)[1]:
-            raise ValueError(f"expected an address like name@example.org, got {value!r}")
+    def _address(cls, value: str, info: ValidationInfo) -> str:
+        if value or info.field_name == "address":
+            _single_address(value, named=info.field_name == "address")
         return value
 
     @field_validator("unsubscribe_url")
@@ -167,8 +204,7 @@ class SenderSettings(_Section):
 
     @property
     def from_address(self) -> Address:
-        name, addr = parseaddr(self.address)
-        return Address(display_name=name, addr_spec=addr)
+        return _single_address(self.address, named=True)
 
     @property
     def domain(self) -> str:
@@ -181,8 +217,18 @@ class StateSettings(_Section):
     @field_validator("url")
     @classmethod
     def _sqlite(cls, value: str) -> str:
+        _no_control(value)
         if not value.startswith("sqlite:///"):
             raise ValueError('only SQLite is supported: use "sqlite:///path/to/file.db"')
+        path = value.removeprefix("sqlite:///")
+        # The ledger is what keeps a mail from going out twice: an in-memory or
+        # URI database would be empty at every run and send everything again.
+        if not path or path == ":memory:" or path.startswith("file:") or "?" in path:
+            raise _Invalid(
+                f"the state database must be a file path, got {value!r} "
+                "(no :memory:, no file: URI, no ?query)",
+                'use a file that lasts between runs: url = "sqlite:///state/invite-mailer.db"',
+            )
         return value
 
     @property
@@ -357,6 +403,19 @@ def _parse_toml(path: Path, text: str | None) -> dict[str, Any]:
             line=line,
             hint='write settings as key = value, text in double quotes: host = "mail.example.org"',
         ) from None
+    except RecursionError:
+        raise ConfigError.single(
+            path,
+            "TOML syntax error: values are nested too deeply (lists or tables inside each "
+            "other hundreds of times)",
+            hint="settings are flat: key = value under [section] headers, lists one level deep",
+        ) from None
+    except Exception as exc:  # the parser's own failure, on input it should have refused
+        raise ConfigError.single(
+            path,
+            f"TOML cannot be read: {type(exc).__name__}: {exc}",
+            hint='write settings as key = value, text in double quotes: host = "mail.example.org"',
+        ) from None
 
 
 def _find_line(text: str, section: str, key: str | None) -> int | None:
@@ -394,6 +453,9 @@ def _problems(path: Path, text: str, exc: ValidationError) -> list[Problem]:
             else:
                 message = f"{dotted}: {said}"
                 hint = f"fix it in the file or in the environment variable {env}"
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, _Invalid):
+                hint = f"{cause.hint}; {hint}"
         where = path
         line = _find_line(text, section, key) if text else None
         if env in os.environ:
