@@ -397,6 +397,86 @@ def test_send_due_in_a_read_only_folder_says_what_to_do(read_only_project: Path)
     assert not (read_only_project / "outbox").exists()
 
 
+STATE_COMMANDS = [["status"], ["optout", "list"], ["optout", "add", "x@example.org"]]
+
+
+@contextlib.contextmanager
+def project_with_ledger() -> Iterator[Path]:
+    """A project whose ledger exists (one pass was sent), readable by others."""
+    with project_for_others(0o644) as project:
+        first = subprocess.run(
+            [sys.executable, "-m", "invite_mailer", "send-due", "--now", "2024-10-24T10:05"],
+            cwd=project,
+            env=subprocess_env({}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert first.returncode == 0, first.stderr
+        yield project
+
+
+def assert_says_the_state_folder_is_not_writable(done: subprocess.CompletedProcess[str]) -> None:
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "cannot use this file" not in done.stderr, done.stderr
+    assert "state/invite-mailer.db" in done.stderr
+    assert re.search(r"state folder state is (read-only|not writable)", done.stderr), done.stderr
+    assert "hint: " in done.stderr and "[state] url" in done.stderr
+
+
+@pytest.mark.parametrize("args", STATE_COMMANDS, ids=" ".join)
+def test_a_state_folder_without_write_permission_is_named_as_such(args: list[str]) -> None:
+    with project_with_ledger() as project:
+        state = project / "state"
+        for path in state.iterdir():
+            path.chmod(0o444)
+        state.chmod(0o555)
+        done = run_unprivileged(args, project)
+        assert_says_the_state_folder_is_not_writable(done)
+        assert "permission denied" in done.stderr
+
+
+@contextlib.contextmanager
+def mounted_read_only(folder: Path) -> Iterator[None]:
+    """*folder* as a read-only bind mount of itself: even root cannot write it."""
+    commands = [
+        ["mount", "--bind", str(folder), str(folder)],
+        ["mount", "-o", "remount,bind,ro", str(folder)],
+    ]
+    mounted = False
+    try:
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                reason = f"cannot mount here: {done.stderr.strip()}"
+                if os.environ.get("CI") == "true":
+                    pytest.fail(reason)
+                pytest.skip(reason)
+            mounted = True
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("args", STATE_COMMANDS, ids=" ".join)
+def test_a_state_folder_on_a_read_only_mount_is_named_as_such(args: list[str]) -> None:
+    with project_with_ledger() as project, mounted_read_only(project / "state"):
+        done = subprocess.run(
+            [sys.executable, "-m", "invite_mailer", *args],
+            cwd=project,
+            env=subprocess_env({}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert_says_the_state_folder_is_not_writable(done)
+        assert "read-only" in done.stderr
+
+
 def test_an_unreadable_config_file_is_one_message_not_a_traceback() -> None:
     with project_for_others(0o666) as project:
         (project / "config" / "series.yaml").chmod(0)

@@ -9,6 +9,7 @@ real files, real SQLite, real processes and signals.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import json
@@ -22,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -315,6 +317,51 @@ def test_a_full_disk_for_the_ledger_stops_the_pass_with_one_message(project: Pat
     assert "Traceback" not in run.stderr, run.stderr
     assert lines_with(run.stderr, "error:") == 1, run.stderr
     assert "state database" in run.stderr
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path, size: str) -> Iterator[Path]:
+    """*folder* as a tmpfs of *size*: writes in it end with "No space left on device"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        reason = f"cannot mount a small tmpfs here: {done.stderr.strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_outbox_disk_stops_the_pass_with_exit_75(project: Path) -> None:
+    with full_disk(project / "outbox", "60k"):
+        result = invoke(["send-due", "--now", NOW], {})
+        written = len(outbox(project))
+    assert result.exit_code == 75, result.output
+    assert "Traceback" not in result.output
+    assert lines_with(result.stderr, "cannot write to the outbox folder") == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert 0 < written < CONTACTS
+    rows = states(project)
+    assert list(rows.values()).count("sent") == written
+    assert set(rows.values()) <= {"sent", "pending"}
+
+
+def test_a_full_state_disk_stops_the_pass_with_exit_75(project: Path) -> None:
+    with full_disk(project / "state", "20k"):
+        result = invoke(["send-due", "--now", NOW], {})
+    assert result.exit_code == 75, result.output
+    assert "Traceback" not in result.output
+    assert lines_with(result.stderr, "error:") == 1, result.stderr
+    assert "cannot write the state database" in result.stderr
+    assert "free disk space" in result.stderr
 
 
 # -- finding: IDN addresses on a relay without SMTPUTF8 ----------------------------------

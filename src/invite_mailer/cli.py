@@ -156,7 +156,7 @@ def _fail(exc: BaseException) -> NoReturn:
         sys.exit(EXIT_FAILED)
     if isinstance(exc, InviteMailerError):
         say(err, "error:", str(exc))
-        sys.exit(EXIT_INVALID)
+        sys.exit(EXIT_TEMPFAIL if exc.temporary else EXIT_INVALID)
     if isinstance(exc, OSError):
         say(err, "error:", app.describe_os_error(exc))
         # A missing file or permission stays so until someone fixes it; a full

@@ -14,6 +14,10 @@ from pathlib import Path
 class InviteMailerError(Exception):
     """Base class of every error invite-mailer raises on purpose."""
 
+    #: The cause may pass on its own (a full disk, a failing device): the same
+    #: run later can succeed, so the command exits 75 rather than 1.
+    temporary: bool = False
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -122,12 +126,21 @@ class SetupFailure(TemporaryFailure):
     """The transport cannot send anything as set up: TLS, login, the outbox folder.
 
     No message is at fault and none left: the pass stops with one message,
-    and every mail stays pending for a run after the setup is fixed.
+    and every mail stays pending for a run after the setup is fixed. *temporary*
+    when the cause may pass without anyone changing the setup (a full disk).
     """
 
-    def __init__(self, message: str, *, code: int | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        hint: str | None = None,
+        temporary: bool = False,
+    ) -> None:
         super().__init__(message, code=code)
         self.hint = hint
+        self.temporary = temporary
 
     def __str__(self) -> str:
         text = super().__str__()

@@ -18,6 +18,7 @@ next to the database, and together with :meth:`Ledger.claim` that keeps two
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import os
@@ -63,10 +64,11 @@ _STATES = {state.value: state for state in DeliveryState}
 class LedgerError(InviteMailerError, RuntimeError):
     """The state database cannot be used, or was asked for an impossible change."""
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, temporary: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.temporary = temporary
 
     def __str__(self) -> str:
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
@@ -766,12 +768,45 @@ def _ledger_error(path: Path, exc: BaseException) -> LedgerError:
             "'.recover' can rescue the readable rows); do not delete it: an empty ledger "
             "would send every mail again",
         )
-    if "disk is full" in text or "disk I/O" in text or getattr(exc, "errno", None) is not None:
+    passing = "disk is full" in text or "disk I/O" in text
+    errno_ = getattr(exc, "errno", None)
+    if passing or errno_ in _PASSING_ERRNOS:
         return LedgerError(
             f"{path}: cannot write the state database ({text})",
-            hint="free disk space or fix the permissions of the state folder, then run again",
+            hint="free disk space (or wait for the storage to come back), then run again",
+            temporary=True,
+        )
+    access = _access_problem(path)
+    if access is not None or errno_ is not None or "readonly" in text or "unable to open" in text:
+        why = access or f"the file or its folder cannot be opened for writing ({text})"
+        return LedgerError(
+            f"{path}: cannot open the state database: {why}",
+            hint="invite-mailer reads and writes the state folder and the database in it "
+            "(SQLite also creates the -wal and -shm files beside it): run as the user that "
+            "owns them, fix the permissions or the mount, or point [state] url at a "
+            "writable place",
         )
     return LedgerError(f"{path}: cannot use this file as the state database: {text}")
+
+
+# A full disk or a failing device may pass; a permission stays until someone fixes it.
+_PASSING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+
+
+def _access_problem(path: Path) -> str | None:
+    """What the file system says against writing the ledger at *path*, if anything."""
+    folder = path.parent
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"the state folder {folder} is read-only (a read-only file system)"
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        return f"the state folder {folder} is not writable (permission denied)"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"the database file {path} cannot be read and written (permission denied)"
+    return None
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:

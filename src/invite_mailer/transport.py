@@ -144,7 +144,12 @@ def _outbox_failure(directory: Path, exc: OSError) -> SetupFailure:
         f"cannot write to the outbox folder {directory}: {type(exc).__name__}: "
         f"{exc.strerror or exc}",
         hint="free disk space, or make transport.outbox_dir a writable folder",
+        temporary=exc.errno in _OUTBOX_PASSING,
     )
+
+
+# Of those, the ones that may pass without a change to the setup.
+_OUTBOX_PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
