@@ -979,3 +979,67 @@ def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
     assert [spec for _, spec in found] == ["max@example.org"]
     assert [a.addr_spec for a in parsed] == ["max@example.org"]
     assert parsed[0].display_name.replace(" ", "") == "X," + "a" * length
+
+
+# --- the materials folder itself, hard links ----------------------------------------------
+
+
+def test_a_materials_folder_that_is_a_link_outside_the_config(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /proc/self/environ holds the SMTP password; its stat size is 0.
+    monkeypatch.setenv("INVITE_MAILER_SMTP__PASSWORD", "geheim-5678")
+    (tree / "materials").rmdir()
+    (tree / "materials").symlink_to("/proc/self")
+    with_material(tree, "materials/environ")
+    with pytest.raises(ConfigError) as caught:
+        composer_of(tree)
+    text = single_problem(caught)
+    assert "series.yaml" in text and "materials/environ" in text
+    assert "outside" in text and "geheim-5678" not in text
+    monkeypatch.chdir(tree.parent)
+    result = CliRunner().invoke(cli, ["validate", "--config", "config"])
+    assert result.exit_code == 1, result.output
+    assert "materials/environ" in result.output and "Traceback" not in result.output
+
+
+def test_a_materials_folder_linked_to_a_folder_outside(tree: Path) -> None:
+    outside = tree.parent / "anderswo"
+    outside.mkdir()
+    (outside / "folien.pdf").write_bytes(b"%PDF-1.4 fremd\n")
+    (tree / "materials").rmdir()
+    (tree / "materials").symlink_to(outside)
+    with_material(tree, "materials/folien.pdf")
+    with pytest.raises(ConfigError) as caught:
+        composer_of(tree)
+    assert "outside" in single_problem(caught)
+
+
+def test_a_hard_link_is_not_attached(tree: Path) -> None:
+    secret = tree.parent / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
+    os.link(secret, tree / "materials" / "passwd.pdf")
+    with_material(tree, "materials/passwd.pdf")
+    with pytest.raises(ConfigError) as caught:
+        composer_of(tree)
+    text = single_problem(caught)
+    assert "passwd.pdf" in text and "is a hard link to another file" in text
+    assert "copy the file into materials/ instead" in text
+
+
+def test_ordinary_and_linked_materials_inside_the_folder_still_work(tree: Path) -> None:
+    (tree / "materials" / "folien.pdf").write_bytes(b"%PDF-1.4 folien\n")
+    (tree / "materials" / "echt.pdf").write_bytes(b"%PDF-1.4 echt\n")
+    (tree / "materials" / "protokoll.pdf").symlink_to("echt.pdf")
+    set_materials(
+        tree,
+        FIRST_DATE,
+        "      - {title: Folien, file: materials/folien.pdf}\n"
+        "      - {title: Protokoll, file: materials/protokoll.pdf}\n",
+    )
+    series = load_series(tree)
+    message = composer_of(tree).compose(
+        Kind.FOLLOWUP, JANA, event=series.event("verwaltung"), now=FOLLOWUP_NOW
+    )
+    attached = {p.get_filename(): p.get_payload(decode=True) for p in message.iter_attachments()}
+    assert attached == {"folien.pdf": b"%PDF-1.4 folien\n", "protokoll.pdf": b"%PDF-1.4 echt\n"}

@@ -1112,10 +1112,7 @@ class Composer:
             series_lines = series_path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
             series_lines = []
-        try:
-            folder: Path | None = (config_dir / MATERIALS_DIR).resolve(strict=True)
-        except (OSError, RuntimeError):
-            folder = None
+        folder = _materials_folder(config_dir)
         for event in self._series.events:
             files = []
             lines = []
@@ -1211,10 +1208,28 @@ _MATERIALS_HINT = (
     f"put the file into the folder {MATERIALS_DIR}/ beside series.yaml and write "
     f"file: {MATERIALS_DIR}/<name>; only files in that folder are attached"
 )
+_HARD_LINK = "is a hard link to another file"
+_HARD_LINK_HINT = f"copy the file into {MATERIALS_DIR}/ instead"
 _TOO_BIG_HINT = (
     "link large files with url: instead of file: (or raise "
     "[limits] max_attachment_bytes in settings.toml)"
 )
+
+
+def _materials_folder(config_dir: Path) -> Path | None:
+    """The materials folder, resolved, if it is a folder inside the config folder.
+
+    A materials folder that is itself a link leading elsewhere (``/proc/self``,
+    a folder outside) would make every file there count as "inside" it.
+    """
+    try:
+        root = config_dir.resolve(strict=True)
+        folder = (config_dir / MATERIALS_DIR).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if folder == root or not folder.is_relative_to(root) or not folder.is_dir():
+        return None
+    return folder
 
 
 def _read_material(config_dir: Path, entry: Path, folder: Path | None, limit: int) -> bytes:
@@ -1234,6 +1249,8 @@ def _read_material(config_dir: Path, entry: Path, folder: Path | None, limit: in
         raise _MaterialProblem(f"cannot be read ({_reason(exc)})", _MATERIALS_HINT) from None
     if folder is None or not resolved.is_relative_to(folder):
         where = f" (it leads to {resolved})" if resolved != path.absolute() else ""
+        if folder is None and (config_dir / MATERIALS_DIR).is_symlink():
+            where = f" (the folder {MATERIALS_DIR}/ is a link leading outside the config folder)"
         raise _MaterialProblem(
             f"lies outside the folder {MATERIALS_DIR}/ of the config{where}", _MATERIALS_HINT
         )
@@ -1243,6 +1260,10 @@ def _read_material(config_dir: Path, entry: Path, folder: Path | None, limit: in
             raise _MaterialProblem(
                 "is not a regular file", f"only ordinary files can be attached; {_MATERIALS_HINT}"
             )
+        # A hard link is the very file it links to (/etc/passwd, say): no
+        # path check can tell, so only files with one name are attached.
+        if checked.st_nlink > 1:
+            raise _MaterialProblem(_HARD_LINK, _HARD_LINK_HINT)
         if checked.st_size > limit:
             raise _MaterialProblem(
                 f"is too large: {entry.name} ({_size(checked.st_size)}), more than the "
@@ -1261,6 +1282,9 @@ def _read_material(config_dir: Path, entry: Path, folder: Path | None, limit: in
                 raise _MaterialProblem(
                     "changed while it was being read", "save the file again, then retry"
                 )
+            if opened.st_nlink > 1:
+                raise _MaterialProblem(_HARD_LINK, _HARD_LINK_HINT)
+            # Bounded whatever st_size says: files of /proc and the like report 0.
             data = file.read(limit + 1)
     except OSError as exc:
         raise _MaterialProblem(f"cannot be read ({_reason(exc)})", _MATERIALS_HINT) from None
