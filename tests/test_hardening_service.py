@@ -659,6 +659,33 @@ async def test_head_options_and_other_methods(served: Served) -> None:
     assert await served.optouts() == set()
 
 
+@pytest.mark.parametrize("sent", [b"Lis", b""])
+async def test_a_client_that_disconnects_during_the_body_is_no_error(
+    served: Served, caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = make_token(SECRET, SERIES_ID, JANA)
+    head = (
+        f"POST /{token} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.server.port)
+    writer.write(head + sent)
+    await writer.drain()
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    # Stopping waits for every running request: the one left without its body too.
+    await served.server.stop()
+    loud = [
+        f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''}"
+        for r in caplog.records
+        if r.levelno > logging.DEBUG and r.name.startswith(("invite_mailer", "uvicorn", "asyncio"))
+    ]
+    assert loud == []
+    assert await served.optouts() == set()
+
+
 async def test_nothing_about_an_address_leaks_from_a_forged_token(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -222,10 +222,16 @@ def create_app(
                 "Nachbereitungen zu dieser Reihe mehr.</p>",
             )
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return PlainTextResponse("request body too large", status_code=413)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    return PlainTextResponse("request body too large", status_code=413)
+        except ClientDisconnect:
+            # Gone before its body was complete (a closed tab, a scanner, a flood):
+            # nobody asked for anything and nobody reads an answer.
+            log.debug("unsubscribe: the client left before sending its whole request")
+            return Response(status_code=400)
         content_type = request.headers.get("content-type", "")
         source = SOURCE_ONE_CLICK if _is_one_click(content_type, bytes(body)) else SOURCE_WEB_FORM
         try:
