@@ -392,3 +392,54 @@ def test_sigterm_right_after_start_exits_cleanly(project: Path, smtp_server: Smt
         process.kill()
         raise
     assert process.returncode == 0, "".join(lines) + err
+
+
+# --- a reload that outlives its timeout ----------------------------------------------------
+
+
+async def test_slow_reloads_never_pile_up_threads(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that times out leaves its thread reading; later edits wait for it
+    instead of starting one thread each, and are read as soon as it ends."""
+    import asyncio
+    import threading
+
+    from deliverykit import write_contacts
+    from invite_mailer import daemon as daemon_module
+    from invite_mailer.config import load_config
+    from invite_mailer.ledger import Ledger
+    from invite_mailer.transport import OutboxTransport
+
+    config = load_config(project / "config")
+    write_contacts(
+        project / "config" / "contacts.csv",
+        ((f"p{n}@example.org", "", "Vor", "Nach", "alle") for n in range(40_000)),
+    )
+
+    def readers() -> int:
+        return sum(t.name == "config-reload" for t in threading.enumerate())
+
+    monkeypatch.setattr(daemon_module, "RELOAD_TIMEOUT", 0.05)
+    async with Ledger.open(project / "state" / "invite-mailer.db") as ledger:
+        daemon = daemon_module.Daemon(
+            config,
+            ledger,
+            OutboxTransport(project / "outbox"),
+            config_dir=project / "config",
+            templates_dir=None,
+        )
+        daemon.state = daemon_module.RunState.RUNNING
+        assert await daemon.reload("first edit") is False  # timed out, still reading
+        for n in range(5):
+            assert await daemon.reload(f"edit {n}") is False
+        assert readers() == 1
+        # The next read may take its time: it is the one that picks up the edits.
+        monkeypatch.setattr(daemon_module, "RELOAD_TIMEOUT", 120)
+        for _ in range(600):  # the thread's work, not the clock, is waited for
+            if daemon.reloads:
+                break
+            await asyncio.sleep(0.1)
+        assert daemon.reloads == 1
+        assert len(daemon.config.contacts) == 40_000
+        assert readers() == 0

@@ -109,19 +109,24 @@ def _load(config_dir: Path, templates_dir: Path | None) -> Config:
     return config
 
 
-async def _in_thread(func: Callable[[], T], name: str) -> T:
+async def _in_thread(
+    func: Callable[[], T], name: str, *, finished: Callable[[], None] | None = None
+) -> T:
     """Run *func* in a daemon thread and wait for its result.
 
     Parsing config is CPU work that may take long (a huge or hostile file):
     on the event loop it would stop the heartbeat, the scheduler and the web
     endpoint. Not :func:`asyncio.to_thread`: its executor is joined when the
     loop closes, so a parse that never ends would keep SIGTERM from ending
-    the process; a daemon thread is simply left behind.
+    the process; a daemon thread is simply left behind. *finished* is called
+    on the loop when the thread ends, also after the wait was given up.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
     def settle(result: T | None, error: BaseException | None) -> None:
+        if finished is not None:
+            finished()
         if future.done():  # given up (timeout, shutdown)
             return
         if error is not None:
@@ -137,7 +142,12 @@ async def _in_thread(func: Callable[[], T], name: str) -> T:
         with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=work, name=name, daemon=True).start()
+    try:
+        threading.Thread(target=work, name=name, daemon=True).start()
+    except BaseException:  # no thread to be had (a thread or memory limit)
+        if finished is not None:
+            finished()
+        raise
     return await future
 
 
@@ -175,6 +185,10 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._last_waiting_warning: dict[str, datetime] = {}
         self._reload_lock = asyncio.Lock()
+        # At most one thread reads the config: one that outlived its timeout
+        # keeps running, and a new one per edit would pile up threads and memory.
+        self._reading = False
+        self._read_again = False
         self._tasks: set[asyncio.Task[object]] = set()
         self.failed_permanently = 0
         self.reloads = 0
@@ -264,6 +278,12 @@ class Daemon:
         task: asyncio.Task[object] = asyncio.create_task(self.reload(reason))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _read_ended(self) -> None:
+        self._reading = False
+        if self._read_again:
+            self._read_again = False
+            self.request_reload("edits made while an earlier reload was reading")
 
     async def _shutdown(self) -> None:
         # A pass in progress has been told to stop; wait for it to record what
@@ -371,10 +391,21 @@ class Daemon:
 
     async def _reload(self, reason: str) -> bool:
         rejected = "reload (%s) rejected, the last good config keeps running: %s"
+        if self._reading:
+            self._read_again = True
+            log.warning(
+                "reload (%s) postponed: an earlier reload is still reading the config; "
+                "this edit is read as soon as it ends",
+                reason,
+            )
+            return False
+        self._reading = True
         try:
             async with asyncio.timeout(RELOAD_TIMEOUT):
                 config = await _in_thread(
-                    lambda: _load(self.config_dir, self.templates_dir), "config-reload"
+                    lambda: _load(self.config_dir, self.templates_dir),
+                    "config-reload",
+                    finished=self._read_ended,
                 )
             # The plan of the new config is worked out before it replaces the old:
             # dates at the calendar's limits only fail there.
