@@ -371,6 +371,21 @@ def test_a_large_but_honest_workbook_still_loads(tmp_path: Path) -> None:
     assert len(load_contacts(path, EVENTS)) == 20_000
 
 
+def test_a_workbook_row_with_too_many_values_gets_a_workbook_hint(tmp_path: Path) -> None:
+    workbook = openpyxl.Workbook()
+    workbook.active.append(["email", "nachname"])
+    workbook.active.append(["jana@example.org", "Müller", "Stadt Nord; Amt 3"])
+    path = tmp_path / "contacts.xlsx"
+    workbook.save(path)
+    with pytest.raises(ConfigError) as caught:
+        load_contacts(path, EVENTS)
+    (problem,) = caught.value.problems
+    assert "3 values" in problem.message and "row 2" in str(problem)
+    assert problem.hint is not None
+    assert "delimiter" not in problem.hint and "double quotes" not in problem.hint
+    assert "column C" in problem.hint and "header" in problem.hint
+
+
 def test_too_many_rows_are_refused_with_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "contacts.csv"
     with path.open("w", encoding="utf-8") as out:

@@ -715,6 +715,15 @@ def _email_hint(value: str) -> str:
     return "write one complete address, e.g. jana.mueller@example.org"
 
 
+def _column_letter(number: int) -> str:
+    """Excel's name of the 1-based column *number*: 1 → A, 27 → AA."""
+    letters = ""
+    while number:
+        number, rest = divmod(number - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
+
+
 class _ContactReader:
     """Turns the rows of one contacts table into :class:`Contact` objects."""
 
@@ -797,11 +806,20 @@ class _ContactReader:
             return None
         size = len(cells)
         if size > self.width and any(cells[self.width :]):
+            if self.place.excel:
+                # A workbook has no delimiter: the values simply sit right of the header.
+                hint = (
+                    f"the header row names columns A to {_column_letter(self.width)}, this row "
+                    f"has values from column {_column_letter(self.width + 1)} on: name those "
+                    "columns in the header row, or delete the values there"
+                )
+            else:
+                hint = (
+                    "a value probably contains the delimiter; enclose such values in double "
+                    'quotes, e.g. "Stadt Nord; Amt 3"'
+                )
             self.add(
-                number,
-                f"the row has {size} values but the header only {self.width} columns",
-                "a value probably contains the delimiter; enclose such values in double "
-                'quotes, e.g. "Stadt Nord; Amt 3"',
+                number, f"the row has {size} values but the header only {self.width} columns", hint
             )
             return None
         valid = True
