@@ -139,6 +139,15 @@ def read_config_file(path: Path, *, limit: int, root: Path | None = None) -> byt
             hint="check that the file exists and that invite-mailer may read it",
         ) from None
     try:
+        # A folder on the way may have been swapped for a link since the path
+        # was resolved: what counts is the file actually opened.
+        opened = _opened_path(fd)
+        if opened is not None and not opened.is_relative_to(base):
+            raise ConfigError.single(
+                path,
+                "the file changed into a link that points outside the config folder",
+                hint="copy the file into the config folder instead of linking to it",
+            )
         info = os.fstat(fd)
         for test, kind in _KINDS:
             if test(info.st_mode):
@@ -169,6 +178,14 @@ def read_config_file(path: Path, *, limit: int, root: Path | None = None) -> byt
     if len(data) > limit:
         raise _too_large(path, len(data), limit)
     return data
+
+
+def _opened_path(fd: int) -> Path | None:
+    """Where an open file really is (Linux names it under /proc); None elsewhere."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
 
 
 def _too_large(path: Path, size: int, limit: int) -> ConfigError:
