@@ -99,6 +99,23 @@ def test_markup_in_a_relay_answer_reaches_send_due_and_status_as_text(
         assert "[/] no [bold]such[/bold] user" in result.stdout
 
 
+def test_a_relay_that_drops_after_data_is_not_called_a_crash(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    smtp_server.behaviour.drop_after_data = 1
+    env = smtp_env(smtp_server.port, limits__retry_in_pass_seconds=0)
+    result = invoke("send-due", "--now", "2024-10-24T10:05", env=env)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    status = invoke("status", "--now", "2024-10-24T11:00", env=env)
+    no_traceback(status)
+    assert "Uncertain" in status.stdout, status.stdout
+    assert "crash" not in status.output
+    assert "the relay's answer never arrived" in status.stdout
+    again = invoke("send-due", "--now", "2024-10-24T11:00", env=env)
+    assert again.exit_code == 0 and "crash" not in again.output
+
+
 def test_markup_in_the_relay_refusing_the_sender_is_printed_as_text(
     project: Path, smtp_server: SmtpServer
 ) -> None:

@@ -69,6 +69,13 @@ LABEL_LEVELS = {"error:": logging.ERROR, "warning:": logging.WARNING, "failed:":
 
 log = logging.getLogger("invite_mailer.cli")
 
+# True for a relay that dropped the line after the data as for a process that
+# was killed mid-send: both leave a mail whose fate only the relay knows.
+UNCERTAIN_TITLE = (
+    "Uncertain (the relay's answer never arrived: connection lost or process stopped "
+    "while sending; sent again on the next run)"
+)
+
 
 def say(console: Console, label: str, message: str) -> None:
     """*label* styled, *message* printed exactly as it is.
@@ -336,7 +343,7 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
             err,
             "uncertain:",
             f"{delivery.kind} {delivery.event or '(series)'} to {delivery.email} was in "
-            "flight when the last run stopped; sending again",
+            "flight when the last run stopped (the relay's answer never arrived); sending again",
         )
     sent, failed = result.total(Outcome.SENT), result.total(Outcome.FAILED)
     retry = result.total(Outcome.RETRY)
@@ -350,6 +357,8 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
             "reports_sent": result.reports_sent,
             "uncertain_recovered": len(outcome.recovered),
             "sender_refused": result.sender_refused,
+            "stopped_early": outcome.stopped_by,
+            "given_back": outcome.given_back if outcome.stopped_by else 0,
             "mailings": {
                 mid: {str(k): v for k, v in r.counts.items()} for mid, r in result.mailings.items()
             },
@@ -379,8 +388,18 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
             "  hint: check [sender] address in settings.toml and that your SMTP account may "
             "send as it; nothing was marked failed, the next run tries again",
         )
+    if outcome.stopped_by is not None:
+        say(
+            err,
+            "warning:",
+            f"stopped early ({outcome.stopped_by}): {outcome.given_back} mails given back; "
+            "they go out at the next run",
+        )
     if failed or result.sender_refused is not None:
         sys.exit(EXIT_FAILED)
+    if outcome.stopped_by is not None:
+        # Nothing is wrong, but the work is not done: a passing condition, try again.
+        sys.exit(EXIT_TEMPFAIL)
 
 
 def _send_due_with_progress(config: Config, now: Any) -> app.SendDueResult:
@@ -441,7 +460,7 @@ def status(
         if result.uncertain:
             out.print(
                 report.deliveries_table(
-                    "Uncertain (in flight during a crash; sent again on the next run)",
+                    UNCERTAIN_TITLE,
                     result.uncertain,
                     config.series,
                 )
