@@ -795,6 +795,36 @@ def test_sigterm_stops_send_due_and_gives_the_waiting_mails_back(
     assert len(rows_in(project, "sent")) == 2
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_send_due_stopped_by_sigterm_says_so_and_exits_75(
+    project: Path, smtp_server: SmtpServer, as_json: bool
+) -> None:
+    series_due_now(project)
+    env = smtp_env(smtp_server.port, smtp__rate_per_minute=2, smtp__timeout=30)
+    run = start_process(["send-due", *(["--json"] if as_json else [])], env, project)
+    try:
+        wait_for(lambda: len(smtp_server.received) == 2, 30, "the first two mails")
+        wait_for(lambda: len(rows_in(project, "sending")) >= 2, 30, "mails waiting for a slot")
+        run.send_signal(signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 75, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    left = CONTACTS - 2
+    assert len(rows_in(project, "sent")) == 2
+    if as_json:
+        data = json.loads(stdout)
+        assert data["stopped_early"] == "SIGTERM" and data["given_back"] == left
+    else:
+        assert "2 sent" in stdout
+        assert (
+            f"stopped early (SIGTERM): {left} mails given back; they go out at the next run"
+            in stderr
+        ), stderr
+
+
 # -- beyond the findings: what a hostile relay says ---------------------------------------
 
 

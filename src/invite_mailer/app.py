@@ -22,7 +22,7 @@ from pathlib import Path
 from invite_mailer.compose import header_address
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
-from invite_mailer.dispatch import Dispatcher, PassResult, ProgressCallback
+from invite_mailer.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
 from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.fastcompose import WireComposer
 from invite_mailer.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
@@ -474,6 +474,15 @@ class SendDueResult:
     result: PassResult
     recovered: list[Delivery]
     destination: str
+    stopped_by: str | None = None  # the signal that ended the pass early
+
+    @property
+    def given_back(self) -> int:
+        """Mails due in this pass that neither went out nor failed: the next run sends them."""
+        result = self.result
+        due = sum(len(r.mailing.outstanding) for r in result.mailings.values())
+        done = sum(result.total(o) for o in (Outcome.SENT, Outcome.FAILED, Outcome.RETRY))
+        return max(0, due - done)
 
 
 def destination(config: Config) -> str:
@@ -517,12 +526,20 @@ async def send_due(
             # SIGTERM (systemd, docker stop, a cron timeout) ends the pass the
             # way the daemon does: waiting mails go back, in-flight ones finish.
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGTERM, dispatcher.stop.set)
+            stopped_by: list[str] = []
+
+            def on_sigterm() -> None:
+                stopped_by.append("SIGTERM")
+                dispatcher.stop.set()
+
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
             try:
                 result = await dispatcher.run_pass(now)
             finally:
                 loop.remove_signal_handler(signal.SIGTERM)
-    return SendDueResult(result, recovered, destination(config))
+    return SendDueResult(
+        result, recovered, destination(config), stopped_by[0] if stopped_by else None
+    )
 
 
 async def send_test(
