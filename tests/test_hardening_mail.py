@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from datetime import datetime
 from email import message_from_bytes, policy
@@ -1043,3 +1045,107 @@ def test_ordinary_and_linked_materials_inside_the_folder_still_work(tree: Path) 
     )
     attached = {p.get_filename(): p.get_payload(decode=True) for p in message.iter_attachments()}
     assert attached == {"folien.pdf": b"%PDF-1.4 folien\n", "protokoll.pdf": b"%PDF-1.4 echt\n"}
+
+
+# --- templates that would take the machine: bounded before the work is done ----------------
+
+CHILD_MEMORY = 1024 * 1024 * 1024
+
+
+def validate_in_child(config: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``invite-mailer validate`` as its own process, its memory capped at 1 GB."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVITE_MAILER_")}
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("invite-mailer")),
+                "validate",
+                "--config",
+                "config",
+            ],
+            cwd=config.parent,
+            env=env,
+            preexec_fn=cap,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("validate did not end within 60 seconds")
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(
+            "{% set ns = namespace(x=10) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+            "{% endfor %}{{ ns.x > 5 }}",
+            id="squaring",
+        ),
+        pytest.param(
+            "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x * 7 %}"
+            "{% endfor %}{{ ns.x > 5 }}",
+            id="squaring-times",
+        ),
+        pytest.param(
+            '{{ range(5000)|map("string")|map("center", 2000000)|list|length }}', id="map-center"
+        ),
+        pytest.param('{{ "{x:>{w}}".format_map({"x": 1, "w": 3000000000}) }}', id="format-map"),
+        pytest.param('{{ "{x:.{w}f}".format_map({"x": 1, "w": 3000000000}) }}', id="format-prec"),
+        pytest.param(
+            '{{ range(100000)|map("string")|join("x" * 30000)|length }}', id="join-generator"
+        ),
+        pytest.param(
+            '{{ ("\\n" * 50000) | indent("y" * 50000, true, true) | length }}', id="indent-lines"
+        ),
+        pytest.param(
+            '{{ range(5000)|map("string")|map("indent", "y" * 1000000, true)|list|length }}',
+            id="map-indent",
+        ),
+        pytest.param('{{ ("a " * 500000)|wordwrap(1, true, "y" * 100000)|length }}', id="wordwrap"),
+        pytest.param("{{ ([[0] * 1000000] * 2000)|sum(start=[])|length }}", id="sum-lists"),
+        pytest.param('{{ ("a.de " * 400000)|urlize(target="x" * 100000)|length }}', id="urlize"),
+        pytest.param(
+            '{{ range(5000)|map("string")|map("replace", "", "y" * 1000000)|list|length }}',
+            id="map-replace",
+        ),
+        pytest.param('{{ "%*s"|format(3000000000, "x") }}', id="format-star"),
+    ],
+)
+def test_bombs_end_in_a_template_error_within_a_memory_cap(tree: Path, payload: str) -> None:
+    line = put_line(tree, "invitation.txt.j2", payload)
+    result, took = validate_in_child(tree)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "invitation.txt.j2" in out and f"line {line}" in out, out
+    assert "too large" in out, out
+    assert "Traceback" not in out and "MemoryError" not in out, out
+    assert took < 30, took
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "{{ (10 ** 900) * (10 ** 900) > 5 }}",
+        '{{ "ab"|center(30) }}|{{ ("a\\nb")|indent(4, true) }}|{{ [1, 2, 3]|join(", ") }}',
+        '{{ "{x:>{w}}".format_map({"x": 1, "w": 8}) }}|{{ "%5s"|format("x") }}',
+        '{{ range(3)|map("string")|join("-") }}|{{ [[1], [2]]|sum(start=[]) }}',
+        '{{ "eins zwei drei"|wordwrap(5) }}|{{ "https://example.org"|urlize }}',
+        '{{ "abc"|replace("b", "xx") }}|{{ "lang"|truncate(9) }}|{{ 12345|filesizeformat }}',
+        "{{ [1, 2, 3, 4]|batch(2)|list }}|{{ [1, 2, 3, 4]|slice(2)|list }}|{{ 2 ** 10 }}",
+    ],
+)
+def test_bounded_filters_and_numbers_still_work(tree: Path, payload: str) -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from invite_mailer.compose import _environment
+
+    expected = ImmutableSandboxedEnvironment().from_string(payload).render()
+    assert _environment(templates_of(tree)).from_string(payload).render() == expected

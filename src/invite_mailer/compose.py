@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import itertools
 import math
 import mimetypes
@@ -78,6 +79,7 @@ import textwrap
 import threading
 import time
 import traceback
+import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -101,12 +103,16 @@ from typing import Any, cast
 import css_inline
 import jinja2
 from email_validator import EmailNotValidError, validate_email
-from jinja2 import nodes
+from jinja2 import filters, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
 from jinja2.loaders import split_template_path
 from jinja2.runtime import Context, LoopContext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import (
+    ImmutableSandboxedEnvironment,
+    SandboxedEscapeFormatter,
+    SandboxedFormatter,
+)
 from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup, escape
 
@@ -393,9 +399,33 @@ class TemplateLimitError(SecurityError):
     """A template went beyond the output size or time it may take."""
 
 
+#: The most characters the filters and operators of one render may build in
+#: all; each value is bounded on its own, this bounds many values together
+#: (a filter applied to every item of a long list).
+MAX_BUILT_CHARS = 16 * MAX_RENDER_CHARS
+
+
 class _Budget(threading.local):
     deadline: float = math.inf
     ticks: int = 0
+    built: int = 0
+
+
+_BUDGET = _Budget()
+
+
+def _reserve(size: int) -> None:
+    """Count a value of *size* characters against the render, before it is built."""
+    if size > MAX_RENDER_CHARS:
+        raise TemplateLimitError(_too_long(size))
+    if _BUDGET.deadline == math.inf:
+        return  # not inside a render (a sample rendered by a test): no total to keep
+    _BUDGET.built += size
+    if _BUDGET.built > MAX_BUILT_CHARS:
+        raise TemplateLimitError(
+            f"the template builds texts of more than {MAX_BUILT_CHARS // 1024 // 1024} "
+            "million characters in all (a filter applied to many items?)"
+        )
 
 
 class _BoundedCodeGenerator(CodeGenerator):
@@ -414,31 +444,27 @@ class _BoundedCodeGenerator(CodeGenerator):
 
 class _Sandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _BoundedCodeGenerator
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._budget = _Budget()
+    intercepted_binops = frozenset({"*", "**", "+", "-", "%", "<<"})
 
     @contextmanager
     def budget(self, seconds: float) -> Iterator[None]:
-        """Bound the rendering done inside the block to *seconds*."""
-        budget = self._budget
-        saved = budget.deadline
-        budget.deadline = time.monotonic() + seconds
+        """Bound the rendering done inside the block to *seconds* (and what it builds)."""
+        budget = _BUDGET
+        saved = budget.deadline, budget.built
+        budget.deadline, budget.built = time.monotonic() + seconds, 0
         try:
             yield
         finally:
-            budget.deadline = saved
+            budget.deadline, budget.built = saved
 
     def tick(self) -> None:
-        budget = self._budget
+        budget = _BUDGET
         budget.ticks += 1
         if budget.ticks % 256 == 0:
             self.check_time()
 
     def check_time(self) -> None:
-        if time.monotonic() > self._budget.deadline:
+        if time.monotonic() > _BUDGET.deadline:
             raise TemplateLimitError(
                 f"rendering took longer than {MAX_RENDER_SECONDS:g} seconds (a loop that "
                 "runs too often?)"
@@ -450,12 +476,19 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return value
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
+        # Everything is checked before Python computes it: one multiplication
+        # of huge numbers runs in C, holding the interpreter, so no time
+        # check could stop it.
+        if isinstance(left, int) and isinstance(right, int):
+            _check_int(operator, left, right)
+        elif operator == "*":
             _check_repeat(left, right)
             _check_repeat(right, left)
-        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
-            if right > 0 and abs(left) > 1 and abs(left).bit_length() * right > _MAX_INT_BITS:
-                raise TemplateLimitError(f"{left} ** {right} is too large a number")
+        elif operator == "+" and isinstance(left, str | bytes | list | tuple):
+            if isinstance(right, str | bytes | list | tuple):
+                size = _weight(left) + _weight(right)
+                if size > MAX_RENDER_CHARS:
+                    raise TemplateLimitError(_too_long(size))
         elif operator == "%" and isinstance(left, str):
             _check_format(left)
             if "*" in left:  # "%*s": the width is an argument
@@ -480,21 +513,61 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
-        wrapper = super().wrap_str_format(value)
-        if wrapper is None:
+        """``str.format`` and ``format_map`` with every field's width and
+        precision bounded (also "{x:{w}}", whose width is a value) and the
+        text they write bounded, before it is built."""
+        if not isinstance(value, types.MethodType | types.BuiltinMethodType) or (
+            value.__name__ not in ("format", "format_map")
+        ):
             return None
-        _check_format(value.__self__)
-        if not _NESTED_WIDTH.search(value.__self__):
-            return wrapper
-        unchecked = wrapper
+        text = value.__self__
+        if not isinstance(text, str):
+            return None
+        _check_format(text)
+        is_map = value.__name__ == "format_map"
+        make: Callable[[], _BoundedFormatter] = (
+            functools.partial(_BoundedEscapeFormatter, self, escape=text.escape)
+            if isinstance(text, Markup)
+            else functools.partial(_BoundedFormatter, self)
+        )
 
-        def checked(*args: Any, **kwargs: Any) -> str:
-            # "{0:{1}}": the width is an argument.
-            _check_numbers(args, kwargs)
-            result: str = unchecked(*args, **kwargs)
-            return result
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument")
+                return type(text)(make().vformat(text, (), args[0]))
+            return type(text)(make().vformat(text, args, kwargs))
 
-        return checked
+        return functools.update_wrapper(wrapper, value)
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    """Jinja's sandboxed formatter, refusing huge fields and a huge result.
+
+    ``format_field`` sees the format spec after nested fields are filled in,
+    so "{x:>{w}}" is checked with the width it really gets.
+    """
+
+    def __init__(self, env: jinja2.Environment, **kwargs: Any) -> None:
+        super().__init__(env, **kwargs)
+        self._written = 0
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        for number in _DIGITS.findall(format_spec):
+            if len(number) > 7 or int(number) > MAX_RENDER_CHARS:
+                raise TemplateLimitError(f"a field width of {number} in a format is too large")
+        result = super().format_field(value, format_spec)
+        self._written += len(result)
+        if self._written > MAX_RENDER_CHARS:
+            raise TemplateLimitError(_too_long(self._written))
+        return result
+
+
+class _BoundedEscapeFormatter(_BoundedFormatter, SandboxedEscapeFormatter):
+    pass
+
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _too_long(length: int) -> str:
@@ -503,13 +576,35 @@ def _too_long(length: int) -> str:
     ).replace(",", ".")
 
 
+def _weight(value: str | bytes | list[Any] | tuple[Any, ...]) -> int:
+    """The characters *value* stands for: a list of long texts weighs their lengths."""
+    if isinstance(value, str | bytes):
+        return len(value)
+    return sum(len(v) if isinstance(v, str | bytes | list | tuple) else 1 for v in value)
+
+
 def _check_repeat(sequence: Any, count: Any) -> None:
-    if (
-        isinstance(sequence, str | bytes | list | tuple)
-        and isinstance(count, int)
-        and len(sequence) * count > MAX_RENDER_CHARS
-    ):
-        raise TemplateLimitError(_too_long(len(sequence) * count))
+    if isinstance(sequence, str | bytes | list | tuple) and isinstance(count, int):
+        _reserve(_weight(sequence) * max(0, count))
+
+
+def _check_int(operator: str, left: int, right: int) -> None:
+    """Refuse an integer result of more than ``_MAX_INT_BITS`` bits before it is computed."""
+    a, b = abs(left).bit_length(), abs(right).bit_length()
+    bits = 0
+    if operator == "*":
+        bits = a + b
+    elif operator == "**" and right > 0 and abs(left) > 1:
+        bits = (a - 1) * right
+    elif operator == "<<" and right > 0:
+        bits = a + right
+    elif operator in ("+", "-"):
+        bits = max(a, b) + 1
+    if bits > _MAX_INT_BITS:
+        raise TemplateLimitError(
+            f"the result of {operator} would be a number of more than "
+            f"{_MAX_INT_BITS:,} binary digits, which is too large".replace(",", ".")
+        )
 
 
 # A width or precision of six digits or more in a %- or {}-format.
@@ -560,31 +655,180 @@ def _check_call(name: str, text: str, args: tuple[Any, ...], kwargs: Mapping[str
         raise TemplateLimitError(f"{name}() with {max(numbers):,} items is too large")
 
 
-# The built-in filters whose result can be far larger than their input.
-_GROWING_FILTERS = ("center", "indent", "format", "replace", "join", "batch", "slice")
+# --- bounded filters --------------------------------------------------------------
+#
+# Every filter is wrapped, so it is bounded however it is called: directly, or
+# through map(), select() and the like, which bypass the sandbox's call().
+# Filters whose result can be far larger than their arguments have a check
+# that estimates the result from the arguments before it is built; for all
+# others the result (at most a small multiple of the input) is counted.
 
 
-def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
-    """A filter that refuses arguments it would turn into a huge text."""
+def _center_size(a: dict[str, Any]) -> int:
+    return max(len(str(a["value"])), a["width"] if isinstance(a["width"], int) else 0)
+
+
+def _indent_size(a: dict[str, Any]) -> int:
+    text, width = str(a["s"]), a["width"]
+    width = len(width) if isinstance(width, str) else max(0, width)
+    return len(text) + (len(text.splitlines()) + 1) * width
+
+
+def _replace_size(a: dict[str, Any]) -> int:
+    text, old, new, count = str(a["s"]), a["old"], a["new"], a["count"]
+    if not isinstance(old, str) or not isinstance(new, str):
+        return len(text)
+    times = text.count(old) if old else len(text) + 1
+    if isinstance(count, int) and count >= 0:
+        times = min(times, count)
+    return len(text) + max(0, times * (len(new) - len(old)))
+
+
+def _wordwrap_size(a: dict[str, Any]) -> int:
+    text = str(a["s"])
+    separator = a["wrapstring"] or a["environment"].newline_sequence
+    width = a["width"] if isinstance(a["width"], int) else 1
+    lines = len(text.split()) + len(text) // max(1, width) + text.count("\n") + 1
+    return len(text) + lines * len(str(separator))
+
+
+def _truncate_size(a: dict[str, Any]) -> int:
+    length = a["length"] if isinstance(a["length"], int) else 0
+    return min(len(str(a["s"])), max(0, length)) + len(str(a["end"]))
+
+
+def _urlize_size(a: dict[str, Any]) -> int:
+    text = str(a["value"])
+    policies = a["eval_ctx"].environment.policies
+    extra = sum(
+        len(str(value or ""))
+        for value in (
+            a["target"],
+            a["rel"],
+            policies.get("urlize.target"),
+            policies.get("urlize.rel"),
+        )
+    )
+    # Each word may become <a href="word" rel=".." target="..">word</a>.
+    return 2 * len(text) + len(text.split()) * (extra + 64)
+
+
+def _format_size(a: dict[str, Any]) -> int:
+    text, args, kwargs = str(a["value"]), a["args"], a["kwargs"]
+    _check_format(text)
+    if "*" in text:  # "%*s": the width is an argument
+        _check_numbers(args, {})
+    values = [len(v) for v in (*args, *kwargs.values()) if isinstance(v, str)]
+    if kwargs:  # "%(a)s%(a)s": a name may be used again and again
+        return len(text) + text.count("%") * max(values, default=0)
+    return len(text) + sum(values)
+
+
+def _filled_size(count_name: str) -> Callable[[dict[str, Any]], int]:
+    def size(a: dict[str, Any]) -> int:
+        count, fill = a[count_name], a["fill_with"]
+        if not isinstance(count, int):
+            return 0
+        if count > MAX_RENDER_CHARS:
+            raise TemplateLimitError(f"a {count_name} of {count:,} items is too large")
+        weight = _weight(fill) if isinstance(fill, str | bytes | list | tuple) else 1
+        return max(0, count) * weight
+
+    return size
+
+
+def _join_size(a: dict[str, Any]) -> int:
+    """Materialises the items one by one (they may come from a generator that
+    builds each), counting their lengths and the separators as it goes."""
+    items: Iterable[Any] = a["value"]
+    if a["attribute"] is not None:
+        items = map(filters.make_attrgetter(a["eval_ctx"].environment, a["attribute"]), items)
+        a["attribute"] = None
+    separator = len(str(a["d"]))
+    kept: list[Any] = []
+    total = 0
+    for item in items:
+        if not isinstance(item, str) and not hasattr(item, "__html__"):
+            item = str(item)
+        total += len(item) + (separator if kept else 0)
+        if total > MAX_RENDER_CHARS:
+            raise TemplateLimitError(f"join() would write more than {_chars(MAX_RENDER_CHARS)}")
+        kept.append(item)
+    a["value"] = kept
+    return total
+
+
+def _sum_size(a: dict[str, Any]) -> int:
+    items: Iterable[Any] = a["iterable"]
+    if a["attribute"] is not None:
+        items = map(filters.make_attrgetter(a["environment"], a["attribute"]), items)
+        a["attribute"] = None
+    kept = list(items)
+    a["iterable"] = kept
+    parts = [a["start"], *kept]
+    if all(isinstance(p, int) for p in parts):
+        return 0
+    return sum(_weight(p) if isinstance(p, str | bytes | list | tuple) else 1 for p in parts)
+
+
+def _heading_size(a: dict[str, Any]) -> int:
+    return len(str(a["text"])) * (1 + len(str(a["mark"])))
+
+
+def _wrap_size(a: dict[str, Any]) -> int:
+    text = str(a["text"])
+    return len(text) + (len(text.split()) + 1) * (len(str(a["indent"])) + 1)
+
+
+# The filters whose result can be far larger than their arguments: the plain
+# (not async) function and how large its result can be.
+_GROWING: dict[str, tuple[Callable[..., Any], Callable[[dict[str, Any]], int]]] = {
+    "center": (filters.do_center, _center_size),
+    "indent": (filters.do_indent, _indent_size),
+    "replace": (filters.do_replace, _replace_size),
+    "wordwrap": (filters.do_wordwrap, _wordwrap_size),
+    "truncate": (filters.do_truncate, _truncate_size),
+    "urlize": (filters.do_urlize, _urlize_size),
+    "format": (filters.do_format, _format_size),
+    "batch": (filters.do_batch, _filled_size("linecount")),
+    "slice": (filters.sync_do_slice, _filled_size("slices")),
+    "join": (filters.sync_do_join, _join_size),
+    "sum": (filters.sync_do_sum, _sum_size),
+}
+# The same for this module's own filters (registered by name, defined below).
+_GROWING_HELPERS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "heading": _heading_size,
+    "wrap": _wrap_size,
+}
+# Texts longer than this skip the caches of the text helpers.
+_CACHED_CHARS = 64 * 1024
+
+
+def _bounded_filter(func: Callable[..., Any], size: Callable[[dict[str, Any]], int] | None) -> Any:
+    """*func*, with its result estimated by *size* before it runs and counted after."""
+    signature = inspect.signature(func) if size is not None else None
+    uncached = getattr(func, "__wrapped__", func) if hasattr(func, "cache_info") else func
 
     @functools.wraps(func)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        values = [a for a in args if isinstance(a, str)]
-        if name in {"batch", "slice"}:
-            _check_call(name, "", args[1:], kwargs)
-        elif values:
-            _check_call(name, values[0], args[args.index(values[0]) + 1 :], kwargs)
-        if name == "join":
-            joined = [a for a in args if isinstance(a, list | tuple | range)]
-            separator = next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, str)), "")
-            if joined and len(separator) * len(joined[0]) > MAX_RENDER_CHARS:
-                raise TemplateLimitError(_too_long(len(separator) * len(joined[0])))
-        result = func(*args, **kwargs)
-        if isinstance(result, str) and len(result) > MAX_RENDER_CHARS:
-            raise TemplateLimitError(_too_long(len(result)))
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        call = func
+        if signature is not None and size is not None:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            _reserve(size(bound.arguments))
+            args, kwargs = bound.args, bound.kwargs
+        if any(isinstance(a, str) and len(a) > _CACHED_CHARS for a in args):
+            call = uncached
+        result = call(*args, **kwargs)
+        if isinstance(result, str | bytes | list | tuple):
+            _reserve(len(result))
         return result
 
-    return guarded
+    return bounded
+
+
+def _chars(count: int) -> str:
+    return f"{count:,} characters".replace(",", ".")
 
 
 class _UnreadableTemplate(jinja2.TemplateNotFound):
@@ -1318,8 +1562,9 @@ def _environment(templates_dir: Path) -> _Sandbox:
     env.filters["typeset"] = typeset
     env.filters["zahlwort"] = german.number_word
     env.globals["lipsum"] = _bounded_lipsum
-    for name in _GROWING_FILTERS:
-        env.filters[name] = _guarded(name, env.filters[name])
+    for name, func in list(env.filters.items()):
+        plain, size = _GROWING.get(name, (func, _GROWING_HELPERS.get(name)))
+        env.filters[name] = _bounded_filter(plain, size)
     return env
 
 
