@@ -568,6 +568,14 @@ def to_addresses(data: bytes) -> tuple[list[tuple[str, str]], list[Address]]:
     return getaddresses([value]), list(parsed["To"].addresses)
 
 
+def compat_addresses(data: bytes, name: str) -> list[str]:
+    """The addresses of header *name* the way Python's documentation reads them:
+    the default (compat32) parser, then getaddresses(get_all(...))."""
+    values = message_from_bytes(data).get_all(name)
+    assert values is not None and len(values) == 1, values
+    return [spec for _, spec in getaddresses(values)]
+
+
 def _unfolded(head: str, name: str) -> str:
     lines = head.split("\r\n")
     for number, line in enumerate(lines):
@@ -605,6 +613,7 @@ def test_to_header_parses_back_to_one_address(tree: Path, ascii_only: bool) -> N
         found, parsed = to_addresses(data)
         assert [spec for _, spec in found] == ["max@example.org"], (length, found)
         assert [a.addr_spec for a in parsed] == ["max@example.org"], (length, parsed)
+        assert compat_addresses(data, "To") == ["max@example.org"], length
         if ascii_only and "=?" not in shown:
             assert found[0][0] == shown, length
         assert parsed[0].display_name.replace(" ", "") == shown.replace(" ", ""), length
@@ -980,6 +989,7 @@ def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
     found, parsed = to_addresses(data)
     assert [spec for _, spec in found] == ["max@example.org"]
     assert [a.addr_spec for a in parsed] == ["max@example.org"]
+    assert compat_addresses(data, "To") == ["max@example.org"]
     assert parsed[0].display_name.replace(" ", "") == "X," + "a" * length
 
 
@@ -1149,3 +1159,60 @@ def test_bounded_filters_and_numbers_still_work(tree: Path, payload: str) -> Non
 
     expected = ImmutableSandboxedEnvironment().from_string(payload).render()
     assert _environment(templates_of(tree)).from_string(payload).render() == expected
+
+
+# --- a quoted name is never folded inside its quotes -----------------------------------
+
+SPECIALS = '",<>()@;:\\'
+
+
+def special_names(length: int) -> list[str]:
+    """Names of *length* characters full of specials, with and without spaces."""
+    dense = ("a" + " ".join(SPECIALS) + " b") * (length // 10 + 1)
+    words = ("Wort" + SPECIALS + " x@evil.example, ") * (length // 20 + 1)
+    tail = "a " + "b" * max(0, length - 20) + '">,c@evil.example'
+    return [dense[:length].strip() or "a", words[:length].strip() or "a", tail[-length:]]
+
+
+def test_from_to_and_reply_to_with_specials_parse_back_to_one_address() -> None:
+    from email.message import EmailMessage
+
+    from invite_mailer.compose import POLICY
+
+    for length in range(1, 301):
+        for name in special_names(length):
+            message = EmailMessage(policy=POLICY)
+            for header in ("From", "To", "Reply-To"):
+                message[header] = Address(display_name=name, addr_spec="h14@example.org")
+            data = message.as_bytes(policy=policy.SMTP) + b"\r\n"
+            assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+            parsed = message_from_bytes(data, policy=policy.default)
+            for header in ("From", "To", "Reply-To"):
+                assert compat_addresses(data, header) == ["h14@example.org"], (header, name)
+                (address,) = parsed[header].addresses
+                assert address.addr_spec == "h14@example.org", (header, name)
+                assert address.display_name == name, (header, name)
+
+
+def test_a_contact_row_that_would_smuggle_addresses(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loader refuses < and > in names; a comma is ordinary.
+    monkeypatch.chdir(tree.parent)
+    row = "h14@example.org;;;a;" + "b" * 150 + ",c@evil.example;Org;alle"
+    with (tree / "contacts.csv").open("a", encoding="utf-8") as file:
+        file.write(row + "\n")
+    result = CliRunner().invoke(
+        cli, ["send-due", "--config", "config", "--now", "2024-10-24T10:05"]
+    )
+    assert result.exit_code == 0, result.output
+    found = []
+    for path in (tree.parent / "outbox").rglob("*.eml"):
+        data = path.read_bytes()
+        if b"h14@example.org" in data:
+            found.append(data)
+    (data,) = found
+    assert compat_addresses(data, "To") == ["h14@example.org"]
+    (address,) = message_from_bytes(data, policy=policy.default)["To"].addresses
+    assert address.addr_spec == "h14@example.org"
+    assert address.display_name == "a " + "b" * 150 + ",c@evil.example"

@@ -257,10 +257,13 @@ class _AddressHeader(UniqueAddressHeader):
 
     The standard library (3.11) drops the quotes of a quoted display name when
     it folds a long header: ``"Schmidt, victim@evil.example, ..." <a@b>``
-    comes out with the comma bare, so readers see another address. It also
-    cannot write a non-ASCII local part at all. Its folding is kept wherever
-    it is right (almost always: the header fits on one line); otherwise the
-    header is folded here, between the words of the quoted name.
+    comes out with the comma bare, so readers see another address; or it
+    folds inside the quotes, which RFC 5322 allows but readers that keep the
+    line break (Python's default compat32 parser, ``getaddresses`` on
+    ``get_all()``) end the quoted string at, so the rest of the name is read
+    as addresses. It also cannot write a non-ASCII local part at all. Its
+    folding is kept wherever it is right (almost always: the header fits on
+    one line); otherwise the header is folded here, never inside quotes.
     """
 
     def fold(self, *, policy: Any) -> str:
@@ -269,7 +272,7 @@ class _AddressHeader(UniqueAddressHeader):
         # "=?" in a name would be read as an encoded word by lenient readers.
         if all(spec.isascii() and "=?" not in name for name, spec in wanted):
             folded: str = super().fold(policy=policy)  # type: ignore[misc]
-            if _reads_back(folded, linesep, wanted):
+            if _reads_back(folded, linesep, wanted) and not _breaks_a_quote(folded):
                 return folded
         # A mixin of BaseHeader (the registry combines them), which has the name.
         return _fold_addresses(cast(BaseHeader, self).name, wanted, linesep)
@@ -311,22 +314,40 @@ def _reads_back(folded: str, linesep: str, wanted: list[tuple[str, str]]) -> boo
     )
 
 
+def _breaks_a_quote(folded: str) -> bool:
+    """Whether a line break of *folded* lies inside a quoted string."""
+    inside = escaped = False
+    for char in folded:
+        if escaped:
+            escaped = False
+        elif inside and char == "\\":
+            escaped = True
+        elif char == '"':
+            inside = not inside
+        elif inside and char in "\r\n":
+            return True
+    return False
+
+
 def _fold_addresses(header: str, addresses: list[tuple[str, str]], linesep: str) -> str:
     """``header: name <spec>, ...`` folded so that every name stays whole.
 
-    ASCII names are written as quoted strings (folded at their spaces if
-    long, which RFC 5322 allows), other names as RFC 2047 encoded words. A
-    non-ASCII local part has no ASCII form: it is written as raw UTF-8 (RFC
-    6532); such a mail can only go through a relay that offers SMTPUTF8,
-    which the transport checks.
+    ASCII names of plain words are folded at their spaces; ASCII names with
+    specials are written as one quoted string, never folded inside (a line
+    of its own holds it: lines may have up to 998 octets); longer names and
+    other names as RFC 2047 encoded words, which contain no specials and may
+    be split between words. A non-ASCII local part has no ASCII form: it is
+    written as raw UTF-8 (RFC 6532); such a mail can only go through a relay
+    that offers SMTPUTF8, which the transport checks.
     """
     tokens: list[str] = []
     for number, (name, spec) in enumerate(addresses):
         comma = "" if number == len(addresses) - 1 else ","
-        words = _quoted(name).split(" ") if name.isascii() and "=?" not in name else []
+        phrase = _quoted(name) if name.isascii() and "=?" not in name else ""
+        words = [phrase] if phrase.startswith('"') else phrase.split(" ")
         # A long word makes a long line (fine up to 998 octets); beyond that
         # only encoded words can be split.
-        if name and words and max(map(len, words)) < 900:
+        if name and phrase and max(map(len, words)) < 900:
             tokens += words
         elif name:
             prefix = len(header) + 2 if not tokens else 1
