@@ -1127,6 +1127,13 @@ def validate_in_child(config: Path) -> tuple[subprocess.CompletedProcess[str], f
             id="map-replace",
         ),
         pytest.param('{{ "%*s"|format(3000000000, "x") }}', id="format-star"),
+        pytest.param(
+            '{{ ("%(a)s" * 100000) % {"a": "x" * 2000000} }}', id="percent-mapping-repeated"
+        ),
+        pytest.param('{{ ("{0}" * 100000).format("x" * 2000000) }}', id="format-repeated"),
+        pytest.param('{{ [("x" * 2000000)] * 2000000 }}', id="list-of-long-texts"),
+        pytest.param('{{ [1]|batch(100000, "x" * 1000000)|list }}', id="batch-fill"),
+        pytest.param('{{ ("x" * 1000)|heading("y" * 1000000) }}', id="heading-mark"),
     ],
 )
 def test_bombs_end_in_a_template_error_within_a_memory_cap(tree: Path, payload: str) -> None:

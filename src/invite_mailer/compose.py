@@ -511,9 +511,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 if size > MAX_RENDER_CHARS:
                     raise TemplateLimitError(_too_long(size))
         elif operator == "%" and isinstance(left, str):
-            _check_format(left)
-            if "*" in left:  # "%*s": the width is an argument
-                _check_numbers(right if isinstance(right, tuple) else (right,), {})
+            _reserve(_percent_size(left, right))
         return self.bounded(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
@@ -735,14 +733,19 @@ def _urlize_size(a: dict[str, Any]) -> int:
 
 
 def _format_size(a: dict[str, Any]) -> int:
-    text, args, kwargs = str(a["value"]), a["args"], a["kwargs"]
+    return _percent_size(str(a["value"]), a["kwargs"] or a["args"])
+
+
+def _percent_size(text: str, values: Any) -> int:
+    """About the length of ``text % values``, and huge widths refused."""
     _check_format(text)
+    items = tuple(values) if isinstance(values, tuple) else (values,)
     if "*" in text:  # "%*s": the width is an argument
-        _check_numbers(args, {})
-    values = [len(v) for v in (*args, *kwargs.values()) if isinstance(v, str)]
-    if kwargs:  # "%(a)s%(a)s": a name may be used again and again
-        return len(text) + text.count("%") * max(values, default=0)
-    return len(text) + sum(values)
+        _check_numbers(items, {})
+    if isinstance(values, Mapping):  # "%(a)s%(a)s": a name may be used again and again
+        lengths = [len(v) for v in values.values() if isinstance(v, str)]
+        return len(text) + text.count("%") * max(lengths, default=0)
+    return len(text) + sum(len(v) for v in items if isinstance(v, str))
 
 
 def _filled_size(count_name: str) -> Callable[[dict[str, Any]], int]:
