@@ -690,7 +690,11 @@ def _center_size(a: dict[str, Any]) -> int:
 def _indent_size(a: dict[str, Any]) -> int:
     text, width = str(a["s"]), a["width"]
     width = len(width) if isinstance(width, str) else max(0, width)
-    return len(text) + (len(text.splitlines()) + 1) * width
+    return len(text) + (sum(map(text.count, _LINE_BREAKS)) + 1) * width
+
+
+# What str.splitlines() breaks at.
+_LINE_BREAKS = ("\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
 
 
 def _replace_size(a: dict[str, Any]) -> int:
@@ -800,8 +804,10 @@ def _heading_size(a: dict[str, Any]) -> int:
 
 
 def _wrap_size(a: dict[str, Any]) -> int:
+    # A line break takes the place of a blank; each line (at most one per
+    # word, a word and its blank take two characters) gets the indent.
     text = str(a["text"])
-    return len(text) + (len(text.split()) + 1) * (len(str(a["indent"])) + 1)
+    return len(text) + (len(text) // 2 + 2) * len(str(a["indent"]))
 
 
 # The filters whose result can be far larger than their arguments: the plain
@@ -832,16 +838,34 @@ def _bounded_filter(func: Callable[..., Any], size: Callable[[dict[str, Any]], i
     """*func*, with its result estimated by *size* before it runs and counted after."""
     signature = inspect.signature(func) if size is not None else None
     uncached = getattr(func, "__wrapped__", func) if hasattr(func, "cache_info") else func
+    # Binding arguments the quick way where the signature allows (these
+    # filters run for every recipient): names and defaults, no *args.
+    names: list[str] = []
+    defaults: dict[str, Any] = {}
+    if signature is not None and all(
+        p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()
+    ):
+        names = list(signature.parameters)
+        defaults = {
+            n: p.default for n, p in signature.parameters.items() if p.default is not p.empty
+        }
 
     @functools.wraps(func)
     def bounded(*args: Any, **kwargs: Any) -> Any:
         call = func
-        if signature is not None and size is not None:
+        arguments: dict[str, Any] = {}
+        if names and len(args) <= len(names) and kwargs.keys() <= set(names[len(args) :]):
+            arguments = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+        if names and size is not None and len(arguments) == len(names):
+            _reserve(size(arguments))
+            args, kwargs = (), arguments
+        elif signature is not None and size is not None:
+            # Also where the arguments do not fit: bind() says what is wrong.
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             _reserve(size(bound.arguments))
             args, kwargs = bound.args, bound.kwargs
-        if any(isinstance(a, str) and len(a) > _CACHED_CHARS for a in args):
+        if any(isinstance(a, str) and len(a) > _CACHED_CHARS for a in (*args, *kwargs.values())):
             call = uncached
         result = call(*args, **kwargs)
         if isinstance(result, str | bytes | list | tuple):
