@@ -1223,3 +1223,56 @@ def test_a_contact_row_that_would_smuggle_addresses(
     (address,) = message_from_bytes(data, policy=policy.default)["To"].addresses
     assert address.addr_spec == "h14@example.org"
     assert address.display_name == "a " + "b" * 150 + ",c@evil.example"
+
+
+def test_the_daemon_stays_responsive_when_a_template_squares_a_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edit is rejected in time; the endpoint answers and SIGTERM stops the daemon."""
+    import signal
+
+    import httpx
+
+    from deliverykit import copy_project, free_port, start_process, wait_for
+
+    copy_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    env = {
+        "INVITE_MAILER_UNSUBSCRIBE__SERVE": "true",
+        "INVITE_MAILER_UNSUBSCRIBE__SECRET": "s" * 32,
+        "INVITE_MAILER_UNSUBSCRIBE__BIND_PORT": str(port),
+    }
+    daemon = start_process(["run"], env, tmp_path, stderr=log)
+    try:
+        wait_for(lambda: "scheduled" in log.read_text(encoding="utf-8"), 20, "the start")
+        offset = len(log.read_text(encoding="utf-8"))
+        template = templates_of(tmp_path / "config") / "invitation.txt.j2"
+        payload = (
+            "{% set ns = namespace(x=10) %}{% for i in range(40) %}"
+            "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x > 5 }}\n"
+        )
+        template.write_text(payload + template.read_text(encoding="utf-8"), encoding="utf-8")
+        started = time.monotonic()
+        slowest = 0.0
+        while "keeps running" not in log.read_text(encoding="utf-8")[offset:]:
+            assert daemon.poll() is None, log.read_text(encoding="utf-8")
+            assert time.monotonic() - started < 30, log.read_text(encoding="utf-8")[offset:]
+            asked = time.monotonic()
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            except httpx.TransportError as exc:
+                pytest.fail(f"the endpoint did not answer: {exc!r}")
+            slowest = max(slowest, time.monotonic() - asked)
+        rejected = log.read_text(encoding="utf-8")[offset:]
+        assert "invitation.txt.j2" in rejected and "too large" in rejected, rejected
+        assert slowest < 2, slowest
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=15) == 0, log.read_text(encoding="utf-8")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        if daemon.stdout is not None:
+            daemon.stdout.close()
