@@ -1253,12 +1253,16 @@ def test_the_daemon_stays_responsive_when_a_template_squares_a_number(
             "{% set ns = namespace(x=10) %}{% for i in range(40) %}"
             "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x > 5 }}\n"
         )
-        template.write_text(payload + template.read_text(encoding="utf-8"), encoding="utf-8")
-        started = time.monotonic()
+        edited = payload + template.read_text(encoding="utf-8")
+        started = written = time.monotonic()
+        template.write_text(edited, encoding="utf-8")
         slowest = 0.0
         while "keeps running" not in log.read_text(encoding="utf-8")[offset:]:
             assert daemon.poll() is None, log.read_text(encoding="utf-8")
             assert time.monotonic() - started < 30, log.read_text(encoding="utf-8")[offset:]
+            if time.monotonic() - written > 3:  # the first write may beat the watch
+                written = time.monotonic()
+                template.write_text(edited, encoding="utf-8")
             asked = time.monotonic()
             try:
                 httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
