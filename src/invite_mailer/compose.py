@@ -655,7 +655,8 @@ def _check_format(text: str) -> None:
 
 
 def _check_call(name: str, text: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-    """Refuse string methods and filters whose result would be huge, before they run."""
+    """Refuse string methods whose result would be huge, before they run (filters
+    have their own checks, see _GROWING)."""
     numbers = [a for a in (*args, *kwargs.values()) if isinstance(a, int)]
     if name in {"center", "ljust", "rjust", "zfill", "indent", "expandtabs"} and any(
         n > MAX_RENDER_CHARS // max(1, text.count("\n") + (name == "expandtabs") * len(text))
@@ -668,10 +669,6 @@ def _check_call(name: str, text: str, args: tuple[Any, ...], kwargs: Mapping[str
         grows = (len(new) - len(old)) * (text.count(old) if old else len(text) + 1)
         if len(text) + grows > MAX_RENDER_CHARS:
             raise TemplateLimitError(_too_long(len(text) + grows))
-    if name == "format":
-        _check_format(text)
-    if name in {"batch", "slice"} and any(n > MAX_RENDER_CHARS for n in numbers):
-        raise TemplateLimitError(f"{name}() with {max(numbers):,} items is too large")
 
 
 # --- bounded filters --------------------------------------------------------------
