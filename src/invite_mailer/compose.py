@@ -941,13 +941,15 @@ class Composer:
         self._series = series
         self._templates_dir = templates_dir
         self._config_dir = config_dir
-        self._domain = settings.sender.domain
         self._env = _environment(templates_dir)
         problems = ProblemCollector()
         self._templates = self._load_templates(problems)
         self._files = self._load_materials(config_dir, problems)
         _check_header_values(settings, series, config_dir, problems)
         problems.raise_if_any()
+        # Only now: parsing the sender address fails on the line break
+        # reported above.
+        self._domain = settings.sender.domain
 
         self._calendars = CalendarFiles(series, domain=self._domain)
         self._parts: dict[str, tuple[bytes, MIMEPart]] = {}
