@@ -396,6 +396,23 @@ async def test_an_idn_domain_goes_out_in_ascii_form_without_smtputf8(
     assert "SMTPUTF8" not in received.mail_options
 
 
+@pytest.mark.parametrize("address", ["info@straße.de", "a@faß.de"])
+async def test_the_envelope_names_the_domain_the_to_header_names(
+    smtp_server_factory: Any, address: str
+) -> None:
+    # IDNA 2003 (Python's codec) turns "ß" into "ss": another domain, another owner.
+    from invite_mailer.compose import header_address
+
+    smtp_server = smtp_server_factory(enable_SMTPUTF8=False)
+    async with SmtpTransport(plain_settings(smtp_server)) as transport:
+        await transport.send(
+            idn_message(address), sender="transferreihe@example.org", recipients=[address]
+        )
+    (received,) = smtp_server.received
+    assert received.rcpt_tos == (header_address(address),)
+    assert "ss." not in received.rcpt_tos[0]
+
+
 async def test_a_non_ascii_local_part_fails_only_that_recipient(
     smtp_server_factory: Any,
 ) -> None:

@@ -39,6 +39,7 @@ from aiosmtplib import (
 )
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import normalize_message_line_endings
+from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.errors import (
     PermanentFailure,
@@ -539,11 +540,15 @@ def _ascii_address(address: str) -> str:
     if domain.isascii():
         return address
     try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
+        # IDNA 2008 through email-validator, as the To header is written: Python's
+        # own "idna" codec is IDNA 2003 and maps straße.de to strasse.de, another
+        # domain with another owner.
+        ascii_domain = validate_email(address, check_deliverability=False).ascii_domain
+    except EmailNotValidError:
         raise ValueError(
             "the relay does not support SMTPUTF8, and the domain has no valid ASCII (IDNA) form"
         ) from None
+    return f"{local}@{ascii_domain}"
 
 
 def _mail_options(
