@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -401,3 +402,35 @@ async def test_view_carries_attempts_of_deliveries_waiting_for_a_retry(tmp_path:
         view = await ledger.view("s")
     assert view.attempts("invitation", "", "A@example.org") == 3
     assert view.attempts("invitation", "", "b@example.org") == 0
+
+
+def test_a_first_open_killed_before_migrating_leaves_no_ledger_behind(tmp_path: Path) -> None:
+    """SQLite creates the file when it connects; killed before the first
+    migration, an empty file would be refused as "not ours" for ever."""
+    path = tmp_path / "state" / "invite-mailer.db"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, signal
+        from invite_mailer import ledger
+
+        async def die(db, path):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+
+        ledger._migrate = die
+
+        async def main():
+            async with ledger.Ledger.open({str(path)!r}):
+                pass
+
+        asyncio.run(main())
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not path.exists()
+
+    async def reopen() -> int:
+        async with Ledger.open(path) as ledger:
+            return len(await ledger.deliveries(SERIES))
+
+    assert asyncio.run(reopen()) == 0

@@ -353,6 +353,8 @@ class Ledger:
         path = Path(path)
         try:
             await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+            if not await asyncio.to_thread(os.path.lexists, path):
+                await _create(path)
             await asyncio.to_thread(_check_file, path)
             # isolation_level=None: autocommit, so each statement is its own
             # transaction and explicit BEGIN/COMMIT mean what they say.
@@ -696,6 +698,33 @@ class OptOut:
     email: str
     source: str  # "one-click", "web form", "cli", ...
     created_at: datetime
+
+
+async def _create(path: Path) -> None:
+    """Create a new ledger beside *path* and put it in place only when complete.
+
+    SQLite creates an empty file the moment it connects: a process killed
+    before its first migration would leave a 0-byte ledger that every later
+    start (rightly) refuses as not ours.
+    """
+    draft = path.with_name(f".{path.name}.{os.getpid()}.new")
+    await asyncio.to_thread(draft.unlink, missing_ok=True)
+    try:
+        db = await aiosqlite.connect(draft, isolation_level=None)
+        try:
+            # As every later open does, so a full disk fails here the same way.
+            await db.execute("PRAGMA journal_mode = WAL")
+            await _migrate(db, draft)
+        finally:
+            await db.close()
+        try:
+            # A hard link, not a rename: never replaces a ledger that another
+            # process put in place meanwhile.
+            await asyncio.to_thread(os.link, draft, path)
+        except FileExistsError:
+            pass
+    finally:
+        await asyncio.to_thread(draft.unlink, missing_ok=True)
 
 
 def _check_file(path: Path) -> None:
