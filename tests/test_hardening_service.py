@@ -738,6 +738,31 @@ async def test_optout_list_is_read_once_per_change(served: Served) -> None:
         assert "bereits abgemeldet" not in (await client.get(f"/{other}")).text
 
 
+async def test_a_broken_optout_list_is_not_parsed_again_for_every_page(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from invite_mailer import web
+
+    reads: list[Path] = []
+
+    def counted(path: Path) -> frozenset[str]:
+        reads.append(path)
+        return load_address_list(path)
+
+    monkeypatch.setattr(web, "load_address_list", counted)
+    lines = [f"person{n:05d}@example.org" for n in range(20000)] + ["kein gültiger eintrag"]
+    served.optout_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    token = make_token(SECRET, SERIES_ID, JANA)
+    async with httpx.AsyncClient(base_url=served.server.url, timeout=30) as client:
+        for _ in range(5):
+            page = await client.get(f"/{token}")
+            assert page.status_code == 200 and "bereits abgemeldet" not in page.text
+        assert len(reads) == 1
+        served.optout_file.write_text(JANA + "\n", encoding="utf-8")  # mended
+        assert "bereits abgemeldet" in (await client.get(f"/{token}")).text
+    assert len(reads) == 2
+
+
 # --- logs: every line JSON, floods bounded ------------------------------------------------
 
 

@@ -284,6 +284,9 @@ class _AddressListCache:
         self.path = path
         self._key: tuple[int, int, int, int] | None = None
         self._addresses: frozenset[str] = frozenset()
+        # A broken list is remembered too: parsed again per request, a long
+        # list with one bad line would make every click expensive.
+        self._error: ConfigError | None = None
         self._lock = asyncio.Lock()
 
     def _stat(self) -> tuple[int, int, int, int] | None:
@@ -297,10 +300,16 @@ class _AddressListCache:
         async with self._lock:
             key = self._stat()
             if key is None:
-                self._key, self._addresses = None, frozenset()
+                self._key, self._addresses, self._error = None, frozenset(), None
             elif key != self._key:
-                self._addresses = await asyncio.to_thread(load_address_list, self.path)
                 self._key = key
+                try:
+                    self._addresses = await asyncio.to_thread(load_address_list, self.path)
+                    self._error = None
+                except ConfigError as exc:
+                    self._addresses, self._error = frozenset(), exc
+            if self._error is not None:
+                raise self._error
             return self._addresses
 
 
