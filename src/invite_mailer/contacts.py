@@ -42,7 +42,9 @@ MAX_PROBLEMS = 100
 #: about 20 MB. Excel workbooks are zip files; what they unpack to is limited
 #: separately, before openpyxl sees them.
 MAX_TABLE_BYTES = 64 * 1024 * 1024
-MAX_WORKBOOK_UNPACKED = 512 * 1024 * 1024
+#: 200,000 rows of seven columns unpack to about 95 MB; openpyxl holds about
+#: twice what it unpacks, so this bounds its memory to a few hundred MB.
+MAX_WORKBOOK_UNPACKED = 128 * 1024 * 1024
 #: A part of a workbook that unpacks to more than this many times its size is
 #: a zip bomb, not a spreadsheet (real sheets compress 5 to 20 times).
 MAX_COMPRESSION_RATIO = 200
