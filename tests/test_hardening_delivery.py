@@ -9,6 +9,7 @@ real files, real SQLite, real processes and signals.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.policy
@@ -692,6 +693,7 @@ async def test_the_rate_limit_counts_the_sends_of_an_earlier_process(tmp_path: P
         for _ in range(5):
             await first.acquire()
             starts.append(now[0])
+        await first.flush()  # as the transport does before the ledger closes
     now[0] += 10  # the process ends; a new one starts ten seconds later
     async with Ledger.open(path) as ledger:
         second = limiter()
@@ -703,6 +705,31 @@ async def test_the_rate_limit_counts_the_sends_of_an_earlier_process(tmp_path: P
     # Not before the first process's sends have left the window.
     assert min(starts[5:]) >= 1_700_000_060.0
     assert max(sum(1 for t in starts if s <= t < s + 60) for s in starts) == 5
+
+
+async def test_the_end_of_a_send_does_not_wait_for_the_journal() -> None:
+    """Between the relay's answer and the ledger's "sent" nothing may wait: a
+    cancellation there would make a delivered mail uncertain."""
+    release = asyncio.Event()
+    recorded: list[float] = []
+
+    class SlowJournal:
+        async def recent_sends(self, since: float) -> list[float]:
+            return []
+
+        async def record_send(self, at: float) -> None:
+            await release.wait()
+            recorded.append(at)
+
+    limiter = RateLimiter(5, wall_clock=lambda: 1_700_000_000.0)
+    await limiter.share(SlowJournal())
+    async with asyncio.timeout(5):
+        async with limiter.slot():
+            pass  # the send; leaving the block must not wait for the journal
+    assert recorded == []
+    release.set()
+    await limiter.flush()
+    assert recorded == [1_700_000_000.0]
 
 
 # Next year's November always lies ahead.

@@ -79,6 +79,7 @@ class RateLimiter:
         self._sleep = sleep
         self._wall_clock = wall_clock
         self._journal: SendJournal | None = None
+        self._recording: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._ended: deque[float] = deque()  # end times, oldest first
         self._one_ended = asyncio.Event()
@@ -116,11 +117,23 @@ class RateLimiter:
             self._ended.append(self._clock())
             self._one_ended.set()
             if self._journal is not None:
-                await self._record(self._journal)
+                # Written in the background: awaited here, it would stand between
+                # the relay's answer and the ledger's "sent", where a cancellation
+                # turns a delivered mail into an uncertain one.
+                task = asyncio.get_running_loop().create_task(
+                    self._record(self._journal, self._wall_clock())
+                )
+                self._recording.add(task)
+                task.add_done_callback(self._recording.discard)
 
-    async def _record(self, journal: SendJournal) -> None:
+    async def flush(self) -> None:
+        """Wait until every send so far is written to the journal (before it closes)."""
+        while self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
+
+    async def _record(self, journal: SendJournal, at: float) -> None:
         try:
-            await journal.record_send(self._wall_clock())
+            await journal.record_send(at)
         except Exception as exc:
             # The send itself is recorded elsewhere; this only shortens the
             # wait of a process started within the next minute.

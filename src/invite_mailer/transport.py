@@ -219,6 +219,8 @@ class SmtpTransport:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        if self.limiter is not None:
+            await self.limiter.flush()
 
     async def send(
         self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
