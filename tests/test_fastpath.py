@@ -31,8 +31,8 @@ import pytest
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from invite_mailer import compose, fastcompose
-from invite_mailer.compose import Composer, set_boundaries
+from invite_mailer import fastcompose, mime
+from invite_mailer.compose import Composer
 from invite_mailer.config import Config, load_config
 from invite_mailer.contacts import Contact
 from invite_mailer.fastcompose import (
@@ -45,6 +45,7 @@ from invite_mailer.fastcompose import (
     fold,
     qp_wire,
 )
+from invite_mailer.mime import set_boundaries
 from invite_mailer.series import Kind
 from invite_mailer.smtp_pool import _DOT_ATOM, CrlfBytes, _data_block, _quote, crlf_checked
 from samplemails import FIRST_DATE, set_materials
@@ -362,7 +363,7 @@ def test_message_id_and_unsubscribe_headers_match_the_standard_library() -> None
         "<mailto:abmeldung@example.org?subject=Abmeldung%20transferreihe-2024>",
         "<mailto:a@b.de>, <https://example.org/abmelden/" + "t" * 120 + ">",
     ]:
-        expected = EmailMessage(policy=compose.POLICY)
+        expected = EmailMessage(policy=mime.POLICY)
         expected["List-Unsubscribe"] = value
         assert (
             cache.url_list("List-Unsubscribe", value)
