@@ -355,6 +355,26 @@ def test_address_headers_match_the_standard_library() -> None:
             assert cache.address("To", address) == fold("To", address), (name, spec)
 
 
+def test_encoded_names_match_the_standard_library() -> None:
+    """Names that are mostly or wholly non-ASCII: the folder's choice of "q" or "b"."""
+    rng = random.Random(11)
+    alphabets = ["äöüß", "αβγδεζ", "абвгдеж", "אבגדה", "日本語", "ÄÖÜ", "abcdé"]
+    cache = fastcompose._HeaderCache()
+    chosen = set()
+    for _ in range(2000):
+        words = [
+            "".join(rng.choice(rng.choice(alphabets)) for _ in range(rng.randint(1, 9)))
+            for _ in range(rng.randint(1, 4))
+        ]
+        name = " ".join(words)
+        address = Address(display_name=name, addr_spec="a@b.de")
+        assert cache.address("To", (name, "a@b.de")) == fold("To", address), name
+        phrase = display_name(name)
+        if phrase is not None and "=?utf-8?" in phrase:
+            chosen.add(phrase.split("?")[2])
+    assert chosen == {"q", "b"}
+
+
 def test_message_id_and_unsubscribe_headers_match_the_standard_library() -> None:
     cache = fastcompose._HeaderCache()
     for value in ["<0123abcd@example.org>", "<" + "a" * 70 + "@example.org>", "<x@ex-ample.de>"]:
