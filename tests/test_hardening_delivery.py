@@ -402,7 +402,7 @@ async def test_the_envelope_names_the_domain_the_to_header_names(
     smtp_server_factory: Any, address: str
 ) -> None:
     # IDNA 2003 (Python's codec) turns "ß" into "ss": another domain, another owner.
-    from invite_mailer.compose import header_address
+    from invite_mailer.mime import header_address
 
     smtp_server = smtp_server_factory(enable_SMTPUTF8=False)
     async with SmtpTransport(plain_settings(smtp_server)) as transport:

@@ -1184,7 +1184,7 @@ def special_names(length: int) -> list[str]:
 def test_from_to_and_reply_to_with_specials_parse_back_to_one_address() -> None:
     from email.message import EmailMessage
 
-    from invite_mailer.compose import POLICY
+    from invite_mailer.mime import POLICY
 
     for length in range(1, 301):
         for name in special_names(length):

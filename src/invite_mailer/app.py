@@ -11,22 +11,31 @@ import contextlib
 import hashlib
 import re
 import signal
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
 
-from invite_mailer.compose import header_address
+from invite_mailer import mime
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
 from invite_mailer.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
 from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.fastcompose import WireComposer
 from invite_mailer.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
-from invite_mailer.plan import EmptyLedger, Mailing, audience_of, mailing_times, plan
+from invite_mailer.mime import header_address
+from invite_mailer.plan import (
+    EmptyLedger,
+    Mailing,
+    audience_of,
+    mailing_times,
+    plan,
+    request_for,
+    sequences_of,
+)
 from invite_mailer.series import SERIES_FILE, Event, Kind
 from invite_mailer.settings import SETTINGS_FILE
 from invite_mailer.transport import make_transport
@@ -114,9 +123,8 @@ def validate_sample(config: Config) -> None:
             kind, event, config.series, config.contacts.contacts, config.attendance
         )
         for contact in members[:1]:
-            config.composer.compose(
-                kind, contact, event=event, now=now, attended=_attended(config, event, contact)
-            )
+            request = request_for(kind, event, contact, now, attendance=config.attendance)
+            mime.build(config.composer.render(request))
     _validate_change_kinds(config, now)
 
 
@@ -156,9 +164,7 @@ def validate(config: Config) -> ValidationReport:
             kind, event, series, config.contacts.contacts, config.attendance
         ):
             try:
-                wires.wire(
-                    kind, contact, event=event, now=now, attended=_attended(config, event, contact)
-                )
+                wires.wire_for(request_for(kind, event, contact, now, attendance=config.attendance))
             except ConfigError as exc:
                 for problem in exc:
                     problems.setdefault(str(problem), problem)
@@ -279,12 +285,6 @@ def _line_of(path: Path, where: tuple[str, ...]) -> int | None:
         return None
 
 
-def _attended(config: Config, event: Event | None, contact: Contact) -> bool | None:
-    if event is None or event.id not in config.attendance:
-        return None
-    return contact.key in config.attendance[event.id]
-
-
 # --- plan and status ---------------------------------------------------------------
 
 
@@ -358,28 +358,6 @@ async def snapshot(config: Config) -> LedgerView | None:
         return None if ledger is None else await ledger.view(config.series.id)
 
 
-def sequences_of(config: Config, view: LedgerView | None) -> dict[str, int]:
-    """Each date's calendar SEQUENCE as the next mail about it would carry it."""
-    result = {}
-    for event in config.series.events:
-        history = view.date(event.id) if view is not None else None
-        result[event.id] = history.sequence_for(event.version) if history is not None else 0
-    return result
-
-
-def previous_version(
-    view: LedgerView | None, event: Event | None, contact: Contact
-) -> Mapping[str, str] | None:
-    """The version of *event* that *contact* was told about last."""
-    if view is None or event is None:
-        return None
-    seen = view.seen(event.id).get(contact.key)
-    history = view.date(event.id)
-    if seen is None or history is None:
-        return None
-    return history.details.get(seen)
-
-
 def pick_contacts(
     config: Config, kind: Kind, event: Event | None, email: str | None
 ) -> list[Contact]:
@@ -420,17 +398,18 @@ def preview(
     """
     event = pick_event(config, kind, event_id)
     written = []
-    sequences = sequences_of(config, view)
+    sequences = sequences_of(config.series, view)
     for contact in pick_contacts(config, kind, event, email):
-        message = config.composer.compose(
+        request = request_for(
             kind,
+            event,
             contact,
-            event=event,
-            now=now,
-            attended=_attended(config, event, contact),
+            now,
+            attendance=config.attendance,
+            ledger=view,
             sequences=sequences,
-            previous=previous_version(view, event, contact) if kind is Kind.UPDATE else None,
         )
+        message = mime.build(config.composer.render(request))
         stem = safe_name(str(kind), event.id if event else "", contact.key)
         html = message.get_body(("html",))
         with writing(out):
@@ -550,14 +529,9 @@ async def send_test(
     contact = pick_contacts(config, kind, event, email)[0]
     # Its own Message-ID: with the real one, the tester's client (or the relay)
     # would thread it with, or drop it as a duplicate of, the contact's real mail.
-    message = config.composer.compose(
-        kind,
-        contact,
-        event=event,
-        now=now,
-        attended=_attended(config, event, contact),
-        message_id=config.composer.fresh_message_id(),
-    )
+    request = request_for(kind, event, contact, now, attendance=config.attendance)
+    rendered = config.composer.render(request)
+    message = mime.build(replace(rendered, message_id=config.composer.fresh_message_id()))
     test = _readdress(message, to)
     sender = config.settings.sender.from_address.addr_spec
     async with make_transport(config.settings) as transport:

@@ -83,26 +83,16 @@ import types
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from email import policy as email_policy
-from email.header import Header
-from email.headerregistry import (
-    Address,
-    BaseHeader,
-    HeaderRegistry,
-    UniqueAddressHeader,
-    UnstructuredHeader,
-)
-from email.message import EmailMessage, MIMEPart
-from email.utils import format_datetime, getaddresses, parseaddr
+from email.message import EmailMessage
+from email.utils import parseaddr
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import css_inline
 import jinja2
-from email_validator import EmailNotValidError, validate_email
 from jinja2 import filters, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
@@ -116,11 +106,13 @@ from jinja2.sandbox import (
 from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup, escape
 
-from invite_mailer import german
+from invite_mailer import german, mime
 from invite_mailer.calendar import METHOD as CALENDAR_METHOD
 from invite_mailer.calendar import METHOD_CANCEL, METHOD_UPDATE, CalendarFiles
 from invite_mailer.contacts import Contact
 from invite_mailer.errors import ConfigError, ProblemCollector
+from invite_mailer.mime import UNSAFE_HEADER_TEXT, File, RenderedMail
+from invite_mailer.plan import MailRequest
 from invite_mailer.series import SERIES_FILE, Event, Kind, Material, Series
 from invite_mailer.settings import SETTINGS_FILE, Settings
 from invite_mailer.unsubscribe import mailto_url, make_token, unsubscribe_url
@@ -132,9 +124,6 @@ TEXT_WIDTH = 72
 MATERIALS_DIR = "materials"
 #: The most material files one mail attaches.
 MAX_MATERIAL_FILES = 20
-# Control characters and line separators (what str.splitlines() breaks at):
-# never allowed in a header.
-_UNSAFE_HEADER_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # What each kind attaches. "series": one calendar file per active date;
 # "event": the date's calendar file. Kinds not listed attach nothing; the
@@ -148,8 +137,8 @@ _CALENDARS: dict[str, str] = {
 # The iTIP method of each kind's calendar files (default PUBLISH).
 _METHODS: dict[str, str] = {Kind.UPDATE: METHOD_UPDATE, Kind.CANCELLATION: METHOD_CANCEL}
 _MATERIALS: frozenset[str] = frozenset({Kind.FOLLOWUP})
-# Kinds about the whole series (event=None); every other kind is about one date.
-_SERIES_KINDS: frozenset[str] = frozenset({Kind.INVITATION})
+#: Kinds about the whole series (event=None); every other kind is about one date.
+SERIES_KINDS: frozenset[str] = frozenset({Kind.INVITATION})
 
 _VARIABLES = (
     "contact, salutation, series, events, event, next_event, relative_day, registered_events, "
@@ -211,15 +200,6 @@ class EventView:
 
 
 @dataclass(frozen=True, slots=True)
-class _File:
-    filename: str
-    data: bytes
-    maintype: str
-    subtype: str
-    method: str = CALENDAR_METHOD  # for text/calendar parts
-
-
-@dataclass(frozen=True, slots=True)
 class Change:
     """One detail of a date that changed, for the "Änderung" mail."""
 
@@ -232,164 +212,6 @@ class Change:
 _VIEWS: frozenset[type] = frozenset(
     {OrganiserView, SeriesView, MaterialView, EventView, Change, Contact, LoopContext}
 )
-
-
-# --- the List-Unsubscribe header ------------------------------------------------------
-
-
-class _UrlListHeader(UnstructuredHeader, BaseHeader):
-    """``<url>, <url>`` header folded between the URLs, never encoded.
-
-    The default folding RFC 2047-encodes any word longer than a line, which
-    turns a long unsubscribe URL into an encoded word no client can follow.
-    """
-
-    max_count = 1
-
-    def fold(self, *, policy: Any) -> str:
-        urls = re.findall(r"<[^<>]*>", str(self))
-        linesep: str = policy.linesep
-        return f"{self.name}: " + ("," + linesep + " ").join(urls) + linesep
-
-
-class _AddressHeader(UniqueAddressHeader):
-    """An address header that always parses back to the addresses it was given.
-
-    The standard library (3.11) drops the quotes of a quoted display name when
-    it folds a long header: ``"Schmidt, victim@evil.example, ..." <a@b>``
-    comes out with the comma bare, so readers see another address; or it
-    folds inside the quotes, which RFC 5322 allows but readers that keep the
-    line break (Python's default compat32 parser, ``getaddresses`` on
-    ``get_all()``) end the quoted string at, so the rest of the name is read
-    as addresses. It also cannot write a non-ASCII local part at all. Its
-    folding is kept wherever it is right (almost always: the header fits on
-    one line); otherwise the header is folded here, never inside quotes.
-    """
-
-    def fold(self, *, policy: Any) -> str:
-        linesep: str = policy.linesep
-        wanted = [(a.display_name, a.addr_spec) for a in self.addresses]
-        # "=?" in a name would be read as an encoded word by lenient readers.
-        if all(spec.isascii() and "=?" not in name for name, spec in wanted):
-            folded: str = super().fold(policy=policy)  # type: ignore[misc]
-            if _reads_back(folded, linesep, wanted) and not _breaks_a_quote(folded):
-                return folded
-        # A mixin of BaseHeader (the registry combines them), which has the name.
-        return _fold_addresses(cast(BaseHeader, self).name, wanted, linesep)
-
-
-class _Headers(HeaderRegistry):
-    """Builds each header class once; the stdlib creates a new class per header
-    set, a tenth of the time of composing a mail."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._classes: dict[str, type[BaseHeader]] = {}
-        self.map_to_type("list-unsubscribe", _UrlListHeader)
-        for name in ("from", "to", "reply-to", "cc"):
-            self.map_to_type(name, cast(type[BaseHeader], _AddressHeader))
-
-    def __getitem__(self, name: str) -> type[BaseHeader]:
-        key = name.lower()
-        cls = self._classes.get(key)
-        if cls is None:
-            cls = self._classes[key] = super().__getitem__(name)
-        return cls
-
-
-_HEADERS = _Headers()
-_FOLD_WIDTH = 78  # what policy.SMTP folds headers to
-
-
-def _reads_back(folded: str, linesep: str, wanted: list[tuple[str, str]]) -> bool:
-    """Whether *folded* parses (unfolded, as every reader does) to exactly *wanted*."""
-    value = folded.split(":", 1)[1].replace(linesep, "")
-    found = getaddresses([value])
-    if [spec for _, spec in found] != [spec for _, spec in wanted]:
-        return False
-    # Non-ASCII names are encoded words, which getaddresses leaves as they are.
-    return all(
-        name == shown or not shown.isascii()
-        for (name, _), (shown, _) in zip(found, wanted, strict=True)
-    )
-
-
-def _breaks_a_quote(folded: str) -> bool:
-    """Whether a line break of *folded* lies inside a quoted string."""
-    inside = escaped = False
-    for char in folded:
-        if escaped:
-            escaped = False
-        elif inside and char == "\\":
-            escaped = True
-        elif char == '"':
-            inside = not inside
-        elif inside and char in "\r\n":
-            return True
-    return False
-
-
-def _fold_addresses(header: str, addresses: list[tuple[str, str]], linesep: str) -> str:
-    """``header: name <spec>, ...`` folded so that every name stays whole.
-
-    ASCII names of plain words are folded at their spaces; ASCII names with
-    specials are written as one quoted string, never folded inside (a line
-    of its own holds it: lines may have up to 998 octets); longer names and
-    other names as RFC 2047 encoded words, which contain no specials and may
-    be split between words. A non-ASCII local part has no ASCII form: it is
-    written as raw UTF-8 (RFC 6532); such a mail can only go through a relay
-    that offers SMTPUTF8, which the transport checks.
-    """
-    tokens: list[str] = []
-    for number, (name, spec) in enumerate(addresses):
-        comma = "" if number == len(addresses) - 1 else ","
-        phrase = _quoted(name) if name.isascii() and "=?" not in name else ""
-        words = [phrase] if phrase.startswith('"') else phrase.split(" ")
-        # A long word makes a long line (fine up to 998 octets); beyond that
-        # only encoded words can be split.
-        if name and phrase and max(map(len, words)) < 900:
-            tokens += words
-        elif name:
-            prefix = len(header) + 2 if not tokens else 1
-            encoded = Header(name, "utf-8", maxlinelen=_FOLD_WIDTH - 1).encode(
-                linesep="\n", splitchars=" "
-            )
-            words = [w.strip() for w in encoded.split("\n")]
-            if prefix + len(words[0]) > _FOLD_WIDTH:
-                tokens.append((linesep + " ").join(words))  # starts on a line of its own
-            else:
-                tokens += words
-        tokens.append((f"<{_raw(spec)}>" if name else _raw(spec)) + comma)
-    lines = [f"{header}:"]
-    for token in tokens:
-        if lines[-1] and len(lines[-1]) + 1 + len(token) > _FOLD_WIDTH and lines[-1].strip():
-            lines.append("")
-        lines[-1] += " " + token if token else " "
-    return linesep.join(lines) + linesep
-
-
-def _quoted(name: str) -> str:
-    """*name* as an RFC 5322 phrase: as it is if it is plain words, else quoted."""
-    if all(word and _ATEXT.fullmatch(word) for word in name.split(" ")):
-        return name
-    return '"' + _escaped(name) + '"'
-
-
-def _escaped(name: str) -> str:
-    return name.replace("\\", "\\\\").replace('"', '\\"')
-
-
-# A word of a phrase that needs no quotes (RFC 5322 atext).
-_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
-
-
-def _raw(spec: str) -> str:
-    # Written to the wire as the UTF-8 bytes (surrogateescape, as policy.SMTP does).
-    return spec if spec.isascii() else spec.encode("utf-8").decode("ascii", "surrogateescape")
-
-
-# SMTP line endings; 76 keeps quoted-printable lines within RFC 2045.
-POLICY = email_policy.SMTP.clone(max_line_length=76, header_factory=_HEADERS)
 
 
 # --- the template sandbox ------------------------------------------------------------
@@ -952,7 +774,6 @@ class Composer:
         self._domain = settings.sender.domain
 
         self._calendars = CalendarFiles(series, domain=self._domain)
-        self._parts: dict[str, tuple[bytes, MIMEPart]] = {}
         self._inliner = css_inline.CSSInliner(
             keep_style_tags=False,
             # @media rules cannot be inlined; they stay in a <style> block.
@@ -971,7 +792,9 @@ class Composer:
         )
         self._unsubscribe_mailto = mailto_url(self._unsubscribe_address, f"Abmeldung {series.id}")
         self._secret = settings.unsubscribe.secret.get_secret_value()
-        self._reply_to = _reply_to(settings.sender.reply_to)
+        self._reply_to = mime.reply_to_address(settings.sender.reply_to)
+        self._sender = settings.sender.from_address
+        self._list_id = f"{series.title} <{series.id}.{self._domain}>"
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -992,33 +815,39 @@ class Composer:
         previous: Mapping[str, str] | None = None,
         message_id: str | None = None,
     ) -> EmailMessage:
-        """The complete message, ready for the transport.
+        """The complete message, ready for the transport: ``mime.build(render(...))``.
 
-        *sequences* gives each date's calendar SEQUENCE (default 0); after a
-        change every mail about the date carries the raised one. *previous* is
-        the fingerprint (:meth:`Event.fingerprint`) of the version the
-        recipient saw last, for an update mail. *message_id* replaces the
-        delivery's own Message-ID, for a sample that is not the delivery
+        The arguments are those of :class:`MailRequest`. *message_id* replaces
+        the delivery's own Message-ID, for a sample that is not the delivery
         (see :meth:`fresh_message_id`).
         """
-        sequences = sequences or {}
-        kind = str(kind)
+        request = MailRequest(str(kind), contact, event, now, attended, sequences or {}, previous)
+        rendered = self.render(request)
+        if message_id is not None:
+            rendered = replace(rendered, message_id=message_id)
+        return mime.build(rendered)
+
+    def render(
+        self, request: MailRequest, *, inline: Callable[[str], str] | None = None
+    ) -> RenderedMail:
+        """Render the mail *request* describes: the only renderer of mails.
+
+        *inline* replaces the CSS inliner (:meth:`inline_css`) with one that
+        gives the same result, such as a cache of its results.
+        """
+        kind, contact, event = request.kind, request.contact, request.event
         if f"{kind}.subject.j2" not in self._templates:
             raise ValueError(f"no templates for the kind {kind!r} (known: {self.kinds})")
-        if (event is None) != (kind in _SERIES_KINDS):
-            need = "event=None" if kind in _SERIES_KINDS else "the event it is about"
+        if (event is None) != (kind in SERIES_KINDS):
+            need = "event=None" if kind in SERIES_KINDS else "the event it is about"
             raise ValueError(f"composing a {kind!r} mail needs {need}")
+        now = request.now
         if now.tzinfo is None:
             now = now.replace(tzinfo=self._series.zone)
-        now = now.astimezone(self._series.zone)
+        request = replace(request, now=now.astimezone(self._series.zone))
 
-        attachments = self._attachments(kind, event, now, sequences, contact)
-        context = self._context(kind, contact, event, now, attended, attachments)
-        sequence = sequences.get(event.id, 0) if event is not None else 0
-        context["sequence"] = sequence
-        context["changes"] = (
-            _changes(previous, event) if previous is not None and event is not None else ()
-        )
+        attachments = self._attachments(request)
+        context = self._context(request, attachments)
         subject = german.clean(self._render(f"{kind}.subject.j2", context))
         if not subject:
             raise ConfigError.single(
@@ -1027,48 +856,42 @@ class Composer:
                 hint="write the subject line into this file",
             )
         context["subject"] = subject
-        text = _tidy_text(self._render(f"{kind}.txt.j2", context))
-        html = self._inliner.inline(self._render(f"{kind}.html.j2", context))
+        text = tidy_text(self._render(f"{kind}.txt.j2", context))
+        html = (inline or self.inline_css)(self._render(f"{kind}.html.j2", context))
         self.check_size(kind, event, text, html, attachments)
-
-        msg = EmailMessage(policy=POLICY)
-        msg["From"] = self._settings.sender.from_address
-        msg["To"] = _recipient(contact)
-        if self._reply_to is not None:
-            msg["Reply-To"] = self._reply_to
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(now)
-        version = sequence if kind in (Kind.UPDATE, Kind.CANCELLATION) else 0
-        msg["Message-ID"] = message_id or self.message_id(kind, contact, event, version=version)
-        msg["List-Id"] = f"{self._series.title} <{self._series.id}.{self._domain}>"
         link = context["unsubscribe_url"]
-        msg["List-Unsubscribe"] = ", ".join(f"<{u}>" for u in (self._unsubscribe_mailto, link) if u)
-        if link:
-            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        # Exchange honours this: no out-of-office replies to a mailing of thousands.
-        msg["X-Auto-Response-Suppress"] = "OOF, AutoReply"
-        msg["X-Invite-Mailer-Kind"] = kind
-        if event is not None:
-            msg["X-Invite-Mailer-Event"] = event.id
+        return RenderedMail(
+            request=request,
+            message_id=self.message_id(kind, contact, event, version=self._version(request)),
+            subject=subject,
+            text=text,
+            html=html,
+            to=mime.recipient(contact),
+            sender=self._sender,
+            reply_to=self._reply_to,
+            list_id=self._list_id,
+            unsubscribe=", ".join(f"<{u}>" for u in (self._unsubscribe_mailto, link) if u),
+            one_click=bool(link),
+            attachments=tuple(attachments),
+        )
 
-        # Quoted-printable keeps umlauts readable in the source and every line
-        # short, whatever the relay supports (no 8BITMIME needed).
-        msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        for part in msg.iter_parts():
-            # add_alternative() gives the new part its own MIME-Version; only
-            # the top level needs one.
-            del part["MIME-Version"]
-        if attachments:
-            msg.make_mixed()
-            for file in attachments:
-                msg.attach(self._attachment_part(file))
-        # After the body: set_content() clears all Content-* headers.
-        msg["Content-Language"] = "de"
-        # Boundaries from the Message-ID instead of random ones: the same mail
-        # is the same bytes every time (fastcompose.py builds them directly).
-        set_boundaries(msg)
-        return msg
+    def inline_css(self, html: str) -> str:
+        """*html* with its CSS inlined into style attributes, for Outlook."""
+        inlined: str = self._inliner.inline(html)
+        return inlined
+
+    @property
+    def series(self) -> Series:
+        """The series this composer renders mails of."""
+        return self._series
+
+    @staticmethod
+    def _version(request: MailRequest) -> int:
+        # The content version of an update or cancellation is its SEQUENCE:
+        # each one is a mail of its own.
+        if request.kind in (Kind.UPDATE, Kind.CANCELLATION) and request.event is not None:
+            return request.sequences.get(request.event.id, 0)
+        return 0
 
     def message_id(
         self, kind: Kind | str, contact: Contact, event: Event | None, *, version: int = 0
@@ -1094,7 +917,7 @@ class Composer:
         return f"<test.{uuid.uuid4().hex}@{self._domain}>"
 
     def check_size(
-        self, kind: str, event: Event | None, text: str, html: str, attachments: Iterable[_File]
+        self, kind: str, event: Event | None, text: str, html: str, attachments: Iterable[File]
     ) -> None:
         """Refuse a mail larger than ``limits.max_message_bytes`` on the wire (about)."""
         limit = self._settings.limits.max_message_bytes
@@ -1111,15 +934,8 @@ class Composer:
 
     # -- context --
 
-    def _context(
-        self,
-        kind: str,
-        contact: Contact,
-        event: Event | None,
-        now: datetime,
-        attended: bool | None,
-        attachments: list[_File],
-    ) -> dict[str, Any]:
+    def _context(self, request: MailRequest, attachments: list[File]) -> dict[str, Any]:
+        kind, contact, event, now = request.kind, request.contact, request.event, request.now
         view = None
         if event is not None:
             view = self._events.get(event.id) or self._event_view(event)
@@ -1147,23 +963,28 @@ class Composer:
             ),
             "registered_events": tuple(e for e in self._active if contact.is_registered(e.id)),
             "registered": event is not None and contact.is_registered(event.id),
-            "attended": attended,
+            "attended": request.attended,
             "attachments": tuple(f.filename for f in attachments),
             "unsubscribe_url": link,
             "unsubscribe_mailto": self._unsubscribe_mailto,
             "unsubscribe_address": self._unsubscribe_address,
             "subject": "",
+            "sequence": request.sequences.get(event.id, 0) if event is not None else 0,
+            "changes": (
+                _changes(request.previous, event)
+                if request.previous is not None and event is not None
+                else ()
+            ),
         }
 
-    def _attachments(
-        self,
-        kind: str,
-        event: Event | None,
-        now: datetime,
-        sequences: Mapping[str, int],
-        contact: Contact,
-    ) -> list[_File]:
-        files: list[_File] = []
+    def _attachments(self, request: MailRequest) -> list[File]:
+        kind, event, contact, sequences = (
+            request.kind,
+            request.event,
+            request.contact,
+            request.sequences,
+        )
+        files: list[File] = []
         calendars = _CALENDARS.get(kind)
         method = _METHODS.get(kind, CALENDAR_METHOD)
         attendee = None
@@ -1177,11 +998,11 @@ class Composer:
             dates = [event]
         for date in dates:
             files.append(
-                _File(
+                File(
                     self._calendars.filename(date),
                     self._calendars.get(
                         date,
-                        now=now,
+                        now=request.now,
                         sequence=sequences.get(date.id, 0),
                         method=method,
                         attendee=attendee,
@@ -1194,37 +1015,6 @@ class Composer:
         if kind in _MATERIALS and event is not None:
             files.extend(self._files.get(event.id, ()))
         return files
-
-    def _attachment_part(self, file: _File) -> EmailMessage:
-        """A fresh part for *file*; the encoding is done once per file.
-
-        Every message gets its own part object and header list; what they
-        share (header objects, the base64 text) is immutable.
-        """
-        cached = self._parts.get(file.filename)
-        if cached is not None and cached[0] is file.data:
-            built = cached[1]
-        else:
-            built = MIMEPart(policy=POLICY)
-            params = {}
-            if (file.maintype, file.subtype) == ("text", "calendar"):
-                params = {"method": file.method, "charset": "UTF-8"}
-            built.set_content(
-                file.data,
-                maintype=file.maintype,
-                subtype=file.subtype,
-                disposition="attachment",
-                filename=file.filename,
-                params=params,
-            )
-            # One entry per file name: a calendar file rebuilt for a new
-            # minute replaces its predecessor instead of piling up.
-            self._parts[file.filename] = (file.data, built)
-        part = EmailMessage(policy=POLICY)
-        for name, value in built.raw_items():
-            part.set_raw(name, value)
-        part.set_payload(built.get_payload())
-        return part
 
     def _event_view(self, event: Event) -> EventView:
         files = {f.filename: f for f in self._files.get(event.id, ())}
@@ -1395,9 +1185,9 @@ class Composer:
 
     def _load_materials(
         self, config_dir: Path, problems: ProblemCollector
-    ) -> dict[str, tuple[_File, ...]]:
+    ) -> dict[str, tuple[File, ...]]:
         limit = self._settings.limits.max_attachment_bytes
-        loaded: dict[str, tuple[_File, ...]] = {}
+        loaded: dict[str, tuple[File, ...]] = {}
         series_path = config_dir / SERIES_FILE
         try:
             series_lines = series_path.read_text(encoding="utf-8").splitlines()
@@ -1430,7 +1220,7 @@ class Composer:
                     )
                     continue
                 name = entry.name
-                if _UNSAFE_HEADER_TEXT.search(name):
+                if UNSAFE_HEADER_TEXT.search(name):
                     problems.add(
                         series_path,
                         f"the name of the material file {str(entry)!r} of {event.id!r} "
@@ -1441,7 +1231,7 @@ class Composer:
                     continue
                 guessed, _ = mimetypes.guess_type(name)
                 maintype, subtype = (guessed or "application/octet-stream").split("/", 1)
-                files.append(_File(name, data, maintype, subtype))
+                files.append(File(name, data, maintype, subtype))
                 lines.append(line)
             total = sum(len(f.data) for f in files)
             if total > limit:
@@ -1474,7 +1264,7 @@ def _check_header_values(
         *((config_dir / SERIES_FILE, f"the id of the date {e.id!r}", e.id) for e in series.events),
     ]
     for path, what, value in values:
-        found = _UNSAFE_HEADER_TEXT.search(value)
+        found = UNSAFE_HEADER_TEXT.search(value)
         if found is not None:
             kind = (
                 "a line break" if found.group() in "\r\n\u2028\u2029\x85" else "a control character"
@@ -1700,7 +1490,7 @@ def heading(text: str, mark: str = "=") -> str:
     return f"{title}\n{mark * len(title)}\n"
 
 
-def _tidy_text(text: str, width: int = TEXT_WIDTH) -> str:
+def tidy_text(text: str, width: int = TEXT_WIDTH) -> str:
     """Forgiving layout for organiser-edited text templates.
 
     Trailing blanks and runs of blank lines go; lines longer than *width* are
@@ -1732,82 +1522,6 @@ def _syntax_hint(message: str) -> str:
     return "check the {{ }} and {% %} pairs on this line and the line before"
 
 
-def mime_boundary(message_id: str, index: int) -> str:
-    """The boundary of the *index*-th multipart (top level first) of a message.
-
-    "=_" occurs in neither quoted-printable nor base64 text, so a boundary
-    can never clash with a line of a body.
-    """
-    digest = hashlib.sha256(f"{message_id} {index}".encode()).hexdigest()[:24]
-    return f"=_{digest}_{index}"
-
-
-def set_boundaries(msg: EmailMessage) -> None:
-    """Fix every multipart boundary of *msg*, derived from its Message-ID."""
-    seed = str(msg["Message-ID"])
-    for index, part in enumerate(p for p in msg.walk() if p.is_multipart()):
-        part.set_boundary(mime_boundary(seed, index))
-
-
-def recipient_parts(contact: Contact) -> tuple[str, str]:
-    """The display name and the address of the To header, not yet parsed.
-
-    german.clean removes line breaks so hostile data cannot split the header
-    even if the loader missed it. An international domain is written in its
-    ASCII form (RFC 2047 forbids encoded words inside an address).
-    """
-    return (
-        german.full_name(contact.titel, contact.vorname, contact.nachname),
-        header_address(german.clean(contact.email)),
-    )
-
-
-@lru_cache(maxsize=4096)
-def header_address(spec: str) -> str:
-    """*spec* with its domain in the ASCII (IDNA, "xn--") form, as headers need it."""
-    local, at, domain = spec.rpartition("@")
-    if not at or domain.isascii():
-        return spec
-    try:
-        ascii_domain = validate_email(spec, check_deliverability=False).ascii_domain
-    except EmailNotValidError:
-        return spec  # Address() below reports it
-    return f"{local}@{ascii_domain}"
-
-
-def _recipient(contact: Contact) -> Address | str:
-    # The display name goes through the header machinery (quoted or encoded
-    # there), never into a string.
-    name, spec = recipient_parts(contact)
-    try:
-        if not spec.isascii():
-            # The standard library has no Address with a non-ASCII local
-            # part; the header parses this and writes it as UTF-8.
-            if _UNSAFE_HEADER_TEXT.search(spec) or not _SPEC_CHARS.fullmatch(spec):
-                raise ValueError("not a valid address")
-            shown = _quoted(name) if name.isascii() else '"' + _escaped(name) + '"'
-            return f"{shown} <{spec}>" if name else spec
-        return Address(display_name=name, addr_spec=spec)
-    except (ValueError, IndexError) as exc:
-        where = f" (row {contact.row})" if contact.row is not None else ""
-        raise ConfigError.single(
-            None,
-            f"invalid recipient address {contact.email!r}{where}: {exc}",
-            hint="correct the address in the contact list",
-        ) from None
-
-
-# What a validated non-ASCII address may consist of: no quotes, brackets or spaces.
-_SPEC_CHARS = re.compile(r"[^\s\"<>()\[\],;:\\@]+@[^\s\"<>()\[\],;:\\@]+")
-
-
-def _reply_to(value: str) -> Address | None:
-    name, addr = parseaddr(value)
-    if not addr:
-        return None
-    return Address(display_name=name, addr_spec=addr)
-
-
 def _series_view(series: Series) -> SeriesView:
     return SeriesView(
         id=series.id,
@@ -1822,7 +1536,7 @@ def _series_view(series: Series) -> SeriesView:
     )
 
 
-def _material_view(material: Material, files: Mapping[str, _File]) -> MaterialView:
+def _material_view(material: Material, files: Mapping[str, File]) -> MaterialView:
     if material.file is not None:
         file = files.get(material.file.name)
         return MaterialView(

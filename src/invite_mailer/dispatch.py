@@ -15,16 +15,15 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from enum import StrEnum
 from typing import TypeVar
 
-from invite_mailer import fastcompose
+from invite_mailer import fastcompose, mime
 from invite_mailer.config import Config
-from invite_mailer.contacts import Contact
 from invite_mailer.errors import (
     ConfigError,
     InviteMailerError,
@@ -41,8 +40,7 @@ from invite_mailer.ledger import (
     LedgerView,
     format_version,
 )
-from invite_mailer.plan import Mailing, plan
-from invite_mailer.series import Event, Kind
+from invite_mailer.plan import Mailing, MailRequest, plan, request_for, sequences_of
 from invite_mailer.summary import compose_summary
 from invite_mailer.transport import Handover, Transport, UncertainFailure, track_handover
 
@@ -157,10 +155,7 @@ class Dispatcher:
         )
         view = await self.ledger.view(series_id)
         self._view = view
-        self._sequences = {
-            e.id: (history.sequence_for(e.version) if (history := view.date(e.id)) else 0)
-            for e in series.events
-        }
+        self._sequences = sequences_of(series, view)
         self._issued = set()
         self._halted = None
         share = getattr(self.transport, "share_rate_limit", None)
@@ -342,21 +337,19 @@ class Dispatcher:
         if await self.ledger.is_opted_out(config.series.id, contact.key):
             return Outcome.SKIPPED, None
         event = config.series.event(mailing.event) if mailing.event else None
-        attended = None
-        if event is not None and event.id in config.attendance:
-            attended = contact.key in config.attendance[event.id]
         key = DeliveryKey(config.series.id, mailing.ledger_kind, mailing.event, contact.key)
         described = [event] if event is not None else config.series.active_events
-        previous = None
-        if mailing.kind is Kind.UPDATE and event is not None:
-            seen = self._view.seen(event.id).get(contact.key)
-            history = self._view.date(event.id)
-            if seen is not None and history is not None:
-                previous = history.details.get(seen)
+        request = request_for(
+            mailing.kind,
+            event,
+            contact,
+            now,
+            attendance=config.attendance,
+            ledger=self._view,
+            sequences=self._sequences,
+        )
         try:
-            message = await self._compose(
-                mailing.kind, contact, event=event, now=now, attended=attended, previous=previous
-            )
+            message = await self._compose(request)
         except ConfigError as exc:
             # validate renders everything up front, so this means a file changed
             # under us; record nothing and leave the mail for the next pass.
@@ -504,36 +497,11 @@ class Dispatcher:
         next_at = (now.astimezone(UTC) + timedelta(seconds=delay)).astimezone(now.tzinfo)
         await self.ledger.mark_retry(key, f"not sent: {reason}", now, next_at)
 
-    async def _compose(
-        self,
-        kind: Kind,
-        contact: Contact,
-        *,
-        event: Event | None,
-        now: datetime,
-        attended: bool | None,
-        previous: Mapping[str, str] | None,
-    ) -> EmailMessage | fastcompose.Wire:
+    async def _compose(self, request: MailRequest) -> EmailMessage | fastcompose.Wire:
         """The mail: wire bytes from the pass's pipeline, else the composer's message."""
         if self._wires is not None:
-            return await self._wires.wire(
-                kind,
-                contact,
-                event=event,
-                now=now,
-                attended=attended,
-                sequences=self._sequences,
-                previous=previous,
-            )
-        return self.config.composer.compose(
-            kind,
-            contact,
-            event=event,
-            now=now,
-            attended=attended,
-            sequences=self._sequences,
-            previous=previous,
-        )
+            return await self._wires.wire_for(request)
+        return mime.build(self.config.composer.render(request))
 
     def _backoff(self, attempt: int) -> float:
         limits = self.config.settings.limits

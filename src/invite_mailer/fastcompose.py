@@ -35,6 +35,7 @@ of the senders, so that composing and sending use both cores of a small VM.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import logging
@@ -48,7 +49,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from email import policy as email_policy
-from email._encoded_words import encode as encoded_word  # type: ignore[import-not-found]
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -56,19 +56,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
-from invite_mailer import german
-from invite_mailer.compose import (
-    _SERIES_KINDS,
-    POLICY,
-    Composer,
-    _File,
-    _recipient,
-    _tidy_text,
-    mime_boundary,
-    recipient_parts,
-)
+from invite_mailer import mime
+from invite_mailer.compose import Composer
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
+from invite_mailer.mime import PLAIN_ADDRESS, POLICY, Recipient, RenderedMail, mime_boundary
+from invite_mailer.plan import MailRequest
 from invite_mailer.series import Event, Kind, Series
 from invite_mailer.settings import Settings
 from invite_mailer.smtp_pool import crlf_checked
@@ -222,17 +215,34 @@ def fold(name: str, value: Any) -> bytes:
     return folded.encode("ascii", "surrogateescape")
 
 
-# Addresses the header parser passes through unchanged: dot-atoms of letters,
-# digits, "_", "+" and "-" (no "=" or "?", which could start an encoded word).
-_PLAIN_ADDRESS = re.compile(
-    r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-)
 _PLAIN_MESSAGE_ID = re.compile(r"<[A-Za-z0-9]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>")
 # RFC 5322 specials; a display name with one of them is written as a quoted string.
 _SPECIALS = frozenset('()<>@,:;."[]\\')
 # What the shortcut for display names covers: letters of any script, single
 # spaces and these marks (no quotes or backslashes, which get escaped).
 _NAME_MARKS = frozenset(" -'.,()")
+
+
+# RFC 2047 "Q" encoding as the header folder does it: these octets stay, a
+# space becomes "_", every other octet "=XX".
+_Q_SAFE = frozenset(b"-!*+/ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_Q_MAP: dict[int, str] = {
+    c: "_" if c == 0x20 else chr(c) if c in _Q_SAFE else f"={c:02X}" for c in range(256)
+}
+
+
+def encoded_word(text: str) -> str:
+    """*text* as one UTF-8 RFC 2047 encoded word, as the header folder writes it.
+
+    The folder takes "q" unless "b" is at least five characters shorter; the
+    tests compare the folded headers, so a change there fails them loudly.
+    """
+    data = text.encode("utf-8")
+    q = "".join(_Q_MAP[c] for c in data)
+    b_length = (len(data) + 2) // 3 * 4
+    if len(q) - b_length < 5:
+        return f"=?utf-8?q?{q}?="
+    return f"=?utf-8?b?{base64.b64encode(data).decode('ascii')}?="
 
 
 def display_name(name: str) -> str | None:
@@ -302,7 +312,7 @@ class _HeaderCache:
             folded = self._folded[key] = fold(name, value)
         return folded
 
-    def address(self, name: str, address: Address | tuple[str, str] | str) -> bytes:
+    def address(self, name: str, address: Recipient) -> bytes:
         """*address*: an :class:`Address`, (display name, plain address), or the
         header value of an address the standard library has no Address for."""
         if isinstance(address, str):
@@ -310,7 +320,7 @@ class _HeaderCache:
         shown, spec = (
             address if isinstance(address, tuple) else (address.display_name, address.addr_spec)
         )
-        if _PLAIN_ADDRESS.fullmatch(spec):
+        if PLAIN_ADDRESS.fullmatch(spec):
             phrase = display_name(shown) if shown else ""
             if phrase is not None:
                 folded = _address_lines(name, phrase, spec)
@@ -483,29 +493,15 @@ def _raw_texts(tokens: list[str]) -> set[int]:
 # --- skeletons ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Rendered:
-    """What differs between two recipients of one mailing, rendered."""
-
-    kind: str
-    event: Event | None
-    now: datetime
-    to: Address | tuple[str, str] | str
-    subject: str
-    text: str
-    html: str
-    message_id: str
-    unsubscribe: str
-    attachments: tuple[_File, ...]
-    one_click: bool
-
-    def shape(self) -> tuple[object, ...]:
-        return (
-            self.kind,
-            self.event.id if self.event is not None else "",
-            self.one_click,
-            self.attachments,
-        )
+def _shape(mail: RenderedMail) -> tuple[object, ...]:
+    """What mails share one skeleton: kind, date, one-click header, attachments."""
+    event = mail.request.event
+    return (
+        mail.request.kind,
+        event.id if event is not None else "",
+        mail.one_click,
+        mail.attachments,
+    )
 
 
 _Slot = bytes | str  # literal bytes, or the name of what goes there
@@ -557,7 +553,7 @@ class WireComposer:
     _inline: _InlineCache = field(init=False)
 
     def __post_init__(self) -> None:
-        self._inline = _InlineCache(self.composer._inliner.inline)
+        self._inline = _InlineCache(self.composer.inline_css)
 
     def wire(
         self,
@@ -571,33 +567,32 @@ class WireComposer:
         previous: Mapping[str, str] | None = None,
     ) -> Wire:
         """The mail as :meth:`Composer.compose` would build it, as transmitted."""
-        kind = str(kind)
-        args: dict[str, Any] = dict(
-            event=event, now=now, attended=attended, sequences=sequences, previous=previous
-        )
-        if kind not in FAST_KINDS or previous is not None:
-            return self.standard(kind, contact, **args)
-        rendered = self._render(kind, contact, event, now, attended, sequences or {})
-        if rendered is None:
-            return self.standard(kind, contact, **args)
-        shape = rendered.shape()
+        request = MailRequest(str(kind), contact, event, now, attended, sequences or {}, previous)
+        return self.wire_for(request)
+
+    def wire_for(self, request: MailRequest) -> Wire:
+        """The wire form of the mail *request* describes."""
+        if request.kind not in FAST_KINDS or request.previous is not None:
+            return self.standard(request)
+        rendered = self.composer.render(request, inline=self._inline)
+        shape = _shape(rendered)
         if shape not in self._skeletons:
             if len(self._skeletons) > 64:  # e.g. a calendar file per minute, for days
                 self._skeletons.clear()
-            reference = self.composer.compose(kind, contact, **args)
-            self._skeletons[shape] = self._skeleton(rendered, reference)
+            self._skeletons[shape] = self._skeleton(rendered, mime.build(rendered))
         skeleton = self._skeletons[shape]
         if skeleton is None or skeleton.broken:
-            return self.standard(kind, contact, **args)
+            return self.standard(request)
         data = self._fill(skeleton, rendered)
         if skeleton.checked < _VERIFY:
-            expected = self._reference(kind, contact, **args)
+            expected = self.reference(request)
             skeleton.checked += 1
             if expected != Wire(rendered.message_id, data):
                 skeleton.broken = True
+                event = request.event
                 self._note(
-                    f"fast path differs from the standard library for {kind} "
-                    f"{rendered.event.id if rendered.event else '(series)'}; "
+                    f"fast path differs from the standard library for {request.kind} "
+                    f"{event.id if event else '(series)'}; "
                     "composing this mailing the standard way"
                 )
                 self.counts["standard"] += 1
@@ -605,77 +600,30 @@ class WireComposer:
         self.counts["fast"] += 1
         return Wire(rendered.message_id, data)
 
-    def standard(self, kind: str, contact: Contact, **args: Any) -> Wire:
-        """The slow, reference way: the composer and ``as_bytes(policy=SMTP)``."""
+    def standard(self, request: MailRequest) -> Wire:
+        """The slow, reference way, counted as such."""
         self.counts["standard"] += 1
-        return self._reference(kind, contact, **args)
+        return self.reference(request)
 
-    def _reference(self, kind: str, contact: Contact, **args: Any) -> Wire:
-        message = self.composer.compose(kind, contact, **args)
+    def reference(self, request: MailRequest) -> Wire:
+        """The standard library's bytes: rendered afresh, built by :func:`mime.build`."""
+        message = mime.build(self.composer.render(request))
         return Wire(str(message["Message-ID"]), message.as_bytes(policy=_SMTP))
 
     def _note(self, text: str) -> None:
         log.warning("%s", text)
         self.notes.append(text)
 
-    # -- rendering, exactly as Composer.compose does it --
-
-    def _render(
-        self,
-        kind: str,
-        contact: Contact,
-        event: Event | None,
-        now: datetime,
-        attended: bool | None,
-        sequences: Mapping[str, int],
-    ) -> _Rendered | None:
-        c = self.composer
-        if f"{kind}.subject.j2" not in c._templates or (event is None) != (kind in _SERIES_KINDS):
-            return None  # the composer raises the proper error
-        zone = c._series.zone
-        now = (now if now.tzinfo is not None else now.replace(tzinfo=zone)).astimezone(zone)
-        attachments = c._attachments(kind, event, now, sequences, contact)
-        context = c._context(kind, contact, event, now, attended, attachments)
-        context["sequence"] = sequences.get(event.id, 0) if event is not None else 0
-        context["changes"] = ()
-        subject = german.clean(c._render(f"{kind}.subject.j2", context))
-        if not subject:
-            return None
-        context["subject"] = subject
-        text = _tidy_text(c._render(f"{kind}.txt.j2", context))
-        html = self._inline(c._render(f"{kind}.html.j2", context))
-        c.check_size(kind, event, text, html, attachments)
-        link = context["unsubscribe_url"]
-        # compose._recipient, without parsing an address that is plain anyway.
-        parts = recipient_parts(contact)
-        to: Address | tuple[str, str] | str = (
-            parts if _PLAIN_ADDRESS.fullmatch(parts[1]) else _recipient(contact)
-        )
-        return _Rendered(
-            kind=kind,
-            event=event,
-            now=now,
-            to=to,
-            subject=subject,
-            text=text,
-            html=html,
-            message_id=c.message_id(kind, contact, event),
-            unsubscribe=", ".join(f"<{u}>" for u in (c._unsubscribe_mailto, link) if u),
-            attachments=tuple(attachments),
-            one_click=bool(link),
-        )
-
     # -- skeletons --
 
-    def _skeleton(self, rendered: _Rendered, message: Any) -> _Skeleton | None:
+    def _skeleton(self, rendered: RenderedMail, message: EmailMessage) -> _Skeleton | None:
         """Cut the standard library's bytes for the first recipient of a shape."""
         data: bytes = message.as_bytes(policy=_SMTP)
-        boundaries = [p.get_boundary() for p in message.walk() if p.is_multipart()]
+        found = [p.get_boundary() for p in message.walk() if p.is_multipart()]
         mid = str(message["Message-ID"])
-        if mid != rendered.message_id or boundaries != [
-            mime_boundary(mid, i) for i in range(len(boundaries))
-        ]:
-            self._note(f"no fast path for {rendered.kind}: unexpected message structure")
+        boundaries = [mime_boundary(mid, i) for i in range(len(found))]
+        if mid != rendered.message_id or found != boundaries:
+            self._note(f"no fast path for {rendered.request.kind}: unexpected message structure")
             return None
         head: list[tuple[str, _Slot | tuple[bytes, bytes]]] = []
         written = b""
@@ -693,7 +641,7 @@ class WireComposer:
             else:
                 head.append((name, folded))
         if not data.startswith(written + b"\r\n"):
-            self._note(f"no fast path for {rendered.kind}: headers differ")
+            self._note(f"no fast path for {rendered.request.kind}: headers differ")
             return None
         body: list[_Slot] = [data[len(written) + 2 :]]
         for slot, token in (
@@ -702,13 +650,15 @@ class WireComposer:
         ):
             body = _cut(body, token, slot)
             if body.count(slot) != 1:
-                self._note(f"no fast path for {rendered.kind}: the {slot} part was not found")
+                self._note(
+                    f"no fast path for {rendered.request.kind}: the {slot} part was not found"
+                )
                 return None
         for index, boundary in enumerate(boundaries):
             body = _cut(body, boundary.encode("ascii"), f"boundary{index}")
         return _Skeleton(head, body)
 
-    def _fill(self, skeleton: _Skeleton, r: _Rendered) -> bytes:
+    def _fill(self, skeleton: _Skeleton, r: RenderedMail) -> bytes:
         h = self._headers
         boundaries = {}
         out: list[bytes] = []
@@ -723,7 +673,7 @@ class WireComposer:
             elif slot == "subject":
                 out.append(h.cached(name, r.subject))
             elif slot == "date":
-                out.append(h.date(name, r.now))
+                out.append(h.date(name, r.request.now))
             elif slot == "message-id":
                 out.append(h.message_id(name, r.message_id))
             else:
@@ -820,7 +770,7 @@ def _compose_chunk(
 ) -> tuple[list[Wire | None], list[str]]:
     """Runs in the worker: the wires of *jobs*, None where composing failed."""
     assert _worker is not None
-    series = _worker.composer._series
+    series = _worker.composer.series
     wires: list[Wire | None] = []
     for kind, event_id, packed, attended in jobs:
         try:
@@ -895,7 +845,7 @@ class WirePipeline:
                 # forked copy of a thread's lock can deadlock.
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(settings, composer._series, templates_dir, config_dir),
+                initargs=(settings, composer.series, templates_dir, config_dir),
             )
             self._feeder = asyncio.create_task(self._feed())
 
@@ -911,35 +861,29 @@ class WirePipeline:
         previous: Mapping[str, str] | None = None,
     ) -> Wire:
         """Like :meth:`WireComposer.wire`, from the workers when they have it."""
-        kind = str(kind)
-        args: dict[str, Any] = dict(
-            event=event, now=now, attended=attended, sequences=sequences, previous=previous
-        )
+        request = MailRequest(str(kind), contact, event, now, attended, sequences or {}, previous)
+        return await self.wire_for(request)
+
+    async def wire_for(self, request: MailRequest) -> Wire:
+        """Like :meth:`WireComposer.wire_for`, from the workers when they have it."""
         found = None
-        if not self._disabled and previous is None:
-            found = await self._prepared(kind, contact, event, attended, sequences, args)
+        if not self._disabled and request.previous is None:
+            found = await self._prepared(request)
         if found is None:
-            return self.local.wire(kind, contact, **args)
+            return self.local.wire_for(request)
         self.prepared += 1
         return found
 
-    async def _prepared(
-        self,
-        kind: str,
-        contact: Contact,
-        event: Event | None,
-        attended: bool | None,
-        sequences: Mapping[str, int] | None,
-        args: dict[str, Any],
-    ) -> Wire | None:
+    async def _prepared(self, request: MailRequest) -> Wire | None:
+        kind, contact, event = request.kind, request.contact, request.event
         index = self._index.get((kind, event.id if event else ""), {}).get(contact.key)
         if index is None:
             return None
         job = self._jobs[index]
         if (
             job.contact != contact
-            or job.attended != attended
-            or dict(sequences or {}) != self._sequences
+            or job.attended != request.attended
+            or dict(request.sequences) != self._sequences
         ):
             return None  # not the mail that was prepared (e.g. the config changed)
         if index > self._cursor:
@@ -958,7 +902,7 @@ class WirePipeline:
         if found is not None and shape not in self._checked:
             # Same files, same bytes? Checked once per kind and date.
             self._checked.add(shape)
-            if found != self.local._reference(kind, contact, **{**args, "now": stamp}):
+            if found != self.local.reference(replace(request, now=stamp)):
                 self._switch_off("the second process composes differently")
                 return None
         return found

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Protocol
 
 from invite_mailer.contacts import Contact
@@ -40,6 +41,8 @@ class DateVersions(Protocol):
     def current(self) -> str: ...
     @property
     def observed_since(self) -> datetime: ...
+    @property
+    def details(self) -> Mapping[str, Mapping[str, str]]: ...
     def sequence_for(self, version: str) -> int: ...
 
 
@@ -311,3 +314,88 @@ def _changes(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mai
             )
         )
     return mailings
+
+
+# --- what to send ------------------------------------------------------------------------
+
+_NO_SEQUENCES: Mapping[str, int] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class MailRequest:
+    """What to send: one kind of mail, to one contact, at one moment.
+
+    *sequences* gives each date's calendar SEQUENCE (default 0); after a
+    change every mail about the date carries the raised one. *previous* is
+    the fingerprint (:meth:`Event.fingerprint`) of the version the recipient
+    saw last, for an update mail. *attended* is ``None`` without an
+    attendance list for the date.
+    """
+
+    kind: str
+    contact: Contact
+    event: Event | None
+    now: datetime
+    attended: bool | None = None
+    sequences: Mapping[str, int] = field(default_factory=lambda: _NO_SEQUENCES)
+    previous: Mapping[str, str] | None = None
+
+
+def request_for(
+    kind: Kind | str,
+    event: Event | None,
+    contact: Contact,
+    now: datetime,
+    *,
+    attendance: Mapping[str, frozenset[str]],
+    ledger: LedgerSnapshot | None = None,
+    sequences: Mapping[str, int] | None = None,
+) -> MailRequest:
+    """The mail *contact* gets of *kind* about *event* at *now*.
+
+    Attendance comes from the attendance lists; with the *ledger*, an
+    update describes what changed since the version the contact saw last.
+    """
+    previous = None
+    if kind == Kind.UPDATE:
+        previous = previous_version(ledger, event, contact)
+    return MailRequest(
+        kind=str(kind),
+        contact=contact,
+        event=event,
+        now=now,
+        attended=attended(attendance, event, contact),
+        sequences=_NO_SEQUENCES if sequences is None else sequences,
+        previous=previous,
+    )
+
+
+def attended(
+    attendance: Mapping[str, frozenset[str]], event: Event | None, contact: Contact
+) -> bool | None:
+    """Whether *contact* took part in *event*; None without an attendance list."""
+    if event is None or event.id not in attendance:
+        return None
+    return contact.key in attendance[event.id]
+
+
+def sequences_of(series: Series, ledger: LedgerSnapshot | None) -> dict[str, int]:
+    """Each date's calendar SEQUENCE as the next mail about it would carry it."""
+    result = {}
+    for event in series.events:
+        history = ledger.date(event.id) if ledger is not None else None
+        result[event.id] = history.sequence_for(event.version) if history is not None else 0
+    return result
+
+
+def previous_version(
+    ledger: LedgerSnapshot | None, event: Event | None, contact: Contact
+) -> Mapping[str, str] | None:
+    """The version of *event* that *contact* was told about last."""
+    if ledger is None or event is None:
+        return None
+    seen = ledger.seen(event.id).get(contact.key)
+    history = ledger.date(event.id)
+    if seen is None or history is None:
+        return None
+    return history.details.get(seen)

@@ -33,14 +33,14 @@ from urllib.parse import quote
 import jinja2
 from babel.dates import format_datetime as babel_datetime
 
-from invite_mailer import german
+from invite_mailer import german, mime
 from invite_mailer.app import safe_name, writing
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
 from invite_mailer.dispatch import Dispatcher
 from invite_mailer.errors import ConfigError
 from invite_mailer.ledger import Ledger
-from invite_mailer.plan import Mailing, MailingState, mailing_times
+from invite_mailer.plan import Mailing, MailingState, mailing_times, request_for
 from invite_mailer.series import Kind
 from invite_mailer.settings import StateSettings, TransportKind, TransportSettings
 from invite_mailer.summary import KIND_LABELS
@@ -337,13 +337,9 @@ def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
     if contact is None or not mailing.event:
         return None
     event = config.series.event(mailing.event)
-    attended = None
-    if event.id in config.attendance:
-        attended = contact.key in config.attendance[event.id]
+    request = request_for(mailing.kind, event, contact, mailing.due, attendance=config.attendance)
     try:
-        message = config.composer.compose(
-            mailing.kind, contact, event=event, now=mailing.due, attended=attended
-        )
+        message = mime.build(config.composer.render(request))
     except (ConfigError, ValueError) as exc:
         log.warning("no preview of %s: %s", mailing.id, exc)
         return None

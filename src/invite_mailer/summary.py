@@ -9,8 +9,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 
 from invite_mailer import german
-from invite_mailer.compose import POLICY, header_address
 from invite_mailer.config import Config
+from invite_mailer.mime import POLICY, header_address
 from invite_mailer.plan import Mailing
 from invite_mailer.series import Kind
 
