@@ -362,16 +362,25 @@ class _Server(uvicorn.Server):
 
 
 def connection_limit() -> int:
-    """:data:`MAX_CONNECTIONS`, or a quarter of the descriptors this process may open.
+    """:data:`MAX_CONNECTIONS`, or a quarter of the descriptors still free.
 
-    The listen backlog is as large, so at most half the descriptors go to
-    HTTP clients; the rest are for the ledger, the file watcher, SMTP
+    The listen backlog is as large, so at most half the free descriptors go
+    to HTTP clients; the rest are for the ledger, the file watcher, SMTP
     connections and config files, which idle clients must never use up.
+    Counted from what is free, not from the limit: the process already holds
+    its libraries, the ledger and the watcher when the server starts.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
-    return max(4, min(MAX_CONNECTIONS, soft // 4))
+    return max(4, min(MAX_CONNECTIONS, (soft - _open_descriptors()) // 4))
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: assume a modest start-up use
+        return 64
 
 
 class _BoundedProtocol(H11Protocol):
