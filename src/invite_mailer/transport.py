@@ -11,6 +11,7 @@ import email.message
 import email.policy
 import errno
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -29,6 +30,8 @@ from invite_mailer.smtp_pool import (
     mark_handover,
     track_handover,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Handover",
@@ -117,6 +120,10 @@ class OutboxTransport:
             await asyncio.shield(write)
         except asyncio.CancelledError:
             await asyncio.wait([write])
+            if not write.cancelled() and write.exception() is not None:
+                # Retrieved, or asyncio logs it with a traceback when the task
+                # is collected; the mail is pending again either way.
+                log.debug("outbox write after cancellation failed: %s", write.exception())
             raise
         except OSError as exc:
             if exc.errno in _OUTBOX_UNUSABLE:
