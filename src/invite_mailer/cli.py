@@ -23,6 +23,12 @@ from invite_mailer import __version__, app, report
 from invite_mailer.config import Config, load_config
 from invite_mailer.dispatch import Outcome
 from invite_mailer.errors import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
     ConfigError,
     InviteMailerError,
     PermanentFailure,
@@ -32,11 +38,6 @@ from invite_mailer.errors import (
 from invite_mailer.logs import setup_logging
 from invite_mailer.series import Kind
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
-# Beyond the product's codes, as the daemon uses them (sysexits): systemd restarts
-# on these, but not on 1 (a broken config that a restart cannot fix).
-EXIT_SOFTWARE = 70  # an unexpected error: a bug
-EXIT_TEMPFAIL = 75  # the system refused (I/O error, no descriptors): try again later
 LASTING_OS_ERRORS = (
     PermissionError,
     FileNotFoundError,

@@ -27,7 +27,14 @@ from watchfiles import Change, DefaultFilter, awatch
 from invite_mailer.app import validate_sample
 from invite_mailer.config import Config, load_config
 from invite_mailer.dispatch import Dispatcher, Outcome
-from invite_mailer.errors import ConfigError, InviteMailerError
+from invite_mailer.errors import (
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    EXIT_TEMPFAIL,
+    ConfigError,
+    InviteMailerError,
+)
 from invite_mailer.health import heartbeat_path, write_heartbeat
 from invite_mailer.ledger import Ledger, state_lock
 from invite_mailer.plan import MailingState
@@ -50,10 +57,7 @@ WATCH_RETRY_SECONDS = (1.0, 2.0, 5.0, 15.0, 60.0)
 # command; the systemd unit does not restart on it (RestartPreventExitStatus=1),
 # since a broken config stays broken until someone edits it. Everything else
 # is worth another start, so it must never exit 1 by accident.
-EXIT_OK = 0
-EXIT_INVALID_CONFIG = 1
-EXIT_SOFTWARE = 70  # sysexits EX_SOFTWARE: an unexpected error
-EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: lock held, port taken, ledger unavailable
+EXIT_INVALID_CONFIG = EXIT_INVALID
 
 NOT_RESTARTING = "not restarting: fix the config and start again"
 

@@ -10,6 +10,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+# Exit codes, the same for every command and the daemon. 0-3 are the product's;
+# 70 and 75 follow sysexits. systemd restarts on 70 and 75, not on 1 (a broken
+# config that a restart cannot fix: RestartPreventExitStatus=1).
+EXIT_OK = 0
+EXIT_INVALID = 1  # invalid config or input; nothing sent
+EXIT_USAGE = 2
+EXIT_FAILED = 3  # some deliveries failed permanently
+EXIT_SOFTWARE = 70  # an unexpected error: a bug
+EXIT_TEMPFAIL = 75  # the system refused (I/O error, no descriptors, a lock): try again later
+
 
 class InviteMailerError(Exception):
     """Base class of every error invite-mailer raises on purpose."""
