@@ -38,14 +38,13 @@ from invite_mailer.contacts import Contact
 from invite_mailer.fastcompose import (
     FAST_KINDS,
     Job,
-    Wire,
     WireComposer,
     WirePipeline,
     display_name,
     fold,
     qp_wire,
 )
-from invite_mailer.mime import set_boundaries
+from invite_mailer.mime import Wire, set_boundaries
 from invite_mailer.series import Kind
 from invite_mailer.smtp_pool import _DOT_ATOM, CrlfBytes, _data_block, _quote, crlf_checked
 from samplemails import FIRST_DATE, set_materials
@@ -499,15 +498,6 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
     assert pipeline.prepared > 100
 
 
-class _WireSink:
-    """A transport that takes wire bytes (and discards them)."""
-
-    async def send_wire(
-        self, data: bytes, *, message_id: str, sender: str, recipients: list[str]
-    ) -> str:
-        return "250 OK"
-
-
 @pytest.mark.parametrize(("workers", "pooled"), [(0, False), (1, True)])
 async def test_compose_workers_setting(config: Config, workers: int, pooled: bool) -> None:
     """limits.compose_workers = 0 keeps large passes in one process (less memory)."""
@@ -524,7 +514,7 @@ async def test_compose_workers_setting(config: Config, workers: int, pooled: boo
     )
     changed = replace(changed, contacts=contacts)
     pipeline = fastcompose.pipeline(
-        changed, _WireSink(), mails, sequences={}, clock=lambda: NOW[Kind.INVITATION]
+        changed, mails, sequences={}, clock=lambda: NOW[Kind.INVITATION]
     )
     assert pipeline is not None
     try:

@@ -32,6 +32,7 @@ from deliverykit import (
     split,
     status_json,
 )
+from invite_mailer import mime
 from invite_mailer.transport import outbox_name
 from smtpserver import SmtpServer
 
@@ -229,7 +230,7 @@ def test_an_unexpected_transport_error_neither_hangs_the_pass_nor_loses_the_mail
     assert code == 0
     (eml,) = (project / "preview").glob("*.eml")
     message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
-    blocker = project / "outbox" / f"{outbox_name(message, b'')}.eml"
+    blocker = project / "outbox" / f"{outbox_name(mime.wire(message))}.eml"
     blocker.mkdir(parents=True)
 
     first = run_process(["send-due", "--now", NOW, "--json"], {}, project, timeout=30)

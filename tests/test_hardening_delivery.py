@@ -43,10 +43,12 @@ from deliverykit import (
     status_json,
     wait_for,
 )
+from invite_mailer import mime
 from invite_mailer.config import load_config
 from invite_mailer.dispatch import Dispatcher
 from invite_mailer.errors import PermanentFailure, SetupFailure, TemporaryFailure
 from invite_mailer.ledger import Ledger
+from invite_mailer.mime import Wire
 from invite_mailer.ratelimit import RateLimiter
 from invite_mailer.settings import SmtpSettings
 from invite_mailer.transport import OutboxTransport, SmtpTransport, UncertainFailure
@@ -369,14 +371,14 @@ def test_a_full_state_disk_stops_the_pass_with_exit_75(project: Path) -> None:
 # -- finding: IDN addresses on a relay without SMTPUTF8 ----------------------------------
 
 
-def idn_message(to: str) -> EmailMessage:
+def idn_message(to: str) -> Wire:
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = "transferreihe@example.org"
     message["To"] = "Bücherei <info@xn--bcher-kva.de>"
     message["Subject"] = "Einladung"
     message["Message-ID"] = f"<{abs(hash(to))}@example.org>"
     message.set_content("Guten Tag,\n")
-    return message
+    return mime.wire(message)
 
 
 def plain_settings(server: SmtpServer) -> SmtpSettings:

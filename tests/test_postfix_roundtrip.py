@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from invite_mailer import mime
 from invite_mailer.settings import SmtpSettings
 from invite_mailer.transport import SmtpTransport
 from samplemails import Sample, load_sample_config, sample_mails, sample_project
@@ -207,7 +208,9 @@ def test_every_kind_arrives_unchanged(postfix: Postfix, samples: list[Sample]) -
         async with SmtpTransport(settings) as transport:
             for message in sent.values():
                 recipient = message["To"].addresses[0].addr_spec
-                answer = await transport.send(message, sender=SENDER, recipients=[recipient])
+                answer = await transport.send(
+                    mime.wire(message), sender=SENDER, recipients=[recipient]
+                )
                 assert answer.startswith("250"), answer
 
     asyncio.run(asyncio.wait_for(send_all(), timeout=30))

@@ -22,6 +22,7 @@ import pytest
 from aiosmtpd.smtp import AuthResult
 from aiosmtplib.protocol import normalize_message_line_endings
 
+from invite_mailer import mime
 from invite_mailer.errors import PermanentFailure, TemporaryFailure
 from invite_mailer.ratelimit import RateLimiter
 from invite_mailer.settings import Settings, SmtpSettings, TransportSettings
@@ -30,7 +31,6 @@ from invite_mailer.transport import (
     SmtpTransport,
     UncertainFailure,
     make_transport,
-    wire_bytes,
 )
 from smtpserver import SmtpServer
 
@@ -70,7 +70,7 @@ def settings_for(server: SmtpServer, **overrides: Any) -> SmtpSettings:
 
 
 async def send(transport: SmtpTransport, number: int = 1, to: str = "a@example.org") -> str:
-    return await transport.send(message(number, to), sender=SENDER, recipients=[to])
+    return await transport.send(mime.wire(message(number, to)), sender=SENDER, recipients=[to])
 
 
 # -- outbox ---------------------------------------------------------------------
@@ -79,7 +79,7 @@ async def send(transport: SmtpTransport, number: int = 1, to: str = "a@example.o
 async def test_outbox_writes_exact_bytes_named_by_message_id(tmp_path: Path) -> None:
     msg = message(7)
     async with OutboxTransport(tmp_path / "outbox") as outbox:
-        answer = await outbox.send(msg, sender=SENDER, recipients=["a@example.org"])
+        answer = await outbox.send(mime.wire(msg), sender=SENDER, recipients=["a@example.org"])
     path = tmp_path / "outbox" / "7.einladung@example.org.eml"
     assert answer == f"250 written to {path}"
     assert path.read_bytes() == msg.as_bytes(policy=email.policy.SMTP)
@@ -93,9 +93,9 @@ async def test_outbox_name_is_safe_and_stable(tmp_path: Path) -> None:
     anonymous = message()
     del anonymous["Message-ID"]
     async with OutboxTransport(tmp_path) as outbox:
-        await outbox.send(evil, sender=SENDER, recipients=["a@example.org"])
-        await outbox.send(anonymous, sender=SENDER, recipients=["a@example.org"])
-        await outbox.send(anonymous, sender=SENDER, recipients=["a@example.org"])
+        await outbox.send(mime.wire(evil), sender=SENDER, recipients=["a@example.org"])
+        await outbox.send(mime.wire(anonymous), sender=SENDER, recipients=["a@example.org"])
+        await outbox.send(mime.wire(anonymous), sender=SENDER, recipients=["a@example.org"])
     names = sorted(os.listdir(tmp_path))
     assert len(names) == 2  # the same message without an ID lands in the same file
     assert "_.._etc_passwd@x.eml" in names
@@ -104,7 +104,7 @@ async def test_outbox_name_is_safe_and_stable(tmp_path: Path) -> None:
 
 async def test_outbox_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with OutboxTransport(tmp_path) as outbox:
-        await outbox.send(message(1), sender=SENDER, recipients=["a@example.org"])
+        await outbox.send(mime.wire(message(1)), sender=SENDER, recipients=["a@example.org"])
         before = (tmp_path / "1.einladung@example.org.eml").read_bytes()
 
         def crash(src: str, dst: str) -> None:
@@ -114,7 +114,7 @@ async def test_outbox_replaces_atomically(tmp_path: Path, monkeypatch: pytest.Mo
         changed = message(1)
         changed.replace_header("Subject", "Geändert")
         with pytest.raises(OSError, match="disk gone"):
-            await outbox.send(changed, sender=SENDER, recipients=["a@example.org"])
+            await outbox.send(mime.wire(changed), sender=SENDER, recipients=["a@example.org"])
     # The old file is whole and no half-written temp file is left behind.
     assert (tmp_path / "1.einladung@example.org.eml").read_bytes() == before
     assert os.listdir(tmp_path) == ["1.einladung@example.org.eml"]
@@ -133,13 +133,15 @@ def test_make_transport_follows_settings(tmp_path: Path) -> None:
 async def test_smtp_delivers_exact_bytes(smtp_server: SmtpServer) -> None:
     msg = message(1, "anna.mueller@example.org")
     async with SmtpTransport(settings_for(smtp_server)) as transport:
-        answer = await transport.send(msg, sender=SENDER, recipients=["anna.mueller@example.org"])
+        answer = await transport.send(
+            mime.wire(msg), sender=SENDER, recipients=["anna.mueller@example.org"]
+        )
     assert answer == "250 2.0.0 Ok: queued as TEST00001"
     [received] = smtp_server.received
     assert received.mail_from == SENDER
     assert received.rcpt_tos == ("anna.mueller@example.org",)
     expected = msg.as_bytes(policy=email.policy.SMTP)
-    assert expected == wire_bytes(msg)
+    assert expected == mime.wire(msg).data
     assert b"\n.eine Zeile" in expected  # dot-stuffing was exercised
     # SMTP can only end the data with CRLF; everything else is byte-identical.
     assert received.data == normalize_message_line_endings(expected)

@@ -14,7 +14,6 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from email import policy
 from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
@@ -399,6 +398,7 @@ def preview(
     event = pick_event(config, kind, event_id)
     written = []
     sequences = sequences_of(config.series, view)
+    builder = WireComposer(config.composer)  # the builder send-due uses
     for contact in pick_contacts(config, kind, event, email):
         request = request_for(
             kind,
@@ -409,13 +409,13 @@ def preview(
             ledger=view,
             sequences=sequences,
         )
-        message = mime.build(config.composer.render(request))
+        wire = builder.wire_for(request)
         stem = safe_name(str(kind), event.id if event else "", contact.key)
-        html = message.get_body(("html",))
+        html = mime.parse(wire).get_body(("html",))
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
             eml = out / f"{stem}.eml"
-            write_file(eml, message.as_bytes(policy=policy.SMTP))
+            write_file(eml, wire.data)
             written.append(eml)
             if html is not None:
                 path = out / f"{stem}.html"
@@ -535,7 +535,7 @@ async def send_test(
     test = _readdress(message, to)
     sender = config.settings.sender.from_address.addr_spec
     async with make_transport(config.settings) as transport:
-        return await transport.send(test, sender=sender, recipients=[to])
+        return await transport.send(mime.wire(test), sender=sender, recipients=[to])
 
 
 def _readdress(message: EmailMessage, to: str) -> EmailMessage:

@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from enum import StrEnum
 from typing import TypeVar
 
@@ -40,6 +39,7 @@ from invite_mailer.ledger import (
     LedgerView,
     format_version,
 )
+from invite_mailer.mime import Wire
 from invite_mailer.plan import Mailing, MailRequest, plan, request_for, sequences_of
 from invite_mailer.summary import compose_summary
 from invite_mailer.transport import Handover, Transport, UncertainFailure, track_handover
@@ -193,7 +193,6 @@ class Dispatcher:
         # big pass) straight into wire bytes; see fastcompose.
         self._wires = fastcompose.pipeline(
             self.config,
-            self.transport,
             [(i.mailing.kind, i.mailing.event, i.key) for i in items],
             sequences=self._sequences,
             clock=virtual_now,
@@ -387,7 +386,7 @@ class Dispatcher:
         item: _Item,
         key: DeliveryKey,
         contact_email: str,
-        message: EmailMessage | fastcompose.Wire,
+        message: Wire,
         version: str,
         now: datetime,
         result: PassResult,
@@ -395,15 +394,11 @@ class Dispatcher:
     ) -> tuple[Outcome, float | None]:
         """Claim, send and record one composed mail."""
         mailing, config = item.mailing, self.config
-        if not await _settle(
-            self.ledger.claim(key, str(message["Message-ID"]), now, version=version)
-        ):
+        if not await _settle(self.ledger.claim(key, message.message_id, now, version=version)):
             return Outcome.SKIPPED, None
         sender = config.settings.sender.from_address.addr_spec
         try:
-            answer = await fastcompose.send(
-                self.transport, message, sender=sender, recipients=[contact_email]
-            )
+            answer = await self.transport.send(message, sender=sender, recipients=[contact_email])
         except SetupFailure as exc:
             # TLS, login or the outbox folder: nothing left, no mail is at fault.
             await _settle(self.ledger.release(key, now))
@@ -497,11 +492,11 @@ class Dispatcher:
         next_at = (now.astimezone(UTC) + timedelta(seconds=delay)).astimezone(now.tzinfo)
         await self.ledger.mark_retry(key, f"not sent: {reason}", now, next_at)
 
-    async def _compose(self, request: MailRequest) -> EmailMessage | fastcompose.Wire:
-        """The mail: wire bytes from the pass's pipeline, else the composer's message."""
+    async def _compose(self, request: MailRequest) -> Wire:
+        """The mail's wire bytes, from the pass's pipeline (or the reference build)."""
         if self._wires is not None:
             return await self._wires.wire_for(request)
-        return mime.build(self.config.composer.render(request))
+        return mime.wire(mime.build(self.config.composer.render(request)))
 
     def _backoff(self, attempt: int) -> float:
         limits = self.config.settings.limits
@@ -541,7 +536,9 @@ class Dispatcher:
                 continue
             sender = config.settings.sender.from_address.addr_spec
             try:
-                answer = await self.transport.send(message, sender=sender, recipients=[organiser])
+                answer = await self.transport.send(
+                    mime.wire(message), sender=sender, recipients=[organiser]
+                )
             except PermanentFailure as exc:
                 await self.ledger.mark_failed(key, exc.response, now)
             except (TemporaryFailure, OSError) as exc:

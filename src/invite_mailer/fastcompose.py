@@ -54,31 +54,27 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from invite_mailer import mime
 from invite_mailer.compose import Composer
 from invite_mailer.config import Config
 from invite_mailer.contacts import Contact
-from invite_mailer.mime import PLAIN_ADDRESS, POLICY, Recipient, RenderedMail, mime_boundary
+from invite_mailer.mime import PLAIN_ADDRESS, POLICY, Recipient, RenderedMail, Wire, mime_boundary
 from invite_mailer.plan import MailRequest
 from invite_mailer.series import Event, Kind, Series
 from invite_mailer.settings import Settings
 from invite_mailer.smtp_pool import crlf_checked
-from invite_mailer.transport import Transport
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "FAST_KINDS",
     "Job",
-    "Wire",
     "WireComposer",
     "WirePipeline",
-    "WireTransport",
     "pipeline",
     "qp_wire",
-    "send",
 ]
 
 #: The kinds that go to a whole audience at once. Updates and cancellations
@@ -93,42 +89,6 @@ _QP_LINE: int = POLICY.max_line_length or 76  # what set_content() wraps quoted-
 _PER_RECIPIENT = frozenset({"to", "subject", "date", "message-id", "list-unsubscribe"})
 # How many recipients of each shape are checked against the standard library.
 _VERIFY = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Wire:
-    """A finished mail: its Message-ID and the exact bytes to transmit."""
-
-    message_id: str
-    data: bytes
-
-    def __getitem__(self, name: str) -> str:
-        # What the dispatcher reads of a message, whichever kind it holds.
-        if name.lower() != "message-id":
-            raise KeyError(name)
-        return self.message_id
-
-
-@runtime_checkable
-class WireTransport(Protocol):
-    """A transport that can send bytes already in wire form."""
-
-    async def send_wire(
-        self, data: bytes, *, message_id: str, sender: str, recipients: Sequence[str]
-    ) -> str: ...
-
-
-async def send(
-    transport: Transport, message: EmailMessage | Wire, *, sender: str, recipients: Sequence[str]
-) -> str:
-    """Hand *message* to *transport*, as wire bytes where it is a :class:`Wire`."""
-    if isinstance(message, Wire):
-        if not isinstance(transport, WireTransport):
-            raise TypeError(f"{type(transport).__name__} cannot send wire bytes")
-        return await transport.send_wire(
-            message.data, message_id=message.message_id, sender=sender, recipients=recipients
-        )
-    return await transport.send(message, sender=sender, recipients=recipients)
 
 
 # --- quoted-printable -----------------------------------------------------------------
@@ -607,8 +567,7 @@ class WireComposer:
 
     def reference(self, request: MailRequest) -> Wire:
         """The standard library's bytes: rendered afresh, built by :func:`mime.build`."""
-        message = mime.build(self.composer.render(request))
-        return Wire(str(message["Message-ID"]), message.as_bytes(policy=_SMTP))
+        return mime.wire(mime.build(self.composer.render(request)))
 
     def _note(self, text: str) -> None:
         log.warning("%s", text)
@@ -976,17 +935,12 @@ MIN_PIPELINE = 300
 
 def pipeline(
     config: Config,
-    transport: Transport,
     mails: Sequence[tuple[str, str, str]],
     *,
     sequences: Mapping[str, int],
     clock: Callable[[], datetime],
-) -> WirePipeline | None:
-    """The pipeline for a delivery pass of *mails* (kind, event id, contact key),
-    or None when the transport takes only :class:`~email.message.EmailMessage`
-    objects (then the composer is used as it is)."""
-    if not isinstance(transport, WireTransport):
-        return None
+) -> WirePipeline:
+    """The pipeline for a delivery pass of *mails* (kind, event id, contact key)."""
     jobs = []
     names: dict[str, str] = {}  # one string per kind, not one per mail
     for kind, event_id, key in mails:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from email import message_from_bytes
 from email import policy as email_policy
 from email.header import Header
 from email.headerregistry import (
@@ -323,6 +324,26 @@ class RenderedMail:
     unsubscribe: str  # the List-Unsubscribe value: "<mailto:...>, <https://...>"
     one_click: bool  # whether List-Unsubscribe-Post is sent (an https link is in it)
     attachments: tuple[File, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """A finished mail as every transport takes it: its Message-ID and the exact bytes."""
+
+    message_id: str
+    data: bytes
+
+
+def wire(message: EmailMessage) -> Wire:
+    """The standard library's bytes of *message*, exactly as transmitted."""
+    return Wire(str(message.get("Message-ID", "")), message.as_bytes(policy=email_policy.SMTP))
+
+
+def parse(wire: Wire) -> EmailMessage:
+    """*wire* read back as a mail client would, for its parts and decoded headers."""
+    message = message_from_bytes(wire.data, policy=email_policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
 
 
 def build(mail: RenderedMail) -> EmailMessage:

@@ -44,7 +44,7 @@ from invite_mailer.plan import Mailing, MailingState, mailing_times, request_for
 from invite_mailer.series import Kind
 from invite_mailer.settings import StateSettings, TransportKind, TransportSettings
 from invite_mailer.summary import KIND_LABELS
-from invite_mailer.transport import OutboxTransport, outbox_name, wire_bytes
+from invite_mailer.transport import OutboxTransport, outbox_name
 
 __all__ = ["MailRecord", "MailingReport", "Rehearsal", "rehearse"]
 
@@ -149,13 +149,12 @@ class _Recorder:
     ) -> None:
         await self.outbox.__aexit__(exc_type, exc, tb)
 
-    async def send(
-        self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
-    ) -> str:
-        answer = await self.outbox.send(message, sender=sender, recipients=recipients)
+    async def send(self, wire: mime.Wire, *, sender: str, recipients: Sequence[str]) -> str:
+        answer = await self.outbox.send(wire, sender=sender, recipients=recipients)
         assert self.moment is not None
-        path = self.directory / f"{outbox_name(message, wire_bytes(message))}.eml"
-        self.written[str(message["Message-ID"])] = (message, self.moment, path)
+        path = self.directory / f"{outbox_name(wire)}.eml"
+        # Read back from the bytes that went out, as a mail client would.
+        self.written[wire.message_id] = (mime.parse(wire), self.moment, path)
         return answer
 
 
@@ -348,7 +347,7 @@ def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
     path = folder / f"{stem}.html"
     with writing(out):
         folder.mkdir(exist_ok=True)
-        (folder / f"{stem}.eml").write_bytes(wire_bytes(message))
+        (folder / f"{stem}.eml").write_bytes(mime.wire(message).data)
         path.write_text(_html_of(message), encoding="utf-8")
     return path.relative_to(out)
 

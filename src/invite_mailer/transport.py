@@ -1,14 +1,13 @@
-"""Where finished messages go: an SMTP relay, or an outbox folder of ``.eml`` files.
+"""Where finished mails go: an SMTP relay, or an outbox folder of ``.eml`` files.
 
-Both transports send exactly ``message.as_bytes(policy=email.policy.SMTP)``, the
-same bytes ``preview`` writes, so what an organiser inspected is what goes out.
+Both transports take a :class:`~invite_mailer.mime.Wire` (the bytes the one
+mail builder made) and an envelope, nothing else, so what an organiser
+inspected with ``preview`` is what goes out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.message
-import email.policy
 import errno
 import hashlib
 import logging
@@ -21,6 +20,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from invite_mailer.errors import SetupFailure
+from invite_mailer.mime import Wire
 from invite_mailer.ratelimit import RateLimiter, SendJournal
 from invite_mailer.settings import Settings, SmtpSettings, TransportKind
 from invite_mailer.smtp_pool import (
@@ -40,13 +40,13 @@ __all__ = [
     "Transport",
     "UncertainFailure",
     "make_transport",
+    "outbox_name",
     "track_handover",
-    "wire_bytes",
 ]
 
 
 class Transport(Protocol):
-    """Sends one message at a time; used as an async context manager."""
+    """Sends one mail at a time; used as an async context manager."""
 
     async def __aenter__(self) -> Self: ...
 
@@ -57,10 +57,8 @@ class Transport(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def send(
-        self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
-    ) -> str:
-        """Hand *message* over and return the final answer, e.g. ``250 2.0.0 Ok: queued``.
+    async def send(self, wire: Wire, *, sender: str, recipients: Sequence[str]) -> str:
+        """Hand *wire* to *recipients*; return the final answer, e.g. ``250 2.0.0 Ok``.
 
         Raises :class:`~invite_mailer.errors.TemporaryFailure` (4xx, lost
         connection, timeout; its subclass :class:`UncertainFailure` when the data
@@ -72,11 +70,6 @@ class Transport(Protocol):
         message's bytes start to leave.
         """
         ...
-
-
-def wire_bytes(message: email.message.EmailMessage) -> bytes:
-    """The message exactly as it is transmitted and as ``preview`` shows it."""
-    return message.as_bytes(policy=email.policy.SMTP)
 
 
 class OutboxTransport:
@@ -100,17 +93,8 @@ class OutboxTransport:
     ) -> None:
         return None
 
-    async def send(
-        self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
-    ) -> str:
-        data = wire_bytes(message)
-        return await self._write(self.directory / f"{outbox_name(message, data)}.eml", data)
-
-    async def send_wire(
-        self, data: bytes, *, message_id: str, sender: str, recipients: Sequence[str]
-    ) -> str:
-        """Like :meth:`send`, for a message already in wire form (see fastcompose)."""
-        return await self._write(self.directory / f"{_file_name(message_id, data)}.eml", data)
+    async def send(self, wire: Wire, *, sender: str, recipients: Sequence[str]) -> str:
+        return await self._write(self.directory / f"{outbox_name(wire)}.eml", wire.data)
 
     async def _write(self, path: Path, data: bytes) -> str:
         # A thread cannot be stopped half-way: when the send is cancelled, the
@@ -162,14 +146,10 @@ _OUTBOX_PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
 
 
-def outbox_name(message: email.message.EmailMessage, data: bytes) -> str:
+def outbox_name(wire: Wire) -> str:
     """A stable file name: the sanitised Message-ID, else a hash of the bytes."""
-    return _file_name(str(message.get("Message-ID", "")), data)
-
-
-def _file_name(message_id: str, data: bytes) -> str:
-    name = _UNSAFE.sub("_", message_id.strip().strip("<>")).lstrip(".")[:200]
-    return name or hashlib.sha256(data).hexdigest()[:32]
+    name = _UNSAFE.sub("_", wire.message_id.strip().strip("<>")).lstrip(".")[:200]
+    return name or hashlib.sha256(wire.data).hexdigest()[:32]
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -229,27 +209,12 @@ class SmtpTransport:
         if self.limiter is not None:
             await self.limiter.flush()
 
-    async def send(
-        self, message: email.message.EmailMessage, *, sender: str, recipients: Sequence[str]
-    ) -> str:
-        if self._pool is None:
-            raise RuntimeError("use the transport as 'async with transport:' before sending")
-        return await self.send_wire(
-            wire_bytes(message),
-            message_id=str(message.get("Message-ID", "")),
-            sender=sender,
-            recipients=recipients,
-        )
-
-    async def send_wire(
-        self, data: bytes, *, message_id: str, sender: str, recipients: Sequence[str]
-    ) -> str:
-        """Like :meth:`send`, for a message already in wire form (see fastcompose)."""
+    async def send(self, wire: Wire, *, sender: str, recipients: Sequence[str]) -> str:
         if self._pool is None:
             raise RuntimeError("use the transport as 'async with transport:' before sending")
         if not recipients:
             raise ValueError("no recipients given")
-        return await self._pool.send(sender, list(recipients), data)
+        return await self._pool.send(sender, list(recipients), wire.data)
 
 
 def make_transport(settings: Settings) -> Transport:
