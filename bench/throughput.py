@@ -48,9 +48,9 @@ from pathlib import Path
 
 import common
 
-from invite_mailer.app import parse_now
-from invite_mailer.config import load_config
-from invite_mailer.fastcompose import WireComposer
+from invite_mailer.cli.commands import parse_now
+from invite_mailer.inputs.config import load_config
+from invite_mailer.mail.fastcompose import WireComposer
 
 SENDER = "transferreihe@example.org"
 

@@ -37,7 +37,7 @@ rate
     --minutes`` generated contacts plus a tenth of a minute's worth more, with
     ``smtp.rate_per_minute = --rate`` (default 600) and four connections, so
     the limiter, not the sender, sets the pace for ``--minutes`` (default 5)
-    real minutes. The limiter (src/invite_mailer/ratelimit.py) lets a send
+    real minutes. The limiter (src/invite_mailer/delivery/ratelimit.py) lets a send
     start only while fewer than N sends are in flight or ended less than 60 s
     ago, a send ending when the relay has answered it: the first N go out as
     fast as the sender can, each later one 60 s after the relay answered the

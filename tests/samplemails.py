@@ -18,10 +18,10 @@ from email.message import EmailMessage
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from invite_mailer.compose import Composer
-from invite_mailer.config import Config, load_config
-from invite_mailer.contacts import Contact
-from invite_mailer.series import Event, Kind
+from invite_mailer.inputs.config import Config, load_config
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Event, Kind
+from invite_mailer.mail.compose import Composer
 
 ROOT = Path(__file__).resolve().parent.parent
 BERLIN = ZoneInfo("Europe/Berlin")

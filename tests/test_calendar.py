@@ -7,14 +7,14 @@ from zoneinfo import ZoneInfo
 import icalendar
 import pytest
 
-from invite_mailer.calendar import (
+from invite_mailer.core.calendar import (
     CalendarFiles,
     build_event_calendar,
     event_uid,
     ics_filename,
     vtimezone,
 )
-from invite_mailer.series import Series, load_series
+from invite_mailer.inputs.series import Series, load_series
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 BERLIN = ZoneInfo("Europe/Berlin")

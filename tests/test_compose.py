@@ -18,12 +18,12 @@ import icalendar
 import pytest
 from pydantic import SecretStr
 
-from invite_mailer.compose import Composer
-from invite_mailer.contacts import Contact
+from invite_mailer.core.tokens import make_token, verify_token
 from invite_mailer.errors import ConfigError
-from invite_mailer.series import Kind, Series, load_series
-from invite_mailer.settings import Settings, load_settings
-from invite_mailer.unsubscribe import make_token, verify_token
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Kind, Series, load_series
+from invite_mailer.inputs.settings import Settings, load_settings
+from invite_mailer.mail.compose import Composer
 from samplemails import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from invite_mailer.contacts import (
+from invite_mailer.errors import ConfigError
+from invite_mailer.inputs.contacts import (
     MAX_PROBLEMS,
     Contact,
     ContactList,
@@ -20,7 +21,6 @@ from invite_mailer.contacts import (
     load_attendance,
     load_contacts,
 )
-from invite_mailer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ("verwaltung", "kreislaufwirtschaft", "allianzen", "forschung")

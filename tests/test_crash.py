@@ -32,7 +32,7 @@ from deliverykit import (
     wait_for,
     write_contacts,
 )
-from invite_mailer.ledger import state_lock
+from invite_mailer.delivery.ledger import state_lock
 from smtpserver import SmtpServer
 
 CONTACTS = 2000

@@ -406,10 +406,10 @@ async def test_slow_reloads_never_pile_up_threads(
     import threading
 
     from deliverykit import write_contacts
-    from invite_mailer import daemon as daemon_module
-    from invite_mailer.config import load_config
-    from invite_mailer.ledger import Ledger
-    from invite_mailer.transport import OutboxTransport
+    from invite_mailer.delivery.ledger import Ledger
+    from invite_mailer.delivery.transport import OutboxTransport
+    from invite_mailer.inputs.config import load_config
+    from invite_mailer.service import daemon as daemon_module
 
     config = load_config(project / "config")
     write_contacts(

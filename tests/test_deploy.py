@@ -2,7 +2,7 @@
 
 Every ``INVITE_MAILER_*`` name in them must be a real setting, and
 ``.env.example`` must list every setting, so none of them can drift from
-:mod:`invite_mailer.settings`.
+:mod:`invite_mailer.inputs.settings`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, SecretStr, TypeAdapter
 
-from invite_mailer.config import default_templates_dir
-from invite_mailer.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
+from invite_mailer.inputs.config import default_templates_dir
+from invite_mailer.inputs.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -31,11 +31,13 @@ import pytest
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from invite_mailer import fastcompose, mime
-from invite_mailer.compose import Composer
-from invite_mailer.config import Config, load_config
-from invite_mailer.contacts import Contact
-from invite_mailer.fastcompose import (
+from invite_mailer.delivery.smtp_pool import _DOT_ATOM, _data_block, _quote
+from invite_mailer.inputs.config import Config, load_config
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Kind
+from invite_mailer.mail import fastcompose, mime
+from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.fastcompose import (
     FAST_KINDS,
     Job,
     WireComposer,
@@ -44,9 +46,7 @@ from invite_mailer.fastcompose import (
     fold,
     qp_wire,
 )
-from invite_mailer.mime import Wire, set_boundaries
-from invite_mailer.series import Kind
-from invite_mailer.smtp_pool import _DOT_ATOM, CrlfBytes, _data_block, _quote, crlf_checked
+from invite_mailer.mail.mime import CrlfBytes, Wire, crlf_checked, set_boundaries
 from samplemails import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]

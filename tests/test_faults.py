@@ -32,8 +32,8 @@ from deliverykit import (
     split,
     status_json,
 )
-from invite_mailer import mime
-from invite_mailer.transport import outbox_name
+from invite_mailer.delivery.transport import outbox_name
+from invite_mailer.mail import mime
 from smtpserver import SmtpServer
 
 NOW = "2024-10-24T10:05"

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from invite_mailer import yamlfile
 from invite_mailer.errors import ConfigError
-from invite_mailer.yamlfile import read_config_file
+from invite_mailer.inputs import yamlfile
+from invite_mailer.inputs.yamlfile import read_config_file
 
 
 def test_a_folder_swapped_for_a_link_while_opening_is_refused(

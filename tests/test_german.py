@@ -4,7 +4,7 @@ from datetime import date, time
 
 import pytest
 
-from invite_mailer import german
+from invite_mailer.core import german
 
 
 @pytest.mark.parametrize(

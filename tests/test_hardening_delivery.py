@@ -43,15 +43,15 @@ from deliverykit import (
     status_json,
     wait_for,
 )
-from invite_mailer import mime
-from invite_mailer.config import load_config
-from invite_mailer.dispatch import Dispatcher
+from invite_mailer.delivery.dispatch import Dispatcher
+from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.ratelimit import RateLimiter
+from invite_mailer.delivery.transport import OutboxTransport, SmtpTransport, UncertainFailure
 from invite_mailer.errors import PermanentFailure, SetupFailure, TemporaryFailure
-from invite_mailer.ledger import Ledger
-from invite_mailer.mime import Wire
-from invite_mailer.ratelimit import RateLimiter
-from invite_mailer.settings import SmtpSettings
-from invite_mailer.transport import OutboxTransport, SmtpTransport, UncertainFailure
+from invite_mailer.inputs.config import load_config
+from invite_mailer.inputs.settings import SmtpSettings
+from invite_mailer.mail import mime
+from invite_mailer.mail.mime import Wire
 from smtpserver import SmtpServer
 
 NOW = "2024-10-24T10:05"
@@ -405,7 +405,7 @@ async def test_the_envelope_names_the_domain_the_to_header_names(
     smtp_server_factory: Any, address: str
 ) -> None:
     # IDNA 2003 (Python's codec) turns "ß" into "ss": another domain, another owner.
-    from invite_mailer.mime import header_address
+    from invite_mailer.mail.mime import header_address
 
     smtp_server = smtp_server_factory(enable_SMTPUTF8=False)
     async with SmtpTransport(plain_settings(smtp_server)) as transport:

@@ -33,12 +33,12 @@ import pytest
 from click.testing import CliRunner
 
 from invite_mailer.cli import cli
-from invite_mailer.config import load_config
-from invite_mailer.contacts import load_address_list, load_attendance, load_contacts
+from invite_mailer.cli.optouts import file_lines
+from invite_mailer.core.plan import EmptyLedger, PlanInput, plan
 from invite_mailer.errors import ConfigError
-from invite_mailer.optouts import file_lines
-from invite_mailer.plan import EmptyLedger, PlanInput, plan
-from invite_mailer.series import Kind
+from invite_mailer.inputs.config import load_config
+from invite_mailer.inputs.contacts import load_address_list, load_attendance, load_contacts
+from invite_mailer.inputs.series import Kind
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SERIES = "config/series.yaml"

@@ -26,11 +26,11 @@ import pytest
 from click.testing import CliRunner
 
 from invite_mailer.cli import cli
-from invite_mailer.compose import Composer
-from invite_mailer.contacts import Contact
 from invite_mailer.errors import ConfigError
-from invite_mailer.series import Kind, Series, load_series
-from invite_mailer.settings import Settings, load_settings
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Kind, Series, load_series
+from invite_mailer.inputs.settings import Settings, load_settings
+from invite_mailer.mail.compose import Composer
 from samplemails import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -428,7 +428,7 @@ def test_runaway_templates_end_in_a_template_error(tree: Path, payload: str) -> 
 def test_loops_without_output_are_stopped_in_time(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from invite_mailer import compose
+    from invite_mailer.mail import compose
 
     monkeypatch.setattr(compose, "MAX_RENDER_SECONDS", 0.5)
     put_line(
@@ -591,8 +591,8 @@ def _unfolded(head: str, name: str) -> str:
 
 @pytest.mark.parametrize("ascii_only", [True, False], ids=["ascii", "unicode"])
 def test_to_header_parses_back_to_one_address(tree: Path, ascii_only: bool) -> None:
-    from invite_mailer import german
-    from invite_mailer.fastcompose import WireComposer
+    from invite_mailer.core import german
+    from invite_mailer.mail.fastcompose import WireComposer
 
     composer = composer_of(tree)
     wires = WireComposer(composer)
@@ -644,7 +644,7 @@ def test_the_reported_name_stays_quoted(tree: Path) -> None:
 
 
 def test_international_domain_in_ascii_form(tree: Path) -> None:
-    from invite_mailer.fastcompose import WireComposer
+    from invite_mailer.mail.fastcompose import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="info@bücher.de", anrede="Frau", vorname="Jana", nachname="Weiß")
@@ -667,7 +667,7 @@ def test_international_domain_in_ascii_form(tree: Path) -> None:
 
 def test_international_local_part_is_written_as_utf8(tree: Path) -> None:
     """RFC 6532: the one way to write such an address; only SMTPUTF8 relays take it."""
-    from invite_mailer.fastcompose import WireComposer
+    from invite_mailer.mail.fastcompose import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="jürgen@bücher.de", anrede="Herr", vorname="Jürgen", nachname="Groß")
@@ -748,9 +748,9 @@ def test_validate_reports_a_broken_unsubscribe_url(
 def test_the_organisers_summary_keeps_its_headers_whole(tree: Path) -> None:
     from dataclasses import replace
 
-    from invite_mailer.config import load_config
-    from invite_mailer.plan import Mailing, MailingState
-    from invite_mailer.summary import compose_summary
+    from invite_mailer.core.plan import Mailing, MailingState
+    from invite_mailer.inputs.config import load_config
+    from invite_mailer.mail.summary import compose_summary
 
     path = tree / "series.yaml"
     text = path.read_text(encoding="utf-8")
@@ -787,7 +787,7 @@ def test_the_organisers_summary_keeps_its_headers_whole(tree: Path) -> None:
 def test_a_huge_description_is_refused(tree: Path) -> None:
     """Under the render limit (2 million characters), but rich in umlauts, which
     quoted-printable writes as six octets each: the mail would be about 20 MB."""
-    from invite_mailer.fastcompose import WireComposer
+    from invite_mailer.mail.fastcompose import WireComposer
 
     description = "Größe übergroß äöüß ÄÖÜ. " * 72_000
     series = load_series(tree).model_copy(update={"description": description})
@@ -910,7 +910,7 @@ def test_ordinary_template_expressions_still_work(tree: Path) -> None:
 
 @pytest.mark.parametrize("kind", [Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP])
 def test_both_paths_agree_on_hostile_recipients(tree: Path, kind: Kind) -> None:
-    from invite_mailer.fastcompose import WireComposer
+    from invite_mailer.mail.fastcompose import WireComposer
 
     (tree / "materials" / "protokoll.pdf").write_bytes(b"%PDF-1.4\n" * 100)
     with_material(tree, "materials/protokoll.pdf")
@@ -974,7 +974,7 @@ def test_a_fifo_among_the_templates(tree: Path) -> None:
 
 @pytest.mark.parametrize("length", [76, 77, 78, 500, 899, 900, 1200, 3000])
 def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
-    from invite_mailer.fastcompose import WireComposer
+    from invite_mailer.mail.fastcompose import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="max@example.org", vorname="X,", nachname="a" * length)
@@ -1162,7 +1162,7 @@ def test_bombs_end_in_a_template_error_within_a_memory_cap(tree: Path, payload: 
 def test_bounded_filters_and_numbers_still_work(tree: Path, payload: str) -> None:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from invite_mailer.compose import _environment
+    from invite_mailer.mail.compose import _environment
 
     expected = ImmutableSandboxedEnvironment().from_string(payload).render()
     assert _environment(templates_of(tree)).from_string(payload).render() == expected
@@ -1184,7 +1184,7 @@ def special_names(length: int) -> list[str]:
 def test_from_to_and_reply_to_with_specials_parse_back_to_one_address() -> None:
     from email.message import EmailMessage
 
-    from invite_mailer.mime import POLICY
+    from invite_mailer.mail.mime import POLICY
 
     for length in range(1, 301):
         for name in special_names(length):

@@ -41,13 +41,18 @@ from deliverykit import (
     wait_for,
     write_contacts,
 )
-from invite_mailer.config import load_config
-from invite_mailer.contacts import load_address_list
-from invite_mailer.daemon import EXIT_INVALID_CONFIG, EXIT_SOFTWARE, EXIT_TEMPFAIL, run_daemon
-from invite_mailer.ledger import Ledger, state_lock
+from invite_mailer.core.tokens import make_token
+from invite_mailer.delivery.ledger import Ledger, state_lock
+from invite_mailer.inputs.config import load_config
+from invite_mailer.inputs.contacts import load_address_list
 from invite_mailer.logs import RepeatFilter
-from invite_mailer.unsubscribe import make_token
-from invite_mailer.web import RunningServer, create_app, start_server
+from invite_mailer.service.daemon import (
+    EXIT_INVALID_CONFIG,
+    EXIT_SOFTWARE,
+    EXIT_TEMPFAIL,
+    run_daemon,
+)
+from invite_mailer.service.web import RunningServer, create_app, start_server
 from smtpserver import SmtpServer
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -741,7 +746,7 @@ async def test_optout_list_is_read_once_per_change(served: Served) -> None:
 async def test_a_broken_optout_list_is_not_parsed_again_for_every_page(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from invite_mailer import web
+    from invite_mailer.service import web
 
     reads: list[Path] = []
 
@@ -862,15 +867,15 @@ def test_a_flood_of_one_message_is_logged_once_per_interval_with_a_count() -> No
 
 
 def test_answers_to_edits_and_routine_records_are_never_held_back() -> None:
-    repeat = RepeatFilter(exempt=("invite_mailer.daemon",))
+    repeat = RepeatFilter(exempt=("invite_mailer.service.daemon",))
 
     def passes(name: str, level: int) -> bool:
         return repeat.filter(logging.makeLogRecord({"name": name, "levelno": level, "msg": "x"}))
 
-    assert all(passes("invite_mailer.daemon", logging.ERROR) for _ in range(3))
-    assert all(passes("invite_mailer.web", logging.INFO) for _ in range(3))
-    assert passes("invite_mailer.web", logging.WARNING)
-    assert not passes("invite_mailer.web", logging.WARNING)
+    assert all(passes("invite_mailer.service.daemon", logging.ERROR) for _ in range(3))
+    assert all(passes("invite_mailer.service.web", logging.INFO) for _ in range(3))
+    assert passes("invite_mailer.service.web", logging.WARNING)
+    assert not passes("invite_mailer.service.web", logging.WARNING)
 
 
 # --- start-up, exit codes and health ------------------------------------------------------

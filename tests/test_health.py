@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from invite_mailer.health import (
+from invite_mailer.service.health import (
     DEFAULT_MAX_AGE,
     check_heartbeat,
     heartbeat_path,

@@ -17,9 +17,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from invite_mailer import ledger as ledger_module
-from invite_mailer.errors import InviteMailerError, LockedError
-from invite_mailer.ledger import (
+from invite_mailer.delivery import ledger as ledger_module
+from invite_mailer.delivery.ledger import (
     SCHEMA_VERSION,
     DeliveryKey,
     DeliveryState,
@@ -27,6 +26,7 @@ from invite_mailer.ledger import (
     LedgerError,
     state_lock,
 )
+from invite_mailer.errors import InviteMailerError, LockedError
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NOW = datetime(2024, 10, 24, 10, 5, tzinfo=BERLIN)
@@ -175,7 +175,7 @@ def test_a_claim_survives_sigkill(db_path: Path) -> None:
         f"""
         import asyncio, os, signal
         from datetime import datetime, UTC
-        from invite_mailer.ledger import DeliveryKey, Ledger
+        from invite_mailer.delivery.ledger import DeliveryKey, Ledger
 
         async def main():
             async with Ledger.open({str(db_path)!r}) as ledger:
@@ -357,7 +357,7 @@ def test_lock_blocks_another_process(db_path: Path) -> None:
         f"""
         import sys
         from invite_mailer.errors import LockedError
-        from invite_mailer.ledger import state_lock
+        from invite_mailer.delivery.ledger import state_lock
         try:
             with state_lock({str(db_path)!r}):
                 sys.exit(0)
@@ -411,7 +411,7 @@ def test_a_first_open_killed_before_migrating_leaves_no_ledger_behind(tmp_path: 
     script = textwrap.dedent(
         f"""
         import asyncio, os, signal
-        from invite_mailer import ledger
+        from invite_mailer.delivery import ledger
 
         async def die(db, path):
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would

@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from invite_mailer.contacts import Contact
-from invite_mailer.plan import EmptyLedger, MailingState, PlanInput, plan
-from invite_mailer.series import Kind, Series, load_series, parse_series
-from invite_mailer.yamlfile import parse_yaml
+from invite_mailer.core.plan import EmptyLedger, MailingState, PlanInput, plan
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Kind, Series, load_series, parse_series
+from invite_mailer.inputs.yamlfile import parse_yaml
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CONFIG = Path(__file__).resolve().parent.parent / "config"

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from invite_mailer import mime
-from invite_mailer.settings import SmtpSettings
-from invite_mailer.transport import SmtpTransport
+from invite_mailer.delivery.transport import SmtpTransport
+from invite_mailer.inputs.settings import SmtpSettings
+from invite_mailer.mail import mime
 from samplemails import Sample, load_sample_config, sample_mails, sample_project
 
 pytestmark = pytest.mark.system

@@ -4,7 +4,7 @@ The shipped config is copied, pointed at the in-process server through the
 environment (as the README tells an operator to do), and ``send-due --now`` is
 run at every moment the series sends something. What each run must deliver is
 worked out here from ``contacts.csv``, ``optout.txt`` and the dates of the
-product brief, independently of :func:`invite_mailer.plan.plan`.
+product brief, independently of :func:`invite_mailer.core.plan.plan`.
 """
 
 from __future__ import annotations

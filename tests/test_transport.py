@@ -22,16 +22,16 @@ import pytest
 from aiosmtpd.smtp import AuthResult
 from aiosmtplib.protocol import normalize_message_line_endings
 
-from invite_mailer import mime
-from invite_mailer.errors import PermanentFailure, TemporaryFailure
-from invite_mailer.ratelimit import RateLimiter
-from invite_mailer.settings import Settings, SmtpSettings, TransportSettings
-from invite_mailer.transport import (
+from invite_mailer.delivery.ratelimit import RateLimiter
+from invite_mailer.delivery.transport import (
     OutboxTransport,
     SmtpTransport,
     UncertainFailure,
     make_transport,
 )
+from invite_mailer.errors import PermanentFailure, TemporaryFailure
+from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportSettings
+from invite_mailer.mail import mime
 from smtpserver import SmtpServer
 
 SENDER = "transferreihe@example.org"

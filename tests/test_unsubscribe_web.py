@@ -25,12 +25,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from invite_mailer.config import load_config
-from invite_mailer.daemon import run_daemon
-from invite_mailer.ledger import Ledger
-from invite_mailer.series import Kind
-from invite_mailer.unsubscribe import make_token, verify_token
-from invite_mailer.web import RunningServer, create_app, mask_address, start_server
+from invite_mailer.core.tokens import make_token, verify_token
+from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.inputs.config import load_config
+from invite_mailer.inputs.series import Kind
+from invite_mailer.service.daemon import run_daemon
+from invite_mailer.service.web import RunningServer, create_app, mask_address, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789"
@@ -422,8 +422,8 @@ class _ClickingTransport:
 async def test_an_opt_out_during_a_pass_is_honoured_at_once(
     project: Path, endpoint: Endpoint
 ) -> None:
-    from invite_mailer.app import parse_now
-    from invite_mailer.dispatch import Dispatcher
+    from invite_mailer.cli.commands import parse_now
+    from invite_mailer.delivery.dispatch import Dispatcher
 
     config = load_config(project / "config")
     last = config.contacts.contacts[-1].key  # queued last with one worker

@@ -121,7 +121,7 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else _text_formatter())
     # The daemon's own messages answer what someone just did (an edit, a
     # signal): each answer must be seen, even the same one twice a minute.
-    handler.addFilter(RepeatFilter(exempt=("invite_mailer.daemon",)))
+    handler.addFilter(RepeatFilter(exempt=("invite_mailer.service.daemon",)))
     handler._invite_mailer = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     # Only our own earlier handler is replaced: a host (a test runner) may have its own.

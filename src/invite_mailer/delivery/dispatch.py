@@ -21,8 +21,16 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TypeVar
 
-from invite_mailer import fastcompose, mime
-from invite_mailer.config import Config
+from invite_mailer.core.plan import Mailing, MailRequest, plan, request_for, sequences_of
+from invite_mailer.delivery.ledger import (
+    DeliveryKey,
+    DeliveryState,
+    Ledger,
+    LedgerError,
+    LedgerView,
+    format_version,
+)
+from invite_mailer.delivery.transport import Handover, Transport, UncertainFailure, track_handover
 from invite_mailer.errors import (
     ConfigError,
     InviteMailerError,
@@ -31,20 +39,12 @@ from invite_mailer.errors import (
     SetupFailure,
     TemporaryFailure,
 )
-from invite_mailer.ledger import (
-    DeliveryKey,
-    DeliveryState,
-    Ledger,
-    LedgerError,
-    LedgerView,
-    format_version,
-)
-from invite_mailer.mime import Wire
-from invite_mailer.plan import Mailing, MailRequest, plan, request_for, sequences_of
-from invite_mailer.summary import compose_summary
-from invite_mailer.transport import Handover, Transport, UncertainFailure, track_handover
+from invite_mailer.inputs.config import Config
+from invite_mailer.mail import fastcompose, mime
+from invite_mailer.mail.mime import Wire
+from invite_mailer.mail.summary import compose_summary
 
-log = logging.getLogger("invite_mailer.dispatch")
+log = logging.getLogger("invite_mailer.delivery.dispatch")
 
 _T = TypeVar("_T")
 

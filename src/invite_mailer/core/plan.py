@@ -15,8 +15,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Protocol
 
-from invite_mailer.contacts import Contact
-from invite_mailer.series import Audience, Event, Kind, Series, localize, shift
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Audience, Event, Kind, Series, localize, shift
 
 SERIES_WIDE = ""
 """The event id stored for mailings about the whole series (the invitation)."""

@@ -1,6 +1,6 @@
 """The wire bytes of a mail, without the standard library's MIME machinery.
 
-:meth:`Composer.compose <invite_mailer.compose.Composer.compose>` builds an
+:meth:`Composer.compose <invite_mailer.mail.compose.Composer.compose>` builds an
 :class:`email.message.EmailMessage` and the transports send its
 ``as_bytes(policy=email.policy.SMTP)``. For a mailing to thousands that is
 where the time goes: every header is parsed into objects and folded again,
@@ -56,15 +56,22 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from invite_mailer import mime
-from invite_mailer.compose import Composer
-from invite_mailer.config import Config
-from invite_mailer.contacts import Contact
-from invite_mailer.mime import PLAIN_ADDRESS, POLICY, Recipient, RenderedMail, Wire, mime_boundary
-from invite_mailer.plan import MailRequest
-from invite_mailer.series import Event, Kind, Series
-from invite_mailer.settings import Settings
-from invite_mailer.smtp_pool import crlf_checked
+from invite_mailer.core.plan import MailRequest
+from invite_mailer.inputs.config import Config
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Event, Kind, Series
+from invite_mailer.inputs.settings import Settings
+from invite_mailer.mail import mime
+from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.mime import (
+    PLAIN_ADDRESS,
+    POLICY,
+    Recipient,
+    RenderedMail,
+    Wire,
+    crlf_checked,
+    mime_boundary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +749,7 @@ def _compose_chunk(
                 attended=attended,
                 sequences=sequences,
             )
-            # Checked here, in the less busy process (see smtp_pool.CrlfBytes).
+            # Checked here, in the less busy process (see mime.CrlfBytes).
             wires.append(Wire(wire.message_id, crlf_checked(wire.data)))
         except Exception:  # the parent composes it again and reports the error
             wires.append(None)

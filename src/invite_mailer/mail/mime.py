@@ -28,11 +28,11 @@ from typing import Any, cast
 
 from email_validator import EmailNotValidError, validate_email
 
-from invite_mailer import german
-from invite_mailer.calendar import METHOD as CALENDAR_METHOD
-from invite_mailer.contacts import Contact
+from invite_mailer.core import german
+from invite_mailer.core.calendar import METHOD as CALENDAR_METHOD
+from invite_mailer.core.plan import MailRequest
 from invite_mailer.errors import ConfigError
-from invite_mailer.plan import MailRequest
+from invite_mailer.inputs.contacts import Contact
 
 # Addresses the header parser passes through unchanged: dot-atoms of letters,
 # digits, "_", "+" and "-" (no "=" or "?", which could start an encoded word).
@@ -332,6 +332,29 @@ class Wire:
 
     message_id: str
     data: bytes
+
+
+class CrlfBytes(bytes):
+    """Message bytes already checked to end every line in CRLF.
+
+    The composing worker process checks its mails (:func:`crlf_checked`), so
+    the sending process, the busier of the two, need not scan them again.
+    """
+
+    __slots__ = ()
+
+
+def crlf_checked(data: bytes) -> bytes:
+    """*data* as :class:`CrlfBytes` when every line ends in CRLF, else unchanged."""
+    return CrlfBytes(data) if crlf_lines(data) else data
+
+
+def crlf_lines(data: bytes) -> bool:
+    """Whether every line of *data* ends in CRLF (as messages from compose do)."""
+    if type(data) is CrlfBytes:
+        return True
+    crlf = data.count(b"\r\n")
+    return crlf == data.count(b"\n") == data.count(b"\r") and data.endswith(b"\r\n")
 
 
 def wire(message: EmailMessage) -> Wire:

@@ -24,9 +24,10 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from watchfiles import Change, DefaultFilter, awatch
 
-from invite_mailer.app import validate_sample
-from invite_mailer.config import Config, load_config
-from invite_mailer.dispatch import Dispatcher, Outcome
+from invite_mailer.core.plan import MailingState
+from invite_mailer.delivery.dispatch import Dispatcher, Outcome
+from invite_mailer.delivery.ledger import Ledger, state_lock
+from invite_mailer.delivery.transport import Transport, make_transport
 from invite_mailer.errors import (
     EXIT_INVALID,
     EXIT_OK,
@@ -35,13 +36,12 @@ from invite_mailer.errors import (
     ConfigError,
     InviteMailerError,
 )
-from invite_mailer.health import heartbeat_path, write_heartbeat
-from invite_mailer.ledger import Ledger, state_lock
-from invite_mailer.plan import MailingState
-from invite_mailer.transport import Transport, make_transport
-from invite_mailer.web import start_unsubscribe
+from invite_mailer.inputs.config import Config, load_config
+from invite_mailer.mail.checks import validate_sample
+from invite_mailer.service.health import heartbeat_path, write_heartbeat
+from invite_mailer.service.web import start_unsubscribe
 
-log = logging.getLogger("invite_mailer.daemon")
+log = logging.getLogger("invite_mailer.service.daemon")
 
 SWEEP_JOB = "sweep"
 HEARTBEAT_JOB = "heartbeat"

@@ -19,9 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from invite_mailer import __version__, app, report
-from invite_mailer.config import Config, load_config
-from invite_mailer.dispatch import Outcome
+from invite_mailer import __version__
+from invite_mailer.cli import commands as app
+from invite_mailer.cli import output as report
+from invite_mailer.delivery.dispatch import Outcome
 from invite_mailer.errors import (
     EXIT_FAILED,
     EXIT_INVALID,
@@ -35,8 +36,10 @@ from invite_mailer.errors import (
     Problem,
     TransportError,
 )
+from invite_mailer.inputs.config import Config, load_config
+from invite_mailer.inputs.series import Kind
 from invite_mailer.logs import setup_logging
-from invite_mailer.series import Kind
+from invite_mailer.mail.checks import validate_sample
 
 LASTING_OS_ERRORS = (
     PermissionError,
@@ -507,7 +510,7 @@ def send_test(
 @handle_errors
 def run(config_dir: Path, templates: Path | None) -> None:
     """The daemon: schedule every mailing, catch up, reload on edits, stop on SIGTERM."""
-    from invite_mailer.daemon import main
+    from invite_mailer.service.daemon import main
 
     # The daemon reports start-up problems itself, through the log (JSON too),
     # with an exit status that systemd does not restart on.
@@ -521,8 +524,8 @@ def health(config_dir: Path, templates: Path | None) -> None:
     """Exit 0 if the daemon's heartbeat is fresh (for container and monitoring checks)."""
     from datetime import UTC, datetime
 
-    from invite_mailer.health import check_heartbeat, heartbeat_path
-    from invite_mailer.settings import load_settings
+    from invite_mailer.inputs.settings import load_settings
+    from invite_mailer.service.health import check_heartbeat, heartbeat_path
 
     # Only the settings: a broken series.yaml must not make a daemon that keeps
     # running its last good config look dead.
@@ -560,7 +563,7 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
     """Opt-outs from the state database (one-click link, optout add) and config/optout.txt."""
     from rich.table import Table
 
-    from invite_mailer import optouts
+    from invite_mailer.cli import optouts
 
     files = optouts.load(config_dir)
     entries = asyncio.run(optouts.entries(files))
@@ -614,7 +617,7 @@ def optout_add(addresses: tuple[str, ...], source: str, config_dir: Path) -> Non
     """Never mail these addresses again (recorded in the state database)."""
     from datetime import UTC, datetime
 
-    from invite_mailer import optouts
+    from invite_mailer.cli import optouts
 
     files = optouts.load(config_dir)
     result = asyncio.run(optouts.add(files, list(addresses), now=datetime.now(UTC), source=source))
@@ -629,7 +632,7 @@ def optout_add(addresses: tuple[str, ...], source: str, config_dir: Path) -> Non
 @handle_errors
 def optout_remove(address: str, config_dir: Path) -> None:
     """Allow mail to an address again (opt-outs in the state database only)."""
-    from invite_mailer import optouts
+    from invite_mailer.cli import optouts
 
     files = optouts.load(config_dir)
     outcome = asyncio.run(optouts.remove(files, address))
@@ -673,10 +676,10 @@ def optout_remove(address: str, config_dir: Path) -> None:
 @handle_errors
 def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: bool) -> None:
     """The whole series in virtual time into a folder, with an overview; nothing is sent."""
-    from invite_mailer.rehearse import rehearse as play
+    from invite_mailer.cli.rehearse import rehearse as play
 
     config = load(config_dir, templates)
-    app.validate_sample(config)
+    validate_sample(config)
     advisories = app.advisories(config)
     for warning in advisories:
         warn(warning)

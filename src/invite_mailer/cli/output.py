@@ -11,9 +11,9 @@ from babel.dates import format_datetime as babel_datetime
 from rich.table import Table
 from rich.text import Text
 
-from invite_mailer.ledger import Delivery
-from invite_mailer.plan import Mailing, MailingState
-from invite_mailer.series import Series
+from invite_mailer.core.plan import Mailing, MailingState
+from invite_mailer.delivery.ledger import Delivery
+from invite_mailer.inputs.series import Series
 
 STATE_STYLES = {
     MailingState.SCHEDULED: "cyan",

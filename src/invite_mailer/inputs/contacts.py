@@ -27,7 +27,7 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.errors import ConfigError, Problem, ProblemCollector
-from invite_mailer.yamlfile import megabytes, read_config_file
+from invite_mailer.inputs.yamlfile import megabytes, read_config_file
 
 ALL_EVENTS = "alle"
 

@@ -41,6 +41,7 @@ from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import normalize_message_line_endings
 from email_validator import EmailNotValidError, validate_email
 
+from invite_mailer.delivery.ratelimit import RateLimiter
 from invite_mailer.errors import (
     PermanentFailure,
     SenderRefused,
@@ -48,8 +49,8 @@ from invite_mailer.errors import (
     TemporaryFailure,
     TransportError,
 )
-from invite_mailer.ratelimit import RateLimiter
-from invite_mailer.settings import Security, SmtpSettings
+from invite_mailer.inputs.settings import Security, SmtpSettings
+from invite_mailer.mail.mime import crlf_lines
 
 log = logging.getLogger(__name__)
 
@@ -439,33 +440,10 @@ async def _rcpt(client: aiosmtplib.SMTP, recipient: str, encoding: str) -> SMTPR
     return response
 
 
-class CrlfBytes(bytes):
-    """Message bytes already checked to end every line in CRLF.
-
-    The composing worker process checks its mails (:func:`crlf_checked`), so
-    the sending process, the busier of the two, need not scan them again.
-    """
-
-    __slots__ = ()
-
-
-def crlf_checked(data: bytes) -> bytes:
-    """*data* as :class:`CrlfBytes` when every line ends in CRLF, else unchanged."""
-    return CrlfBytes(data) if _canonical(data) else data
-
-
-def _canonical(data: bytes) -> bool:
-    """Whether every line of *data* ends in CRLF (as messages from compose do)."""
-    if type(data) is CrlfBytes:
-        return True
-    crlf = data.count(b"\r\n")
-    return crlf == data.count(b"\n") == data.count(b"\r") and data.endswith(b"\r\n")
-
-
 def _data_block(data: bytes) -> bytes | None:
     """What follows DATA for *data*: dot-stuffed, ended by ".", or None when
     *data* has line ends other than CRLF (aiosmtplib normalises those)."""
-    if not _canonical(data):
+    if not crlf_lines(data):
         return None
     # RFC 5321 4.5.2: a line that starts with "." gets one more.
     stuffed = data.replace(b"\r\n.", b"\r\n..")
@@ -557,7 +535,7 @@ def _mail_options(
     options: list[str] = []
     if client.supports_extension("size"):
         # RFC 1870: octets as transmitted, CRLF line ends included.
-        size = len(data) if _canonical(data) else len(normalize_message_line_endings(data))
+        size = len(data) if crlf_lines(data) else len(normalize_message_line_endings(data))
         options.append(f"SIZE={size}")
     if not data.isascii():
         if client.supports_extension("8bitmime"):

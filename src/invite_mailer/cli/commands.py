@@ -18,15 +18,7 @@ from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
 
-from invite_mailer import mime
-from invite_mailer.config import Config
-from invite_mailer.contacts import Contact
-from invite_mailer.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
-from invite_mailer.errors import ConfigError, Problem
-from invite_mailer.fastcompose import WireComposer
-from invite_mailer.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
-from invite_mailer.mime import header_address
-from invite_mailer.plan import (
+from invite_mailer.core.plan import (
     EmptyLedger,
     Mailing,
     audience_of,
@@ -35,10 +27,19 @@ from invite_mailer.plan import (
     request_for,
     sequences_of,
 )
-from invite_mailer.series import SERIES_FILE, Event, Kind
-from invite_mailer.settings import SETTINGS_FILE
-from invite_mailer.transport import make_transport
-from invite_mailer.yamlfile import load_yaml
+from invite_mailer.delivery.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
+from invite_mailer.delivery.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
+from invite_mailer.delivery.transport import make_transport
+from invite_mailer.errors import ConfigError, Problem
+from invite_mailer.inputs.config import Config
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import SERIES_FILE, Event, Kind
+from invite_mailer.inputs.settings import SETTINGS_FILE
+from invite_mailer.inputs.yamlfile import load_yaml
+from invite_mailer.mail import mime
+from invite_mailer.mail.checks import validate_change_kinds, validate_sample
+from invite_mailer.mail.fastcompose import WireComposer
+from invite_mailer.mail.mime import header_address
 
 # What --now may be: far enough out for any real series, near enough that every
 # due time and deadline derived from it stays computable.
@@ -112,34 +113,6 @@ class ValidationReport:
     advisories: list[Problem] = field(default_factory=list)  # see advisories()
 
 
-def validate_sample(config: Config) -> None:
-    """Render each mailing for one recipient: the cheap check used on reload."""
-    now = config.series.first_start
-    for kind, event, _due, _deadline in mailing_times(config.series):
-        if event is not None and event.cancelled:
-            continue
-        members = audience_of(
-            kind, event, config.series, config.contacts.contacts, config.attendance
-        )
-        for contact in members[:1]:
-            request = request_for(kind, event, contact, now, attendance=config.attendance)
-            mime.build(config.composer.render(request))
-    _validate_change_kinds(config, now)
-
-
-def _validate_change_kinds(config: Config, now: datetime) -> None:
-    """Updates and cancellations have templates too: render them once per date."""
-    contact = config.contacts.contacts[0]
-    for event in config.series.events:
-        previous = {**event.fingerprint(), "start": "2000-01-01T00:00:00+00:00"}
-        config.composer.compose(
-            Kind.UPDATE, contact, event=event, now=now, sequences={event.id: 1}, previous=previous
-        )
-        config.composer.compose(
-            Kind.CANCELLATION, contact, event=event, now=now, sequences={event.id: 1}
-        )
-
-
 def validate(config: Config) -> ValidationReport:
     """Render every mail for every recipient, sending nothing.
 
@@ -170,7 +143,7 @@ def validate(config: Config) -> ValidationReport:
                 break
             report.rendered += 1
     try:
-        _validate_change_kinds(config, now)
+        validate_change_kinds(config, now)
     except ConfigError as exc:
         for problem in exc:
             problems.setdefault(str(problem), problem)

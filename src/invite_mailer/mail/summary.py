@@ -8,11 +8,11 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from invite_mailer import german
-from invite_mailer.config import Config
-from invite_mailer.mime import POLICY, header_address
-from invite_mailer.plan import Mailing
-from invite_mailer.series import Kind
+from invite_mailer.core import german
+from invite_mailer.core.plan import Mailing
+from invite_mailer.inputs.config import Config
+from invite_mailer.inputs.series import Kind
+from invite_mailer.mail.mime import POLICY, header_address
 
 KIND_LABELS: dict[str, str] = {
     Kind.INVITATION: "Einladung",

@@ -1,6 +1,6 @@
 """Where finished mails go: an SMTP relay, or an outbox folder of ``.eml`` files.
 
-Both transports take a :class:`~invite_mailer.mime.Wire` (the bytes the one
+Both transports take a :class:`~invite_mailer.mail.mime.Wire` (the bytes the one
 mail builder made) and an envelope, nothing else, so what an organiser
 inspected with ``preview`` is what goes out.
 """
@@ -19,17 +19,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
-from invite_mailer.errors import SetupFailure
-from invite_mailer.mime import Wire
-from invite_mailer.ratelimit import RateLimiter, SendJournal
-from invite_mailer.settings import Settings, SmtpSettings, TransportKind
-from invite_mailer.smtp_pool import (
+from invite_mailer.delivery.ratelimit import RateLimiter, SendJournal
+from invite_mailer.delivery.smtp_pool import (
     Handover,
     SmtpPool,
     UncertainFailure,
     mark_handover,
     track_handover,
 )
+from invite_mailer.errors import SetupFailure
+from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportKind
+from invite_mailer.mail.mime import Wire
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Transport(Protocol):
         :class:`~invite_mailer.errors.SetupFailure` when nothing can be sent as
         set up: TLS, login, the outbox folder) or
         :class:`~invite_mailer.errors.PermanentFailure` (5xx for this message).
-        Calls :func:`~invite_mailer.smtp_pool.mark_handover` the moment the
+        Calls :func:`~invite_mailer.delivery.smtp_pool.mark_handover` the moment the
         message's bytes start to leave.
         """
         ...

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from invite_mailer.errors import ConfigError, Problem
-from invite_mailer.yamlfile import LocatedDocument, load_yaml
+from invite_mailer.inputs.yamlfile import LocatedDocument, load_yaml
 
 SERIES_FILE = "series.yaml"
 

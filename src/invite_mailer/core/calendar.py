@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import icalendar
 
-from invite_mailer.series import Event, Series
+from invite_mailer.inputs.series import Event, Series
 
 PRODID = "-//invite-mailer//Online-Transferreihe//DE"
 

@@ -106,16 +106,17 @@ from jinja2.sandbox import (
 from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup, escape
 
-from invite_mailer import german, mime
-from invite_mailer.calendar import METHOD as CALENDAR_METHOD
-from invite_mailer.calendar import METHOD_CANCEL, METHOD_UPDATE, CalendarFiles
-from invite_mailer.contacts import Contact
+from invite_mailer.core import german
+from invite_mailer.core.calendar import METHOD as CALENDAR_METHOD
+from invite_mailer.core.calendar import METHOD_CANCEL, METHOD_UPDATE, CalendarFiles
+from invite_mailer.core.plan import MailRequest
+from invite_mailer.core.tokens import mailto_url, make_token, unsubscribe_url
 from invite_mailer.errors import ConfigError, ProblemCollector
-from invite_mailer.mime import UNSAFE_HEADER_TEXT, File, RenderedMail
-from invite_mailer.plan import MailRequest
-from invite_mailer.series import SERIES_FILE, Event, Kind, Material, Series
-from invite_mailer.settings import SETTINGS_FILE, Settings
-from invite_mailer.unsubscribe import mailto_url, make_token, unsubscribe_url
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import SERIES_FILE, Event, Kind, Material, Series
+from invite_mailer.inputs.settings import SETTINGS_FILE, Settings
+from invite_mailer.mail import mime
+from invite_mailer.mail.mime import UNSAFE_HEADER_TEXT, File, RenderedMail
 
 PARTS = ("subject", "txt", "html")
 TEXT_WIDTH = 72

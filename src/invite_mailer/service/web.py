@@ -8,7 +8,7 @@ URL; a person who opens the link in a browser gets a confirmation page whose
 button POSTs to the same URL. Only POST changes anything: link scanners and
 previews fetch with GET, and must never unsubscribe anyone.
 
-The token says whom to opt out (see :mod:`invite_mailer.unsubscribe`); the
+The token says whom to opt out (see :mod:`invite_mailer.core.tokens`); the
 opt-out is written to the ledger, which every delivery pass reads, so it is
 honoured from the next pass on without touching ``config/``.
 """
@@ -39,15 +39,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from invite_mailer.config import OPTOUT_FILE, Config
-from invite_mailer.contacts import load_address_list
+from invite_mailer.core.tokens import verify_token
+from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.errors import ConfigError, InviteMailerError
-from invite_mailer.ledger import Ledger
-from invite_mailer.unsubscribe import verify_token
+from invite_mailer.inputs.config import OPTOUT_FILE, Config
+from invite_mailer.inputs.contacts import load_address_list
 
 __all__ = ["RunningServer", "create_app", "mask_address", "start_server", "start_unsubscribe"]
 
-log = logging.getLogger("invite_mailer.web")
+log = logging.getLogger("invite_mailer.service.web")
 
 MAX_BODY_BYTES = 64 * 1024
 """A one-click body is 26 bytes; anything this large is not a mail program."""

@@ -36,7 +36,7 @@ from pydantic_settings import (
 )
 
 from invite_mailer.errors import ConfigError, Problem
-from invite_mailer.yamlfile import read_config_file
+from invite_mailer.inputs.yamlfile import read_config_file
 
 ENV_PREFIX = "INVITE_MAILER_"
 ENV_DELIMITER = "__"

@@ -33,22 +33,23 @@ from urllib.parse import quote
 import jinja2
 from babel.dates import format_datetime as babel_datetime
 
-from invite_mailer import german, mime
-from invite_mailer.app import safe_name, writing
-from invite_mailer.config import Config
-from invite_mailer.contacts import Contact
-from invite_mailer.dispatch import Dispatcher
+from invite_mailer.cli.commands import safe_name, writing
+from invite_mailer.core import german
+from invite_mailer.core.plan import Mailing, MailingState, mailing_times, request_for
+from invite_mailer.delivery.dispatch import Dispatcher
+from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.transport import OutboxTransport, outbox_name
 from invite_mailer.errors import ConfigError
-from invite_mailer.ledger import Ledger
-from invite_mailer.plan import Mailing, MailingState, mailing_times, request_for
-from invite_mailer.series import Kind
-from invite_mailer.settings import StateSettings, TransportKind, TransportSettings
-from invite_mailer.summary import KIND_LABELS
-from invite_mailer.transport import OutboxTransport, outbox_name
+from invite_mailer.inputs.config import Config
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.series import Kind
+from invite_mailer.inputs.settings import StateSettings, TransportKind, TransportSettings
+from invite_mailer.mail import mime
+from invite_mailer.mail.summary import KIND_LABELS
 
 __all__ = ["MailRecord", "MailingReport", "Rehearsal", "rehearse"]
 
-log = logging.getLogger("invite_mailer.rehearse")
+log = logging.getLogger("invite_mailer.cli.rehearse")
 
 MAILS_DIR = "mails"
 PREVIEWS_DIR = "previews"
@@ -218,7 +219,7 @@ async def rehearse(config: Config, out: Path) -> Rehearsal:
             }
         )
         virtual = replace(config, settings=settings)
-        with _quiet("invite_mailer.dispatch"):
+        with _quiet("invite_mailer.delivery.dispatch"):
             reports, optouts = await _play(config, virtual, out, mails_dir)
     index = out / INDEX_FILE
     with writing(out):

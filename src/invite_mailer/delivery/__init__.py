@@ -1,0 +1,1 @@
+"""Dispatching passes, transports, the SMTP pool, the rate limit and the ledger."""

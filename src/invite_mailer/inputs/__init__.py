@@ -1,0 +1,1 @@
+"""Organiser files in, validated immutable data out; no services."""

@@ -1,0 +1,40 @@
+"""Checks that render mails without sending them (on start-up and reload)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from invite_mailer.core.plan import audience_of, mailing_times, request_for
+from invite_mailer.inputs.config import Config
+from invite_mailer.inputs.series import Kind
+from invite_mailer.mail import mime
+
+__all__ = ["validate_change_kinds", "validate_sample"]
+
+
+def validate_sample(config: Config) -> None:
+    """Render each mailing for one recipient: the cheap check used on reload."""
+    now = config.series.first_start
+    for kind, event, _due, _deadline in mailing_times(config.series):
+        if event is not None and event.cancelled:
+            continue
+        members = audience_of(
+            kind, event, config.series, config.contacts.contacts, config.attendance
+        )
+        for contact in members[:1]:
+            request = request_for(kind, event, contact, now, attendance=config.attendance)
+            mime.build(config.composer.render(request))
+    validate_change_kinds(config, now)
+
+
+def validate_change_kinds(config: Config, now: datetime) -> None:
+    """Updates and cancellations have templates too: render them once per date."""
+    contact = config.contacts.contacts[0]
+    for event in config.series.events:
+        previous = {**event.fingerprint(), "start": "2000-01-01T00:00:00+00:00"}
+        config.composer.compose(
+            Kind.UPDATE, contact, event=event, now=now, sequences={event.id: 1}, previous=previous
+        )
+        config.composer.compose(
+            Kind.CANCELLATION, contact, event=event, now=now, sequences={event.id: 1}
+        )
