@@ -571,7 +571,8 @@ def test_an_unexpected_error_is_one_line_and_a_bug_report_request(project: Path)
     # something no command expects: the user sees one line, not a traceback.
     script = (
         "import sys\n"
-        "from invite_mailer import app, cli\n"
+        "from invite_mailer import cli\n"
+        "from invite_mailer.cli import commands as app\n"
         "def broken(*args, **kwargs):\n"
         "    raise RuntimeError('boom [/] inside')\n"
         "app.validate = broken\n"
@@ -669,7 +670,8 @@ def test_json_logs_carry_the_commands_warnings_and_errors(project: Path) -> None
 def test_json_logs_carry_a_bug_report_with_its_traceback(project: Path) -> None:
     script = (
         "import sys\n"
-        "from invite_mailer import app, cli\n"
+        "from invite_mailer import cli\n"
+        "from invite_mailer.cli import commands as app\n"
         "def broken(*args, **kwargs):\n"
         "    raise RuntimeError('boom')\n"
         "app.validate = broken\n"
