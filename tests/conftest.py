@@ -1,16 +1,19 @@
-"""Shared fixtures. Add more below; keep each one small."""
+"""Shared fixtures. Add more below; keep each one small.
+
+The helpers behind them live in the ``support`` package beside this file,
+which the benchmarks under ``bench/`` import too.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from smtpserver import SmtpServer, make_server
+from support.project import use_project
+from support.smtp import SmtpServer, make_server
 
 
 @pytest.fixture
@@ -40,9 +43,6 @@ def smtp_server_factory() -> Iterator[Any]:
             server.stop()
 
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the shipped config/ and templates/, as the working directory.
@@ -50,10 +50,4 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     INVITE_MAILER_* variables of the caller's environment are removed, so the
     tests see exactly the shipped settings.
     """
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("INVITE_MAILER_"):
-            monkeypatch.delenv(name)
-    return tmp_path
+    return use_project(tmp_path, monkeypatch)

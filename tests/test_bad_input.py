@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from invite_mailer.cli import cli
+from support.cli import run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -322,11 +321,6 @@ CASES = [
         r"(link|url)",
     ),
 ]
-
-
-def run(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def test_shipped_config_is_valid(project: Path) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import icalendar
 import pytest
-from click.testing import CliRunner
 
-from invite_mailer.cli import cli
+from support.cli import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 INVITED = 12  # contacts in the shipped config/contacts.csv
@@ -31,7 +30,7 @@ def project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run(*args: str) -> str:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    result = invoke(args)
     assert result.exit_code == 0, result.output
     return result.output
 

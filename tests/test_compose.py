@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -24,7 +23,8 @@ from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind, Series, load_series
 from invite_mailer.inputs.settings import Settings, load_settings
 from invite_mailer.mail.compose import Composer
-from samplemails import FIRST_DATE, set_materials
+from support.project import shipped_environment
+from support.samples import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config"
@@ -88,10 +88,7 @@ TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s[^>]*)?/?>")
 
 @pytest.fixture(scope="module")
 def settings() -> Iterator[Settings]:
-    with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("INVITE_MAILER_"):
-                mp.delenv(key)
+    with shipped_environment():
         yield load_settings(CONFIG, env_file=None)
 
 

@@ -17,23 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from deliverykit import (
-    ORGANISER,
-    clean_environ,
-    copy_project,
-    duplicates,
-    keep_only_first_event,
-    mails,
-    run_process,
-    smtp_env,
-    split,
-    start_process,
-    status_json,
-    wait_for,
-    write_contacts,
-)
 from invite_mailer.delivery.ledger import state_lock
-from smtpserver import SmtpServer
+from support.cli import run_process, start_process, status_json, wait_for
+from support.contacts import write_contacts
+from support.mails import ORGANISER, duplicates, mails, split
+from support.project import copy_project, keep_only_first_event, use_project
+from support.smtp import SmtpServer, smtp_env
 
 CONTACTS = 2000
 CONNECTIONS = 4
@@ -42,10 +31,7 @@ NOW = "2024-10-24T10:05"
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    copy_project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    for name in os.environ.keys() - clean_environ().keys():
-        monkeypatch.delenv(name)
+    use_project(tmp_path, monkeypatch)
     keep_only_first_event(tmp_path / "config")
     write_contacts(
         tmp_path / "config" / "contacts.csv",

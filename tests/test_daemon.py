@@ -7,7 +7,6 @@ and records when each message arrived.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sqlite3
@@ -20,21 +19,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from deliverykit import (
-    ORGANISER,
-    clean_environ,
-    copy_project,
-    duplicates,
-    free_port,
-    mails,
-    smtp_env,
-    split,
-    start_process,
-    status_json,
-    wait_for,
-    write_contacts,
-)
-from smtpserver import Received, SmtpServer
+from support.cli import start_process, status_json, wait_for
+from support.contacts import write_contacts
+from support.mails import ORGANISER, duplicates, mails, split
+from support.project import use_project
+from support.smtp import Received, SmtpServer, free_port, smtp_env
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CONTACTS = ("anna.alt@example.org", "bernd.berg@example.org", "clara.chen@example.org")
@@ -113,10 +102,7 @@ def series_text(invitation_at: datetime, *, materials: bool = False) -> str:
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    copy_project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    for name in os.environ.keys() - clean_environ().keys():
-        monkeypatch.delenv(name)
+    use_project(tmp_path, monkeypatch)
     write_contacts(
         tmp_path / "config" / "contacts.csv",
         ((address, "", address.split(".")[0].title(), "Probe", "alle") for address in CONTACTS),
@@ -405,11 +391,11 @@ async def test_slow_reloads_never_pile_up_threads(
     import asyncio
     import threading
 
-    from deliverykit import write_contacts
     from invite_mailer.delivery.ledger import Ledger
     from invite_mailer.delivery.transport import OutboxTransport
     from invite_mailer.inputs.config import load_config
     from invite_mailer.service import daemon as daemon_module
+    from support.contacts import write_contacts
 
     config = load_config(project / "config")
     write_contacts(

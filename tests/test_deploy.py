@@ -8,7 +8,6 @@ Every ``INVITE_MAILER_*`` name in them must be a real setting, and
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -24,6 +23,7 @@ from pydantic import BaseModel, SecretStr, TypeAdapter
 
 from invite_mailer.inputs.config import default_templates_dir
 from invite_mailer.inputs.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
+from support.project import strip_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -68,9 +68,7 @@ def test_the_settings_model_is_walked_completely() -> None:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No INVITE_MAILER_* from the developer's shell leaks into a test."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
+    strip_environment(monkeypatch)
     return monkeypatch
 
 

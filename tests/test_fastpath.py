@@ -10,7 +10,6 @@ here compares with the reference, ``Composer.compose(...).as_bytes(policy=SMTP)`
 from __future__ import annotations
 
 import asyncio
-import os
 import pickle
 import random
 import re
@@ -47,7 +46,8 @@ from invite_mailer.mail.fastcompose import (
     qp_wire,
 )
 from invite_mailer.mail.mime import CrlfBytes, Wire, crlf_checked, set_boundaries
-from samplemails import FIRST_DATE, set_materials
+from support.project import shipped_environment
+from support.samples import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -155,10 +155,7 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def config(config_dir: Path) -> Iterator[Config]:
-    with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("INVITE_MAILER_"):
-                mp.delenv(key)
+    with shipped_environment():
         yield load_config(config_dir, config_dir.parent / "templates", env_file=None)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
@@ -18,23 +17,11 @@ from typing import Any
 
 import pytest
 
-from deliverykit import (
-    ORGANISER,
-    clean_environ,
-    copy_project,
-    duplicates,
-    free_port,
-    invoke,
-    mails,
-    run_process,
-    server_on,
-    smtp_env,
-    split,
-    status_json,
-)
 from invite_mailer.delivery.transport import outbox_name
 from invite_mailer.mail import mime
-from smtpserver import SmtpServer
+from support.cli import invoke, run_process, status_json
+from support.mails import ORGANISER, duplicates, mails, split
+from support.smtp import SmtpServer, free_port, server_on, smtp_env
 
 NOW = "2024-10-24T10:05"
 EVERYONE = {
@@ -51,15 +38,6 @@ EVERYONE = {
     "info@example.com",
     "lena.hoffmann@example.com",
 }
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    copy_project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    for name in os.environ.keys() - clean_environ().keys():
-        monkeypatch.delenv(name)
-    return tmp_path
 
 
 def send_due(env: dict[str, str], now: str = NOW) -> tuple[int, dict[str, Any], str]:

@@ -21,11 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from deliverykit import copy_project, smtp_env, subprocess_env
 from invite_mailer.cli import cli
-from smtpserver import SmtpServer
+from support.cli import invoke as invoke_cli
+from support.cli import subprocess_env
+from support.project import copy_project
+from support.smtp import SmtpServer, smtp_env
 
 ROOT = Path(__file__).resolve().parent.parent
 JANA = "jana.mueller@example.org"
@@ -33,7 +35,7 @@ HOSTILE_NAMES = ("Jana [/]", "Jana [bold]fett[/bold]", "Jana [link=https://evil.
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return invoke_cli(args, env)
 
 
 def no_traceback(result: Result) -> None:

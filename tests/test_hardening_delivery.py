@@ -34,15 +34,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from aiosmtpd.smtp import AuthResult
 
-from deliverykit import (
-    clean_environ,
-    copy_project,
-    invoke,
-    smtp_env,
-    start_process,
-    status_json,
-    wait_for,
-)
 from invite_mailer.delivery.dispatch import Dispatcher
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.delivery.ratelimit import RateLimiter
@@ -52,20 +43,13 @@ from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.settings import SmtpSettings
 from invite_mailer.mail import mime
 from invite_mailer.mail.mime import Wire
-from smtpserver import SmtpServer
+from support.cli import invoke, start_process, status_json, wait_for
+from support.project import clean_environ
+from support.smtp import SmtpServer, smtp_env
 
 NOW = "2024-10-24T10:05"
 CONTACTS = 12  # in the shipped contacts.csv
 BERLIN = ZoneInfo("Europe/Berlin")
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    copy_project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    for name in os.environ.keys() - clean_environ().keys():
-        monkeypatch.delenv(name)
-    return tmp_path
 
 
 def ledger_file(project: Path) -> Path:

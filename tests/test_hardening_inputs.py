@@ -30,15 +30,15 @@ from zoneinfo import ZoneInfo
 
 import openpyxl
 import pytest
-from click.testing import CliRunner
 
-from invite_mailer.cli import cli
 from invite_mailer.cli.optouts import file_lines
 from invite_mailer.core.plan import EmptyLedger, PlanInput, plan
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.contacts import load_address_list, load_attendance, load_contacts
 from invite_mailer.inputs.series import Kind
+from support.cli import run
+from support.project import clean_environ
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SERIES = "config/series.yaml"
@@ -49,18 +49,13 @@ EVENTS = ("verwaltung", "kreislaufwirtschaft", "allianzen", "forschung")
 MEMORY_LIMIT = 1536 * 1024 * 1024
 
 
-def run(args: list[str]) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    return result.exit_code, result.output
-
-
 def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
 def run_bounded(project: Path, *args: str, timeout: float = 60) -> tuple[int, str]:
     """``invite-mailer ARGS`` in a child process that may neither hang nor grow without bound."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INVITE_MAILER_")}
+    env = clean_environ()
     started = time.monotonic()
     try:
         done = subprocess.run(

@@ -11,7 +11,6 @@ leaked file, a hang or a traceback.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind, Series, load_series
 from invite_mailer.inputs.settings import Settings, load_settings
 from invite_mailer.mail.compose import Composer
-from samplemails import FIRST_DATE, set_materials
+from support.project import copy_project, strip_environment
+from support.samples import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -54,11 +54,8 @@ JANA = Contact(
 @pytest.fixture
 def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the shipped config and templates; returns the config folder."""
-    for name in list(os.environ):
-        if name.startswith("INVITE_MAILER_"):
-            monkeypatch.delenv(name)
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    strip_environment(monkeypatch)
+    copy_project(tmp_path)
     (tmp_path / "config" / "materials").mkdir()
     return tmp_path / "config"
 
@@ -1233,7 +1230,9 @@ def test_the_daemon_stays_responsive_when_a_template_squares_a_number(
 
     import httpx
 
-    from deliverykit import copy_project, free_port, start_process, wait_for
+    from support.cli import start_process, wait_for
+    from support.project import copy_project
+    from support.smtp import free_port
 
     copy_project(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -31,16 +31,6 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from deliverykit import (
-    clean_environ,
-    copy_project,
-    free_port,
-    invoke,
-    smtp_env,
-    start_process,
-    wait_for,
-    write_contacts,
-)
 from invite_mailer.core.tokens import make_token
 from invite_mailer.delivery.ledger import Ledger, state_lock
 from invite_mailer.inputs.config import load_config
@@ -53,7 +43,10 @@ from invite_mailer.service.daemon import (
     run_daemon,
 )
 from invite_mailer.service.web import RunningServer, create_app, start_server
-from smtpserver import SmtpServer
+from support.cli import invoke, start_process, wait_for
+from support.contacts import write_contacts
+from support.project import clean_environ, use_project
+from support.smtp import SmtpServer, free_port, smtp_env
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CONTACTS = ("anna.alt@example.org", "bernd.berg@example.org", "clara.chen@example.org")
@@ -97,10 +90,7 @@ def series_text(invitation_at: datetime) -> str:
 @pytest.fixture
 def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project whose invitation is due tomorrow (nothing goes out yet)."""
-    copy_project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    for name in os.environ.keys() - clean_environ().keys():
-        monkeypatch.delenv(name)
+    use_project(tmp_path, monkeypatch)
     write_contacts(
         tmp_path / "config" / "contacts.csv",
         ((address, "", address.split(".")[0].title(), "Probe", "alle") for address in CONTACTS),

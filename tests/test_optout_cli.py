@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from invite_mailer.cli import cli
+from support.cli import run as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
+    return run_cli(args)
 
 
 def listed(*args: str) -> list[dict[str, object]]:

@@ -34,7 +34,7 @@ import pytest
 from invite_mailer.delivery.transport import SmtpTransport
 from invite_mailer.inputs.settings import SmtpSettings
 from invite_mailer.mail import mime
-from samplemails import Sample, load_sample_config, sample_mails, sample_project
+from support.samples import Sample, load_sample_config, sample_mails, sample_project
 
 pytestmark = pytest.mark.system
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from click.testing import CliRunner
 
-from invite_mailer.cli import cli
+from support.cli import run as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ("verwaltung", "kreislaufwirtschaft", "allianzen", "forschung")
@@ -28,8 +27,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
+    return run_cli(args)
 
 
 def rehearse(*args: str) -> dict[str, object]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,19 +21,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from deliverykit import (
-    Mail,
-    clean_environ,
-    copy_project,
-    duplicates,
-    invoke,
-    mails,
-    run_process,
-    smtp_env,
-    split,
-    status_json,
-)
-from smtpserver import SmtpServer
+from support.cli import invoke, run_process, status_json
+from support.mails import Mail, duplicates, mails, split
+from support.project import use_project
+from support.smtp import SmtpServer, smtp_env
 
 BERLIN = ZoneInfo("Europe/Berlin")
 # The four dates of the product brief, 14:00–16:00 each.
@@ -124,10 +114,7 @@ class Expectation:
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    copy_project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    for name in os.environ.keys() - clean_environ().keys():
-        monkeypatch.delenv(name)
+    use_project(tmp_path, monkeypatch)
     optout = tmp_path / "config" / "optout.txt"
     optout.write_text(
         optout.read_text(encoding="utf-8") + "\n".join(OPTED_OUT) + "\n", encoding="utf-8"

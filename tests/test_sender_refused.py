@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from deliverykit import copy_project, smtp_env
 from invite_mailer.cli import cli
-from smtpserver import SmtpServer
+from support.project import copy_project
+from support.smtp import SmtpServer, smtp_env
 
 
 def test_sender_refused_stops_the_pass_and_marks_nobody_failed(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from samplemails import Sample, load_sample_config, sample_mails, sample_project
+from support.samples import Sample, load_sample_config, sample_mails, sample_project
 
 pytestmark = pytest.mark.system
 

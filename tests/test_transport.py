@@ -32,7 +32,7 @@ from invite_mailer.delivery.transport import (
 from invite_mailer.errors import PermanentFailure, TemporaryFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportSettings
 from invite_mailer.mail import mime
-from smtpserver import SmtpServer
+from support.smtp import SmtpServer
 
 SENDER = "transferreihe@example.org"
 

@@ -12,6 +12,7 @@ drop connections or slow down; read :attr:`SmtpServer.received` and
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -156,8 +157,8 @@ class _RecordingSMTP(SMTP):
 
 
 class _Controller(Controller):
-    def __init__(self, server: SmtpServer, **kwargs: Any) -> None:
-        super().__init__(server._handler, hostname=HOSTNAME, port=0, **kwargs)
+    def __init__(self, server: SmtpServer, port: int, **kwargs: Any) -> None:
+        super().__init__(server._handler, hostname=HOSTNAME, port=port, **kwargs)
         self._server = server
 
     def factory(self) -> SMTP:
@@ -171,9 +172,9 @@ class _Controller(Controller):
 
 
 class SmtpServer:
-    """An in-process SMTP server on 127.0.0.1 and a free port."""
+    """An in-process SMTP server on 127.0.0.1 and a free port (or *port*)."""
 
-    def __init__(self, **smtp_kwargs: Any) -> None:
+    def __init__(self, *, port: int = 0, **smtp_kwargs: Any) -> None:
         self.behaviour = Behaviour()
         self.received: list[Received] = []
         self.connections = 0  # opened since start()
@@ -182,7 +183,7 @@ class SmtpServer:
         self._lock = threading.Lock()
         self._handler = _Handler(self)
         smtp_kwargs.setdefault("server_hostname", "mx.test.invalid")
-        self._controller = _Controller(self, **smtp_kwargs)
+        self._controller = _Controller(self, port, **smtp_kwargs)
 
     @property
     def host(self) -> str:
@@ -248,13 +249,48 @@ class SmtpServer:
             self._live.discard(session)
 
 
-def make_server(*, tls_context: ssl.SSLContext | None = None, **smtp_kwargs: Any) -> SmtpServer:
+def make_server(
+    *, port: int = 0, tls_context: ssl.SSLContext | None = None, **smtp_kwargs: Any
+) -> SmtpServer:
     """A started server; *tls_context* offers STARTTLS with that context."""
     if tls_context is not None:
         smtp_kwargs["tls_context"] = tls_context
-    server = SmtpServer(**smtp_kwargs)
+    server = SmtpServer(port=port, **smtp_kwargs)
     server.start()
     return server
 
 
+def server_on(port: int) -> SmtpServer:
+    """A started server on a given port (the relay coming back where it was)."""
+    return make_server(port=port)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (right now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOSTNAME, 0))
+        return int(sock.getsockname()[1])
+
+
 ServerFactory = Callable[..., SmtpServer]
+
+
+def smtp_env(port: int, **overrides: object) -> dict[str, str]:
+    """Environment that points the shipped settings at a plain SMTP server on 127.0.0.1.
+
+    Retries are short, so a test of a failing relay takes a second, not minutes.
+    *overrides* are ``section__key=value`` pairs, e.g. ``smtp__timeout=1``.
+    """
+    env = {
+        "INVITE_MAILER_TRANSPORT__KIND": "smtp",
+        "INVITE_MAILER_SMTP__HOST": HOSTNAME,
+        "INVITE_MAILER_SMTP__PORT": str(port),
+        "INVITE_MAILER_SMTP__SECURITY": "none",
+        "INVITE_MAILER_SMTP__TIMEOUT": "5",
+        "INVITE_MAILER_LIMITS__RETRY_INITIAL_SECONDS": "0.05",
+        "INVITE_MAILER_LIMITS__RETRY_MAX_SECONDS": "0.4",
+        "INVITE_MAILER_LIMITS__RETRY_IN_PASS_SECONDS": "15",
+    }
+    for key, value in overrides.items():
+        env[f"INVITE_MAILER_{key.upper()}"] = str(value)
+    return env

@@ -8,10 +8,7 @@ date only links its slides and recording.
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
@@ -22,8 +19,8 @@ from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Event, Kind
 from invite_mailer.mail.compose import Composer
+from support.project import copy_project, shipped_environment
 
-ROOT = Path(__file__).resolve().parent.parent
 BERLIN = ZoneInfo("Europe/Berlin")
 
 # A small but well-formed PDF (what an organiser would attach, only shorter).
@@ -57,9 +54,7 @@ def sample_project(target: Path) -> Path:
 
     Returns the config folder.
     """
-    shutil.copytree(ROOT / "config", target / "config")
-    shutil.copytree(ROOT / "templates", target / "templates")
-    config = target / "config"
+    config = copy_project(target) / "config"
     (config / "materials").mkdir()
     (config / "materials" / PDF_NAME).write_bytes(PDF)
     set_materials(
@@ -81,19 +76,8 @@ def sample_project(target: Path) -> Path:
     return config
 
 
-@contextmanager
-def shipped_environment() -> Iterator[None]:
-    """No INVITE_MAILER_* variable of the caller's environment while inside."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("INVITE_MAILER_")}
-    for name in saved:
-        del os.environ[name]
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def load_sample_config(config_dir: Path) -> Config:
+    """The config under *config_dir* with the shipped settings only."""
     with shipped_environment():
         return load_config(config_dir, env_file=None)
 
