@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import shutil
 import socket
 import statistics
@@ -24,7 +23,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# The tests' support package (project copy, clean environment, generated
+# contacts, the test SMTP server) is shared with the benchmarks rather than
+# copied: ``import common`` first, then ``from support... import ...``.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.contacts import write_generated
+from support.project import CONFIG, ROOT, TEMPLATES, clean_environ
+
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "bench" / "results"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -33,45 +39,6 @@ LOOPBACK = "127.0.0.1"
 
 # The moment the shipped invitation mailing is open (due 2024-10-24 10:00).
 INVITATION_NOW = "2024-10-24T10:05"
-
-_FIRST = (
-    "Jana Jürgen Sören Björn Käthe Lena Özlem Thomas Sabine Alex Uwe Gülay Maximilian Zoë "
-    "Änne Frauke Jörg Mats Dörte Ingrid Nils Bärbel Hans-Peter Marie-Luise Ülkü".split()
-)
-_LAST = (
-    "Müller Schmidt Meyer Groß Weiß Schäfer Köhler Bäcker Jäger Hoffmann Krüger Wolff "
-    "Schröder Neumann Böhm Fuchs Löffler Günther Voß Strauß Öztürk Lüdenscheidt "
-    "Graf-Dörnberg von Bülow".split()
-)
-_ORGS = (
-    "Stadt Musterhausen, Amt für Digitalisierung",
-    "Landkreis Beispielkreis",
-    "Regionalverband Nordost",
-    "Hochschule Beispielstadt",
-    "Ministerium für Umwelt, Klima und Energiewirtschaft",
-    "Gemeinde Süderlügum",
-    "Deutscher Städte- und Gemeindebund",
-)
-_EVENTS = ("verwaltung", "kreislaufwirtschaft", "allianzen", "forschung")
-
-
-def contact_rows(count: int, *, seed: int = 1) -> Iterator[str]:
-    """``count`` contacts.csv lines (after the header): varied, umlauts, all unique."""
-    rng = random.Random(seed)
-    for number in range(count):
-        anrede = rng.choice(("Frau", "Herr", "", "Frau", "Herr"))
-        titel = rng.choice(("", "", "", "Dr.", "Prof. Dr."))
-        vorname, nachname = rng.choice(_FIRST), rng.choice(_LAST)
-        registered = rng.random()
-        if registered < 0.15:
-            anmeldungen = "alle"
-        elif registered < 0.6:
-            anmeldungen = ",".join(sorted(rng.sample(_EVENTS, rng.randint(1, 3))))
-        else:
-            anmeldungen = ""
-        organisation = rng.choice(_ORGS)
-        email = f"kontakt{number:06d}@bench.example.org"
-        yield f'{email};{anrede};{titel};{vorname};{nachname};"{organisation}";"{anmeldungen}"\n'
 
 
 @dataclass(frozen=True)
@@ -86,11 +53,8 @@ class Workspace:
 
     def env(self, **smtp: object) -> dict[str, str]:
         """The environment that points invite-mailer at this workspace's relay."""
-        env = dict(os.environ)
         # The benchmarks must not pick up a developer's .env or shell settings.
-        for key in list(env):
-            if key.startswith("INVITE_MAILER_"):
-                del env[key]
+        env = clean_environ()
         for key, value in smtp.items():
             env[f"INVITE_MAILER_SMTP__{key.upper()}"] = str(value)
         return env
@@ -127,9 +91,9 @@ def make_workspace(
     if config.exists():
         shutil.rmtree(config)
     config.mkdir()
-    shutil.copy(ROOT / "config" / "series.yaml", config / "series.yaml")
+    shutil.copy(CONFIG / "series.yaml", config / "series.yaml")
     if not templates.exists():
-        shutil.copytree(ROOT / "templates" / "email", templates)
+        shutil.copytree(TEMPLATES / "email", templates)
     (config / "settings.toml").write_text(
         f"""\
 [transport]
@@ -157,9 +121,7 @@ organiser_summary = false
 """,
         encoding="utf-8",
     )
-    with (config / "contacts.csv").open("w", encoding="utf-8") as file:
-        file.write("email;anrede;titel;vorname;nachname;organisation;anmeldungen\n")
-        file.writelines(contact_rows(contacts, seed=seed))
+    write_generated(config / "contacts.csv", contacts, seed=seed)
     return Workspace(root, config, templates, state, contacts)
 
 
@@ -170,12 +132,6 @@ def reset_state(workspace: Workspace) -> None:
     outbox = workspace.root / "outbox"
     if outbox.exists():
         shutil.rmtree(outbox)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:

@@ -41,6 +41,8 @@ from pathlib import Path
 import common
 import psutil
 
+from support.smtp import free_port
+
 COMMANDS = {
     "validate": ("validate",),
     "plan": ("plan", "--now", "2024-11-01T09:00", "--json"),
@@ -114,7 +116,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     options = parser.parse_args()
     common.require(common.SMTP_SINK)
-    port = common.free_port()
+    port = free_port()
     rows = []
     with tempfile.TemporaryDirectory(prefix="invite-mailer-scale-") as tmp, common.smtp_sink(port):
         for size in options.sizes:

@@ -51,6 +51,7 @@ import common
 from invite_mailer.cli.commands import parse_now
 from invite_mailer.inputs.config import load_config
 from invite_mailer.mail.fastcompose import WireComposer
+from support.smtp import free_port
 
 SENDER = "transferreihe@example.org"
 
@@ -143,7 +144,7 @@ def main() -> None:
     options = parser.parse_args()
     common.require(common.SMTP_SINK, common.SMTP_SOURCE)
     n, p = options.contacts, options.connections
-    port = options.port or common.free_port()
+    port = options.port or free_port()
 
     with tempfile.TemporaryDirectory(prefix="invite-mailer-bench-") as tmp:
         root = Path(tmp)

@@ -92,6 +92,9 @@ from zoneinfo import ZoneInfo
 
 import common
 
+from support.contacts import contact_rows
+from support.smtp import free_port
+
 BERLIN = ZoneInfo("Europe/Berlin")
 WINDOW = 60.0
 LATENESS_TARGET = 1.0  # seconds, p99
@@ -335,7 +338,7 @@ def write_contacts(path: Path, count: int, registered: int) -> None:
     """*count* generated contacts; the first *registered* registered for every date."""
     with path.open("w", encoding="utf-8") as file:
         file.write("email;anrede;titel;vorname;nachname;organisation;anmeldungen\n")
-        for n, row in enumerate(common.contact_rows(count)):
+        for n, row in enumerate(contact_rows(count)):
             # The generated registrations name the shipped dates: replace them.
             file.write(row.rsplit(";", 1)[0] + (';"alle"\n' if n < registered else ';""\n'))
 
@@ -345,7 +348,7 @@ def log_time(line: dict[str, Any]) -> float:
 
 
 def run_lateness(options: argparse.Namespace, root: Path) -> dict[str, Any]:
-    port = common.free_port()
+    port = free_port()
     workspace = common.make_workspace(
         root / "lateness", options.contacts, port=port, connections=options.connections
     )
@@ -550,7 +553,7 @@ def run_rate(
     (seconds from the first arrival)."""
     rate, minutes = options.rate, options.minutes
     contacts = rate * minutes + max(1, rate // 10)
-    port = common.free_port()
+    port = free_port()
     workspace = common.make_workspace(
         root / "rate", contacts, port=port, connections=options.connections
     )
