@@ -323,12 +323,14 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_shipped_config_is_valid(project: Path) -> None:
     code, output = run(["validate"])
     assert code == 0, output
     assert "OK" in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_reported_and_nothing_sent(project: Path, case: Case) -> None:
     case.mutate(project)
@@ -357,6 +359,7 @@ def test_all_problems_of_a_file_are_reported_together(project: Path) -> None:
     assert "3 problems found" in output
 
 
+@pytest.mark.slow
 def test_duplicates_and_windows_1252_are_accepted_with_a_warning(project: Path) -> None:
     text = (project / CONTACTS).read_text(encoding="utf-8")
     text += "JANA.MUELLER@example.org;Frau;Dr.;Jana;Müller;Stadt Musterhausen;forschung\n"

@@ -105,6 +105,7 @@ def invitations_out(project: Path) -> Outbox:
     return outbox
 
 
+@pytest.mark.slow
 def test_moving_a_date_sends_one_update_per_invited_contact(project: Path) -> None:
     outbox = invitations_out(project)
     invitation_uid = None
@@ -167,6 +168,7 @@ def test_moving_a_date_sends_one_update_per_invited_contact(project: Path) -> No
         assert "16:00–18:00 Uhr" in text_of(message)
 
 
+@pytest.mark.slow
 def test_cancelling_a_date_sends_cancellations_and_withdraws_its_reminder(project: Path) -> None:
     outbox = invitations_out(project)
     edit(
@@ -197,6 +199,7 @@ def test_cancelling_a_date_sends_cancellations_and_withdraws_its_reminder(projec
     assert not [m for m in outbox.new() if str(m["X-Invite-Mailer-Event"]) == "allianzen"]
 
 
+@pytest.mark.slow
 def test_editing_only_materials_or_description_sends_nothing(project: Path) -> None:
     outbox = invitations_out(project)
     edit(
@@ -212,6 +215,7 @@ def test_editing_only_materials_or_description_sends_nothing(project: Path) -> N
     assert not [m for m in plan["mailings"] if m["kind"] in ("update", "cancellation")]
 
 
+@pytest.mark.slow
 def test_a_typo_fixed_within_the_grace_period_sends_one_update(project: Path) -> None:
     outbox = invitations_out(project)
     edit(
@@ -234,6 +238,7 @@ def test_a_typo_fixed_within_the_grace_period_sends_one_update(project: Path) ->
     assert outbox.new() == []
 
 
+@pytest.mark.slow
 def test_a_change_reverted_within_the_grace_period_sends_nothing(project: Path) -> None:
     outbox = invitations_out(project)
     edit(project, *MOVE_ALLIANZEN)
@@ -244,6 +249,7 @@ def test_a_change_reverted_within_the_grace_period_sends_nothing(project: Path) 
     assert outbox.new() == []
 
 
+@pytest.mark.slow
 def test_preview_update_shows_what_changed(project: Path) -> None:
     invitations_out(project)
     edit(project, *MOVE_ALLIANZEN)

@@ -657,6 +657,7 @@ def test_invalid_recipient_address(composer: Composer, series: Series) -> None:
 # --- long content ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_long_lines_stay_within_limits(settings: Settings, series: Series) -> None:
     event = series.events[0].model_copy(
         update={

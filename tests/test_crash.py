@@ -164,6 +164,7 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
     assert (invitation["sent"], invitation["outstanding"]) == (CONTACTS, 0)
 
 
+@pytest.mark.slow
 def test_two_send_due_runs_at_once_never_send_a_mail_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp_server: SmtpServer
 ) -> None:
@@ -191,6 +192,7 @@ def test_two_send_due_runs_at_once_never_send_a_mail_twice(
         assert sorted(json.loads(out)["sent"] for out, _ in outputs) == [0, 12]
 
 
+@pytest.mark.slow
 def test_send_due_while_another_process_holds_the_state_refuses_and_sends_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp_server: SmtpServer
 ) -> None:

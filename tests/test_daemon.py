@@ -174,6 +174,7 @@ def ledger_rows(project: Path) -> list[tuple[str, str, str, str]]:
         return db.execute("SELECT kind, event, email, state FROM deliveries").fetchall()
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_daemon_fires_on_time_reloads_edits_survives_broken_ones_and_stops(
     project: Path, stamped_server: SmtpServer, daemons: Any
@@ -237,6 +238,7 @@ def test_daemon_fires_on_time_reloads_edits_survives_broken_ones_and_stops(
     assert not duplicates(m.key for m in mails(server.received))
 
 
+@pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.parametrize("trigger", ["catch-up", "scheduled", "reload"])
 def test_sigterm_during_a_pass_records_what_was_in_flight(
@@ -293,6 +295,7 @@ def test_sigterm_during_a_pass_records_what_was_in_flight(
     assert len(summaries) == 1
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_an_edit_during_a_long_catch_up_is_not_missed(
     project: Path, smtp_server: SmtpServer, daemons: Any
@@ -321,6 +324,7 @@ def test_an_edit_during_a_long_catch_up_is_not_missed(
     assert code == 0, daemon.output()
 
 
+@pytest.mark.system
 def test_sigterm_while_retries_wait_exits_at_once(project: Path, daemons: Any) -> None:
     """A relay that is down: the pass waits to retry; SIGTERM must not wait for it."""
     (project / "config" / "series.yaml").write_text(
@@ -359,6 +363,7 @@ def edit_until_reloaded(daemon: Daemon, path: Path, text: str, *, after: int) ->
     raise AssertionError(f"the daemon never reloaded {path}:\n{daemon.output()}")
 
 
+@pytest.mark.system
 def test_sigterm_right_after_start_exits_cleanly(project: Path, smtp_server: SmtpServer) -> None:
     (project / "config" / "series.yaml").write_text(
         series_text(datetime.now(BERLIN) + timedelta(days=1)), encoding="utf-8"
@@ -383,6 +388,7 @@ def test_sigterm_right_after_start_exits_cleanly(project: Path, smtp_server: Smt
 # --- a reload that outlives its timeout ----------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_slow_reloads_never_pile_up_threads(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -199,6 +199,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "event_id", "attended"), CASES)
 def test_same_bytes_as_the_standard_library(
     config: Config, kind: Kind, event_id: str | None, attended: bool | None
@@ -232,6 +233,7 @@ def test_header_details_are_kept(config: Config) -> None:
     assert not any(part.defects for part in parsed.walk())
 
 
+@pytest.mark.slow
 def test_unsubscribe_link_per_recipient(config_dir: Path) -> None:
     """With a one-click link every mail differs in a header and in the HTML."""
     with pytest.MonkeyPatch.context() as mp:
@@ -248,6 +250,7 @@ def test_unsubscribe_link_per_recipient(config_dir: Path) -> None:
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in wire.data
 
 
+@pytest.mark.slow
 def test_a_new_minute_new_skeleton(config: Config) -> None:
     """The calendar stamp changes with the minute: a new skeleton, same exactness."""
     wires = WireComposer(config.composer)
@@ -300,6 +303,7 @@ def random_text(rng: random.Random) -> str:
     return rng.choice(["\n", "\r\n", "\r"]).join(lines) + rng.choice(["", "\n", "\n\n"])
 
 
+@pytest.mark.slow
 def test_quoted_printable_matches_the_standard_library() -> None:
     rng = random.Random(11)
     cache: dict[str, str] = {}
@@ -316,6 +320,7 @@ def test_quoted_printable_table_matches_the_standard_library() -> None:
     assert [fastcompose.QP_BODY_MAP[c] for c in range(256)] == _QUOPRI_BODY_ENCODE_MAP
 
 
+@pytest.mark.slow
 def test_address_headers_match_the_standard_library() -> None:
     rng = random.Random(3)
     words = [
@@ -351,6 +356,7 @@ def test_address_headers_match_the_standard_library() -> None:
             assert cache.address("To", address) == fold("To", address), (name, spec)
 
 
+@pytest.mark.slow
 def test_encoded_names_match_the_standard_library() -> None:
     """Names that are mostly or wholly non-ASCII: the folder's choice of "q" or "b"."""
     rng = random.Random(11)
@@ -451,6 +457,7 @@ def test_envelope_addresses_match_aiosmtplib() -> None:
 # --- the second process -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_pipeline_in_a_second_process(config: Config) -> None:
     """Mails composed in a worker process are the reference bytes too."""
     contacts = make_contacts(150)

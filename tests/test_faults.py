@@ -62,6 +62,7 @@ def ledger_states(project: Path) -> dict[str, str]:
     return dict(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "reply",
     [
@@ -85,6 +86,7 @@ def test_temporary_refusals_are_retried_within_the_pass(
     assert set(ledger_states(project).values()) == {"sent"}
 
 
+@pytest.mark.slow
 def test_a_refused_recipient_is_failed_with_the_servers_answer(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -115,6 +117,7 @@ def test_a_refused_recipient_is_failed_with_the_servers_answer(
     assert len(smtp_server.received) == 12
 
 
+@pytest.mark.slow
 def test_a_message_refused_at_data_is_failed(project: Path, smtp_server: SmtpServer) -> None:
     smtp_server.behaviour.data_fail = 1
     smtp_server.behaviour.data_reply = "554 5.7.1 Message rejected as spam"
@@ -130,6 +133,7 @@ def test_a_message_refused_at_data_is_failed(project: Path, smtp_server: SmtpSer
     assert ledger_states(project)[failure["email"]] == "failed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stall_at", ["MAIL", "DATA"])
 def test_a_stall_past_the_timeout_is_retried(
     project: Path, smtp_server: SmtpServer, stall_at: str
@@ -151,6 +155,7 @@ def test_a_stall_past_the_timeout_is_retried(
     assert "temporary failure" in stderr
 
 
+@pytest.mark.slow
 def test_a_connection_dropped_after_data_is_retried(project: Path, smtp_server: SmtpServer) -> None:
     smtp_server.behaviour.drop_after_data = 1
     code, data, stderr = send_due(smtp_env(smtp_server.port))
@@ -162,6 +167,7 @@ def test_a_connection_dropped_after_data_is_retried(project: Path, smtp_server: 
     assert "may have been delivered" in stderr
 
 
+@pytest.mark.slow
 def test_a_relay_that_is_down_leaves_everything_for_the_next_run(project: Path) -> None:
     port = free_port()
     env = smtp_env(port, limits__retry_in_pass_seconds=0.5)
@@ -197,6 +203,7 @@ def test_a_relay_that_is_down_leaves_everything_for_the_next_run(project: Path) 
     assert set(ledger_states(project).values()) == {"sent"}
 
 
+@pytest.mark.slow
 def test_an_unexpected_transport_error_neither_hangs_the_pass_nor_loses_the_mail(
     project: Path,
 ) -> None:
@@ -230,6 +237,7 @@ def test_an_unexpected_transport_error_neither_hangs_the_pass_nor_loses_the_mail
     assert status_json({}, "--now", NOW)["uncertain"] == []
 
 
+@pytest.mark.slow
 def test_a_summary_refused_for_a_moment_is_sent_by_a_later_run(
     project: Path, smtp_server: SmtpServer
 ) -> None:

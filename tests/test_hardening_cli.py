@@ -57,6 +57,7 @@ def append_contact(project: Path, row: str) -> None:
 # --- data is never markup ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_markup_in_a_duplicated_contact_name_is_printed_as_it_is(project: Path, name: str) -> None:
     append_contact(project, f"{JANA};Frau;Dr.;{name};Müller;Stadt Musterhausen;alle")
@@ -68,6 +69,7 @@ def test_markup_in_a_duplicated_contact_name_is_printed_as_it_is(project: Path, 
         assert name in result.stderr  # literally: no tag swallowed, no link made
 
 
+@pytest.mark.slow
 def test_markup_in_the_series_title_is_printed_as_it_is(project: Path) -> None:
     title = "Reihe [/] [bold]X[/bold]"
     edit(project / "config" / "series.yaml", "title: Online-Transferreihe", f'title: "{title}"')
@@ -80,6 +82,7 @@ def test_markup_in_the_series_title_is_printed_as_it_is(project: Path) -> None:
     assert title in result.stdout
 
 
+@pytest.mark.slow
 def test_markup_in_a_relay_answer_reaches_send_due_and_status_as_text(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -101,6 +104,7 @@ def test_markup_in_a_relay_answer_reaches_send_due_and_status_as_text(
         assert "[/] no [bold]such[/bold] user" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_relay_that_drops_after_data_is_not_called_a_crash(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -118,6 +122,7 @@ def test_a_relay_that_drops_after_data_is_not_called_a_crash(
     assert again.exit_code == 0 and "crash" not in again.output
 
 
+@pytest.mark.slow
 def test_markup_in_the_relay_refusing_the_sender_is_printed_as_text(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -172,6 +177,7 @@ def test_send_test_refuses_a_bad_address_before_sending(
     assert smtp_server.received == []
 
 
+@pytest.mark.slow
 def test_send_test_gets_its_own_message_id(project: Path, smtp_server: SmtpServer) -> None:
     env = smtp_env(smtp_server.port)
     result = invoke("send-test", "invitation", "--to", "tester@example.net", env=env)
@@ -212,6 +218,7 @@ def new_series(project: Path) -> None:
     edit(project / "config" / "series.yaml", "id: transferreihe-2024", "id: fachtag-2025")
 
 
+@pytest.mark.slow
 def test_a_new_series_with_the_example_sender_is_warned_about(project: Path) -> None:
     new_series(project)
     result = invoke("validate")
@@ -228,6 +235,7 @@ def test_a_new_series_with_the_example_sender_is_warned_about(project: Path) -> 
     assert "config/series.yaml, line 10: organiser.email is still the example address" in text
 
 
+@pytest.mark.slow
 def test_the_example_sender_is_also_caught_when_settings_lack_a_sender(project: Path) -> None:
     new_series(project)
     settings = project / "config" / "settings.toml"
@@ -240,6 +248,7 @@ def test_the_example_sender_is_also_caught_when_settings_lack_a_sender(project: 
     assert "transferreihe@example.org" in result.stderr
 
 
+@pytest.mark.slow
 def test_own_sender_addresses_give_no_warning(project: Path) -> None:
     new_series(project)
     settings = project / "config" / "settings.toml"
@@ -262,6 +271,7 @@ def test_own_sender_addresses_give_no_warning(project: Path) -> None:
     assert "warning:" not in result.output
 
 
+@pytest.mark.slow
 def test_the_shipped_series_keeps_its_example_sender_without_a_warning(project: Path) -> None:
     result = invoke("validate")
     assert result.exit_code == 0, result.output
@@ -278,6 +288,7 @@ def test_the_example_addresses_are_those_of_the_shipped_settings() -> None:
     assert f"\nid: {app.SHIPPED_SERIES_ID}\n" in series
 
 
+@pytest.mark.slow
 def test_an_invitation_after_the_first_date_is_warned_about(project: Path) -> None:
     edit(
         project / "config" / "series.yaml",
@@ -311,6 +322,7 @@ def test_an_invitation_after_the_first_date_is_warned_about(project: Path) -> No
     assert any(expected in w for w in data["warnings"])
 
 
+@pytest.mark.slow
 def test_a_reminder_with_no_window_is_warned_about(project: Path) -> None:
     edit(project / "config" / "series.yaml", "before: 1 day", "before: 0 days")
     result = invoke("validate")
@@ -319,6 +331,7 @@ def test_a_reminder_with_no_window_is_warned_about(project: Path) -> None:
     assert result.stderr.count("can never go out") == 4  # one per date
 
 
+@pytest.mark.slow
 def test_a_followup_with_no_window_is_warned_about(project: Path) -> None:
     edit(
         project / "config" / "series.yaml",
@@ -334,6 +347,7 @@ def test_a_followup_with_no_window_is_warned_about(project: Path) -> None:
     assert result.stderr.count("can never go out") == 4
 
 
+@pytest.mark.slow
 def test_the_shipped_series_has_no_mailing_warning(project: Path) -> None:
     result = invoke("rehearse", "--out", str(project / "probe"))
     assert result.exit_code == 0, result.output
@@ -394,6 +408,7 @@ def run_unprivileged(args: list[str], cwd: Path) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("command", "folder"), [("preview", "preview"), ("rehearse", "rehearsal")])
 def test_preview_and_rehearse_in_a_read_only_folder_say_what_to_do(
     read_only_project: Path, command: str, folder: str
@@ -407,6 +422,7 @@ def test_preview_and_rehearse_in_a_read_only_folder_say_what_to_do(
     assert not (read_only_project / folder).exists()
 
 
+@pytest.mark.slow
 def test_send_due_in_a_read_only_folder_says_what_to_do(read_only_project: Path) -> None:
     done = run_unprivileged(["send-due", "--now", "2024-10-24T10:05"], read_only_project)
     assert done.returncode == 1, done.stderr
@@ -445,6 +461,7 @@ def assert_says_the_state_folder_is_not_writable(done: subprocess.CompletedProce
     assert "hint: " in done.stderr and "[state] url" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", STATE_COMMANDS, ids=" ".join)
 def test_a_state_folder_without_write_permission_is_named_as_such(args: list[str]) -> None:
     with project_with_ledger() as project:
@@ -480,6 +497,7 @@ def mounted_read_only(folder: Path) -> Iterator[None]:
             subprocess.run(["umount", str(folder)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", STATE_COMMANDS, ids=" ".join)
 def test_a_state_folder_on_a_read_only_mount_is_named_as_such(args: list[str]) -> None:
     with project_with_ledger() as project, mounted_read_only(project / "state"):
@@ -496,6 +514,7 @@ def test_a_state_folder_on_a_read_only_mount_is_named_as_such(args: list[str]) -
         assert "read-only" in done.stderr
 
 
+@pytest.mark.slow
 def test_an_unreadable_config_file_is_one_message_not_a_traceback() -> None:
     with project_for_others(0o666) as project:
         (project / "config" / "series.yaml").chmod(0)
@@ -507,6 +526,7 @@ def test_an_unreadable_config_file_is_one_message_not_a_traceback() -> None:
     assert done.stderr.count("error:") == 1
 
 
+@pytest.mark.slow
 def test_an_unreadable_template_is_named_with_the_reason() -> None:
     with project_for_others(0o666) as project:
         (project / "templates" / "email" / "invitation.html.j2").chmod(0)
@@ -535,6 +555,7 @@ def test_preview_event_is_an_id_never_a_path(project: Path, event: str) -> None:
     assert not Path("/x.eml").exists()
 
 
+@pytest.mark.slow
 def test_preview_file_names_from_contact_data_stay_in_the_folder(project: Path) -> None:
     # As long as an address may be (254 characters): too long for a file name.
     address = f"{'a' * 64}@{'b' * 63}.{'c' * 63}.{'d' * 58}.de"
@@ -554,6 +575,7 @@ def test_preview_file_names_from_contact_data_stay_in_the_folder(project: Path) 
 # --- errors as one message -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_zero_byte_ledger_is_one_clear_message(project: Path) -> None:
     (project / "state").mkdir()
     ledger = project / "state" / "invite-mailer.db"
@@ -568,6 +590,7 @@ def test_a_zero_byte_ledger_is_one_clear_message(project: Path) -> None:
     assert ledger.read_bytes() == b""
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_is_one_line_and_a_bug_report_request(project: Path) -> None:
     # A bug, simulated in a real child process by a core function that raises
     # something no command expects: the user sees one line, not a traceback.
@@ -592,6 +615,7 @@ def test_an_unexpected_error_is_one_line_and_a_bug_report_request(project: Path)
 # --- --now -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "now",
     [
@@ -650,6 +674,7 @@ def json_lines(stderr: str) -> list[dict[str, object]]:
     return records
 
 
+@pytest.mark.slow
 def test_json_logs_carry_the_commands_warnings_and_errors(project: Path) -> None:
     append_contact(project, f"{JANA};Frau;Dr.;Jana [/];Müller;Stadt Musterhausen;alle")
     args = [sys.executable, "-m", "invite_mailer", "--log-format", "json", "validate"]
@@ -669,6 +694,7 @@ def test_json_logs_carry_the_commands_warnings_and_errors(project: Path) -> None
     assert "end 13:00 is not after start 14:00" in str(errors[0]["message"])
 
 
+@pytest.mark.slow
 def test_json_logs_carry_a_bug_report_with_its_traceback(project: Path) -> None:
     script = (
         "import sys\n"
@@ -688,6 +714,7 @@ def test_json_logs_carry_a_bug_report_with_its_traceback(project: Path) -> None:
     assert "Traceback" in str(record["exception"])
 
 
+@pytest.mark.slow
 def test_rehearse_never_writes_through_a_link_in_its_folder(project: Path) -> None:
     result = invoke("rehearse", "--out", "probe")
     assert result.exit_code == 0, result.output
@@ -708,6 +735,7 @@ def test_rehearse_never_writes_through_a_link_in_its_folder(project: Path) -> No
     assert not mails.is_symlink() and any(mails.glob("*.eml"))
 
 
+@pytest.mark.slow
 def test_preview_never_writes_through_a_link_in_its_folder(project: Path) -> None:
     target = project / "precious.txt"
     target.write_text("keep", encoding="utf-8")
@@ -722,6 +750,7 @@ def test_preview_never_writes_through_a_link_in_its_folder(project: Path) -> Non
     assert not eml.is_symlink() and eml.read_bytes().startswith(b"From: ")
 
 
+@pytest.mark.slow
 def test_terminal_control_characters_in_data_are_shown_not_obeyed(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -745,6 +774,7 @@ def test_terminal_control_characters_in_data_are_shown_not_obeyed(
     assert "\x1b" not in result.output and "\\x1b[2jx@example.org" in result.output
 
 
+@pytest.mark.slow
 def test_send_test_to_an_international_domain_writes_it_as_ascii(
     project: Path, smtp_server: SmtpServer
 ) -> None:

@@ -106,6 +106,7 @@ def test_validate_refuses_a_password_over_a_plaintext_connection(project: Path) 
     assert "allow_plaintext_auth" in result.stderr
 
 
+@pytest.mark.slow
 def test_send_due_never_sends_the_password_in_clear_text(
     project: Path, smtp_server_factory: Any
 ) -> None:
@@ -119,6 +120,7 @@ def test_send_due_never_sends_the_password_in_clear_text(
     assert not ledger_file(project).exists() or states(project) == {}
 
 
+@pytest.mark.slow
 def test_plaintext_auth_only_when_explicitly_allowed(
     project: Path, smtp_server_factory: Any
 ) -> None:
@@ -136,6 +138,7 @@ def test_plaintext_auth_only_when_explicitly_allowed(
     assert logins.seen and all(seen == (b"transfer", b"richtig") for seen in logins.seen)
 
 
+@pytest.mark.slow
 def test_starttls_stripped_by_the_relay_is_refused_before_any_login(
     project: Path, smtp_server_factory: Any
 ) -> None:
@@ -157,6 +160,7 @@ def test_starttls_stripped_by_the_relay_is_refused_before_any_login(
 # -- finding: setup failures are no "uncertain" mails ----------------------------------
 
 
+@pytest.mark.slow
 def test_validate_reports_a_missing_ca_file(project: Path) -> None:
     env = {"INVITE_MAILER_SMTP__CA_FILE": "/nonexistent/internal-ca.pem"}
     result = invoke(["validate"], env)
@@ -195,6 +199,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.mark.slow
 def test_a_certificate_failure_stops_the_pass_once_and_leaves_every_mail_pending(
     project: Path,
     smtp_server_factory: Any,
@@ -225,6 +230,7 @@ def test_a_certificate_failure_stops_the_pass_once_and_leaves_every_mail_pending
     assert json.loads(again.stdout)["sent"] == CONTACTS
 
 
+@pytest.mark.slow
 def test_a_rejected_password_says_authentication_failed(
     project: Path, smtp_server_factory: Any
 ) -> None:
@@ -250,6 +256,7 @@ def test_a_rejected_password_says_authentication_failed(
     assert "authentication failed (535" in test.stderr
 
 
+@pytest.mark.slow
 def test_an_outbox_that_is_a_file_stops_with_one_message(project: Path) -> None:
     (project / "outbox").write_text("not a folder\n", encoding="utf-8")
     result = invoke(["send-due", "--now", NOW], {})
@@ -260,6 +267,7 @@ def test_an_outbox_that_is_a_file_stops_with_one_message(project: Path) -> None:
     assert not ledger_file(project).exists() or set(states(project).values()) <= {"pending"}
 
 
+@pytest.mark.slow
 async def test_an_outbox_that_fails_mid_pass_gives_every_mail_back(project: Path) -> None:
     config = load_config(project / "config", None)
     folder = project / "outbox"
@@ -276,6 +284,7 @@ async def test_an_outbox_that_fails_mid_pass_gives_every_mail_back(project: Path
     assert rows and {row.state.value for row in rows} == {"pending"}
 
 
+@pytest.mark.slow
 def test_a_full_disk_for_the_ledger_stops_the_pass_with_one_message(project: Path) -> None:
     # Every file this process writes may grow to 150 kB: the ledger fills up
     # during the pass (SQLite: "database or disk is full"), as on a full disk.
@@ -327,6 +336,7 @@ def full_disk(folder: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_outbox_disk_stops_the_pass_with_exit_75(project: Path) -> None:
     # Room for a few mails, even when several are written at once, not for all.
     with full_disk(project / "outbox", "200k"):
@@ -342,6 +352,7 @@ def test_a_full_outbox_disk_stops_the_pass_with_exit_75(project: Path) -> None:
     assert set(rows.values()) <= {"sent", "pending"}
 
 
+@pytest.mark.slow
 def test_a_full_state_disk_stops_the_pass_with_exit_75(project: Path) -> None:
     with full_disk(project / "state", "20k"):
         result = invoke(["send-due", "--now", NOW], {})
@@ -494,6 +505,7 @@ def test_a_settings_file_nested_too_deeply_is_a_clear_error(project: Path) -> No
     assert "hint:" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -531,6 +543,7 @@ def test_a_sender_setting_with_more_than_one_address_is_refused(
     assert sent.exit_code == 1 and outbox(project) == []
 
 
+@pytest.mark.slow
 def test_a_display_name_with_a_comma_in_double_quotes_is_one_address(project: Path) -> None:
     env = {"INVITE_MAILER_SENDER__ADDRESS": '"KomKomIn, Transferreihe" <transferreihe@example.org>'}
     result = invoke(["send-due", "--now", NOW], env)
@@ -540,6 +553,7 @@ def test_a_display_name_with_a_comma_in_double_quotes_is_one_address(project: Pa
     assert mail["From"].addresses[0].display_name == "KomKomIn, Transferreihe"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "url",
     [
@@ -569,6 +583,7 @@ def _foreign_sqlite(path: Path) -> None:
         db.execute("PRAGMA user_version = 2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "expect"),
     [
@@ -602,6 +617,7 @@ def test_a_ledger_file_that_is_not_ours_is_never_a_fresh_start(
     assert status.exit_code == 1 and expect in status.stderr, status.output
 
 
+@pytest.mark.slow
 def test_a_damaged_ledger_gives_one_clear_message(project: Path) -> None:
     first = invoke(["send-due", "--now", NOW], {})
     assert first.exit_code == 0, first.output
@@ -626,6 +642,7 @@ def test_a_damaged_ledger_gives_one_clear_message(project: Path) -> None:
     assert outbox(project) == sent
 
 
+@pytest.mark.slow
 def test_a_ledger_locked_by_another_process_is_a_clear_error(project: Path) -> None:
     first = invoke(["send-due", "--now", "2024-10-01T10:00"], {})  # creates the ledger
     assert first.exit_code == 0, first.output
@@ -747,6 +764,7 @@ def rows_in(project: Path, state: str) -> set[str]:
     return {row[0] for row in rows}
 
 
+@pytest.mark.slow
 def test_a_new_process_waits_for_the_sends_of_the_last_minute_and_gives_back_on_stop(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -775,6 +793,7 @@ def test_a_new_process_waits_for_the_sends_of_the_last_minute_and_gives_back_on_
     assert set(late) <= rows_in(project, "pending")
 
 
+@pytest.mark.system
 def test_sigterm_while_waiting_for_the_rate_limit_releases_the_waiting_mails(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -801,6 +820,7 @@ def test_sigterm_while_waiting_for_the_rate_limit_releases_the_waiting_mails(
     assert status_json(env)["uncertain"] == []
 
 
+@pytest.mark.slow
 def test_sigterm_stops_send_due_and_gives_the_waiting_mails_back(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -826,6 +846,7 @@ def test_sigterm_stops_send_due_and_gives_the_waiting_mails_back(
     assert len(rows_in(project, "sent")) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("as_json", [False, True])
 def test_send_due_stopped_by_sigterm_says_so_and_exits_75(
     project: Path, smtp_server: SmtpServer, as_json: bool
@@ -859,6 +880,7 @@ def test_send_due_stopped_by_sigterm_says_so_and_exits_75(
 # -- beyond the findings: what a hostile relay says ---------------------------------------
 
 
+@pytest.mark.slow
 def test_a_hostile_relay_answer_is_stored_as_one_bounded_line_of_text(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -880,6 +902,7 @@ def test_a_hostile_relay_answer_is_stored_as_one_bounded_line_of_text(
     assert status.exit_code == 3 and stored in status.stdout.replace("\\u001b", "")
 
 
+@pytest.mark.slow
 async def test_a_relay_that_stalls_after_data_is_given_up_on_within_the_timeout(
     smtp_server: SmtpServer,
 ) -> None:
@@ -918,6 +941,7 @@ async def test_a_ca_file_removed_after_loading_stops_the_send_with_a_setup_error
     assert smtp_server.connections == 0
 
 
+@pytest.mark.slow
 def test_a_relay_answering_in_binary_is_recorded_as_text(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -937,6 +961,7 @@ def test_a_relay_answering_in_binary_is_recorded_as_text(
     assert [d["email"] for d in status["failed"]] == [address]
 
 
+@pytest.mark.slow
 def test_an_idn_contact_is_delivered_through_a_relay_without_smtputf8(
     project: Path, smtp_server_factory: Any
 ) -> None:

@@ -106,6 +106,7 @@ SPECIAL_TARGETS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SPECIAL_TARGETS)
 def test_a_fifo_is_refused_without_blocking(project: Path, name: str) -> None:
     path = project / name
@@ -116,6 +117,7 @@ def test_a_fifo_is_refused_without_blocking(project: Path, name: str) -> None:
     assert_clear_error(code, output, name, r"not a regular file", r"FIFO|pipe")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SPECIAL_TARGETS)
 def test_a_link_to_dev_zero_is_refused_without_reading_it(project: Path, name: str) -> None:
     path = project / name
@@ -134,6 +136,7 @@ def test_a_directory_named_like_the_opt_out_list_is_refused(project: Path) -> No
     assert_clear_error(code, output, "config/optout.txt", r"not a regular file", r"folder")
 
 
+@pytest.mark.slow
 def test_optout_commands_read_the_list_the_same_safe_way(project: Path) -> None:
     path = project / "config/optout.txt"
     path.unlink()
@@ -186,6 +189,7 @@ def test_a_link_inside_the_config_folder_is_fine(project: Path) -> None:
     assert config.attendance == {"verwaltung": frozenset({"jana.mueller@example.org"})}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "size"),
     [
@@ -270,6 +274,7 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
 
 
+@pytest.mark.slow
 def test_a_yaml_alias_bomb_is_refused_quickly(project: Path) -> None:
     path = project / SERIES
     path.write_text(path.read_text(encoding="utf-8") + ALIAS_BOMB, encoding="utf-8")
@@ -279,6 +284,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly(project: Path) -> None:
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
 def test_a_few_aliases_are_still_fine(project: Path) -> None:
     edit(
         project,
@@ -303,6 +309,7 @@ def test_a_self_referencing_yaml_alias_is_refused(project: Path) -> None:
     assert_clear_error(code, output, SERIES, r"refers to itself|alias")
 
 
+@pytest.mark.slow
 def test_deeply_nested_yaml_is_refused(project: Path) -> None:
     path = project / SERIES
     depth = 5000
@@ -347,6 +354,7 @@ def _xlsx_bomb(path: Path, cell_bytes: int, chunk: bytes = b"x" * (1 << 20)) -> 
             out.write(_SHEET_TAIL)
 
 
+@pytest.mark.slow
 def test_an_xlsx_zip_bomb_is_refused_before_it_is_unpacked(project: Path) -> None:
     (project / CONTACTS).unlink()
     bomb = project / "config/contacts.xlsx"
@@ -356,6 +364,7 @@ def test_an_xlsx_zip_bomb_is_refused_before_it_is_unpacked(project: Path) -> Non
     assert_clear_error(code, output, "contacts.xlsx", r"unpack|uncompressed|compress")
 
 
+@pytest.mark.slow
 def test_a_workbook_that_packs_well_but_not_suspiciously_is_bounded_too(project: Path) -> None:
     # Compressed about four times, like real sheets: not a "bomb" by its ratio,
     # but more than openpyxl should be given to hold in memory.
@@ -368,6 +377,7 @@ def test_a_workbook_that_packs_well_but_not_suspiciously_is_bounded_too(project:
     assert_clear_error(code, output, "contacts.xlsx", r"unpack|uncompressed")
 
 
+@pytest.mark.slow
 def test_a_large_but_honest_workbook_still_loads(tmp_path: Path) -> None:
     workbook = openpyxl.Workbook()
     workbook.active.append(["email", "nachname", "organisation"])
@@ -393,6 +403,7 @@ def test_a_workbook_row_with_too_many_values_gets_a_workbook_hint(tmp_path: Path
     assert "column C" in problem.hint and "header" in problem.hint
 
 
+@pytest.mark.slow
 def test_too_many_rows_are_refused_with_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "contacts.csv"
     with path.open("w", encoding="utf-8") as out:
@@ -422,6 +433,7 @@ def test_an_overlong_address_is_refused_without_validating_it(tmp_path: Path) ->
     assert "characters long" in str(caught.value) and caught.value.line == 2
 
 
+@pytest.mark.slow
 def test_a_20_mb_description_is_refused_by_file_size(project: Path) -> None:
     edit(project, SERIES, "description: |\n", "description: |\n  " + "x" * 20_000_000 + "\n")
     code, output = run(["validate"])
@@ -472,6 +484,7 @@ def test_text_fields_of_the_series_are_bounded(
 # --- clear messages instead of tracebacks --------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("old", "new", "needle"),
     [
@@ -576,6 +589,7 @@ def _many_contacts(project: Path, count: int, bad_row: int) -> None:
     (project / CONTACTS).write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_an_invalid_series_causes_no_phantom_contact_problems(project: Path) -> None:
     _many_contacts(project, 1900, bad_row=1500)
     edit(project, SERIES, "timezone: Europe/Berlin", "timezone: Mars/Olympus")
@@ -601,6 +615,7 @@ def test_contacts_are_checked_against_the_readable_event_ids(project: Path) -> N
     assert "tick" in output and "'verwaltnug'" in output, output
 
 
+@pytest.mark.slow
 def test_template_and_attendance_problems_come_with_the_series_problems(project: Path) -> None:
     edit(project, SERIES, "timezone: Europe/Berlin", "timezone: Mars/Olympus")
     (project / "templates/email/reminder.subject.j2").write_text(
@@ -617,6 +632,7 @@ def test_template_and_attendance_problems_come_with_the_series_problems(project:
     assert "optout.txt" in output and "nicht anschreiben" in output, output
 
 
+@pytest.mark.slow
 def test_template_problems_come_with_the_settings_problems(project: Path) -> None:
     edit(project, "config/settings.toml", 'kind = "outbox"', 'kind = "pigeon"')
     (project / "templates/email/invitation.txt.j2").write_text("{% if %}\n", encoding="utf-8")
@@ -628,6 +644,7 @@ def test_template_problems_come_with_the_settings_problems(project: Path) -> Non
 # --- attendance and audiences ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_attendance_never_adds_people_to_the_reminder(project: Path) -> None:
     """Someone who attended without registering gets the follow-up, never a reminder."""
     path = project / CONTACTS
@@ -714,6 +731,7 @@ def test_attendance_lists_are_read_when_the_series_is_broken(tmp_path: Path) -> 
 # --- more hostile shapes ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_line_of_millions_of_delimiters_is_refused_without_splitting_it(project: Path) -> None:
     path = project / CONTACTS
     with path.open("a", encoding="utf-8") as out:
@@ -723,6 +741,7 @@ def test_a_line_of_millions_of_delimiters_is_refused_without_splitting_it(projec
     assert_clear_error(code, output, CONTACTS, rf"{CONTACTS}, line {number}\b", r"characters long")
 
 
+@pytest.mark.slow
 def test_a_yaml_tag_is_a_clear_error_with_its_line(project: Path) -> None:
     edit(project, SERIES, "id: transferreihe-2024", 'id: !!python/object/apply:os.system ["id"]')
     line = line_in(project, SERIES, "!!python")
@@ -747,6 +766,7 @@ def test_a_series_that_is_not_utf8_names_the_line(project: Path) -> None:
     assert_clear_error(code, output, SERIES, rf"{SERIES}, line {line}\b", r"not UTF-8")
 
 
+@pytest.mark.slow
 def test_a_device_inside_the_config_folder_is_refused_unread(project: Path) -> None:
     path = project / "config/optout.txt"
     path.unlink()

@@ -106,6 +106,7 @@ def _outside_secret(config: Path) -> str:
     return str(secret)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
     [
@@ -131,6 +132,7 @@ def test_material_paths_outside_the_materials_folder(tree: Path, make: object) -
     assert "outside" in problem.message or "not inside" in problem.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["settings.toml", "../secret.txt", "/etc/passwd"])
 def test_material_symlink_pointing_outside(tree: Path, target: str) -> None:
     _outside_secret(tree)
@@ -206,6 +208,7 @@ def test_special_files_are_not_read(tree: Path) -> None:
     assert "'materials/null.pdf' of 'verwaltung' lies outside" in messages[2]
 
 
+@pytest.mark.slow
 def test_material_size_is_checked_before_reading(tree: Path) -> None:
     import tracemalloc
 
@@ -422,6 +425,7 @@ def test_runaway_templates_end_in_a_template_error(tree: Path, payload: str) -> 
     assert problem.hint
 
 
+@pytest.mark.slow
 def test_loops_without_output_are_stopped_in_time(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -500,6 +504,7 @@ def test_contact_data_is_never_evaluated(tree: Path) -> None:
             assert "{{ 7*7000 }}" in content
 
 
+@pytest.mark.slow
 def test_contact_fields_and_extra_columns_are_escaped_in_html(tree: Path) -> None:
     tag = '<b onmouseover="x">fett</b>'
     for name in ("invitation", "reminder", "followup", "update", "cancellation"):
@@ -586,6 +591,7 @@ def _unfolded(head: str, name: str) -> str:
     raise AssertionError(f"no {name} header")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ascii_only", [True, False], ids=["ascii", "unicode"])
 def test_to_header_parses_back_to_one_address(tree: Path, ascii_only: bool) -> None:
     from invite_mailer.core import german
@@ -781,6 +787,7 @@ def test_the_organisers_summary_keeps_its_headers_whole(tree: Path) -> None:
 # --- the size of a mail is bounded ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_huge_description_is_refused(tree: Path) -> None:
     """Under the render limit (2 million characters), but rich in umlauts, which
     quoted-printable writes as six octets each: the mail would be about 20 MB."""
@@ -905,6 +912,7 @@ def test_ordinary_template_expressions_still_work(tree: Path) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP])
 def test_both_paths_agree_on_hostile_recipients(tree: Path, kind: Kind) -> None:
     from invite_mailer.mail.fastcompose import WireComposer
@@ -969,6 +977,7 @@ def test_a_fifo_among_the_templates(tree: Path) -> None:
     assert any("not a regular file" in p.message for p in error.problems), error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [76, 77, 78, 500, 899, 900, 1200, 3000])
 def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
     from invite_mailer.mail.fastcompose import WireComposer
@@ -993,6 +1002,7 @@ def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
 # --- the materials folder itself, hard links ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_materials_folder_that_is_a_link_outside_the_config(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1012,6 +1022,7 @@ def test_a_materials_folder_that_is_a_link_outside_the_config(
     assert "materials/environ" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_materials_folder_linked_to_a_folder_outside(tree: Path) -> None:
     outside = tree.parent / "anderswo"
     outside.mkdir()
@@ -1024,6 +1035,7 @@ def test_a_materials_folder_linked_to_a_folder_outside(tree: Path) -> None:
     assert "outside" in single_problem(caught)
 
 
+@pytest.mark.slow
 def test_a_hard_link_is_not_attached(tree: Path) -> None:
     secret = tree.parent / "passwd"
     secret.write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
@@ -1036,6 +1048,7 @@ def test_a_hard_link_is_not_attached(tree: Path) -> None:
     assert "copy the file into materials/ instead" in text
 
 
+@pytest.mark.slow
 def test_ordinary_and_linked_materials_inside_the_folder_still_work(tree: Path) -> None:
     (tree / "materials" / "folien.pdf").write_bytes(b"%PDF-1.4 folien\n")
     (tree / "materials" / "echt.pdf").write_bytes(b"%PDF-1.4 echt\n")
@@ -1088,6 +1101,7 @@ def validate_in_child(config: Path) -> tuple[subprocess.CompletedProcess[str], f
     return result, time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "payload",
     [
@@ -1178,6 +1192,7 @@ def special_names(length: int) -> list[str]:
     return [dense[:length].strip() or "a", words[:length].strip() or "a", tail[-length:]]
 
 
+@pytest.mark.slow
 def test_from_to_and_reply_to_with_specials_parse_back_to_one_address() -> None:
     from email.message import EmailMessage
 
@@ -1198,6 +1213,7 @@ def test_from_to_and_reply_to_with_specials_parse_back_to_one_address() -> None:
                 assert address.display_name == name, (header, name)
 
 
+@pytest.mark.slow
 def test_a_contact_row_that_would_smuggle_addresses(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1222,6 +1238,7 @@ def test_a_contact_row_that_would_smuggle_addresses(
     assert address.display_name == "a " + "b" * 150 + ",c@evil.example"
 
 
+@pytest.mark.system
 def test_the_daemon_stays_responsive_when_a_template_squares_a_number(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

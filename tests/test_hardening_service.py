@@ -199,6 +199,7 @@ def _far_future_date(text: str) -> str:
     return re.sub(r"date: \d{4}-\d{2}-\d{2}", "date: 9999-12-31", text, count=1)
 
 
+@pytest.mark.system
 def test_the_watcher_survives_edits_that_are_not_config_errors(
     service: Path, daemons: list[Daemon]
 ) -> None:
@@ -229,6 +230,7 @@ def test_the_watcher_survives_edits_that_are_not_config_errors(
     assert "daemon stopped" in log
 
 
+@pytest.mark.system
 def test_the_watcher_survives_running_out_of_descriptors(
     service: Path, daemons: list[Daemon]
 ) -> None:
@@ -267,6 +269,7 @@ def test_the_watcher_survives_running_out_of_descriptors(
     assert "Traceback" not in daemon.output(), daemon.output()
 
 
+@pytest.mark.system
 def test_a_replaced_config_folder_is_watched_again(service: Path, daemons: list[Daemon]) -> None:
     """The watched folder deleted and created anew: the watcher restarts and sees edits."""
     config = service / "config"
@@ -297,6 +300,7 @@ def test_a_replaced_config_folder_is_watched_again(service: Path, daemons: list[
     assert "Traceback" not in daemon.output()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "temporary",
     [
@@ -355,6 +359,7 @@ def wait_for_endpoint(daemon: Daemon, base: str) -> None:
     wait_for(answers, 15, "the endpoint to answer")
 
 
+@pytest.mark.system
 def test_a_slow_reload_does_not_stall_the_endpoint(service: Path, daemons: list[Daemon]) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -407,6 +412,7 @@ def open_idle_connections(port: int, count: int) -> list[socket.socket]:
     return held
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_idle_connections_cannot_take_the_endpoint_down(
     service: Path, daemons: list[Daemon]
@@ -550,12 +556,14 @@ SLOW_CLIENTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client", list(SLOW_CLIENTS))
 async def test_slow_clients_are_cut_off(served: Served, client: str) -> None:
     took = await closed_within(served, SLOW_CLIENTS[client], pause=0.2, limit=8)
     assert took < 3, f"{client}: the server kept the connection for {took:.1f} s"
 
 
+@pytest.mark.slow
 async def test_keep_alive_requests_still_work(served: Served) -> None:
     async with httpx.AsyncClient(base_url=served.server.url) as client:
         for _ in range(3):
@@ -605,6 +613,7 @@ async def test_smuggled_requests_are_refused(served: Served, framing: str) -> No
     assert await served.optouts() == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "status"),
     [
@@ -704,6 +713,7 @@ async def test_nothing_about_an_address_leaks_from_a_forged_token(
     assert await served.optouts() == set()
 
 
+@pytest.mark.slow
 async def test_optout_list_is_read_once_per_change(served: Served) -> None:
     listed = [f"person{n:05d}@example.org" for n in range(20000)]
     served.optout_file.write_text("\n".join(listed) + "\n", encoding="utf-8")
@@ -733,6 +743,7 @@ async def test_optout_list_is_read_once_per_change(served: Served) -> None:
         assert "bereits abgemeldet" not in (await client.get(f"/{other}")).text
 
 
+@pytest.mark.slow
 async def test_a_broken_optout_list_is_not_parsed_again_for_every_page(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -771,6 +782,7 @@ def json_lines(text: str) -> list[dict[str, object]]:
     return records
 
 
+@pytest.mark.system
 def test_json_log_format_holds_for_library_records_and_rejected_reloads(
     service: Path, daemons: list[Daemon]
 ) -> None:
@@ -876,6 +888,7 @@ START = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "breakage",
     [lambda text: text.replace("id: bald", "id: [bald"), _far_future_date],
@@ -896,6 +909,7 @@ def test_an_invalid_config_at_start_exits_1_and_says_a_restart_will_not_help(
     assert not (service / "outbox").exists()
 
 
+@pytest.mark.slow
 async def test_other_failures_at_start_exit_with_a_status_that_is_restarted(
     service: Path,
 ) -> None:
@@ -906,6 +920,7 @@ async def test_other_failures_at_start_exit_with_a_status_that_is_restarted(
     assert code == EXIT_TEMPFAIL != EXIT_INVALID_CONFIG
 
 
+@pytest.mark.system
 def test_a_pass_stopped_for_a_known_reason_is_one_line_not_a_traceback(
     service: Path, daemons: list[Daemon], smtp_server: SmtpServer
 ) -> None:
@@ -924,6 +939,7 @@ def test_a_pass_stopped_for_a_known_reason_is_one_line_not_a_traceback(
     assert smtp_server.received == []
 
 
+@pytest.mark.system
 def test_a_daemon_that_stopped_is_not_healthy(service: Path, daemons: list[Daemon]) -> None:
     daemon = start(daemons, service)
     daemon.wait_for_log("scheduled")

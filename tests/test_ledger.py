@@ -170,6 +170,7 @@ async def test_recover_turns_sending_into_uncertain(db_path: Path) -> None:
         assert again is not None and again.attempts == 2
 
 
+@pytest.mark.slow
 def test_a_claim_survives_sigkill(db_path: Path) -> None:
     script = textwrap.dedent(
         f"""
@@ -219,6 +220,7 @@ async def test_view_is_an_immutable_snapshot(db_path: Path) -> None:
         invitation["c@x.org"] = SENT  # type: ignore[index]
 
 
+@pytest.mark.slow
 async def test_view_of_100000_rows_is_quick(db_path: Path) -> None:
     async with Ledger.open(db_path):
         pass
@@ -352,6 +354,7 @@ def test_lock_blocks_a_second_holder_in_this_process(db_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_lock_blocks_another_process(db_path: Path) -> None:
     script = textwrap.dedent(
         f"""
@@ -377,6 +380,7 @@ def test_lock_blocks_another_process(db_path: Path) -> None:
 # -- throughput ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_one_commit_per_state_change_is_fast_enough(db_path: Path) -> None:
     pairs = 2_000
     now = datetime(2024, 10, 24, 8, 0, tzinfo=UTC)
@@ -404,6 +408,7 @@ async def test_view_carries_attempts_of_deliveries_waiting_for_a_retry(tmp_path:
     assert view.attempts("invitation", "", "b@example.org") == 0
 
 
+@pytest.mark.slow
 def test_a_first_open_killed_before_migrating_leaves_no_ledger_behind(tmp_path: Path) -> None:
     """SQLite creates the file when it connects; killed before the first
     migration, an empty file would be refused as "not ours" for ever."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from support.cli import run as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,7 @@ def test_empty(project: Path) -> None:
     assert not (project / "state").exists()  # listing creates no database
 
 
+@pytest.mark.slow
 def test_add_list_remove(project: Path) -> None:
     code, output = run(
         "optout", "add", "Jana.Mueller@Example.org", "alex.meyer@example.org", "--source", "Mail"
@@ -63,6 +66,7 @@ def test_add_list_remove(project: Path) -> None:
     assert code == 0 and "was not opted out" in output
 
 
+@pytest.mark.slow
 def test_opt_outs_are_honoured_by_send_due(project: Path) -> None:
     assert run("optout", "add", "jana.mueller@example.org")[0] == 0
     code, output = run("plan", "--now", "2024-10-24T10:05", "--json")
@@ -74,6 +78,7 @@ def test_opt_outs_are_honoured_by_send_due(project: Path) -> None:
     assert json.loads(output[output.index("{") :])["sent"] == 11
 
 
+@pytest.mark.slow
 def test_remove_of_a_file_entry_says_to_edit_the_file(project: Path) -> None:
     add_to_file(project, "info@example.com")
     code, output = run("optout", "remove", "info@example.com")

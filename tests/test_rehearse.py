@@ -78,6 +78,7 @@ def links_of(page: Path) -> _Links:
 # --- what goes out -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shipped_series_counts(project: Path) -> None:
     data = rehearse()
     per_date = registrations(project)
@@ -94,6 +95,7 @@ def test_shipped_series_counts(project: Path) -> None:
     assert index.count("wartet auf Unterlagen.") == 4
 
 
+@pytest.mark.slow
 def test_a_follow_up_goes_out_once_materials_are_listed(project: Path) -> None:
     series = project / "config" / "series.yaml"
     text = series.read_text(encoding="utf-8")
@@ -112,6 +114,7 @@ def test_a_follow_up_goes_out_once_materials_are_listed(project: Path) -> None:
     assert "followup:verwaltung" not in data["waiting_for_materials"]  # type: ignore[operator]
 
 
+@pytest.mark.slow
 def test_every_mail_is_written_and_one_click_away(project: Path) -> None:
     rehearse()
     out = project / "rehearsal"
@@ -136,6 +139,7 @@ def test_every_mail_is_written_and_one_click_away(project: Path) -> None:
         assert message["Subject"] and message["To"]
 
 
+@pytest.mark.slow
 def test_real_state_is_untouched_and_its_opt_outs_hold(project: Path) -> None:
     code, output = run("optout", "add", "jana.mueller@example.org")
     assert code == 0, output
@@ -158,6 +162,7 @@ def test_real_state_is_untouched_and_its_opt_outs_hold(project: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_a_second_run_replaces_the_first(project: Path) -> None:
     rehearse()
     stale = project / "rehearsal" / "mails" / "old.eml"
@@ -166,6 +171,7 @@ def test_a_second_run_replaces_the_first(project: Path) -> None:
     assert not stale.exists()
 
 
+@pytest.mark.slow
 def test_a_foreign_folder_is_never_overwritten(project: Path) -> None:
     code, output = run("rehearse", "--out", "config")
     assert code == 1
@@ -211,6 +217,7 @@ def _console(stderr: str) -> list[str]:
     ]
 
 
+@pytest.mark.system
 def test_overview_renders_in_chromium_without_errors(project: Path, tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":

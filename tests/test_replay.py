@@ -161,6 +161,7 @@ class Replay:
         return to_contacts, summaries, data
 
 
+@pytest.mark.slow
 def test_replaying_the_series_sends_every_mail_once(project: Path, smtp_server: SmtpServer) -> None:
     config = project / "config"
     expect = Expectation(config)
@@ -255,6 +256,7 @@ def test_replaying_the_series_sends_every_mail_once(project: Path, smtp_server: 
     assert invitation["opted_out"] == len(OPTED_OUT)
 
 
+@pytest.mark.slow
 def test_waiting_followup_is_shown_and_sends_nothing(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -269,6 +271,7 @@ def test_waiting_followup_is_shown_and_sends_nothing(
     assert rows["reminder:verwaltung"]["state"] == "closed"
 
 
+@pytest.mark.slow
 def test_send_due_as_a_real_process(project: Path, smtp_server: SmtpServer) -> None:
     env = smtp_env(smtp_server.port)
     first = run_process(["send-due", "--now", "2024-10-24T10:05"], env, project)

@@ -13,6 +13,7 @@ from support.project import copy_project
 from support.smtp import SmtpServer, smtp_env
 
 
+@pytest.mark.slow
 def test_sender_refused_stops_the_pass_and_marks_nobody_failed(
     smtp_server: SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

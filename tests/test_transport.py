@@ -149,6 +149,7 @@ async def test_smtp_delivers_exact_bytes(smtp_server: SmtpServer) -> None:
         assert "BODY=8BITMIME" in received.mail_options
 
 
+@pytest.mark.slow
 async def test_connections_are_reused(smtp_server: SmtpServer) -> None:
     smtp_server.behaviour.data_delay = 0.002
     async with SmtpTransport(settings_for(smtp_server, max_connections=2)) as transport:
@@ -267,6 +268,7 @@ async def test_temporary_refusal_after_data_is_not_uncertain(smtp_server: SmtpSe
     assert not isinstance(caught.value, UncertainFailure)
 
 
+@pytest.mark.slow
 async def test_stall_after_data_is_an_uncertain_temporary_failure(
     smtp_server: SmtpServer,
 ) -> None:
@@ -282,6 +284,7 @@ async def test_stall_after_data_is_an_uncertain_temporary_failure(
     assert smtp_server.connections == 2
 
 
+@pytest.mark.slow
 async def test_stall_before_data_is_a_plain_temporary_failure(smtp_server: SmtpServer) -> None:
     smtp_server.behaviour.stall = 1
     smtp_server.behaviour.stall_at = "MAIL"
@@ -312,6 +315,7 @@ async def test_refused_connection_is_a_temporary_failure() -> None:
             await send(transport)
 
 
+@pytest.mark.slow
 async def test_rate_limit_applies_to_smtp_sends(smtp_server: SmtpServer) -> None:
     limiter = RateLimiter(2, window=0.2)
     async with SmtpTransport(settings_for(smtp_server), limiter=limiter) as transport:
@@ -345,6 +349,7 @@ def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
     return context
 
 
+@pytest.mark.slow
 async def test_starttls_verifies_with_ca_file_and_logs_in(
     smtp_server_factory: Any, certificate: tuple[Path, Path]
 ) -> None:
@@ -373,6 +378,7 @@ async def test_starttls_verifies_with_ca_file_and_logs_in(
     assert len(server.received) == 1
 
 
+@pytest.mark.slow
 async def test_unverifiable_certificate_is_refused_by_default(
     smtp_server_factory: Any, certificate: tuple[Path, Path]
 ) -> None:
@@ -434,6 +440,7 @@ def most_in_any_window(starts: list[float], window: float = 60.0) -> int:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_minute", [1, 30, 120, 600])
 async def test_rate_limit_holds_every_window_at_full_rate(per_minute: int) -> None:
     virtual = VirtualTime()
@@ -455,6 +462,7 @@ async def test_rate_limit_holds_every_window_at_full_rate(per_minute: int) -> No
     assert len(starts) >= 5 * per_minute * 0.98
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_minute", [30, 600])
 async def test_rate_limit_holds_at_the_relay_however_long_sends_take(per_minute: int) -> None:
     """The relay counts a mail somewhere between its send's start and end.

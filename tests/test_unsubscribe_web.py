@@ -113,6 +113,7 @@ def outbox_recipients(project: Path) -> list[str]:
 # --- opting out --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_one_click_post_opts_out_and_send_due_skips_them(
     project: Path, endpoint: Endpoint
 ) -> None:
@@ -139,6 +140,7 @@ async def test_one_click_post_opts_out_and_send_due_skips_them(
     assert '"opted_out": 1' in output
 
 
+@pytest.mark.slow
 async def test_the_confirmation_button_posts_and_opts_out(endpoint: Endpoint) -> None:
     token = make_token(SECRET, SERIES, "Thomas.Schmidt@example.org")
     response = await endpoint.client.post(endpoint.url(token), data={"bestaetigt": "ja"})
@@ -146,6 +148,7 @@ async def test_the_confirmation_button_posts_and_opts_out(endpoint: Endpoint) ->
     assert await endpoint.optouts() == {"thomas.schmidt@example.org": "web form"}
 
 
+@pytest.mark.slow
 async def test_multipart_one_click_body_is_understood(endpoint: Endpoint) -> None:
     # RFC 8058 prefers multipart/form-data; httpx sends it when files are given.
     token = make_token(SECRET, SERIES, JANA)
@@ -156,6 +159,7 @@ async def test_multipart_one_click_body_is_understood(endpoint: Endpoint) -> Non
     assert await endpoint.optouts() == {JANA: "one-click"}
 
 
+@pytest.mark.slow
 async def test_get_shows_the_page_and_changes_nothing(endpoint: Endpoint) -> None:
     token = make_token(SECRET, SERIES, JANA)
     for _ in range(2):
@@ -176,6 +180,7 @@ async def test_get_shows_the_page_and_changes_nothing(endpoint: Endpoint) -> Non
     assert await endpoint.optouts() == {}
 
 
+@pytest.mark.slow
 async def test_page_says_when_an_address_is_already_opted_out(
     project: Path, endpoint: Endpoint
 ) -> None:
@@ -224,6 +229,7 @@ BAD_TOKENS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAD_TOKENS))
 async def test_invalid_tokens_get_400_and_change_nothing(endpoint: Endpoint, name: str) -> None:
     token = BAD_TOKENS[name](make_token(SECRET, SERIES, JANA))
@@ -236,6 +242,7 @@ async def test_invalid_tokens_get_400_and_change_nothing(endpoint: Endpoint, nam
     assert await endpoint.optouts() == {}
 
 
+@pytest.mark.slow
 async def test_healthz_and_unknown_routes(endpoint: Endpoint) -> None:
     response = await endpoint.client.get(f"{endpoint.server.url}/healthz")
     assert response.status_code == 200 and response.text == "ok"
@@ -245,6 +252,7 @@ async def test_healthz_and_unknown_routes(endpoint: Endpoint) -> None:
     assert await endpoint.optouts() == {}
 
 
+@pytest.mark.slow
 async def test_oversized_body_is_refused(endpoint: Endpoint) -> None:
     token = make_token(SECRET, SERIES, JANA)
     response = await endpoint.client.post(endpoint.url(token), content=b"x" * (100 * 1024))
@@ -252,6 +260,7 @@ async def test_oversized_body_is_refused(endpoint: Endpoint) -> None:
     assert await endpoint.optouts() == {}
 
 
+@pytest.mark.slow
 async def test_pages_escape_what_they_show(project: Path) -> None:
     app = create_app(
         SERIES,
@@ -296,6 +305,7 @@ def _mails(project: Path) -> Iterator[tuple[str, EmailMessage]]:
         yield str(kind), email.message_from_bytes(wire, policy=email.policy.default)
 
 
+@pytest.mark.slow
 async def test_every_kind_of_mail_has_rfc8058_headers(project: Path, endpoint: Endpoint) -> None:
     for kind, message in _mails(project):
         raw = message.get_all("List-Unsubscribe")
@@ -325,6 +335,7 @@ async def test_every_kind_of_mail_has_rfc8058_headers(project: Path, endpoint: E
     assert await endpoint.optouts() == {JANA: "one-click"}
 
 
+@pytest.mark.slow
 def test_validate_warns_when_the_url_has_no_secret(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,6 +362,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 async def test_the_daemon_serves_the_endpoint_and_stops_it(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,6 +431,7 @@ class _ClickingTransport:
         return "250 accepted"
 
 
+@pytest.mark.slow
 async def test_an_opt_out_during_a_pass_is_honoured_at_once(
     project: Path, endpoint: Endpoint
 ) -> None:
