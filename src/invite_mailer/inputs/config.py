@@ -15,7 +15,7 @@ from invite_mailer.inputs.contacts import (
     load_attendance,
     load_contacts,
 )
-from invite_mailer.inputs.materials import UNSAFE_HEADER_TEXT, File, load_materials
+from invite_mailer.inputs.materials import UNSAFE_HEADER_TEXT, File, Materials, load_materials
 from invite_mailer.inputs.series import SERIES_FILE, Series, load_series, readable_event_ids
 from invite_mailer.inputs.settings import (
     SETTINGS_FILE,
@@ -41,8 +41,7 @@ class Config:
     series: Series
     contacts: ContactList
     templates: Templates
-    #: Per date id: the material files its follow-up attaches.
-    materials: Mapping[str, tuple[File, ...]] = field(default_factory=dict)
+    materials: Materials = field(default_factory=dict)
     optouts: frozenset[str] = frozenset()
     attendance: Mapping[str, frozenset[str]] = field(default_factory=dict)
     warnings: tuple[Problem, ...] = ()

@@ -86,7 +86,7 @@ from invite_mailer.core.tokens import mailto_url, make_token, unsubscribe_url
 from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.inputs.config import Config, load_mail_files
 from invite_mailer.inputs.contacts import Contact
-from invite_mailer.inputs.materials import File, size_text
+from invite_mailer.inputs.materials import File, Materials, size_text
 from invite_mailer.inputs.series import SERIES_FILE, Event, Kind, Series
 from invite_mailer.inputs.settings import Settings
 from invite_mailer.inputs.templates import Templates, load_templates
@@ -124,7 +124,7 @@ class Composer:
         settings: Settings,
         series: Series,
         templates: Templates,
-        materials: Mapping[str, tuple[File, ...]],
+        materials: Materials,
         *,
         config_dir: Path,
     ) -> None:
