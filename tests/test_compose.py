@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -20,6 +21,7 @@ from pydantic import SecretStr
 
 from invite_mailer.core.tokens import make_token, verify_token
 from invite_mailer.errors import ConfigError
+from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind, Series, load_series
 from invite_mailer.inputs.settings import Settings, load_settings
@@ -831,3 +833,43 @@ def test_not_utf8_template(settings: Settings, series: Series, templates: Path) 
     (templates / "reminder.txt.j2").write_bytes("Grüße".encode("cp1252"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
+
+
+def test_the_composer_of_a_loaded_config_reads_no_file_again(
+    material_config: Path, templates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Templates and materials are read once, with the config: a composer built
+    from it later renders the same mail with both folders gone."""
+    for key in list(os.environ):
+        if key.startswith("INVITE_MAILER_"):
+            monkeypatch.delenv(key)
+    config = load_config(material_config, templates, env_file=None)
+    event = config.series.event("verwaltung")
+    now = NOW[Kind.FOLLOWUP]
+    before = Composer.from_config(config).compose(
+        Kind.FOLLOWUP, FRAU, event=event, now=now, attended=True
+    )
+    shutil.rmtree(templates)
+    shutil.rmtree(material_config / "materials")
+    after = Composer.from_config(config).compose(
+        Kind.FOLLOWUP, FRAU, event=event, now=now, attended=True
+    )
+    assert after.as_bytes() == before.as_bytes()
+    assert [name for name, _, _ in attachments(after)] == ["protokoll.pdf"]
+
+
+def test_a_config_with_other_settings_composes_with_them(material_config: Path) -> None:
+    """Config is plain data: a copy with other settings gives a composer of those."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith("INVITE_MAILER_"):
+                mp.delenv(key)
+        config = load_config(material_config, TEMPLATES, env_file=None)
+    sender = config.settings.sender.model_copy(update={"address": "Anna <anna@example.net>"})
+    changed = replace(config, settings=config.settings.model_copy(update={"sender": sender}))
+    event = config.series.event("verwaltung")
+    message = Composer.from_config(changed).compose(
+        Kind.REMINDER, FRAU, event=event, now=NOW[Kind.REMINDER]
+    )
+    assert message["From"].addresses[0].addr_spec == "anna@example.net"
+    assert message["Message-ID"].endswith("@example.net>")
