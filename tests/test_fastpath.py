@@ -164,7 +164,7 @@ def config(config_dir: Path) -> Iterator[Config]:
 
 @pytest.fixture(scope="module")
 def composer(config: Config) -> Composer:
-    return config.composer
+    return Composer.from_config(config)
 
 
 def reference(composer: Composer, kind: Kind, contact: Contact, **args: object) -> Wire:
@@ -204,15 +204,13 @@ CASES = [
 
 @pytest.mark.parametrize(("kind", "event_id", "attended"), CASES)
 def test_same_bytes_as_the_standard_library(
-    config: Config, kind: Kind, event_id: str | None, attended: bool | None
+    config: Config, composer: Composer, kind: Kind, event_id: str | None, attended: bool | None
 ) -> None:
     event = config.series.event(event_id) if event_id else None
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contacts = make_contacts(150)
     for contact in contacts:
-        assert_same(
-            wires, config.composer, kind, contact, event=event, now=NOW[kind], attended=attended
-        )
+        assert_same(wires, composer, kind, contact, event=event, now=NOW[kind], attended=attended)
     assert not wires.notes
     if kind in FAST_KINDS:
         # Nearly all went the fast way: only odd names and addresses are left over.
@@ -221,9 +219,9 @@ def test_same_bytes_as_the_standard_library(
         assert wires.counts["fast"] == 0
 
 
-def test_header_details_are_kept(config: Config) -> None:
+def test_header_details_are_kept(composer: Composer) -> None:
     """Umlauts in the subject and names arrive intact, as RFC 2047 words."""
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contact = make_contacts(1)[0]
     contact = Contact(email="jana@example.org", anrede="Frau", vorname="Jürgen", nachname="Müller")
     wire = wires.wire(Kind.INVITATION, contact, event=None, now=NOW[Kind.INVITATION])
@@ -241,30 +239,31 @@ def test_unsubscribe_link_per_recipient(config_dir: Path) -> None:
         mp.setenv("INVITE_MAILER_SENDER__UNSUBSCRIBE_URL", "https://example.org/abmelden")
         mp.setenv("INVITE_MAILER_UNSUBSCRIBE__SECRET", "s3cr3t-s3cr3t-s3cr3t-s3cr3t")
         linked = load_config(config_dir, config_dir.parent / "templates", env_file=None)
-    wires = WireComposer(linked.composer)
+    linked_composer = Composer.from_config(linked)
+    wires = WireComposer(linked_composer)
     event, now = linked.series.events[0], NOW[Kind.REMINDER]
     for contact in make_contacts(60):
-        assert_same(wires, linked.composer, Kind.REMINDER, contact, event=event, now=now)
+        assert_same(wires, linked_composer, Kind.REMINDER, contact, event=event, now=now)
     assert wires.counts["fast"] >= 60
     assert not wires.notes
     wire = wires.wire(Kind.REMINDER, make_contacts(1)[0], event=event, now=now)
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in wire.data
 
 
-def test_a_new_minute_new_skeleton(config: Config) -> None:
+def test_a_new_minute_new_skeleton(composer: Composer) -> None:
     """The calendar stamp changes with the minute: a new skeleton, same exactness."""
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contacts = make_contacts(10)
     for minute in range(3):
         now = NOW[Kind.INVITATION] + timedelta(minutes=minute, seconds=minute * 7)
         for contact in contacts:
-            assert_same(wires, config.composer, Kind.INVITATION, contact, event=None, now=now)
+            assert_same(wires, composer, Kind.INVITATION, contact, event=None, now=now)
     assert len(wires._skeletons) == 3
 
 
-def test_differences_fall_back_to_the_standard_library(config: Config) -> None:
+def test_differences_fall_back_to_the_standard_library(composer: Composer) -> None:
     """A skeleton that does not match (here: sabotaged) is never used."""
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contacts = make_contacts(5)[:5]
     now = NOW[Kind.INVITATION]
     wires.wire(Kind.INVITATION, contacts[0], event=None, now=now)
@@ -272,7 +271,7 @@ def test_differences_fall_back_to_the_standard_library(config: Config) -> None:
     skeleton.checked = 0
     skeleton.body[0] = b"sabotage" + skeleton.body[0]  # type: ignore[operator]
     for contact in contacts[1:]:
-        assert_same(wires, config.composer, Kind.INVITATION, contact, event=None, now=now)
+        assert_same(wires, composer, Kind.INVITATION, contact, event=None, now=now)
     assert wires.notes and "differs" in wires.notes[0]
 
 
@@ -454,14 +453,14 @@ def test_envelope_addresses_match_aiosmtplib() -> None:
 # --- the second process -------------------------------------------------------------------
 
 
-async def test_pipeline_in_a_second_process(config: Config) -> None:
+async def test_pipeline_in_a_second_process(config: Config, composer: Composer) -> None:
     """Mails composed in a worker process are the reference bytes too."""
     contacts = make_contacts(150)
     event = config.series.event("allianzen")
     jobs = [Job(str(Kind.REMINDER), "allianzen", c) for c in contacts]
     clock = iter([NOW[Kind.REMINDER] + timedelta(seconds=n) for n in range(10_000)])
     pipeline = WirePipeline(
-        config.composer,
+        composer,
         jobs,
         sequences={},
         clock=lambda: next(clock),
@@ -480,9 +479,7 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
             except Exception as exc:
                 error = (type(exc).__name__, str(exc))
                 with pytest.raises(type(exc)) as raised:
-                    reference(
-                        config.composer, Kind.REMINDER, contact, event=event, now=NOW[Kind.REMINDER]
-                    )
+                    reference(composer, Kind.REMINDER, contact, event=event, now=NOW[Kind.REMINDER])
                 assert error == (type(raised.value).__name__, str(raised.value))
                 continue
             # Prepared mails carry the moment their chunk was composed.
@@ -490,7 +487,7 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
             assert found is not None
             stamp = parsedate_to_datetime(found.group(1).decode())
             expected = reference(
-                config.composer, Kind.REMINDER, contact, event=event, now=stamp, sequences={}
+                composer, Kind.REMINDER, contact, event=event, now=stamp, sequences={}
             )
             assert wire == expected
     finally:
@@ -499,7 +496,9 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
 
 
 @pytest.mark.parametrize(("workers", "pooled"), [(0, False), (1, True)])
-async def test_compose_workers_setting(config: Config, workers: int, pooled: bool) -> None:
+async def test_compose_workers_setting(
+    config: Config, composer: Composer, workers: int, pooled: bool
+) -> None:
     """limits.compose_workers = 0 keeps large passes in one process (less memory)."""
     limits = config.settings.limits.model_copy(update={"compose_workers": workers})
     settings = config.settings.model_copy(update={"limits": limits})
@@ -523,7 +522,7 @@ async def test_compose_workers_setting(config: Config, workers: int, pooled: boo
             Kind.INVITATION, contacts.contacts[0], event=None, now=NOW[Kind.INVITATION]
         )
         assert wire == reference(
-            config.composer,
+            composer,
             Kind.INVITATION,
             contacts.contacts[0],
             event=None,

@@ -645,7 +645,7 @@ def test_attendance_never_adds_people_to_the_reminder(project: Path) -> None:
     )
     config = load_config(project / "config")
     now = datetime(2024, 11, 13, 15, 0, tzinfo=BERLIN)
-    mailings = {m.id: m for m in plan(config.plan_input(), EmptyLedger(), now)}
+    mailings = {m.id: m for m in plan(PlanInput.of(config), EmptyLedger(), now)}
     assert "gast@example.org" not in mailings["reminder:verwaltung"].audience
     assert "gast@example.org" in mailings["followup:verwaltung"].audience
     registered = {c.key for c in config.contacts if c.is_registered("verwaltung")}

@@ -72,7 +72,7 @@ def settings_of(config: Path) -> Settings:
 
 
 def composer_of(config: Path, settings: Settings | None = None) -> Composer:
-    return Composer(
+    return Composer.load(
         settings or settings_of(config),
         load_series(config),
         templates_dir=templates_of(config),
@@ -187,7 +187,9 @@ def test_special_files_are_not_read(tree: Path) -> None:
 
     def load() -> None:
         try:
-            Composer(settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree)
+            Composer.load(
+                settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
+            )
             outcome.append(None)
         except BaseException as exc:  # the test reports what happened
             outcome.append(exc)
@@ -428,9 +430,9 @@ def test_runaway_templates_end_in_a_template_error(tree: Path, payload: str) -> 
 def test_loops_without_output_are_stopped_in_time(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from invite_mailer.mail import compose
+    from invite_mailer.inputs import templates
 
-    monkeypatch.setattr(compose, "MAX_RENDER_SECONDS", 0.5)
+    monkeypatch.setattr(templates, "MAX_RENDER_SECONDS", 0.5)
     put_line(
         tree,
         "invitation.txt.j2",
@@ -702,7 +704,7 @@ def test_international_local_part_is_written_as_utf8(tree: Path) -> None:
 def test_line_breaks_in_series_values(tree: Path, field: str, value: str) -> None:
     series = load_series(tree).model_copy(update={field: value})
     with pytest.raises(ConfigError) as caught:
-        Composer(settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree)
+        Composer.load(settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree)
     (problem,) = caught.value.problems
     assert problem.path == tree / "series.yaml"
     assert f"series {field}" in problem.message and "header" in problem.message
@@ -791,7 +793,7 @@ def test_a_huge_description_is_refused(tree: Path) -> None:
 
     description = "Größe übergroß äöüß ÄÖÜ. " * 72_000
     series = load_series(tree).model_copy(update={"description": description})
-    composer = Composer(
+    composer = Composer.load(
         settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
     )
     for make in (
@@ -807,7 +809,7 @@ def test_a_huge_description_is_refused(tree: Path) -> None:
 
 def test_a_twenty_megabyte_description_is_refused(tree: Path) -> None:
     series = load_series(tree).model_copy(update={"description": "Text " * 4_000_000})
-    composer = Composer(
+    composer = Composer.load(
         settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
     )
     with pytest.raises(ConfigError) as caught:
@@ -819,7 +821,7 @@ def test_a_twenty_megabyte_description_is_refused(tree: Path) -> None:
 def test_a_mail_just_under_the_limit_goes_out(tree: Path) -> None:
     description = "Städte, Gemeinden und Regionen im Übergang. " * 2_000
     series = load_series(tree).model_copy(update={"description": description})
-    composer = Composer(
+    composer = Composer.load(
         settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
     )
     message = composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
@@ -833,7 +835,7 @@ def test_the_mail_size_limit_is_a_setting(tree: Path) -> None:
     settings = settings.model_copy(
         update={"limits": settings.limits.model_copy(update={"max_message_bytes": 100_000})}
     )
-    composer = Composer(settings, series, templates_dir=templates_of(tree), config_dir=tree)
+    composer = Composer.load(settings, series, templates_dir=templates_of(tree), config_dir=tree)
     with pytest.raises(ConfigError) as caught:
         composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
     assert "limits.max_message_bytes" in single_problem(caught)
@@ -1162,10 +1164,10 @@ def test_bombs_end_in_a_template_error_within_a_memory_cap(tree: Path, payload: 
 def test_bounded_filters_and_numbers_still_work(tree: Path, payload: str) -> None:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from invite_mailer.mail.compose import _environment
+    from invite_mailer.inputs.templates import environment
 
     expected = ImmutableSandboxedEnvironment().from_string(payload).render()
-    assert _environment(templates_of(tree)).from_string(payload).render() == expected
+    assert environment(templates_of(tree)).from_string(payload).render() == expected
 
 
 # --- a quoted name is never folded inside its quotes -----------------------------------

@@ -15,8 +15,10 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Protocol
 
+from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.contacts import Contact
-from invite_mailer.inputs.series import Audience, Event, Kind, Series, localize, shift
+from invite_mailer.inputs.series import Audience, Event, Kind, Series, shift
+from invite_mailer.inputs.timeline import mailing_times as mailing_times
 
 SERIES_WIDE = ""
 """The event id stored for mailings about the whole series (the invitation)."""
@@ -119,36 +121,15 @@ class PlanInput:
     optouts: frozenset[str] = frozenset()
     attendance: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
-
-def mailing_times(series: Series) -> list[tuple[Kind, Event | None, datetime, datetime]]:
-    """Due time and deadline of every mailing the rules produce, in time order.
-
-    Cancelled dates still appear (their reminder and follow-up are withdrawn
-    by :func:`plan`), so the timeline stays complete.
-    """
-    rules = series.mailings
-    times: list[tuple[Kind, Event | None, datetime, datetime]] = []
-    zone = series.zone
-    if rules.invitation is not None and rules.invitation.enabled:
-        send_at = rules.invitation.send_at
-        due = localize(send_at.date(), send_at.time(), zone)
-        until = rules.invitation.until
-        deadline = localize(until.date(), until.time(), zone) if until else series.first_start
-        times.append((Kind.INVITATION, None, due, deadline))
-    for event in series.events:
-        if rules.reminder.enabled:
-            due = shift(event.starts_at, rules.reminder.before, sign=-1)
-            if rules.reminder.at is not None:
-                due = localize(due.date(), rules.reminder.at, zone)
-            times.append((Kind.REMINDER, event, due, event.starts_at))
-        if rules.followup.enabled:
-            due = shift(event.ends_at, rules.followup.after)
-            if rules.followup.at is not None:
-                due = localize(due.date(), rules.followup.at, zone)
-            deadline = shift(due, rules.followup.wait_for_materials)
-            times.append((Kind.FOLLOWUP, event, due, deadline))
-    times.sort(key=lambda item: (item[2], item[1].starts_at if item[1] else item[2]))
-    return times
+    @classmethod
+    def of(cls, config: Config, extra_optouts: frozenset[str] = frozenset()) -> PlanInput:
+        """What *config* gives the plan, with *extra_optouts* (the ledger's) added."""
+        return cls(
+            series=config.series,
+            contacts=config.contacts.contacts,
+            optouts=config.optouts | extra_optouts,
+            attendance=config.attendance,
+        )
 
 
 def audience_of(

@@ -11,6 +11,7 @@ per connection) can arrive twice, and none is lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -21,7 +22,14 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TypeVar
 
-from invite_mailer.core.plan import Mailing, MailRequest, plan, request_for, sequences_of
+from invite_mailer.core.plan import (
+    Mailing,
+    MailRequest,
+    PlanInput,
+    plan,
+    request_for,
+    sequences_of,
+)
 from invite_mailer.delivery.ledger import (
     DeliveryKey,
     DeliveryState,
@@ -41,6 +49,7 @@ from invite_mailer.errors import (
 )
 from invite_mailer.inputs.config import Config
 from invite_mailer.mail import fastcompose, mime
+from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.mime import Wire
 from invite_mailer.mail.summary import compose_summary
 
@@ -137,12 +146,17 @@ class Dispatcher:
         # An error that stops the whole pass (the setup or the ledger).
         self._halted: InviteMailerError | None = None
 
+    @functools.cached_property
+    def composer(self) -> Composer:
+        """The composer of the config, built on first use: planning needs none."""
+        return Composer.from_config(self.config)
+
     async def plan(self, now: datetime) -> list[Mailing]:
         """The plan at *now*, with opt-outs from the file and the ledger merged."""
         series_id = self.config.series.id
         optouts = await self.ledger.optouts(series_id)
         view = await self.ledger.view(series_id)
-        return plan(self.config.plan_input(optouts), view, now)
+        return plan(PlanInput.of(self.config, optouts), view, now)
 
     async def run_pass(self, now: datetime) -> PassResult:
         """Send everything that is due and open at *now*; return what happened."""
@@ -496,7 +510,7 @@ class Dispatcher:
         """The mail's wire bytes, from the pass's pipeline (or the reference build)."""
         if self._wires is not None:
             return await self._wires.wire_for(request)
-        return mime.wire(mime.build(self.config.composer.render(request)))
+        return mime.wire(mime.build(self.composer.render(request)))
 
     def _backoff(self, attempt: int) -> float:
         limits = self.config.settings.limits

@@ -705,7 +705,7 @@ def _start_worker(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _follow_parent(os.getppid())
     global _worker
-    composer = Composer(settings, series, templates_dir=templates_dir, config_dir=config_dir)
+    composer = Composer.load(settings, series, templates_dir=templates_dir, config_dir=config_dir)
     _worker = WireComposer(composer)
 
 
@@ -965,7 +965,7 @@ def pipeline(
     if len(jobs) < MIN_PIPELINE:
         processes = 0
     return WirePipeline(
-        config.composer,
+        Composer.from_config(config),
         jobs,
         sequences=sequences,
         clock=clock,
