@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from invite_mailer.core.plan import Mailing
-from invite_mailer.delivery.ledger import LedgerError
+from invite_mailer.delivery.records import LedgerError
 from invite_mailer.delivery.results import Outcome, PassResult, ProgressCallback
 from invite_mailer.delivery.transport import Handover
 from invite_mailer.errors import InviteMailerError
