@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from invite_mailer.core.plan import Mailing, MailRequest, plan, request_for, sequences_of
+from invite_mailer.delivery.handover import Handover, track_handover
 from invite_mailer.delivery.ledger import (
     DeliveryKey,
     DeliveryState,
@@ -35,7 +36,7 @@ from invite_mailer.delivery.results import (
     ProgressCallback,
 )
 from invite_mailer.delivery.senders import Item, SenderPool
-from invite_mailer.delivery.transport import Handover, Transport, UncertainFailure, track_handover
+from invite_mailer.delivery.transport import Transport, UncertainFailure
 from invite_mailer.errors import (
     ConfigError,
     InviteMailerError,

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from invite_mailer.core.plan import Mailing
+from invite_mailer.delivery.handover import Handover
 from invite_mailer.delivery.records import LedgerError
 from invite_mailer.delivery.results import Outcome, PassResult, ProgressCallback
-from invite_mailer.delivery.transport import Handover
 from invite_mailer.errors import InviteMailerError
 
 __all__ = ["Deliver", "Item", "SenderPool"]

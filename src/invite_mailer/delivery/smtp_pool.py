@@ -10,13 +10,16 @@ message data went out. Every other failure is raised to the caller as
 :class:`~invite_mailer.errors.TemporaryFailure` or
 :class:`~invite_mailer.errors.PermanentFailure`; a failure after the data went
 out, with no answer from the relay, is an :class:`UncertainFailure`.
+
+The commands of a mail transaction go onto the wire through
+:mod:`~invite_mailer.delivery.smtp_wire`; what the relay's answers mean is
+in :mod:`~invite_mailer.delivery.answers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 from collections.abc import Sequence
 from enum import StrEnum
@@ -33,6 +36,7 @@ from aiosmtplib import (
 from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.delivery import smtp_wire
+from invite_mailer.delivery.answers import cause_of, failure_from_response, plain, response_text
 from invite_mailer.delivery.handover import Handover
 from invite_mailer.delivery.ratelimit import RateLimiter
 from invite_mailer.errors import (
@@ -202,7 +206,7 @@ class SmtpPool:
             except (OSError, ssl.SSLError) as exc:
                 # Checked when the settings were loaded; gone or broken since.
                 raise SetupFailure(
-                    f"cannot load the CA file {settings.ca_file}: {_plain(str(exc))}",
+                    f"cannot load the CA file {settings.ca_file}: {plain(str(exc))}",
                     hint="check smtp.ca_file (a readable PEM file) / smtp.verify_certificates",
                 ) from exc
         client = aiosmtplib.SMTP(
@@ -232,7 +236,7 @@ class SmtpPool:
     def _connect_failure(self, exc: BaseException) -> TemporaryFailure:
         """What a failed connect means; setup problems stop the whole pass."""
         code = exc.code if isinstance(exc, SMTPResponseException) else None
-        text = _response_text(exc)
+        text = response_text(exc)
         settings = self.settings
         if isinstance(exc, SMTPAuthenticationError):
             return SetupFailure(
@@ -240,13 +244,13 @@ class SmtpPool:
                 code=code,
                 hint="check smtp.username and the password in INVITE_MAILER_SMTP__PASSWORD",
             )
-        if isinstance(_cause(exc, ssl.SSLCertVerificationError), ssl.SSLCertVerificationError):
+        if isinstance(cause_of(exc, ssl.SSLCertVerificationError), ssl.SSLCertVerificationError):
             return SetupFailure(
                 f"could not connect to {self.address}: TLS certificate verification failed: {text}",
                 hint="check smtp.ca_file / smtp.verify_certificates and smtp.host "
                 "(the name must match the certificate)",
             )
-        if isinstance(_cause(exc, ssl.SSLError), ssl.SSLError):
+        if isinstance(cause_of(exc, ssl.SSLError), ssl.SSLError):
             return SetupFailure(
                 f"could not connect to {self.address}: TLS failed: {text}",
                 hint='check smtp.security ("tls" for port 465, "starttls" for 587) and smtp.port',
@@ -299,12 +303,12 @@ class SmtpPool:
                 self.address,
                 "; ".join(
                     [
-                        *(f"{exc.recipient}: {_response_text(exc)}" for exc in tx.refused),
+                        *(f"{exc.recipient}: {response_text(exc)}" for exc in tx.refused),
                         *tx.unsendable,
                     ]
                 ),
             )
-        return _plain(f"{response.code} {response.message}")
+        return plain(f"{response.code} {response.message}")
 
     async def _answered(
         self,
@@ -322,8 +326,8 @@ class SmtpPool:
             return self._uncertain(exc)
         if tx.phase is _Phase.MAIL and 500 <= exc.code <= 599 and exc.code != 552:
             # 552 at MAIL is "message too large" (SIZE=): this message only.
-            return SenderRefused(_response_text(exc), code=exc.code)
-        return _failure_from_response(exc)
+            return SenderRefused(response_text(exc), code=exc.code)
+        return failure_from_response(exc)
 
     def _lost(
         self, tx: _Transaction, exc: SMTPException | OSError, *, reused: bool
@@ -332,7 +336,7 @@ class SmtpPool:
         if tx.written.started:
             return self._uncertain(exc)
         failure = TemporaryFailure(
-            f"connection to {self.address} failed at {tx.phase}: {_response_text(exc)}"
+            f"connection to {self.address} failed at {tx.phase}: {response_text(exc)}"
         )
         if reused and isinstance(exc, ConnectionError):
             return _StaleConnection(failure)
@@ -341,7 +345,7 @@ class SmtpPool:
     def _uncertain(self, exc: BaseException) -> UncertainFailure:
         return UncertainFailure(
             f"no valid answer from {self.address} after the message data was sent "
-            f"(it may have been delivered): {_response_text(exc)}"
+            f"(it may have been delivered): {response_text(exc)}"
         )
 
     async def _reset(self, connection: _Connection) -> None:
@@ -464,51 +468,3 @@ def _mail_options(
         options.append("SMTPUTF8")
         encoding = "utf-8"
     return options, encoding
-
-
-def _failure_from_response(exc: SMTPResponseException) -> TransportError:
-    text = _response_text(exc)
-    if 500 <= exc.code <= 599:
-        return PermanentFailure(text, code=exc.code)
-    # 4xx, and anything malformed: nothing says the message is undeliverable.
-    return TemporaryFailure(text, code=exc.code if exc.code > 0 else None)
-
-
-def _response_text(exc: BaseException) -> str:
-    if isinstance(exc, SMTPResponseException):
-        return _plain(f"{exc.code} {exc.message}")
-    if isinstance(exc, SMTPException):
-        return _plain(exc.message)
-    return _plain(str(exc) or type(exc).__name__)
-
-
-# What a relay says ends up in the ledger, the log and the terminal: one line
-# of printable text of a bounded length, whatever arrived.
-_MAX_ANSWER = 500
-# Control characters, bidi and zero-width marks, and the surrogates that stand
-# for bytes that were no UTF-8 (aiosmtplib decodes with "surrogateescape").
-_UNPRINTABLE = re.compile(
-    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)?")
-
-
-def _plain(text: str) -> str:
-    """*text* from a relay as one bounded line of printable characters."""
-    text = _ESCAPE_SEQUENCE.sub("", text[: _MAX_ANSWER * 4])
-    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
-    if len(text) > _MAX_ANSWER:
-        text = text[: _MAX_ANSWER - 1] + "…"
-    return text
-
-
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of *kind* in the chain of *exc*."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
