@@ -279,6 +279,7 @@ class SmtpPool:
         *,
         reused: bool,
     ) -> str:
+        """One mail transaction on *connection*; the relay's final answer as text."""
         client = connection.client
         assert client is not None
         tx = _Transaction()
