@@ -31,7 +31,7 @@ import pytest
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from invite_mailer.delivery.smtp_pool import _DOT_ATOM, _data_block, _quote
+from invite_mailer.delivery.smtp_wire import DOT_ATOM, data_block, quote
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind
@@ -395,7 +395,7 @@ def test_dot_stuffing_matches_aiosmtplib() -> None:
     canonical = 0
     for _ in range(5000):
         data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
-        block = _data_block(data)
+        block = data_block(data)
         expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
         if block is not None:
             canonical += 1
@@ -420,9 +420,9 @@ def test_crlf_checked_marks_only_canonical_bytes() -> None:
             # Across the process boundary the mark survives, and nothing else changes.
             travelled = pickle.loads(pickle.dumps(checked))
             assert type(travelled) is CrlfBytes and travelled == data
-            assert _data_block(travelled) == _data_block(data)
+            assert data_block(travelled) == data_block(data)
         else:
-            assert _data_block(checked) is None
+            assert data_block(checked) is None
     assert marked > 100
 
 
@@ -445,8 +445,8 @@ def test_envelope_addresses_match_aiosmtplib() -> None:
             return ("ValueError", str(exc))
 
     for address in addresses:
-        assert quoted(_quote, address) == quoted(quote_address, address), address
-        plain += _DOT_ATOM.fullmatch(address) is not None
+        assert quoted(quote, address) == quoted(quote_address, address), address
+        plain += DOT_ATOM.fullmatch(address) is not None
     assert plain > 500  # the fast way was taken often enough to be tested
 
 
