@@ -11,7 +11,7 @@ or row (Excel). Opt-outs and attendance lists are read by
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +40,7 @@ from invite_mailer.inputs.fields import (
     known_ids,
     show,
 )
-from invite_mailer.inputs.tables import CappedProblems, Place, open_table
+from invite_mailer.inputs.tables import CappedProblems, Place, Rows, open_table
 
 CONTACTS_FILES = ("contacts.csv", "contacts.xlsx")
 
@@ -155,32 +155,7 @@ def load_contacts(path: Path, event_ids: Collection[str] | None) -> ContactList:
             )
             raise ConfigError(problems.problems)
         reader = _ContactReader(place, header[0], header[1], event_ids, problems)
-        contacts: list[Contact] = []
-        positions: dict[str, int] = {}
-        for count, (number, cells) in enumerate(rows, start=1):
-            if count > MAX_ROWS:
-                # First, and never hidden by the cap: it explains the rest.
-                problems.problems.insert(
-                    0,
-                    Problem(
-                        path,
-                        f"the list has more than {MAX_ROWS:,} rows; reading stopped at "
-                        f"{place.at(number)}",
-                        hint="check that this is the right export; split a larger list into "
-                        "several series",
-                    ),
-                )
-                break
-            contact = reader.contact(number, cells)
-            if contact is None:
-                continue
-            position = positions.get(contact.key)
-            if position is None:
-                positions[contact.key] = len(contacts)
-                contacts.append(contact)
-            else:
-                contacts[position], warning = reader.merge(contacts[position], contact)
-                notes.append(warning)
+        contacts = _merged(reader, rows, notes)
     if not contacts and not problems.problems:
         problems.add(
             path,
@@ -198,6 +173,37 @@ def load_contacts(path: Path, event_ids: Collection[str] | None) -> ContactList:
             ),
         )
     return ContactList(tuple(contacts), tuple(notes), path)
+
+
+def _merged(reader: _ContactReader, rows: Rows, notes: list[Problem]) -> list[Contact]:
+    """The contacts of *rows* in file order, a repeated address merged into its first row."""
+    contacts: list[Contact] = []
+    positions: dict[str, int] = {}
+    for count, (number, cells) in enumerate(rows, start=1):
+        if count > MAX_ROWS:
+            # First, and never hidden by the cap: it explains the rest.
+            reader.problems.problems.insert(
+                0,
+                Problem(
+                    reader.place.path,
+                    f"the list has more than {MAX_ROWS:,} rows; reading stopped at "
+                    f"{reader.place.at(number)}",
+                    hint="check that this is the right export; split a larger list into "
+                    "several series",
+                ),
+            )
+            break
+        contact = reader.contact(number, cells)
+        if contact is None:
+            continue
+        position = positions.get(contact.key)
+        if position is None:
+            positions[contact.key] = len(contacts)
+            contacts.append(contact)
+        else:
+            contacts[position], warning = reader.merge(contacts[position], contact)
+            notes.append(warning)
+    return contacts
 
 
 class _ContactReader:
@@ -278,29 +284,67 @@ class _ContactReader:
 
     def contact(self, number: int, cells: list[str]) -> Contact | None:
         """The contact of one row, or ``None`` for an empty or invalid row."""
-        if not any(cells):
+        if not any(cells) or self._overflows(number, cells):
             return None
         size = len(cells)
-        if size > self.width and any(cells[self.width :]):
-            if self.place.excel:
-                # A workbook has no delimiter: the values simply sit right of the header.
-                hint = (
-                    f"the header row names columns A to {column_letter(self.width)}, this row "
-                    f"has values from column {column_letter(self.width + 1)} on: name those "
-                    "columns in the header row, or delete the values there"
-                )
-            else:
-                hint = (
-                    "a value probably contains the delimiter; enclose such values in double "
-                    'quotes, e.g. "Stadt Nord; Amt 3"'
-                )
-            self.add(
-                number, f"the row has {size} values but the header only {self.width} columns", hint
-            )
+        # Every value is checked even after a bad one, so a row's problems come together.
+        valid = self._unnamed_empty(number, cells)
+
+        def cell(column: str) -> str:
+            index = self.columns.get(column)
+            return cells[index] if index is not None and index < size else ""
+
+        email = self._email(number, cell("email"))
+        texts = self._names(number, cell)
+        anrede = self._anrede(number, cell("anrede"))
+        registrations = self._events(number, cell("anmeldungen"))
+        extra = self._extra(number, cells) if self.extras else NO_EXTRA
+        if (
+            not valid
+            or email is None
+            or texts is None
+            or anrede is None
+            or registrations is None
+            or extra is None
+        ):
             return None
+        return Contact(
+            email=email,
+            anrede=anrede,
+            registrations=registrations[0],
+            registered_all=registrations[1],
+            extra=extra,
+            row=number,
+            **texts,
+        )
+
+    def _overflows(self, number: int, cells: list[str]) -> bool:
+        """Whether the row has values right of the last named column (reported)."""
+        size = len(cells)
+        if size <= self.width or not any(cells[self.width :]):
+            return False
+        if self.place.excel:
+            # A workbook has no delimiter: the values simply sit right of the header.
+            hint = (
+                f"the header row names columns A to {column_letter(self.width)}, this row "
+                f"has values from column {column_letter(self.width + 1)} on: name those "
+                "columns in the header row, or delete the values there"
+            )
+        else:
+            hint = (
+                "a value probably contains the delimiter; enclose such values in double "
+                'quotes, e.g. "Stadt Nord; Amt 3"'
+            )
+        self.add(
+            number, f"the row has {size} values but the header only {self.width} columns", hint
+        )
+        return True
+
+    def _unnamed_empty(self, number: int, cells: list[str]) -> bool:
+        """Whether the columns without a name are empty; each value there is reported."""
         valid = True
         for index in self.unnamed:
-            if index < size and cells[index]:
+            if index < len(cells) and cells[index]:
                 self.add(
                     number,
                     f"value {show(cells[index])} in column {index + 1}, which has no name "
@@ -308,14 +352,12 @@ class _ContactReader:
                     "name the column in the first row, or delete the value",
                 )
                 valid = False
+        return valid
 
-        def cell(column: str) -> str:
-            index = self.columns.get(column)
-            return cells[index] if index is not None and index < size else ""
-
-        email = self._email(number, cell("email"))
-        valid = valid and email is not None
+    def _names(self, number: int, cell: Callable[[str], str]) -> dict[str, str] | None:
+        """Title, names and organisation of a row, or ``None`` if one is invalid."""
         texts: dict[str, str] = {}
+        valid = True
         for column, limit in (
             ("titel", NAME_LIMIT),
             ("vorname", NAME_LIMIT),
@@ -331,29 +373,20 @@ class _ContactReader:
                 if column != "nachname":
                     text = self._shared.setdefault(text, text)
                 texts[column] = text
-        anrede = self._anrede(number, cell("anrede"))
-        registrations = self._events(number, cell("anmeldungen"))
-        extra = NO_EXTRA
-        if self.extras:
-            values: dict[str, str] = {}
-            for index, name in self.extras:
-                value = self._text(number, name, cells[index] if index < size else "", EXTRA_LIMIT)
-                if value is None:
-                    valid = False
-                else:
-                    values[name] = value
-            extra = MappingProxyType(values)
-        if not valid or email is None or anrede is None or registrations is None:
-            return None
-        return Contact(
-            email=email,
-            anrede=anrede,
-            registrations=registrations[0],
-            registered_all=registrations[1],
-            extra=extra,
-            row=number,
-            **texts,
-        )
+        return texts if valid else None
+
+    def _extra(self, number: int, cells: list[str]) -> Mapping[str, str] | None:
+        """The values of the further columns, or ``None`` if one is invalid."""
+        size = len(cells)
+        values: dict[str, str] = {}
+        valid = True
+        for index, name in self.extras:
+            value = self._text(number, name, cells[index] if index < size else "", EXTRA_LIMIT)
+            if value is None:
+                valid = False
+            else:
+                values[name] = value
+        return MappingProxyType(values) if valid else None
 
     def _email(self, number: int, value: str) -> str | None:
         label = self.labels["email"]
