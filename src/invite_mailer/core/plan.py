@@ -16,7 +16,8 @@ from types import MappingProxyType
 from typing import Protocol
 
 from invite_mailer.inputs.contacts import Contact
-from invite_mailer.inputs.series import Audience, Event, Kind, Series, localize, shift
+from invite_mailer.inputs.series import Audience, Event, Kind, Series
+from invite_mailer.inputs.values import localize, shift
 
 SERIES_WIDE = ""
 """The event id stored for mailings about the whole series (the invitation)."""
