@@ -40,9 +40,10 @@ from invite_mailer.errors import (
     TemporaryFailure,
 )
 from invite_mailer.inputs.config import Config
-from invite_mailer.mail import fastcompose, mime
+from invite_mailer.mail import mime
 from invite_mailer.mail.mime import Wire
 from invite_mailer.mail.summary import compose_summary
+from invite_mailer.mail.workers import WirePipeline, pipeline
 
 log = logging.getLogger("invite_mailer.delivery.dispatch")
 
@@ -131,7 +132,7 @@ class Dispatcher:
         self._view: LedgerView = LedgerView.empty(config.series.id)
         self._sequences: dict[str, int] = {}
         self._issued: set[str] = set()
-        self._wires: fastcompose.WirePipeline | None = None
+        self._wires: WirePipeline | None = None
         # What a worker's current send has handed over (see Handover).
         self._handovers: dict[asyncio.Task[object], Handover] = {}
         # An error that stops the whole pass (the setup or the ledger).
@@ -190,8 +191,8 @@ class Dispatcher:
             return (now_utc + timedelta(seconds=self.clock() - started)).astimezone(zone)
 
         # Mails are composed ahead of the senders (in a second process for a
-        # big pass) straight into wire bytes; see fastcompose.
-        self._wires = fastcompose.pipeline(
+        # big pass) straight into wire bytes; see mail.workers.
+        self._wires = pipeline(
             self.config,
             [(i.mailing.kind, i.mailing.event, i.key) for i in items],
             sequences=self._sequences,
