@@ -10,7 +10,6 @@ or row (Excel). Opt-outs and attendance lists are read by
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -18,14 +17,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
 from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.inputs.fields import (
     ALL_TOKENS,
-    ANREDE,
-    ANREDE_HINT,
-    EMAIL_LIMIT,
     EXTRA_LIMIT,
     HEADER_LIST,
     HOSTILE,
@@ -34,10 +28,13 @@ from invite_mailer.inputs.fields import (
     ORGANISATION_LIMIT,
     SPLIT_EVENTS,
     TEXT_FIELDS,
+    BadValue,
     column_letter,
     column_of,
-    email_hint,
+    email_address,
     known_ids,
+    plain_text,
+    salutation,
     show,
 )
 from invite_mailer.inputs.tables import CappedProblems, Place, Rows, open_table
@@ -389,66 +386,27 @@ class _ContactReader:
         return MappingProxyType(values) if valid else None
 
     def _email(self, number: int, value: str) -> str | None:
-        label = self.labels["email"]
-        if not value:
-            self.add(
-                number,
-                f"no email address in column {label!r}",
-                "every contact needs an address; delete the row if the person is not to be mailed",
-            )
-            return None
-        if len(value) > EMAIL_LIMIT:
-            self.add(
-                number,
-                f"the address {show(value)} is {len(value):,} characters long (at most "
-                f"{EMAIL_LIMIT})",
-                "check that the columns are not shifted",
-            )
-            return None
         try:
-            return validate_email(value, check_deliverability=False).normalized
-        except EmailNotValidError as exc:
-            self.add(number, f"invalid email address {show(value)}: {exc}", email_hint(value))
+            return email_address(value, self.labels["email"])
+        except BadValue as bad:
+            self.add(number, bad.message, bad.hint)
             return None
 
     def _text(self, number: int, label: str, value: str, limit: int) -> str | None:
         if not value:
             return value
-        bad = HOSTILE.search(value)
-        if bad is not None:
-            char = bad.group()
-            if char in "\r\n\u2028\u2029":
-                what = "a line break"
-            elif char in "<>":
-                what = f"the character {char!r}"
-            else:
-                what = f"the control character U+{ord(char):04X}"
-            self.add(
-                number,
-                f"value {show(value)} in column {label!r} contains {what}",
-                "contact data must be plain text on one line, without < and >; remove it",
-            )
+        try:
+            return plain_text(value, label, limit)
+        except BadValue as bad:
+            self.add(number, bad.message, bad.hint)
             return None
-        if len(value) > limit:
-            self.add(
-                number,
-                f"value {show(value, 40)} in column {label!r} is {len(value)} characters long "
-                f"(at most {limit})",
-                "shorten it; check that the columns are not shifted",
-            )
-            return None
-        return unicodedata.normalize("NFC", value)
 
     def _anrede(self, number: int, value: str) -> str | None:
-        anrede = ANREDE.get(" ".join(value.casefold().rstrip(".").split()))
-        if anrede is None:
-            label = self.labels.get("anrede", "anrede")
-            self.add(
-                number,
-                f"value {show(value)} in column {label!r} is not a salutation",
-                ANREDE_HINT,
-            )
-        return anrede
+        try:
+            return salutation(value, self.labels.get("anrede", "anrede"))
+        except BadValue as bad:
+            self.add(number, bad.message, bad.hint)
+            return None
 
     def _events(self, number: int, value: str) -> tuple[frozenset[str], bool] | None:
         cached = self._registrations.get(value)

@@ -2,14 +2,19 @@
 
 Shared by the contact reader and the address lists: header names in German
 and English, the salutations organisers write, the limits of each value and
-the characters that must never reach a mail header or HTML.
+the characters that must never reach a mail header or HTML. The checks of
+single values raise :class:`BadValue` with a message and a hint; the reader
+turns that into a problem at the row.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
+
+from email_validator import EmailNotValidError, validate_email
 
 ALL_EVENTS = "alle"
 
@@ -96,3 +101,62 @@ def show(value: str, limit: int = 60) -> str:
 
 def known_ids(event_ids: Collection[str]) -> str:
     return ", ".join(event_ids) or "(the series has no events)"
+
+
+class BadValue(ValueError):
+    """A value that cannot be used: what is wrong with it, and how to fix it."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def email_address(value: str, label: str) -> str:
+    """The normalised address in *value* (from the column *label*); BadValue if none."""
+    if not value:
+        raise BadValue(
+            f"no email address in column {label!r}",
+            "every contact needs an address; delete the row if the person is not to be mailed",
+        )
+    if len(value) > EMAIL_LIMIT:
+        raise BadValue(
+            f"the address {show(value)} is {len(value):,} characters long (at most {EMAIL_LIMIT})",
+            "check that the columns are not shifted",
+        )
+    try:
+        return validate_email(value, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise BadValue(f"invalid email address {show(value)}: {exc}", email_hint(value)) from None
+
+
+def plain_text(value: str, label: str, limit: int) -> str:
+    """*value* in NFC if it is one line of at most *limit* plain characters; else BadValue."""
+    bad = HOSTILE.search(value)
+    if bad is not None:
+        char = bad.group()
+        if char in "\r\n\u2028\u2029":
+            what = "a line break"
+        elif char in "<>":
+            what = f"the character {char!r}"
+        else:
+            what = f"the control character U+{ord(char):04X}"
+        raise BadValue(
+            f"value {show(value)} in column {label!r} contains {what}",
+            "contact data must be plain text on one line, without < and >; remove it",
+        )
+    if len(value) > limit:
+        raise BadValue(
+            f"value {show(value, 40)} in column {label!r} is {len(value)} characters long "
+            f"(at most {limit})",
+            "shorten it; check that the columns are not shifted",
+        )
+    return unicodedata.normalize("NFC", value)
+
+
+def salutation(value: str, label: str) -> str:
+    """``Frau``, ``Herr`` or ``""`` for what organisers write; BadValue for anything else."""
+    anrede = ANREDE.get(" ".join(value.casefold().rstrip(".").split()))
+    if anrede is None:
+        raise BadValue(f"value {show(value)} in column {label!r} is not a salutation", ANREDE_HINT)
+    return anrede
