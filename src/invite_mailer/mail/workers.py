@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MIN_PIPELINE", "Job", "WirePipeline", "pipeline"]
 
-# --- a second process -----------------------------------------------------------------
-
 
 @dataclass(frozen=True, slots=True)
 class Job:
