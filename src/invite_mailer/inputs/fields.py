@@ -76,6 +76,7 @@ def column_of(name: str) -> str | None:
 
 
 def email_hint(value: str) -> str:
+    """How to fix the invalid address *value*, judged by what it looks like."""
     if "<" in value or ">" in value:
         return "write only the address, without name and angle brackets"
     if value.count("@") > 1:
@@ -100,6 +101,7 @@ def show(value: str, limit: int = 60) -> str:
 
 
 def known_ids(event_ids: Collection[str]) -> str:
+    """The event ids for a hint, or a note that there are none."""
     return ", ".join(event_ids) or "(the series has no events)"
 
 

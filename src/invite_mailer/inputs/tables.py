@@ -293,6 +293,11 @@ def _bounded_lines(path: Path, text: str, problems: CappedProblems) -> Iterator[
 
 
 def open_table(path: Path, problems: CappedProblems, notes: list[Problem]) -> tuple[Place, Rows]:
+    """How to point at rows of *path*, and its rows: CSV or text by line, Excel by row.
+
+    Problems found while reading go to *problems*; remarks (an ignored sheet)
+    to *notes*. Files of other kinds raise :class:`ConfigError`.
+    """
     suffix = path.suffix.lower()
     if suffix in (".xlsx", ".xlsm"):
         return _open_workbook(path, problems, notes)
