@@ -51,7 +51,7 @@ import common
 from invite_mailer.cli.commands import parse_now
 from invite_mailer.inputs.config import load_config
 from invite_mailer.mail.compose import Composer
-from invite_mailer.mail.fastcompose import WireComposer
+from invite_mailer.mail.fastwire import WireComposer
 
 SENDER = "transferreihe@example.org"
 

@@ -1,6 +1,6 @@
 """The fast path writes exactly the bytes the standard library writes.
 
-``fastcompose.WireComposer`` builds the wire form of a mail without
+``fastwire.WireComposer`` builds the wire form of a mail without
 ``email.message``; ``smtp_pool`` dot-stuffs without aiosmtplib's regular
 expressions. Both are only allowed to be faster, never different: every test
 here compares with the reference, ``Composer.compose(...).as_bytes(policy=SMTP)``
@@ -35,18 +35,12 @@ from invite_mailer.delivery.smtp_wire import DOT_ATOM, data_block, quote
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind
-from invite_mailer.mail import fastcompose, mime
+from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
-from invite_mailer.mail.fastcompose import (
-    FAST_KINDS,
-    Job,
-    WireComposer,
-    WirePipeline,
-    display_name,
-    fold,
-    qp_wire,
-)
+from invite_mailer.mail.fastwire import FAST_KINDS, WireComposer
 from invite_mailer.mail.mime import CrlfBytes, Wire, crlf_checked, set_boundaries
+from invite_mailer.mail.wireformat import QP_BODY_MAP, HeaderCache, display_name, fold, qp_wire
+from invite_mailer.mail.workers import Job, WirePipeline, pipeline
 from samplemails import FIRST_DATE, set_materials
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,7 +309,7 @@ def test_quoted_printable_matches_the_standard_library() -> None:
 def test_quoted_printable_table_matches_the_standard_library() -> None:
     from email.quoprimime import _QUOPRI_BODY_ENCODE_MAP  # type: ignore[attr-defined]
 
-    assert [fastcompose.QP_BODY_MAP[c] for c in range(256)] == _QUOPRI_BODY_ENCODE_MAP
+    assert [QP_BODY_MAP[c] for c in range(256)] == _QUOPRI_BODY_ENCODE_MAP
 
 
 def test_address_headers_match_the_standard_library() -> None:
@@ -332,7 +326,7 @@ def test_address_headers_match_the_standard_library() -> None:
         "Schröder-Lüdenscheidtmannshausen",
         "Mueller",
     ]
-    cache = fastcompose._HeaderCache()
+    cache = HeaderCache()
     shortcuts = 0
     for _ in range(4000):
         name = " ".join(rng.choice(words) for _ in range(rng.randint(1, 7)))
@@ -357,7 +351,7 @@ def test_encoded_names_match_the_standard_library() -> None:
     """Names that are mostly or wholly non-ASCII: the folder's choice of "q" or "b"."""
     rng = random.Random(11)
     alphabets = ["äöüß", "αβγδεζ", "абвгдеж", "אבגדה", "日本語", "ÄÖÜ", "abcdé"]
-    cache = fastcompose._HeaderCache()
+    cache = HeaderCache()
     chosen = set()
     for _ in range(2000):
         words = [
@@ -374,7 +368,7 @@ def test_encoded_names_match_the_standard_library() -> None:
 
 
 def test_message_id_and_unsubscribe_headers_match_the_standard_library() -> None:
-    cache = fastcompose._HeaderCache()
+    cache = HeaderCache()
     for value in ["<0123abcd@example.org>", "<" + "a" * 70 + "@example.org>", "<x@ex-ample.de>"]:
         assert cache.message_id("Message-ID", value) == fold("Message-ID", value)
     for value in [
@@ -512,13 +506,17 @@ async def test_compose_workers_setting(
         ),
     )
     changed = replace(changed, contacts=contacts)
-    pipeline = fastcompose.pipeline(
-        changed, mails, sequences={}, clock=lambda: NOW[Kind.INVITATION]
+    wires = pipeline(
+        changed,
+        Composer.from_config(changed),
+        mails,
+        sequences={},
+        clock=lambda: NOW[Kind.INVITATION],
     )
-    assert pipeline is not None
+    assert wires is not None
     try:
-        assert (pipeline._pool is not None) is pooled
-        wire = await pipeline.wire(
+        assert (wires._pool is not None) is pooled
+        wire = await wires.wire(
             Kind.INVITATION, contacts.contacts[0], event=None, now=NOW[Kind.INVITATION]
         )
         assert wire == reference(
@@ -529,4 +527,4 @@ async def test_compose_workers_setting(
             now=NOW[Kind.INVITATION],
         )
     finally:
-        await pipeline.aclose()
+        await wires.aclose()

@@ -36,8 +36,9 @@ from invite_mailer.cli import cli
 from invite_mailer.cli.optouts import file_lines
 from invite_mailer.core.plan import EmptyLedger, PlanInput, plan
 from invite_mailer.errors import ConfigError
+from invite_mailer.inputs.addresses import load_address_list, load_attendance
 from invite_mailer.inputs.config import load_config
-from invite_mailer.inputs.contacts import load_address_list, load_attendance, load_contacts
+from invite_mailer.inputs.contacts import load_contacts
 from invite_mailer.inputs.series import Kind
 
 BERLIN = ZoneInfo("Europe/Berlin")

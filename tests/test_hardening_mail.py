@@ -594,7 +594,7 @@ def _unfolded(head: str, name: str) -> str:
 @pytest.mark.parametrize("ascii_only", [True, False], ids=["ascii", "unicode"])
 def test_to_header_parses_back_to_one_address(tree: Path, ascii_only: bool) -> None:
     from invite_mailer.core import german
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     wires = WireComposer(composer)
@@ -646,7 +646,7 @@ def test_the_reported_name_stays_quoted(tree: Path) -> None:
 
 
 def test_international_domain_in_ascii_form(tree: Path) -> None:
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="info@bücher.de", anrede="Frau", vorname="Jana", nachname="Weiß")
@@ -669,7 +669,7 @@ def test_international_domain_in_ascii_form(tree: Path) -> None:
 
 def test_international_local_part_is_written_as_utf8(tree: Path) -> None:
     """RFC 6532: the one way to write such an address; only SMTPUTF8 relays take it."""
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="jürgen@bücher.de", anrede="Herr", vorname="Jürgen", nachname="Groß")
@@ -789,7 +789,7 @@ def test_the_organisers_summary_keeps_its_headers_whole(tree: Path) -> None:
 def test_a_huge_description_is_refused(tree: Path) -> None:
     """Under the render limit (2 million characters), but rich in umlauts, which
     quoted-printable writes as six octets each: the mail would be about 20 MB."""
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     description = "Größe übergroß äöüß ÄÖÜ. " * 72_000
     series = load_series(tree).model_copy(update={"description": description})
@@ -912,7 +912,7 @@ def test_ordinary_template_expressions_still_work(tree: Path) -> None:
 
 @pytest.mark.parametrize("kind", [Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP])
 def test_both_paths_agree_on_hostile_recipients(tree: Path, kind: Kind) -> None:
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     (tree / "materials" / "protokoll.pdf").write_bytes(b"%PDF-1.4\n" * 100)
     with_material(tree, "materials/protokoll.pdf")
@@ -976,7 +976,7 @@ def test_a_fifo_among_the_templates(tree: Path) -> None:
 
 @pytest.mark.parametrize("length", [76, 77, 78, 500, 899, 900, 1200, 3000])
 def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="max@example.org", vorname="X,", nachname="a" * length)

@@ -40,7 +40,7 @@ from invite_mailer.inputs.yamlfile import load_yaml
 from invite_mailer.mail import mime
 from invite_mailer.mail.checks import validate_change_kinds, validate_sample
 from invite_mailer.mail.compose import Composer
-from invite_mailer.mail.fastcompose import WireComposer
+from invite_mailer.mail.fastwire import WireComposer
 from invite_mailer.mail.mime import header_address
 
 # What --now may be: far enough out for any real series, near enough that every
@@ -127,7 +127,7 @@ def validate(config: Config) -> ValidationReport:
     problems: dict[str, Problem] = {}
     series = config.series
     now = series.first_start
-    # The exact bytes, built the fast way (see fastcompose): minutes, not an
+    # The exact bytes, built the fast way (see fastwire): minutes, not an
     # hour, for a list of 100,000.
     wires = WireComposer(Composer.from_config(config))
     for kind, event, _due, _deadline in mailing_times(series):

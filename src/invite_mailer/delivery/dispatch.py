@@ -54,10 +54,11 @@ from invite_mailer.errors import (
     TemporaryFailure,
 )
 from invite_mailer.inputs.config import Config
-from invite_mailer.mail import fastcompose, mime
+from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.mime import Wire
 from invite_mailer.mail.summary import compose_summary
+from invite_mailer.mail.workers import WirePipeline, pipeline
 
 __all__ = ["Dispatcher", "MailingResult", "Outcome", "PassResult", "ProgressCallback"]
 
@@ -120,7 +121,7 @@ class Dispatcher:
         self._view: LedgerView = LedgerView.empty(config.series.id)
         self._sequences: dict[str, int] = {}
         self._issued: set[str] = set()
-        self._wires: fastcompose.WirePipeline | None = None
+        self._wires: WirePipeline | None = None
         # What a worker's current send has handed over (see Handover).
         self._handovers: dict[asyncio.Task[object], Handover] = {}
         # An error that stops the whole pass (the setup or the ledger).
@@ -159,9 +160,10 @@ class Dispatcher:
             drain_timeout=self.config.settings.smtp.timeout + 5,
         )
         # Mails are composed ahead of the senders (in a second process for a
-        # big pass) straight into wire bytes; see fastcompose.
-        self._wires = fastcompose.pipeline(
+        # big pass) straight into wire bytes; see mail.workers.
+        self._wires = pipeline(
             self.config,
+            self.composer,
             [(i.mailing.kind, i.mailing.event, i.key) for i in items],
             sequences=self._sequences,
             clock=senders.now,

@@ -8,13 +8,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from invite_mailer.errors import ConfigError, Problem, ProblemCollector
-from invite_mailer.inputs.contacts import (
-    ContactList,
-    find_contacts_file,
-    load_address_list,
-    load_attendance,
-    load_contacts,
-)
+from invite_mailer.inputs.addresses import load_address_list, load_attendance
+from invite_mailer.inputs.contacts import ContactList, find_contacts_file, load_contacts
 from invite_mailer.inputs.materials import UNSAFE_HEADER_TEXT, File, Materials, load_materials
 from invite_mailer.inputs.series import SERIES_FILE, Series, load_series, readable_event_ids
 from invite_mailer.inputs.settings import (

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from invite_mailer.inputs.series import Event, Kind, Series, localize, shift
+from invite_mailer.inputs.series import Event, Kind, Series
+from invite_mailer.inputs.values import localize, shift
 
 __all__ = ["mailing_times"]
 

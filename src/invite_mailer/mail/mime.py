@@ -3,7 +3,7 @@
 :func:`build` is the reference form of every mail: the parts, the header
 folding (with the fixes below for what the standard library gets wrong) and
 the multipart boundaries, all derived from a :class:`RenderedMail`. The fast
-path (``fastcompose``) produces the same bytes and is checked against it.
+path (``mail.fastwire``) produces the same bytes and is checked against it.
 """
 
 from __future__ import annotations
@@ -390,7 +390,7 @@ def build(mail: RenderedMail) -> EmailMessage:
     # After the body: set_content() clears all Content-* headers.
     msg["Content-Language"] = "de"
     # Boundaries from the Message-ID instead of random ones: the same mail
-    # is the same bytes every time (fastcompose.py builds them directly).
+    # is the same bytes every time (mail.fastwire builds them directly).
     set_boundaries(msg)
     return msg
 
