@@ -50,7 +50,8 @@ import common
 
 from invite_mailer.cli.commands import parse_now
 from invite_mailer.inputs.config import load_config
-from invite_mailer.mail.fastcompose import WireComposer
+from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.fastwire import WireComposer
 from support.smtp import free_port
 
 SENDER = "transferreihe@example.org"
@@ -60,7 +61,7 @@ def invitation_sample(workspace: common.Workspace, out: Path) -> tuple[Path, flo
     """One invitation as invite-mailer sends it, and the mean size over 200 contacts."""
     config = load_config(workspace.config, workspace.templates, env_file=None)
     now = parse_now(common.INVITATION_NOW, config)
-    composer = WireComposer(config.composer)
+    composer = WireComposer(Composer.from_config(config))
     wires = [
         composer.wire("invitation", contact, event=None, now=now)
         for contact in config.contacts.contacts[:200]

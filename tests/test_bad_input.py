@@ -368,3 +368,43 @@ def test_duplicates_and_windows_1252_are_accepted_with_a_warning(project: Path) 
     code, output = run(["validate"])
     assert code == 0, output
     assert "warning" in output.lower() and "jana.mueller@example.org" in output.lower()
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        pytest.param(
+            edit(SERIES, "timezone: Europe/Berlin", "timezone: Mars/Olympus"), id="series"
+        ),
+        pytest.param(edit(SETTINGS, "port = 587", 'port = "abc"'), id="settings"),
+    ],
+)
+def test_templates_are_checked_when_settings_or_series_are_broken(
+    project: Path, breakage: Mutation
+) -> None:
+    """Reading the templates needs neither file: their mistakes come in the same run."""
+    breakage(project)
+    edit("templates/email/invitation.txt.j2", "{{", "{{ {%", 1)(project)
+    code, output = run(["validate"])
+    assert code == 1, output
+    assert "Traceback" not in output
+    assert "invitation.txt.j2" in output and "syntax" in output, output
+    assert "2 problems found" in output, output
+
+
+def test_a_mailing_time_that_cannot_be_computed_is_reported(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The series' limits keep every time computable; should one still overflow,
+    the loader names series.yaml instead of failing later, in the plan."""
+    from invite_mailer.inputs import config
+
+    def overflowing(series: object) -> None:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(config, "mailing_times", overflowing)
+    code, output = run(["validate"])
+    assert code == 1, output
+    assert "series.yaml" in output, output
+    assert "a mailing time of the series cannot be computed: date value out of range" in output
+    assert "years 1970 to 9000" in output, output

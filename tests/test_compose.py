@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -19,6 +21,7 @@ from pydantic import SecretStr
 
 from invite_mailer.core.tokens import make_token, verify_token
 from invite_mailer.errors import ConfigError
+from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind, Series, load_series
 from invite_mailer.inputs.settings import Settings, load_settings
@@ -99,7 +102,7 @@ def series() -> Series:
 
 @pytest.fixture(scope="module")
 def composer(settings: Settings, series: Series) -> Composer:
-    return Composer(settings, series, templates_dir=TEMPLATES, config_dir=CONFIG)
+    return Composer.load(settings, series, templates_dir=TEMPLATES, config_dir=CONFIG)
 
 
 @pytest.fixture
@@ -272,7 +275,7 @@ def test_invitation_subject_encoded(composer: Composer, series: Series) -> None:
 
 def test_umlauts_in_subject(settings: Settings, series: Series) -> None:
     renamed = series.model_copy(update={"title": "Transferreihe für Städte und Gemeinden"})
-    composer = Composer(settings, renamed, templates_dir=TEMPLATES, config_dir=CONFIG)
+    composer = Composer.load(settings, renamed, templates_dir=TEMPLATES, config_dir=CONFIG)
     _, raw, parsed = compose(composer, renamed, Kind.INVITATION, FRAU)
     assert "für Städte und Gemeinden" in parsed["Subject"]
     assert "für Städte".encode() not in raw.split(b"\r\n\r\n", 1)[0]
@@ -440,7 +443,7 @@ def test_followup_next_date(composer: Composer, series: Series) -> None:
 
 def test_followup_with_materials(settings: Settings, material_config: Path) -> None:
     series = load_series(material_config)
-    composer = Composer(settings, series, templates_dir=TEMPLATES, config_dir=material_config)
+    composer = Composer.load(settings, series, templates_dir=TEMPLATES, config_dir=material_config)
     _, raw, parsed = compose(composer, series, Kind.FOLLOWUP, FRAU, "verwaltung", attended=True)
     for part in parsed.walk():
         assert not part.defects
@@ -471,7 +474,7 @@ def test_followup_with_materials(settings: Settings, material_config: Path) -> N
 def test_oversized_materials(settings: Settings, material_config: Path) -> None:
     series = load_series(material_config)
     with pytest.raises(ConfigError) as caught:
-        Composer(
+        Composer.load(
             with_limit(settings, 10_000),
             series,
             templates_dir=TEMPLATES,
@@ -490,7 +493,7 @@ def test_vanished_material_file(settings: Settings, material_config: Path) -> No
     series = load_series(material_config)
     (material_config / "materials" / "protokoll.pdf").unlink()
     with pytest.raises(ConfigError, match="protokoll.pdf"):
-        Composer(settings, series, templates_dir=TEMPLATES, config_dir=material_config)
+        Composer.load(settings, series, templates_dir=TEMPLATES, config_dir=material_config)
 
 
 # --- Message-ID ------------------------------------------------------------------------------
@@ -533,7 +536,7 @@ def test_list_unsubscribe_mailto_only(composer: Composer, series: Series) -> Non
 
 def test_no_https_link_without_secret(settings: Settings, series: Series) -> None:
     configured = with_sender(settings, unsubscribe_url="https://example.org/abmelden")
-    composer = Composer(configured, series, templates_dir=TEMPLATES, config_dir=CONFIG)
+    composer = Composer.load(configured, series, templates_dir=TEMPLATES, config_dir=CONFIG)
     _, raw, parsed = compose(composer, series, Kind.INVITATION, FRAU)
     assert "https" not in parsed["List-Unsubscribe"]
     assert "List-Unsubscribe-Post" not in parsed
@@ -545,7 +548,7 @@ def test_one_click_unsubscribe(settings: Settings, series: Series) -> None:
         with_sender(settings, unsubscribe_url="https://example.org/transferreihe/abmelden"),
         "s3cret",
     )
-    composer = Composer(configured, series, templates_dir=TEMPLATES, config_dir=CONFIG)
+    composer = Composer.load(configured, series, templates_dir=TEMPLATES, config_dir=CONFIG)
     _, raw, parsed = compose(composer, series, Kind.REMINDER, FRAU, "verwaltung")
 
     (header,) = [h for h in raw_headers(raw) if h.startswith(b"List-Unsubscribe:")]
@@ -564,7 +567,7 @@ def test_one_click_unsubscribe(settings: Settings, series: Series) -> None:
 
 def test_unsubscribe_address_falls_back_to_reply_to(settings: Settings, series: Series) -> None:
     configured = with_sender(settings, unsubscribe_mailto="")
-    composer = Composer(configured, series, templates_dir=TEMPLATES, config_dir=CONFIG)
+    composer = Composer.load(configured, series, templates_dir=TEMPLATES, config_dir=CONFIG)
     _, _, parsed = compose(composer, series, Kind.INVITATION, FRAU)
     assert parsed["List-Unsubscribe"].startswith("<mailto:transferreihe@example.org?")
 
@@ -666,7 +669,7 @@ def test_long_lines_stay_within_limits(settings: Settings, series: Series) -> No
         }
     )
     long = series.model_copy(update={"events": [event, *series.events[1:]]})
-    composer = Composer(settings, long, templates_dir=TEMPLATES, config_dir=CONFIG)
+    composer = Composer.load(settings, long, templates_dir=TEMPLATES, config_dir=CONFIG)
     for kind in Kind:
         msg = composer.compose(
             kind, FRAU, event=None if kind is Kind.INVITATION else event, now=NOW[kind]
@@ -698,7 +701,7 @@ def test_template_syntax_errors_are_collected(
     number = lines.index("{% if attended is true %}") + 1
     insert_line(followup, number, "{{ event.title }")
     with pytest.raises(ConfigError) as caught:
-        Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+        Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
     problems = {p.path.name if p.path else "": p for p in caught.value.problems}
     assert set(problems) == {"reminder.html.j2", "followup.txt.j2"}
     assert problems["reminder.html.j2"].line == 6
@@ -711,7 +714,7 @@ def test_template_syntax_errors_are_collected(
 def test_missing_template(settings: Settings, series: Series, templates: Path) -> None:
     (templates / "followup.txt.j2").unlink()
     with pytest.raises(ConfigError) as caught:
-        Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+        Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
     assert caught.value.path == templates / "followup.txt.j2"
     assert caught.value.hint is not None and "followup.txt.j2" in caught.value.hint
 
@@ -723,7 +726,7 @@ def test_missing_layout(settings: Settings, series: Series, templates: Path) -> 
         encoding="utf-8",
     )
     with pytest.raises(ConfigError) as caught:
-        Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+        Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
     assert caught.value.path == path
     assert caught.value.line == 1
     assert "layout2.html.j2" in caught.value.problems[0].message
@@ -731,12 +734,12 @@ def test_missing_layout(settings: Settings, series: Series, templates: Path) -> 
 
 def test_missing_templates_folder(settings: Settings, series: Series, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        Composer(settings, series, templates_dir=tmp_path / "nope", config_dir=CONFIG)
+        Composer.load(settings, series, templates_dir=tmp_path / "nope", config_dir=CONFIG)
 
 
 def test_undefined_variable(settings: Settings, series: Series, templates: Path) -> None:
     insert_line(templates / "reminder.txt.j2", 3, "Fax: {{ contact.fax }}")
-    composer = Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+    composer = Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
     with pytest.raises(ConfigError) as caught:
         composer.compose(Kind.REMINDER, FRAU, event=series.events[0], now=NOW[Kind.REMINDER])
     error = caught.value
@@ -753,7 +756,7 @@ def test_undefined_variable_in_layout(settings: Settings, series: Series, templa
     lines = path.read_text(encoding="utf-8").split("\n")
     number = next(i for i, line in enumerate(lines, 1) if "<body>" in line) + 1
     insert_line(path, number, "<p>{{ sender_name }}</p>")
-    composer = Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+    composer = Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
     with pytest.raises(ConfigError) as caught:
         composer.compose(Kind.INVITATION, FRAU, event=None, now=NOW[Kind.INVITATION])
     assert caught.value.path == path
@@ -763,7 +766,7 @@ def test_undefined_variable_in_layout(settings: Settings, series: Series, templa
 
 def test_missing_extra_column(settings: Settings, series: Series, templates: Path) -> None:
     insert_line(templates / "invitation.txt.j2", 3, 'Funktion: {{ contact.extra["Funktion"] }}')
-    composer = Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+    composer = Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
     with_column = Contact(email="a@example.org", extra={"Funktion": "Bürgermeisterin"})
     msg = composer.compose(Kind.INVITATION, with_column, event=None, now=NOW[Kind.INVITATION])
     assert "Funktion: Bürgermeisterin" in str(msg.get_body(("plain",)).get_content())  # type: ignore[union-attr]
@@ -788,7 +791,7 @@ def test_a_new_kind_needs_only_templates(
         "{% endblock %}\n",
         encoding="utf-8",
     )
-    composer = Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+    composer = Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
     assert set(composer.kinds) == {
         "invitation",
         "reminder",
@@ -804,7 +807,7 @@ def test_a_new_kind_needs_only_templates(
 
     (templates / "announcement.html.j2").unlink()
     with pytest.raises(ConfigError, match="announcement.html.j2"):
-        Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+        Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
 
 
 def test_unknown_kind(composer: Composer) -> None:
@@ -822,10 +825,50 @@ def test_event_required_where_needed(composer: Composer, series: Series) -> None
 def test_hidden_files_are_ignored(settings: Settings, series: Series, templates: Path) -> None:
     (templates / "._invitation.html.j2").write_bytes(b"\x00\x05\x16\x07\xff")
     (templates / ".reminder.txt.j2.swp").write_bytes(b"\xff")
-    Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+    Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
 
 
 def test_not_utf8_template(settings: Settings, series: Series, templates: Path) -> None:
     (templates / "reminder.txt.j2").write_bytes("Grüße".encode("cp1252"))
     with pytest.raises(ConfigError, match="not UTF-8"):
-        Composer(settings, series, templates_dir=templates, config_dir=CONFIG)
+        Composer.load(settings, series, templates_dir=templates, config_dir=CONFIG)
+
+
+def test_the_composer_of_a_loaded_config_reads_no_file_again(
+    material_config: Path, templates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Templates and materials are read once, with the config: a composer built
+    from it later renders the same mail with both folders gone."""
+    for key in list(os.environ):
+        if key.startswith("INVITE_MAILER_"):
+            monkeypatch.delenv(key)
+    config = load_config(material_config, templates, env_file=None)
+    event = config.series.event("verwaltung")
+    now = NOW[Kind.FOLLOWUP]
+    before = Composer.from_config(config).compose(
+        Kind.FOLLOWUP, FRAU, event=event, now=now, attended=True
+    )
+    shutil.rmtree(templates)
+    shutil.rmtree(material_config / "materials")
+    after = Composer.from_config(config).compose(
+        Kind.FOLLOWUP, FRAU, event=event, now=now, attended=True
+    )
+    assert after.as_bytes() == before.as_bytes()
+    assert [name for name, _, _ in attachments(after)] == ["protokoll.pdf"]
+
+
+def test_a_config_with_other_settings_composes_with_them(material_config: Path) -> None:
+    """Config is plain data: a copy with other settings gives a composer of those."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith("INVITE_MAILER_"):
+                mp.delenv(key)
+        config = load_config(material_config, TEMPLATES, env_file=None)
+    sender = config.settings.sender.model_copy(update={"address": "Anna <anna@example.net>"})
+    changed = replace(config, settings=config.settings.model_copy(update={"sender": sender}))
+    event = config.series.event("verwaltung")
+    message = Composer.from_config(changed).compose(
+        Kind.REMINDER, FRAU, event=event, now=NOW[Kind.REMINDER]
+    )
+    assert message["From"].addresses[0].addr_spec == "anna@example.net"
+    assert message["Message-ID"].endswith("@example.net>")

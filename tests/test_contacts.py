@@ -12,15 +12,9 @@ import openpyxl
 import pytest
 
 from invite_mailer.errors import ConfigError
-from invite_mailer.inputs.contacts import (
-    MAX_PROBLEMS,
-    Contact,
-    ContactList,
-    find_contacts_file,
-    load_address_list,
-    load_attendance,
-    load_contacts,
-)
+from invite_mailer.inputs.addresses import load_address_list, load_attendance
+from invite_mailer.inputs.contacts import Contact, ContactList, find_contacts_file, load_contacts
+from invite_mailer.inputs.tables import MAX_PROBLEMS
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ("verwaltung", "kreislaufwirtschaft", "allianzen", "forschung")

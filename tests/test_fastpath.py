@@ -1,6 +1,6 @@
 """The fast path writes exactly the bytes the standard library writes.
 
-``fastcompose.WireComposer`` builds the wire form of a mail without
+``fastwire.WireComposer`` builds the wire form of a mail without
 ``email.message``; ``smtp_pool`` dot-stuffs without aiosmtplib's regular
 expressions. Both are only allowed to be faster, never different: every test
 here compares with the reference, ``Composer.compose(...).as_bytes(policy=SMTP)``
@@ -30,22 +30,16 @@ import pytest
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from invite_mailer.delivery.smtp_pool import _DOT_ATOM, _data_block, _quote
+from invite_mailer.delivery.smtp_wire import DOT_ATOM, data_block, quote
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind
-from invite_mailer.mail import fastcompose, mime
+from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
-from invite_mailer.mail.fastcompose import (
-    FAST_KINDS,
-    Job,
-    WireComposer,
-    WirePipeline,
-    display_name,
-    fold,
-    qp_wire,
-)
+from invite_mailer.mail.fastwire import FAST_KINDS, WireComposer
 from invite_mailer.mail.mime import CrlfBytes, Wire, crlf_checked, set_boundaries
+from invite_mailer.mail.wireformat import QP_BODY_MAP, HeaderCache, display_name, fold, qp_wire
+from invite_mailer.mail.workers import Job, WirePipeline, pipeline
 from support.project import shipped_environment
 from support.samples import FIRST_DATE, set_materials
 
@@ -161,7 +155,7 @@ def config(config_dir: Path) -> Iterator[Config]:
 
 @pytest.fixture(scope="module")
 def composer(config: Config) -> Composer:
-    return config.composer
+    return Composer.from_config(config)
 
 
 def reference(composer: Composer, kind: Kind, contact: Contact, **args: object) -> Wire:
@@ -202,15 +196,13 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "event_id", "attended"), CASES)
 def test_same_bytes_as_the_standard_library(
-    config: Config, kind: Kind, event_id: str | None, attended: bool | None
+    config: Config, composer: Composer, kind: Kind, event_id: str | None, attended: bool | None
 ) -> None:
     event = config.series.event(event_id) if event_id else None
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contacts = make_contacts(150)
     for contact in contacts:
-        assert_same(
-            wires, config.composer, kind, contact, event=event, now=NOW[kind], attended=attended
-        )
+        assert_same(wires, composer, kind, contact, event=event, now=NOW[kind], attended=attended)
     assert not wires.notes
     if kind in FAST_KINDS:
         # Nearly all went the fast way: only odd names and addresses are left over.
@@ -219,9 +211,9 @@ def test_same_bytes_as_the_standard_library(
         assert wires.counts["fast"] == 0
 
 
-def test_header_details_are_kept(config: Config) -> None:
+def test_header_details_are_kept(composer: Composer) -> None:
     """Umlauts in the subject and names arrive intact, as RFC 2047 words."""
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contact = make_contacts(1)[0]
     contact = Contact(email="jana@example.org", anrede="Frau", vorname="Jürgen", nachname="Müller")
     wire = wires.wire(Kind.INVITATION, contact, event=None, now=NOW[Kind.INVITATION])
@@ -240,10 +232,11 @@ def test_unsubscribe_link_per_recipient(config_dir: Path) -> None:
         mp.setenv("INVITE_MAILER_SENDER__UNSUBSCRIBE_URL", "https://example.org/abmelden")
         mp.setenv("INVITE_MAILER_UNSUBSCRIBE__SECRET", "s3cr3t-s3cr3t-s3cr3t-s3cr3t")
         linked = load_config(config_dir, config_dir.parent / "templates", env_file=None)
-    wires = WireComposer(linked.composer)
+    linked_composer = Composer.from_config(linked)
+    wires = WireComposer(linked_composer)
     event, now = linked.series.events[0], NOW[Kind.REMINDER]
     for contact in make_contacts(60):
-        assert_same(wires, linked.composer, Kind.REMINDER, contact, event=event, now=now)
+        assert_same(wires, linked_composer, Kind.REMINDER, contact, event=event, now=now)
     assert wires.counts["fast"] >= 60
     assert not wires.notes
     wire = wires.wire(Kind.REMINDER, make_contacts(1)[0], event=event, now=now)
@@ -251,20 +244,20 @@ def test_unsubscribe_link_per_recipient(config_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_new_minute_new_skeleton(config: Config) -> None:
+def test_a_new_minute_new_skeleton(composer: Composer) -> None:
     """The calendar stamp changes with the minute: a new skeleton, same exactness."""
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contacts = make_contacts(10)
     for minute in range(3):
         now = NOW[Kind.INVITATION] + timedelta(minutes=minute, seconds=minute * 7)
         for contact in contacts:
-            assert_same(wires, config.composer, Kind.INVITATION, contact, event=None, now=now)
+            assert_same(wires, composer, Kind.INVITATION, contact, event=None, now=now)
     assert len(wires._skeletons) == 3
 
 
-def test_differences_fall_back_to_the_standard_library(config: Config) -> None:
+def test_differences_fall_back_to_the_standard_library(composer: Composer) -> None:
     """A skeleton that does not match (here: sabotaged) is never used."""
-    wires = WireComposer(config.composer)
+    wires = WireComposer(composer)
     contacts = make_contacts(5)[:5]
     now = NOW[Kind.INVITATION]
     wires.wire(Kind.INVITATION, contacts[0], event=None, now=now)
@@ -272,7 +265,7 @@ def test_differences_fall_back_to_the_standard_library(config: Config) -> None:
     skeleton.checked = 0
     skeleton.body[0] = b"sabotage" + skeleton.body[0]  # type: ignore[operator]
     for contact in contacts[1:]:
-        assert_same(wires, config.composer, Kind.INVITATION, contact, event=None, now=now)
+        assert_same(wires, composer, Kind.INVITATION, contact, event=None, now=now)
     assert wires.notes and "differs" in wires.notes[0]
 
 
@@ -317,7 +310,7 @@ def test_quoted_printable_matches_the_standard_library() -> None:
 def test_quoted_printable_table_matches_the_standard_library() -> None:
     from email.quoprimime import _QUOPRI_BODY_ENCODE_MAP  # type: ignore[attr-defined]
 
-    assert [fastcompose.QP_BODY_MAP[c] for c in range(256)] == _QUOPRI_BODY_ENCODE_MAP
+    assert [QP_BODY_MAP[c] for c in range(256)] == _QUOPRI_BODY_ENCODE_MAP
 
 
 @pytest.mark.slow
@@ -335,7 +328,7 @@ def test_address_headers_match_the_standard_library() -> None:
         "Schröder-Lüdenscheidtmannshausen",
         "Mueller",
     ]
-    cache = fastcompose._HeaderCache()
+    cache = HeaderCache()
     shortcuts = 0
     for _ in range(4000):
         name = " ".join(rng.choice(words) for _ in range(rng.randint(1, 7)))
@@ -361,7 +354,7 @@ def test_encoded_names_match_the_standard_library() -> None:
     """Names that are mostly or wholly non-ASCII: the folder's choice of "q" or "b"."""
     rng = random.Random(11)
     alphabets = ["äöüß", "αβγδεζ", "абвгдеж", "אבגדה", "日本語", "ÄÖÜ", "abcdé"]
-    cache = fastcompose._HeaderCache()
+    cache = HeaderCache()
     chosen = set()
     for _ in range(2000):
         words = [
@@ -378,7 +371,7 @@ def test_encoded_names_match_the_standard_library() -> None:
 
 
 def test_message_id_and_unsubscribe_headers_match_the_standard_library() -> None:
-    cache = fastcompose._HeaderCache()
+    cache = HeaderCache()
     for value in ["<0123abcd@example.org>", "<" + "a" * 70 + "@example.org>", "<x@ex-ample.de>"]:
         assert cache.message_id("Message-ID", value) == fold("Message-ID", value)
     for value in [
@@ -399,7 +392,7 @@ def test_dot_stuffing_matches_aiosmtplib() -> None:
     canonical = 0
     for _ in range(5000):
         data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
-        block = _data_block(data)
+        block = data_block(data)
         expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
         if block is not None:
             canonical += 1
@@ -424,9 +417,9 @@ def test_crlf_checked_marks_only_canonical_bytes() -> None:
             # Across the process boundary the mark survives, and nothing else changes.
             travelled = pickle.loads(pickle.dumps(checked))
             assert type(travelled) is CrlfBytes and travelled == data
-            assert _data_block(travelled) == _data_block(data)
+            assert data_block(travelled) == data_block(data)
         else:
-            assert _data_block(checked) is None
+            assert data_block(checked) is None
     assert marked > 100
 
 
@@ -449,8 +442,8 @@ def test_envelope_addresses_match_aiosmtplib() -> None:
             return ("ValueError", str(exc))
 
     for address in addresses:
-        assert quoted(_quote, address) == quoted(quote_address, address), address
-        plain += _DOT_ATOM.fullmatch(address) is not None
+        assert quoted(quote, address) == quoted(quote_address, address), address
+        plain += DOT_ATOM.fullmatch(address) is not None
     assert plain > 500  # the fast way was taken often enough to be tested
 
 
@@ -458,14 +451,14 @@ def test_envelope_addresses_match_aiosmtplib() -> None:
 
 
 @pytest.mark.slow
-async def test_pipeline_in_a_second_process(config: Config) -> None:
+async def test_pipeline_in_a_second_process(config: Config, composer: Composer) -> None:
     """Mails composed in a worker process are the reference bytes too."""
     contacts = make_contacts(150)
     event = config.series.event("allianzen")
     jobs = [Job(str(Kind.REMINDER), "allianzen", c) for c in contacts]
     clock = iter([NOW[Kind.REMINDER] + timedelta(seconds=n) for n in range(10_000)])
     pipeline = WirePipeline(
-        config.composer,
+        composer,
         jobs,
         sequences={},
         clock=lambda: next(clock),
@@ -484,9 +477,7 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
             except Exception as exc:
                 error = (type(exc).__name__, str(exc))
                 with pytest.raises(type(exc)) as raised:
-                    reference(
-                        config.composer, Kind.REMINDER, contact, event=event, now=NOW[Kind.REMINDER]
-                    )
+                    reference(composer, Kind.REMINDER, contact, event=event, now=NOW[Kind.REMINDER])
                 assert error == (type(raised.value).__name__, str(raised.value))
                 continue
             # Prepared mails carry the moment their chunk was composed.
@@ -494,7 +485,7 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
             assert found is not None
             stamp = parsedate_to_datetime(found.group(1).decode())
             expected = reference(
-                config.composer, Kind.REMINDER, contact, event=event, now=stamp, sequences={}
+                composer, Kind.REMINDER, contact, event=event, now=stamp, sequences={}
             )
             assert wire == expected
     finally:
@@ -503,7 +494,9 @@ async def test_pipeline_in_a_second_process(config: Config) -> None:
 
 
 @pytest.mark.parametrize(("workers", "pooled"), [(0, False), (1, True)])
-async def test_compose_workers_setting(config: Config, workers: int, pooled: bool) -> None:
+async def test_compose_workers_setting(
+    config: Config, composer: Composer, workers: int, pooled: bool
+) -> None:
     """limits.compose_workers = 0 keeps large passes in one process (less memory)."""
     limits = config.settings.limits.model_copy(update={"compose_workers": workers})
     settings = config.settings.model_copy(update={"limits": limits})
@@ -517,21 +510,25 @@ async def test_compose_workers_setting(config: Config, workers: int, pooled: boo
         ),
     )
     changed = replace(changed, contacts=contacts)
-    pipeline = fastcompose.pipeline(
-        changed, mails, sequences={}, clock=lambda: NOW[Kind.INVITATION]
+    wires = pipeline(
+        changed,
+        Composer.from_config(changed),
+        mails,
+        sequences={},
+        clock=lambda: NOW[Kind.INVITATION],
     )
-    assert pipeline is not None
+    assert wires is not None
     try:
-        assert (pipeline._pool is not None) is pooled
-        wire = await pipeline.wire(
+        assert (wires._pool is not None) is pooled
+        wire = await wires.wire(
             Kind.INVITATION, contacts.contacts[0], event=None, now=NOW[Kind.INVITATION]
         )
         assert wire == reference(
-            config.composer,
+            composer,
             Kind.INVITATION,
             contacts.contacts[0],
             event=None,
             now=NOW[Kind.INVITATION],
         )
     finally:
-        await pipeline.aclose()
+        await wires.aclose()

@@ -5,6 +5,7 @@ from datetime import date, time
 import pytest
 
 from invite_mailer.core import german
+from invite_mailer.inputs import typeset
 
 
 @pytest.mark.parametrize(
@@ -105,4 +106,4 @@ def test_relative_day(day: date, today: date, expected: str) -> None:
     ("number", "word"), [(1, "ein"), (4, "vier"), (5, "fünf"), (12, "zwölf"), (13, "13")]
 )
 def test_number_word(number: int, word: str) -> None:
-    assert german.number_word(number) == word
+    assert typeset.number_word(number) == word

@@ -34,8 +34,9 @@ import pytest
 from invite_mailer.cli.optouts import file_lines
 from invite_mailer.core.plan import EmptyLedger, PlanInput, plan
 from invite_mailer.errors import ConfigError
+from invite_mailer.inputs.addresses import load_address_list, load_attendance
 from invite_mailer.inputs.config import load_config
-from invite_mailer.inputs.contacts import load_address_list, load_attendance, load_contacts
+from invite_mailer.inputs.contacts import load_contacts
 from invite_mailer.inputs.series import Kind
 from support.cli import run
 from support.project import clean_environ
@@ -657,7 +658,7 @@ def test_attendance_never_adds_people_to_the_reminder(project: Path) -> None:
     )
     config = load_config(project / "config")
     now = datetime(2024, 11, 13, 15, 0, tzinfo=BERLIN)
-    mailings = {m.id: m for m in plan(config.plan_input(), EmptyLedger(), now)}
+    mailings = {m.id: m for m in plan(PlanInput.of(config), EmptyLedger(), now)}
     assert "gast@example.org" not in mailings["reminder:verwaltung"].audience
     assert "gast@example.org" in mailings["followup:verwaltung"].audience
     registered = {c.key for c in config.contacts if c.is_registered("verwaltung")}

@@ -69,7 +69,7 @@ def settings_of(config: Path) -> Settings:
 
 
 def composer_of(config: Path, settings: Settings | None = None) -> Composer:
-    return Composer(
+    return Composer.load(
         settings or settings_of(config),
         load_series(config),
         templates_dir=templates_of(config),
@@ -186,7 +186,9 @@ def test_special_files_are_not_read(tree: Path) -> None:
 
     def load() -> None:
         try:
-            Composer(settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree)
+            Composer.load(
+                settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
+            )
             outcome.append(None)
         except BaseException as exc:  # the test reports what happened
             outcome.append(exc)
@@ -429,9 +431,9 @@ def test_runaway_templates_end_in_a_template_error(tree: Path, payload: str) -> 
 def test_loops_without_output_are_stopped_in_time(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from invite_mailer.mail import compose
+    from invite_mailer.inputs import templates
 
-    monkeypatch.setattr(compose, "MAX_RENDER_SECONDS", 0.5)
+    monkeypatch.setattr(templates, "MAX_RENDER_SECONDS", 0.5)
     put_line(
         tree,
         "invitation.txt.j2",
@@ -595,7 +597,7 @@ def _unfolded(head: str, name: str) -> str:
 @pytest.mark.parametrize("ascii_only", [True, False], ids=["ascii", "unicode"])
 def test_to_header_parses_back_to_one_address(tree: Path, ascii_only: bool) -> None:
     from invite_mailer.core import german
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     wires = WireComposer(composer)
@@ -647,7 +649,7 @@ def test_the_reported_name_stays_quoted(tree: Path) -> None:
 
 
 def test_international_domain_in_ascii_form(tree: Path) -> None:
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="info@bücher.de", anrede="Frau", vorname="Jana", nachname="Weiß")
@@ -670,7 +672,7 @@ def test_international_domain_in_ascii_form(tree: Path) -> None:
 
 def test_international_local_part_is_written_as_utf8(tree: Path) -> None:
     """RFC 6532: the one way to write such an address; only SMTPUTF8 relays take it."""
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="jürgen@bücher.de", anrede="Herr", vorname="Jürgen", nachname="Groß")
@@ -705,7 +707,7 @@ def test_international_local_part_is_written_as_utf8(tree: Path) -> None:
 def test_line_breaks_in_series_values(tree: Path, field: str, value: str) -> None:
     series = load_series(tree).model_copy(update={field: value})
     with pytest.raises(ConfigError) as caught:
-        Composer(settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree)
+        Composer.load(settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree)
     (problem,) = caught.value.problems
     assert problem.path == tree / "series.yaml"
     assert f"series {field}" in problem.message and "header" in problem.message
@@ -791,11 +793,11 @@ def test_the_organisers_summary_keeps_its_headers_whole(tree: Path) -> None:
 def test_a_huge_description_is_refused(tree: Path) -> None:
     """Under the render limit (2 million characters), but rich in umlauts, which
     quoted-printable writes as six octets each: the mail would be about 20 MB."""
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     description = "Größe übergroß äöüß ÄÖÜ. " * 72_000
     series = load_series(tree).model_copy(update={"description": description})
-    composer = Composer(
+    composer = Composer.load(
         settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
     )
     for make in (
@@ -811,7 +813,7 @@ def test_a_huge_description_is_refused(tree: Path) -> None:
 
 def test_a_twenty_megabyte_description_is_refused(tree: Path) -> None:
     series = load_series(tree).model_copy(update={"description": "Text " * 4_000_000})
-    composer = Composer(
+    composer = Composer.load(
         settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
     )
     with pytest.raises(ConfigError) as caught:
@@ -823,7 +825,7 @@ def test_a_twenty_megabyte_description_is_refused(tree: Path) -> None:
 def test_a_mail_just_under_the_limit_goes_out(tree: Path) -> None:
     description = "Städte, Gemeinden und Regionen im Übergang. " * 2_000
     series = load_series(tree).model_copy(update={"description": description})
-    composer = Composer(
+    composer = Composer.load(
         settings_of(tree), series, templates_dir=templates_of(tree), config_dir=tree
     )
     message = composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
@@ -837,7 +839,7 @@ def test_the_mail_size_limit_is_a_setting(tree: Path) -> None:
     settings = settings.model_copy(
         update={"limits": settings.limits.model_copy(update={"max_message_bytes": 100_000})}
     )
-    composer = Composer(settings, series, templates_dir=templates_of(tree), config_dir=tree)
+    composer = Composer.load(settings, series, templates_dir=templates_of(tree), config_dir=tree)
     with pytest.raises(ConfigError) as caught:
         composer.compose(Kind.INVITATION, JANA, event=None, now=INVITATION_NOW)
     assert "limits.max_message_bytes" in single_problem(caught)
@@ -915,7 +917,7 @@ def test_ordinary_template_expressions_still_work(tree: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", [Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP])
 def test_both_paths_agree_on_hostile_recipients(tree: Path, kind: Kind) -> None:
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     (tree / "materials" / "protokoll.pdf").write_bytes(b"%PDF-1.4\n" * 100)
     with_material(tree, "materials/protokoll.pdf")
@@ -980,7 +982,7 @@ def test_a_fifo_among_the_templates(tree: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("length", [76, 77, 78, 500, 899, 900, 1200, 3000])
 def test_a_name_of_one_long_word(tree: Path, length: int) -> None:
-    from invite_mailer.mail.fastcompose import WireComposer
+    from invite_mailer.mail.fastwire import WireComposer
 
     composer = composer_of(tree)
     contact = Contact(email="max@example.org", vorname="X,", nachname="a" * length)
@@ -1173,10 +1175,10 @@ def test_bombs_end_in_a_template_error_within_a_memory_cap(tree: Path, payload: 
 def test_bounded_filters_and_numbers_still_work(tree: Path, payload: str) -> None:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from invite_mailer.mail.compose import _environment
+    from invite_mailer.inputs.templates import environment
 
     expected = ImmutableSandboxedEnvironment().from_string(payload).render()
-    assert _environment(templates_of(tree)).from_string(payload).render() == expected
+    assert environment(templates_of(tree)).from_string(payload).render() == expected
 
 
 # --- a quoted name is never folded inside its quotes -----------------------------------

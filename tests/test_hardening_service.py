@@ -33,8 +33,8 @@ import pytest
 
 from invite_mailer.core.tokens import make_token
 from invite_mailer.delivery.ledger import Ledger, state_lock
+from invite_mailer.inputs.addresses import load_address_list
 from invite_mailer.inputs.config import load_config
-from invite_mailer.inputs.contacts import load_address_list
 from invite_mailer.logs import RepeatFilter
 from invite_mailer.service.daemon import (
     EXIT_INVALID_CONFIG,

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from invite_mailer.delivery import ledger as ledger_module
+from invite_mailer.delivery import ledger_file
 from invite_mailer.delivery.ledger import (
     SCHEMA_VERSION,
     DeliveryKey,
@@ -302,12 +302,12 @@ async def test_later_migrations_are_applied_in_order(
     async with Ledger.open(db_path) as ledger:
         assert await ledger.claim(key(), "<1@x>", NOW)
     migrations = (
-        *ledger_module.MIGRATIONS,
+        *ledger_file.MIGRATIONS,
         ("ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT ''",),
         ("CREATE INDEX deliveries_note ON deliveries (note)",),
     )
-    monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
-    monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", len(migrations))
+    monkeypatch.setattr(ledger_file, "MIGRATIONS", migrations)
+    monkeypatch.setattr(ledger_file, "SCHEMA_VERSION", len(migrations))
     async with Ledger.open(db_path) as ledger:
         assert (await ledger.get(key())) is not None  # the data came along
     with sqlite3.connect(db_path) as raw:
@@ -320,11 +320,11 @@ async def test_a_broken_migration_changes_nothing(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     migrations = (
-        *ledger_module.MIGRATIONS,
+        *ledger_file.MIGRATIONS,
         ("CREATE TABLE extra (x)", "THIS IS NOT SQL"),
     )
-    monkeypatch.setattr(ledger_module, "MIGRATIONS", migrations)
-    monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", len(migrations))
+    monkeypatch.setattr(ledger_file, "MIGRATIONS", migrations)
+    monkeypatch.setattr(ledger_file, "SCHEMA_VERSION", len(migrations))
     with pytest.raises(LedgerError):
         async with Ledger.open(db_path):
             pass
@@ -416,12 +416,12 @@ def test_a_first_open_killed_before_migrating_leaves_no_ledger_behind(tmp_path: 
     script = textwrap.dedent(
         f"""
         import asyncio, os, signal
-        from invite_mailer.delivery import ledger
+        from invite_mailer.delivery import ledger, ledger_file
 
         async def die(db, path):
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
 
-        ledger._migrate = die
+        ledger_file.migrate = die
 
         async def main():
             async with ledger.Ledger.open({str(path)!r}):

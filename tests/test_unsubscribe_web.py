@@ -29,6 +29,7 @@ from invite_mailer.core.tokens import make_token, verify_token
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.series import Kind
+from invite_mailer.mail.compose import Composer
 from invite_mailer.service.daemon import run_daemon
 from invite_mailer.service.web import RunningServer, create_app, mask_address, start_server
 
@@ -298,7 +299,7 @@ def _mails(project: Path) -> Iterator[tuple[str, EmailMessage]]:
     now = config.series.first_start
     event = config.series.events[0]
     for kind in (Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP):
-        message = config.composer.compose(
+        message = Composer.from_config(config).compose(
             kind, contact, event=None if kind is Kind.INVITATION else event, now=now
         )
         wire = message.as_bytes(policy=email.policy.SMTP)

@@ -96,7 +96,7 @@ def sample_mails(
     config: Config, contact: Contact, *, composer: Composer | None = None
 ) -> list[Sample]:
     """Every kind for *contact*, each at the moment it would go out."""
-    composer = composer or config.composer
+    composer = composer or Composer.from_config(config)
     first = config.series.event("verwaltung")
     second = config.series.event("kreislaufwirtschaft")
     moved = {

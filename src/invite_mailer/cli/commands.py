@@ -21,6 +21,7 @@ from pathlib import Path
 from invite_mailer.core.plan import (
     EmptyLedger,
     Mailing,
+    PlanInput,
     audience_of,
     mailing_times,
     plan,
@@ -38,7 +39,8 @@ from invite_mailer.inputs.settings import SETTINGS_FILE
 from invite_mailer.inputs.yamlfile import load_yaml
 from invite_mailer.mail import mime
 from invite_mailer.mail.checks import validate_change_kinds, validate_sample
-from invite_mailer.mail.fastcompose import WireComposer
+from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.fastwire import WireComposer
 from invite_mailer.mail.mime import header_address
 
 # What --now may be: far enough out for any real series, near enough that every
@@ -125,9 +127,9 @@ def validate(config: Config) -> ValidationReport:
     problems: dict[str, Problem] = {}
     series = config.series
     now = series.first_start
-    # The exact bytes, built the fast way (see fastcompose): minutes, not an
+    # The exact bytes, built the fast way (see fastwire): minutes, not an
     # hour, for a list of 100,000.
-    wires = WireComposer(config.composer)
+    wires = WireComposer(Composer.from_config(config))
     for kind, event, _due, _deadline in mailing_times(series):
         if event is not None and event.cancelled:
             continue
@@ -273,10 +275,10 @@ async def open_ledger(config: Config, *, create: bool = True) -> AsyncIterator[L
 async def current_plan(config: Config, now: datetime) -> list[Mailing]:
     async with open_ledger(config, create=False) as ledger:
         if ledger is None:
-            return plan(config.plan_input(), EmptyLedger(), now)
+            return plan(PlanInput.of(config), EmptyLedger(), now)
         optouts = await ledger.optouts(config.series.id)
         view = await ledger.view(config.series.id)
-        return plan(config.plan_input(optouts), view, now)
+        return plan(PlanInput.of(config, optouts), view, now)
 
 
 @dataclass
@@ -290,12 +292,12 @@ class Status:
 async def status(config: Config, now: datetime) -> Status:
     async with open_ledger(config, create=False) as ledger:
         if ledger is None:
-            return Status(plan(config.plan_input(), EmptyLedger(), now), [], [], [])
+            return Status(plan(PlanInput.of(config), EmptyLedger(), now), [], [], [])
         optouts = await ledger.optouts(config.series.id)
         view = await ledger.view(config.series.id)
         series_id = config.series.id
         return Status(
-            mailings=plan(config.plan_input(optouts), view, now),
+            mailings=plan(PlanInput.of(config, optouts), view, now),
             failed=await ledger.deliveries(series_id, states=[DeliveryState.FAILED]),
             uncertain=await ledger.deliveries(
                 series_id, states=[DeliveryState.UNCERTAIN, DeliveryState.SENDING]
@@ -371,7 +373,7 @@ def preview(
     event = pick_event(config, kind, event_id)
     written = []
     sequences = sequences_of(config.series, view)
-    builder = WireComposer(config.composer)  # the builder send-due uses
+    builder = WireComposer(Composer.from_config(config))  # the builder send-due uses
     for contact in pick_contacts(config, kind, event, email):
         request = request_for(
             kind,
@@ -503,8 +505,9 @@ async def send_test(
     # Its own Message-ID: with the real one, the tester's client (or the relay)
     # would thread it with, or drop it as a duplicate of, the contact's real mail.
     request = request_for(kind, event, contact, now, attendance=config.attendance)
-    rendered = config.composer.render(request)
-    message = mime.build(replace(rendered, message_id=config.composer.fresh_message_id()))
+    composer = Composer.from_config(config)
+    rendered = composer.render(request)
+    message = mime.build(replace(rendered, message_id=composer.fresh_message_id()))
     test = _readdress(message, to)
     sender = config.settings.sender.from_address.addr_spec
     async with make_transport(config.settings) as transport:

@@ -22,8 +22,8 @@ from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.errors import ConfigError, ProblemCollector
+from invite_mailer.inputs.addresses import address_lines, load_address_list
 from invite_mailer.inputs.config import OPTOUT_FILE
-from invite_mailer.inputs.contacts import address_lines, load_address_list
 from invite_mailer.inputs.series import Series, load_series
 from invite_mailer.inputs.settings import Settings, load_settings
 

@@ -45,6 +45,7 @@ from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind
 from invite_mailer.inputs.settings import StateSettings, TransportKind, TransportSettings
 from invite_mailer.mail import mime
+from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.summary import KIND_LABELS
 
 __all__ = ["MailRecord", "MailingReport", "Rehearsal", "rehearse"]
@@ -339,7 +340,7 @@ def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
     event = config.series.event(mailing.event)
     request = request_for(mailing.kind, event, contact, mailing.due, attendance=config.attendance)
     try:
-        message = mime.build(config.composer.render(request))
+        message = mime.build(Composer.from_config(config).render(request))
     except (ConfigError, ValueError) as exc:
         log.warning("no preview of %s: %s", mailing.id, exc)
         return None

@@ -29,8 +29,6 @@ METHOD = "PUBLISH"
 METHOD_UPDATE = "REQUEST"
 METHOD_CANCEL = "CANCEL"
 
-CONTENT_TYPE = "text/calendar"
-
 
 def ics_filename(series: Series, event: Event) -> str:
     """ "transferreihe-2024-verwaltung.ics": ids are slugs, so always ASCII."""

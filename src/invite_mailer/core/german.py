@@ -32,23 +32,6 @@ _DEGREES = re.compile(
     r"^(dipl\S*|mag|ma|msc|meng|mba|mpa|llm|ba|bsc|beng|bed|med|staatsexamen)$",
 )
 
-_NUMBER_WORDS = (
-    "null",
-    "ein",
-    "zwei",
-    "drei",
-    "vier",
-    "fünf",
-    "sechs",
-    "sieben",
-    "acht",
-    "neun",
-    "zehn",
-    "elf",
-    "zwölf",
-)
-
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -154,13 +137,3 @@ def relative_day(day: date, today: date) -> str:
     if delta == 2:
         return "übermorgen"
     return f"am {date_long(day)}"
-
-
-def number_word(number: int) -> str:
-    """German number word for counting things up to twelve ("vier"), digits above.
-
-    1 gives "ein" ("ein Termin"); use the template to pick singular or plural.
-    """
-    if 0 <= number < len(_NUMBER_WORDS):
-        return _NUMBER_WORDS[number]
-    return str(number)

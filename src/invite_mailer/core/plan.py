@@ -15,8 +15,11 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Protocol
 
+from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.contacts import Contact
-from invite_mailer.inputs.series import Audience, Event, Kind, Series, localize, shift
+from invite_mailer.inputs.series import Audience, Event, Kind, Series
+from invite_mailer.inputs.timeline import mailing_times as mailing_times
+from invite_mailer.inputs.values import shift
 
 SERIES_WIDE = ""
 """The event id stored for mailings about the whole series (the invitation)."""
@@ -119,36 +122,15 @@ class PlanInput:
     optouts: frozenset[str] = frozenset()
     attendance: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
-
-def mailing_times(series: Series) -> list[tuple[Kind, Event | None, datetime, datetime]]:
-    """Due time and deadline of every mailing the rules produce, in time order.
-
-    Cancelled dates still appear (their reminder and follow-up are withdrawn
-    by :func:`plan`), so the timeline stays complete.
-    """
-    rules = series.mailings
-    times: list[tuple[Kind, Event | None, datetime, datetime]] = []
-    zone = series.zone
-    if rules.invitation is not None and rules.invitation.enabled:
-        send_at = rules.invitation.send_at
-        due = localize(send_at.date(), send_at.time(), zone)
-        until = rules.invitation.until
-        deadline = localize(until.date(), until.time(), zone) if until else series.first_start
-        times.append((Kind.INVITATION, None, due, deadline))
-    for event in series.events:
-        if rules.reminder.enabled:
-            due = shift(event.starts_at, rules.reminder.before, sign=-1)
-            if rules.reminder.at is not None:
-                due = localize(due.date(), rules.reminder.at, zone)
-            times.append((Kind.REMINDER, event, due, event.starts_at))
-        if rules.followup.enabled:
-            due = shift(event.ends_at, rules.followup.after)
-            if rules.followup.at is not None:
-                due = localize(due.date(), rules.followup.at, zone)
-            deadline = shift(due, rules.followup.wait_for_materials)
-            times.append((Kind.FOLLOWUP, event, due, deadline))
-    times.sort(key=lambda item: (item[2], item[1].starts_at if item[1] else item[2]))
-    return times
+    @classmethod
+    def of(cls, config: Config, extra_optouts: frozenset[str] = frozenset()) -> PlanInput:
+        """What *config* gives the plan, with *extra_optouts* (the ledger's) added."""
+        return cls(
+            series=config.series,
+            contacts=config.contacts.contacts,
+            optouts=config.optouts | extra_optouts,
+            attendance=config.attendance,
+        )
 
 
 def audience_of(
@@ -199,57 +181,76 @@ def plan(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mailing
         event_id = event.id if event else SERIES_WIDE
         members = audience_of(kind, event, series, data.contacts, data.attendance)
         audience = tuple(c.key for c in members if c.key not in data.optouts)
-        opted_out = len(members) - len(audience)
-        states = ledger.states(str(kind), event_id)
-        sent = failed = uncertain = 0
-        outstanding = []
-        for key in audience:
-            state = states.get(key)
-            if state == "sent":
-                sent += 1
-            elif state == "failed":
-                failed += 1
-            else:
-                if state == "uncertain":
-                    uncertain += 1
-                outstanding.append(key)
-        note = ""
-        if event is not None and event.cancelled:
-            state_ = MailingState.WITHDRAWN
-            note = "date cancelled"
+        sent, failed, uncertain, outstanding = _settled(
+            audience, ledger.states(str(kind), event_id)
+        )
+        state, note = _state(kind, event, due, deadline, now, outstanding)
+        if state is MailingState.WITHDRAWN:
             outstanding = []
-        elif now < due:
-            state_ = MailingState.SCHEDULED
-        elif now >= deadline:
-            state_ = MailingState.DONE if not outstanding else MailingState.CLOSED
-            if outstanding:
-                note = f"{len(outstanding)} never sent (window closed)"
-        elif kind is Kind.FOLLOWUP and event is not None and not event.materials:
-            state_ = MailingState.WAITING
-            note = "no materials listed yet"
-        else:
-            state_ = MailingState.OPEN if outstanding else MailingState.DONE
-        if due >= deadline and state_ is not MailingState.WITHDRAWN:
-            note = "due time is not before the deadline: nothing can be sent"
         mailings.append(
             Mailing(
                 kind=kind,
                 event=event_id,
                 due=due,
                 deadline=deadline,
-                state=state_,
+                state=state,
                 audience=audience,
                 outstanding=tuple(outstanding),
                 sent=sent,
                 failed=failed,
                 uncertain=uncertain,
-                opted_out=opted_out,
+                opted_out=len(members) - len(audience),
                 note=note,
             )
         )
     if series.mailings.updates.enabled:
         mailings.extend(_changes(data, ledger, now))
     return mailings
+
+
+def _settled(audience: Iterable[str], states: Mapping[str, str]) -> tuple[int, int, int, list[str]]:
+    """Sent, failed and uncertain counts of *audience*, and who is still outstanding."""
+    sent = failed = uncertain = 0
+    outstanding = []
+    for key in audience:
+        state = states.get(key)
+        if state == "sent":
+            sent += 1
+        elif state == "failed":
+            failed += 1
+        else:
+            if state == "uncertain":
+                uncertain += 1
+            outstanding.append(key)
+    return sent, failed, uncertain, outstanding
+
+
+def _state(
+    kind: Kind,
+    event: Event | None,
+    due: datetime,
+    deadline: datetime,
+    now: datetime,
+    outstanding: Sequence[str],
+) -> tuple[MailingState, str]:
+    """The state of a rule's mailing at *now*, and the note that explains it."""
+    if event is not None and event.cancelled:
+        return MailingState.WITHDRAWN, "date cancelled"
+    note = ""
+    if now < due:
+        state = MailingState.SCHEDULED
+    elif now >= deadline:
+        state = MailingState.DONE if not outstanding else MailingState.CLOSED
+        if outstanding:
+            note = f"{len(outstanding)} never sent (window closed)"
+    elif kind is Kind.FOLLOWUP and event is not None and not event.materials:
+        state = MailingState.WAITING
+        note = "no materials listed yet"
+    else:
+        state = MailingState.OPEN if outstanding else MailingState.DONE
+    if due >= deadline:
+        note = "due time is not before the deadline: nothing can be sent"
+    return state, note
 
 
 def _changes(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mailing]:
@@ -260,60 +261,68 @@ def _changes(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mai
     details, or an "Absage" when the date is cancelled. It goes out a grace
     period after the last edit, so a quickly fixed typo sends one update.
     """
-    series = data.series
-    grace = series.mailings.updates.grace
     contacts = {c.key: c for c in data.contacts}
     mailings = []
-    for event in series.events:
+    for event in data.series.events:
         seen = ledger.seen(event.id)
-        if not seen:
-            continue
-        current = event.version
-        history = ledger.date(event.id)
-        if history is not None and history.current == current:
-            since = history.observed_since.astimezone(series.zone)
-        else:
-            since = now  # not recorded yet: the next pass starts the grace period
-        sequence = history.sequence_for(current) if history is not None else 0
-        kind = Kind.CANCELLATION if event.cancelled else Kind.UPDATE
-        ledger_kind = str(kind) if kind is Kind.CANCELLATION else f"{kind}-{sequence}"
-        states = ledger.states(ledger_kind, event.id)
-        members = [key for key in seen if key in contacts]
-        audience = tuple(key for key in members if key not in data.optouts)
-        stale = [key for key in audience if seen[key] != current]
-        outstanding = tuple(key for key in stale if states.get(key) not in DONE_STATES)
-        if not outstanding and not states:
-            continue
-        sent = sum(1 for state in states.values() if state == "sent")
-        failed = sum(1 for state in states.values() if state == "failed")
-        deadline = event.ends_at
-        due = shift(since, grace)
-        if due >= deadline:
-            due = since  # no time for a grace period: say it now
-        if now < due:
-            state = MailingState.SCHEDULED
-        elif now >= deadline:
-            state = MailingState.CLOSED if outstanding else MailingState.DONE
-        else:
-            state = MailingState.OPEN if outstanding else MailingState.DONE
-        mailings.append(
-            Mailing(
-                kind=kind,
-                event=event.id,
-                due=due,
-                deadline=deadline,
-                state=state,
-                audience=audience,
-                outstanding=outstanding,
-                sent=sent,
-                failed=failed,
-                uncertain=sum(1 for k in outstanding if states.get(k) == "uncertain"),
-                opted_out=len(members) - len(audience),
-                note="date cancelled" if event.cancelled else f"calendar SEQUENCE {sequence}",
-                sequence=sequence,
-            )
-        )
+        if seen:
+            mailing = _change(data, ledger, now, event, seen, contacts)
+            if mailing is not None:
+                mailings.append(mailing)
     return mailings
+
+
+def _change(
+    data: PlanInput,
+    ledger: LedgerSnapshot,
+    now: datetime,
+    event: Event,
+    seen: Mapping[str, str],
+    contacts: Mapping[str, Contact],
+) -> Mailing | None:
+    """The update or cancellation of *event*, or None when nobody needs or got one."""
+    series = data.series
+    current = event.version
+    history = ledger.date(event.id)
+    if history is not None and history.current == current:
+        since = history.observed_since.astimezone(series.zone)
+    else:
+        since = now  # not recorded yet: the next pass starts the grace period
+    sequence = history.sequence_for(current) if history is not None else 0
+    kind = Kind.CANCELLATION if event.cancelled else Kind.UPDATE
+    ledger_kind = str(kind) if kind is Kind.CANCELLATION else f"{kind}-{sequence}"
+    states = ledger.states(ledger_kind, event.id)
+    members = [key for key in seen if key in contacts]
+    audience = tuple(key for key in members if key not in data.optouts)
+    stale = [key for key in audience if seen[key] != current]
+    outstanding = tuple(key for key in stale if states.get(key) not in DONE_STATES)
+    if not outstanding and not states:
+        return None
+    deadline = event.ends_at
+    due = shift(since, series.mailings.updates.grace)
+    if due >= deadline:
+        due = since  # no time for a grace period: say it now
+    if now < due:
+        state = MailingState.SCHEDULED
+    elif now >= deadline:
+        state = MailingState.CLOSED if outstanding else MailingState.DONE
+    else:
+        state = MailingState.OPEN if outstanding else MailingState.DONE
+    return Mailing(
+        kind=kind,
+        event=event.id,
+        due=due,
+        deadline=deadline,
+        state=state,
+        audience=audience,
+        outstanding=outstanding,
+        sent=sum(1 for value in states.values() if value == "sent"),
+        failed=sum(1 for value in states.values() if value == "failed"),
+        uncertain=sum(1 for k in outstanding if states.get(k) == "uncertain"),
+        opted_out=len(members) - len(audience),
+        note="date cancelled" if event.cancelled else f"calendar SEQUENCE {sequence}",
+        sequence=sequence,
+    )
 
 
 # --- what to send ------------------------------------------------------------------------

@@ -18,254 +18,61 @@ next to the database, and together with :meth:`Ledger.claim` that keeps two
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import json
 import os
 import sqlite3
-import stat
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import aiosqlite
 
-from invite_mailer.errors import InviteMailerError, LockedError
+from invite_mailer.delivery.ledger_file import (
+    SCHEMA_VERSION,
+    check_file,
+    check_ours,
+    create,
+    ledger_error,
+    lock_path,
+    migrate,
+    state_lock,
+)
+from invite_mailer.delivery.records import (
+    DateHistory,
+    Delivery,
+    DeliveryKey,
+    DeliveryState,
+    LedgerError,
+    LedgerView,
+    OptOut,
+    format_version,
+    parse_version,
+)
 
 __all__ = [
+    "SCHEMA_VERSION",
+    "DateHistory",
     "Delivery",
     "DeliveryKey",
     "DeliveryState",
     "Ledger",
     "LedgerError",
     "LedgerView",
-    "SCHEMA_VERSION",
+    "OptOut",
+    "format_version",
+    "lock_path",
+    "parse_version",
     "state_lock",
 ]
 
-
-class DeliveryState(StrEnum):
-    PENDING = "pending"  # not sent yet, or to be tried again at next_attempt_at
-    SENDING = "sending"  # claimed: handed to the transport, no answer recorded yet
-    SENT = "sent"  # the relay accepted it
-    FAILED = "failed"  # the relay refused it for good
-    UNCERTAIN = "uncertain"  # in flight when the process died or the line went dead
-
-
 _STATES = {state.value: state for state in DeliveryState}
 
-
-class LedgerError(InviteMailerError, RuntimeError):
-    """The state database cannot be used, or was asked for an impossible change."""
-
-    def __init__(self, message: str, *, hint: str | None = None, temporary: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.temporary = temporary
-
-    def __str__(self) -> str:
-        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryKey:
-    """What makes a mail unique: a series, a kind, a date ('' = series-wide), a recipient."""
-
-    series: str
-    kind: str
-    event: str
-    email: str
-
-    def __post_init__(self) -> None:
-        # Addresses compare case-insensitively everywhere in invite-mailer.
-        object.__setattr__(self, "email", self.email.strip().lower())
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One row of the ledger."""
-
-    series: str
-    kind: str
-    event: str
-    email: str
-    state: DeliveryState
-    attempts: int = 0
-    last_response: str = ""
-    message_id: str = ""
-    first_attempt_at: datetime | None = None
-    last_attempt_at: datetime | None = None
-    next_attempt_at: datetime | None = None
-    version: str = ""
-    updated_at: datetime | None = None
-
-    @property
-    def key(self) -> DeliveryKey:
-        return DeliveryKey(self.series, self.kind, self.event, self.email)
-
-
-_EMPTY_STATES: Mapping[str, DeliveryState] = MappingProxyType({})
-_EMPTY_SEEN: Mapping[str, str] = MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class LedgerView:
-    """An immutable snapshot of one series' deliveries, for planning."""
-
-    series: str
-    _states: Mapping[tuple[str, str], Mapping[str, DeliveryState]] = field(
-        default_factory=dict, repr=False
-    )
-    _next: Mapping[tuple[str, str, str], datetime] = field(default_factory=dict, repr=False)
-    _seen: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
-    _dates: Mapping[str, DateHistory] = field(default_factory=dict, repr=False)
-    _attempts: Mapping[tuple[str, str, str], int] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def empty(cls, series: str) -> LedgerView:
-        return cls(series)
-
-    def states(self, kind: str, event: str = "") -> Mapping[str, DeliveryState]:
-        """Email → state for one mailing; recipients without a row are absent."""
-        return self._states.get((kind, event), _EMPTY_STATES)
-
-    def next_attempt(self, kind: str, event: str, email: str) -> datetime | None:
-        """When a pending or uncertain delivery should be tried again, if set."""
-        return self._next.get((kind, event, email.lower()))
-
-    def attempts(self, kind: str, event: str, email: str) -> int:
-        """How often a delivery waiting for its retry has been tried already."""
-        return self._attempts.get((kind, event, email.lower()), 0)
-
-    def seen(self, event: str) -> Mapping[str, str]:
-        """Email → version of *event* described by the latest mail they got about it."""
-        return self._seen.get(event, _EMPTY_SEEN)
-
-    def date(self, event: str) -> DateHistory | None:
-        """What the ledger knows about the versions of one date."""
-        return self._dates.get(event)
-
-
-@dataclass(frozen=True)
-class DateHistory:
-    """The versions of one date the ledger has seen in the config.
-
-    ``current`` is the version the config described most recently, and since
-    when (the start of the update grace period). ``sequences`` maps each
-    version that mail went out about to its calendar ``SEQUENCE``.
-    """
-
-    current: str
-    observed_since: datetime
-    sequences: Mapping[str, int]
-    details: Mapping[str, Mapping[str, str]]
-
-    @property
-    def last_sequence(self) -> int | None:
-        return max(self.sequences.values(), default=None)
-
-    def sequence_for(self, version: str) -> int:
-        """The SEQUENCE a mail describing *version* must carry."""
-        last = self.last_sequence
-        if last is None:
-            return 0
-        known = self.sequences.get(version)
-        return known if known == last else last + 1
-
-
-def format_version(versions: Mapping[str, str]) -> str:
-    """``event=hash,event=hash``: what a mail described, stored with its delivery."""
-    return ",".join(f"{event}={digest}" for event, digest in sorted(versions.items()))
-
-
-def parse_version(text: str) -> dict[str, str]:
-    result = {}
-    for item in text.split(","):
-        event, sep, digest = item.partition("=")
-        if sep:
-            result[event] = digest
-    return result
-
-
-# Marks the file as an invite-mailer ledger ("IMLG" in PRAGMA application_id).
-APPLICATION_ID = 0x494D4C47
-
-# Migration n (1-based) brings the schema from version n-1 to n. Append only;
-# never edit a migration that has shipped.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """
-        CREATE TABLE deliveries (
-            id INTEGER PRIMARY KEY,
-            series TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            event TEXT NOT NULL DEFAULT '',
-            email TEXT NOT NULL,
-            state TEXT NOT NULL
-                CHECK (state IN ('pending', 'sending', 'sent', 'failed', 'uncertain')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            last_response TEXT NOT NULL DEFAULT '',
-            message_id TEXT NOT NULL DEFAULT '',
-            version TEXT NOT NULL DEFAULT '',
-            first_attempt_at TEXT,
-            last_attempt_at TEXT,
-            next_attempt_at TEXT,
-            updated_at TEXT NOT NULL,
-            UNIQUE (series, kind, event, email)
-        )
-        """,
-        """
-        CREATE TABLE optouts (
-            series TEXT NOT NULL,
-            email TEXT NOT NULL,
-            source TEXT NOT NULL DEFAULT '',
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (series, email)
-        )
-        """,
-    ),
-    (
-        # The versions of each date that the config has described (issue:
-        # updates and cancellations). A row per (date, version); SEQUENCE is
-        # set when the first mail describing that version goes out.
-        """
-        CREATE TABLE date_versions (
-            series TEXT NOT NULL,
-            event TEXT NOT NULL,
-            version TEXT NOT NULL,
-            details TEXT NOT NULL,
-            observed_since TEXT NOT NULL,
-            sequence INTEGER,
-            PRIMARY KEY (series, event, version)
-        )
-        """,
-    ),
-    (
-        # Every send handed to the relay, by wall-clock time (Unix seconds),
-        # so that a rate limit holds across processes and restarts. Kept for
-        # a day, long enough for per-hour and per-day quotas too.
-        """
-        CREATE TABLE sends (
-            id INTEGER PRIMARY KEY,
-            at REAL NOT NULL
-        )
-        """,
-        "CREATE INDEX sends_at ON sends (at)",
-        # See _check_ours.
-        f"PRAGMA application_id = {APPLICATION_ID:d}",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
 # Sends older than this are forgotten.
 _SENDS_KEPT_SECONDS = 86400.0
-_SQLITE_HEADER = b"SQLite format 3\x00"
 
 _COLUMNS = (
     "series, kind, event, email, state, attempts, last_response, message_id, "
@@ -354,23 +161,23 @@ class Ledger:
         try:
             await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
             if not await asyncio.to_thread(os.path.lexists, path):
-                await _create(path)
-            await asyncio.to_thread(_check_file, path)
+                await create(path)
+            await asyncio.to_thread(check_file, path)
             # isolation_level=None: autocommit, so each statement is its own
             # transaction and explicit BEGIN/COMMIT mean what they say.
             db = await aiosqlite.connect(path, isolation_level=None, timeout=lock_wait)
         except (OSError, sqlite3.Error) as exc:
-            raise _ledger_error(path, exc) from exc
+            raise ledger_error(path, exc) from exc
         try:
             try:
                 await db.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000):d}")
                 # Before anything is written: never convert another program's database.
-                await _check_ours(db, path)
+                await check_ours(db, path)
                 await db.execute("PRAGMA journal_mode = WAL")
                 await db.execute("PRAGMA synchronous = NORMAL")
-                await _migrate(db, path)
+                await migrate(db, path)
             except sqlite3.Error as exc:
-                raise _ledger_error(path, exc) from exc
+                raise ledger_error(path, exc) from exc
             yield cls(db, path)
         finally:
             await db.close()
@@ -379,13 +186,13 @@ class Ledger:
         try:
             return list(await self._db.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
-            raise _ledger_error(self.path, exc) from exc
+            raise ledger_error(self.path, exc) from exc
 
     async def _execute(self, sql: str, params: Any = ()) -> None:
         try:
             await self._db.execute(sql, params)
         except sqlite3.Error as exc:
-            raise _ledger_error(self.path, exc) from exc
+            raise ledger_error(self.path, exc) from exc
 
     # -- sends, for the rate limit ---------------------------------------------------
 
@@ -689,219 +496,3 @@ class Ledger:
             (series,),
         )
         return [OptOut(row[0], row[1], datetime.fromisoformat(row[2])) for row in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class OptOut:
-    """One address that must never be mailed again, and how that came about."""
-
-    email: str
-    source: str  # "one-click", "web form", "cli", ...
-    created_at: datetime
-
-
-async def _create(path: Path) -> None:
-    """Create a new ledger beside *path* and put it in place only when complete.
-
-    SQLite creates an empty file the moment it connects: a process killed
-    before its first migration would leave a 0-byte ledger that every later
-    start (rightly) refuses as not ours.
-    """
-    draft = path.with_name(f".{path.name}.{os.getpid()}.new")
-    await asyncio.to_thread(draft.unlink, missing_ok=True)
-    try:
-        db = await aiosqlite.connect(draft, isolation_level=None)
-        try:
-            # As every later open does, so a full disk fails here the same way.
-            await db.execute("PRAGMA journal_mode = WAL")
-            await _migrate(db, draft)
-        finally:
-            await db.close()
-        try:
-            # A hard link, not a rename: never replaces a ledger that another
-            # process put in place meanwhile.
-            await asyncio.to_thread(os.link, draft, path)
-        except FileExistsError:
-            pass
-    finally:
-        await asyncio.to_thread(draft.unlink, missing_ok=True)
-
-
-def _check_file(path: Path) -> None:
-    """Refuse a file at *path* that cannot be an SQLite database at all."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return  # a new ledger
-    if not stat.S_ISREG(info.st_mode):
-        raise LedgerError(
-            f"{path}: the state database is not a regular file",
-            hint="set [state] url to a file path, e.g. sqlite:///state/invite-mailer.db",
-        )
-    with path.open("rb") as file:
-        header = file.read(len(_SQLITE_HEADER))
-    if info.st_size == 0 or header != _SQLITE_HEADER:
-        what = "is empty (0 bytes)" if info.st_size == 0 else "is not an SQLite database"
-        raise LedgerError(
-            f"{path}: cannot use this file as the state database: it {what}, so it is not "
-            "an invite-mailer ledger. Nothing was sent: starting with an empty ledger would "
-            "send every mail again",
-            hint=_FOREIGN_HINT,
-        )
-
-
-_FOREIGN_HINT = (
-    "restore the ledger from a backup, or point [state] url at the right file; only if "
-    "no mail of this series was ever sent, move the file away and run again"
-)
-
-
-async def _check_ours(db: aiosqlite.Connection, path: Path) -> None:
-    """Refuse an SQLite database that another program wrote."""
-    version = await _user_version(db)
-    application = int(list(await db.execute_fetchall("PRAGMA application_id"))[0][0])
-    tables = {
-        str(row[0])
-        for row in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-    if version == 0 and not tables and application == 0:
-        return  # new and empty: ours to create
-    if application not in (0, APPLICATION_ID) or (version == 0 and tables):
-        foreign = True
-    else:
-        # Ledgers written before the application id was set are known by their tables.
-        foreign = "deliveries" not in tables
-    if foreign:
-        raise LedgerError(
-            f"{path}: cannot use this file as the state database: it is an SQLite database "
-            "of another program (no invite-mailer ledger tables). Nothing was sent",
-            hint=_FOREIGN_HINT,
-        )
-
-
-def _ledger_error(path: Path, exc: BaseException) -> LedgerError:
-    """The cause of an SQLite or file error, for an operator."""
-    if isinstance(exc, LedgerError):
-        return exc
-    text = str(exc)
-    if "locked" in text or "busy" in text:
-        return LedgerError(
-            f"{path}: the state database is locked by another process ({text})",
-            hint="wait until the other program (a backup, an sqlite3 shell, another "
-            "invite-mailer) has finished, then run again",
-        )
-    if "malformed" in text or "not a database" in text or "corrupt" in text:
-        return LedgerError(
-            f"{path}: the state database is damaged ({text})",
-            hint="stop invite-mailer and restore the file from a backup (sqlite3 "
-            "'.recover' can rescue the readable rows); do not delete it: an empty ledger "
-            "would send every mail again",
-        )
-    passing = "disk is full" in text or "disk I/O" in text
-    errno_ = getattr(exc, "errno", None)
-    if passing or errno_ in _PASSING_ERRNOS:
-        return LedgerError(
-            f"{path}: cannot write the state database ({text})",
-            hint="free disk space (or wait for the storage to come back), then run again",
-            temporary=True,
-        )
-    access = _access_problem(path)
-    if access is not None or errno_ is not None or "readonly" in text or "unable to open" in text:
-        why = access or f"the file or its folder cannot be opened for writing ({text})"
-        return LedgerError(
-            f"{path}: cannot open the state database: {why}",
-            hint="invite-mailer reads and writes the state folder and the database in it "
-            "(SQLite also creates the -wal and -shm files beside it): run as the user that "
-            "owns them, fix the permissions or the mount, or point [state] url at a "
-            "writable place",
-        )
-    return LedgerError(f"{path}: cannot use this file as the state database: {text}")
-
-
-# A full disk or a failing device may pass; a permission stays until someone fixes it.
-_PASSING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
-
-
-def _access_problem(path: Path) -> str | None:
-    """What the file system says against writing the ledger at *path*, if anything."""
-    folder = path.parent
-    try:
-        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only:
-        return f"the state folder {folder} is read-only (a read-only file system)"
-    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        return f"the state folder {folder} is not writable (permission denied)"
-    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        return f"the database file {path} cannot be read and written (permission denied)"
-    return None
-
-
-async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
-    version = await _user_version(db)
-    if version == SCHEMA_VERSION:
-        return
-    _refuse_newer(version, path)
-    # IMMEDIATE takes the write lock first, so two processes opening a fresh
-    # database at once cannot both run a migration.
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        version = await _user_version(db)
-        _refuse_newer(version, path)
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[number - 1]:
-                await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {number:d}")
-        await db.execute("COMMIT")
-    except BaseException:
-        await db.execute("ROLLBACK")
-        raise
-
-
-async def _user_version(db: aiosqlite.Connection) -> int:
-    rows = list(await db.execute_fetchall("PRAGMA user_version"))
-    return int(rows[0][0])
-
-
-def _refuse_newer(version: int, path: Path) -> None:
-    if version > SCHEMA_VERSION:
-        raise LedgerError(
-            f"{path}: the state database has schema version {version}, but this "
-            f"invite-mailer only knows versions up to {SCHEMA_VERSION}. It was written "
-            "by a newer invite-mailer: upgrade invite-mailer, or set [state] url to "
-            "another file."
-        )
-
-
-def lock_path(database: Path) -> Path:
-    return database.with_name(database.name + ".lock")
-
-
-@contextmanager
-def state_lock(database: Path | str) -> Iterator[None]:
-    """Hold the exclusive lock that lets this process send from *database*.
-
-    Raises :class:`~invite_mailer.errors.LockedError` at once when another
-    process holds it. The lock dies with the process, so a crash never leaves
-    a stale lock behind.
-    """
-    path = lock_path(Path(database))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            who = f" (process {holder})" if holder.isdigit() else ""
-            raise LockedError(
-                f"another invite-mailer (send-due or run){who} is working on the state "
-                f"database {database}; wait for it to finish or stop it first"
-            ) from None
-        # The holder's PID, for the message above; informational only.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock

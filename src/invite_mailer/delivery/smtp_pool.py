@@ -10,37 +10,34 @@ message data went out. Every other failure is raised to the caller as
 :class:`~invite_mailer.errors.TemporaryFailure` or
 :class:`~invite_mailer.errors.PermanentFailure`; a failure after the data went
 out, with no answer from the relay, is an :class:`UncertainFailure`.
+
+The commands of a mail transaction go onto the wire through
+:mod:`~invite_mailer.delivery.smtp_wire`; what the relay's answers mean is
+in :mod:`~invite_mailer.delivery.answers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from enum import StrEnum
 
 import aiosmtplib
 from aiosmtplib import (
     SMTPAuthenticationError,
-    SMTPDataError,
     SMTPException,
     SMTPHeloError,
     SMTPRecipientRefused,
     SMTPResponse,
     SMTPResponseException,
-    SMTPSenderRefused,
-    SMTPServerDisconnected,
-    SMTPStatus,
-    SMTPTimeoutError,
 )
-from aiosmtplib.email import quote_address
-from aiosmtplib.protocol import normalize_message_line_endings
 from email_validator import EmailNotValidError, validate_email
 
+from invite_mailer.delivery import smtp_wire
+from invite_mailer.delivery.answers import cause_of, failure_from_response, plain, response_text
+from invite_mailer.delivery.handover import Handover
 from invite_mailer.delivery.ratelimit import RateLimiter
 from invite_mailer.errors import (
     PermanentFailure,
@@ -50,7 +47,6 @@ from invite_mailer.errors import (
     TransportError,
 )
 from invite_mailer.inputs.settings import Security, SmtpSettings
-from invite_mailer.mail.mime import crlf_lines
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +56,6 @@ _HOUSEKEEPING_TIMEOUT = 5.0
 
 class UncertainFailure(TemporaryFailure):
     """The message data was sent, but no answer came: it may have been delivered."""
-
-
-class Handover:
-    """Whether a message's bytes have begun to leave: from then on it may arrive.
-
-    Before that moment (waiting for a connection or a rate-limit slot,
-    connecting, TLS, login, MAIL, RCPT, a local error) nothing can have been
-    delivered, so a mail stopped there is simply not sent yet.
-    """
-
-    __slots__ = ("started",)
-
-    def __init__(self) -> None:
-        self.started = False
-
-
-# The transports mark the handover of the send running in the current task;
-# a context variable, so that everything between the dispatcher and the socket
-# (or the outbox file) need not pass it along.
-_handover: ContextVar[Handover | None] = ContextVar("invite_mailer_handover", default=None)
-
-
-@contextmanager
-def track_handover() -> Iterator[Handover]:
-    """Watch whether the sends made inside the block hand any bytes over."""
-    handover = Handover()
-    token = _handover.set(handover)
-    try:
-        yield handover
-    finally:
-        _handover.reset(token)
-
-
-def mark_handover() -> None:
-    """Called by a transport the moment a message's bytes start to leave."""
-    handover = _handover.get()
-    if handover is not None:
-        handover.started = True
 
 
 class _Phase(StrEnum):
@@ -248,7 +206,7 @@ class SmtpPool:
             except (OSError, ssl.SSLError) as exc:
                 # Checked when the settings were loaded; gone or broken since.
                 raise SetupFailure(
-                    f"cannot load the CA file {settings.ca_file}: {_plain(str(exc))}",
+                    f"cannot load the CA file {settings.ca_file}: {plain(str(exc))}",
                     hint="check smtp.ca_file (a readable PEM file) / smtp.verify_certificates",
                 ) from exc
         client = aiosmtplib.SMTP(
@@ -278,7 +236,7 @@ class SmtpPool:
     def _connect_failure(self, exc: BaseException) -> TemporaryFailure:
         """What a failed connect means; setup problems stop the whole pass."""
         code = exc.code if isinstance(exc, SMTPResponseException) else None
-        text = _response_text(exc)
+        text = response_text(exc)
         settings = self.settings
         if isinstance(exc, SMTPAuthenticationError):
             return SetupFailure(
@@ -286,13 +244,13 @@ class SmtpPool:
                 code=code,
                 hint="check smtp.username and the password in INVITE_MAILER_SMTP__PASSWORD",
             )
-        if isinstance(_cause(exc, ssl.SSLCertVerificationError), ssl.SSLCertVerificationError):
+        if isinstance(cause_of(exc, ssl.SSLCertVerificationError), ssl.SSLCertVerificationError):
             return SetupFailure(
                 f"could not connect to {self.address}: TLS certificate verification failed: {text}",
                 hint="check smtp.ca_file / smtp.verify_certificates and smtp.host "
                 "(the name must match the certificate)",
             )
-        if isinstance(_cause(exc, ssl.SSLError), ssl.SSLError):
+        if isinstance(cause_of(exc, ssl.SSLError), ssl.SSLError):
             return SetupFailure(
                 f"could not connect to {self.address}: TLS failed: {text}",
                 hint='check smtp.security ("tls" for port 465, "starttls" for 587) and smtp.port',
@@ -321,33 +279,12 @@ class SmtpPool:
         *,
         reused: bool,
     ) -> str:
+        """One mail transaction on *connection*; the relay's final answer as text."""
         client = connection.client
         assert client is not None
-        phase = _Phase.MAIL
-        written = Handover()  # whether this message's data went onto the wire
+        tx = _Transaction()
         try:
-            if client.is_ehlo_or_helo_needed:
-                try:
-                    await client.ehlo()
-                except SMTPHeloError:
-                    await client.helo()
-            sender, recipients, unsendable = _envelope(client, sender, recipients)
-            if not recipients:
-                raise PermanentFailure(unsendable[0])
-            options, encoding = _mail_options(client, sender, recipients, data)
-            await _mail(client, sender, options, encoding)
-            phase = _Phase.RCPT
-            refused: list[SMTPRecipientRefused] = []
-            for recipient in recipients:
-                try:
-                    await _rcpt(client, recipient, encoding)
-                except SMTPRecipientRefused as exc:
-                    refused.append(exc)
-            if len(refused) == len(recipients):
-                # Temporary refusals win: the message may still go out later.
-                raise min(refused, key=lambda exc: exc.code)
-            phase = _Phase.DATA
-            response = await _data(client, data, written)
+            response = await _exchange(client, tx, sender, recipients, data)
         except PermanentFailure:
             await self._reset(connection)
             raise
@@ -356,41 +293,60 @@ class SmtpPool:
             await self._reset(connection)
             raise PermanentFailure(f"invalid address: {exc}") from exc
         except SMTPResponseException as exc:
-            if exc.code == 421 or not client.is_connected:
-                connection.drop()  # 421: the relay is closing this connection
-            else:
-                await self._reset(connection)
-            if written.started and not 400 <= exc.code <= 599:
-                raise self._uncertain(exc) from exc
-            if phase is _Phase.MAIL and 500 <= exc.code <= 599 and exc.code != 552:
-                # 552 at MAIL is "message too large" (SIZE=): this message only.
-                raise SenderRefused(_response_text(exc), code=exc.code) from exc
-            raise _failure_from_response(exc) from exc
+            raise await self._answered(connection, client, tx, exc) from exc
         except (SMTPException, OSError) as exc:
             connection.drop()
-            if written.started:
-                raise self._uncertain(exc) from exc
-            failure = TemporaryFailure(
-                f"connection to {self.address} failed at {phase}: {_response_text(exc)}"
-            )
-            if reused and isinstance(exc, ConnectionError):
-                raise _StaleConnection(failure) from exc
-            raise failure from exc
+            raise self._lost(tx, exc, reused=reused) from exc
         connection.messages += 1
-        if refused or unsendable:
+        if tx.refused or tx.unsendable:
             log.warning(
                 "%s refused some recipients: %s",
                 self.address,
                 "; ".join(
-                    [*(f"{exc.recipient}: {_response_text(exc)}" for exc in refused), *unsendable]
+                    [
+                        *(f"{exc.recipient}: {response_text(exc)}" for exc in tx.refused),
+                        *tx.unsendable,
+                    ]
                 ),
             )
-        return _plain(f"{response.code} {response.message}")
+        return plain(f"{response.code} {response.message}")
+
+    async def _answered(
+        self,
+        connection: _Connection,
+        client: aiosmtplib.SMTP,
+        tx: _Transaction,
+        exc: SMTPResponseException,
+    ) -> TransportError:
+        """What the relay's refusal means, with the connection tidied up for reuse."""
+        if exc.code == 421 or not client.is_connected:
+            connection.drop()  # 421: the relay is closing this connection
+        else:
+            await self._reset(connection)
+        if tx.written.started and not 400 <= exc.code <= 599:
+            return self._uncertain(exc)
+        if tx.phase is _Phase.MAIL and 500 <= exc.code <= 599 and exc.code != 552:
+            # 552 at MAIL is "message too large" (SIZE=): this message only.
+            return SenderRefused(response_text(exc), code=exc.code)
+        return failure_from_response(exc)
+
+    def _lost(
+        self, tx: _Transaction, exc: SMTPException | OSError, *, reused: bool
+    ) -> TransportError | _StaleConnection:
+        """What a broken connection means for the message in flight."""
+        if tx.written.started:
+            return self._uncertain(exc)
+        failure = TemporaryFailure(
+            f"connection to {self.address} failed at {tx.phase}: {response_text(exc)}"
+        )
+        if reused and isinstance(exc, ConnectionError):
+            return _StaleConnection(failure)
+        return failure
 
     def _uncertain(self, exc: BaseException) -> UncertainFailure:
         return UncertainFailure(
             f"no valid answer from {self.address} after the message data was sent "
-            f"(it may have been delivered): {_response_text(exc)}"
+            f"(it may have been delivered): {response_text(exc)}"
         )
 
     async def _reset(self, connection: _Connection) -> None:
@@ -405,83 +361,47 @@ class SmtpPool:
             connection.drop()
 
 
-# A dot-atom address: email.utils.parseaddr, which aiosmtplib's quote_address
-# runs on every address, returns it unchanged.
-_DOT_ATOM = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-)
+class _Transaction:
+    """How far one mail transaction got, for the meaning of its failure."""
+
+    __slots__ = ("phase", "refused", "unsendable", "written")
+
+    def __init__(self) -> None:
+        self.phase = _Phase.MAIL
+        self.written = Handover()  # whether this message's data went onto the wire
+        self.refused: list[SMTPRecipientRefused] = []
+        self.unsendable: list[str] = []
 
 
-def _quote(address: str) -> str:
-    """``aiosmtplib.email.quote_address(address)``, without parsing plain addresses."""
-    return f"<{address}>" if _DOT_ATOM.fullmatch(address) else quote_address(address)
-
-
-async def _mail(
-    client: aiosmtplib.SMTP, sender: str, options: Sequence[str], encoding: str
+async def _exchange(
+    client: aiosmtplib.SMTP,
+    tx: _Transaction,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
 ) -> SMTPResponse:
-    """``client.mail(sender, options=options, encoding=encoding)``, same bytes and errors."""
-    response = await client.execute_command(
-        b"MAIL",
-        b"FROM:" + _quote(sender).encode(encoding),
-        *(option.encode("ascii") for option in options),
-    )
-    if response.code != SMTPStatus.completed:
-        raise SMTPSenderRefused(response.code, response.message, sender)
-    return response
-
-
-async def _rcpt(client: aiosmtplib.SMTP, recipient: str, encoding: str) -> SMTPResponse:
-    """``client.rcpt(recipient, encoding=encoding)``, same bytes and errors."""
-    response = await client.execute_command(b"RCPT", b"TO:" + _quote(recipient).encode(encoding))
-    if response.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
-        raise SMTPRecipientRefused(response.code, response.message, recipient)
-    return response
-
-
-def _data_block(data: bytes) -> bytes | None:
-    """What follows DATA for *data*: dot-stuffed, ended by ".", or None when
-    *data* has line ends other than CRLF (aiosmtplib normalises those)."""
-    if not crlf_lines(data):
-        return None
-    # RFC 5321 4.5.2: a line that starts with "." gets one more.
-    stuffed = data.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
-
-
-async def _data(client: aiosmtplib.SMTP, data: bytes, written: Handover) -> SMTPResponse:
-    """``client.data(data)``, with the same answers and errors.
-
-    aiosmtplib normalises line ends and dot-stuffs with two regular
-    expressions over the whole message, which is a fifth of the CPU time of
-    sending a mail. For a message whose line ends are CRLF already (every
-    message invite-mailer composes) the same bytes come from two quick
-    ``bytes`` operations; anything else goes through aiosmtplib.
-    """
-    protocol = client.protocol
-    wire = _data_block(data)
-    if protocol is None or wire is None:
-        # aiosmtplib's own DATA: counted as handed over from the command on.
-        written.started = True
-        mark_handover()
-        return await client.data(data)
-    try:
-        start = await protocol.execute_command(b"DATA", timeout=client.timeout)
-        if start.code != SMTPStatus.start_input:
-            raise SMTPDataError(start.code, start.message)
-        written.started = True
-        mark_handover()
-        protocol.write(wire)
-        response = await protocol.read_response(timeout=client.timeout)
-    except (SMTPServerDisconnected, SMTPTimeoutError):
-        client.close()  # as SMTP.data(): the protocol state is unknown
-        raise
-    if response.code != SMTPStatus.completed:
-        raise SMTPDataError(response.code, response.message)
-    return response
+    """EHLO if needed, MAIL, RCPT for every recipient, DATA: the relay's final answer."""
+    if client.is_ehlo_or_helo_needed:
+        try:
+            await client.ehlo()
+        except SMTPHeloError:
+            await client.helo()
+    sender, sendable, tx.unsendable = _envelope(client, sender, recipients)
+    if not sendable:
+        raise PermanentFailure(tx.unsendable[0])
+    options, encoding = _mail_options(client, sender, sendable, data)
+    await smtp_wire.mail(client, sender, options, encoding)
+    tx.phase = _Phase.RCPT
+    for recipient in sendable:
+        try:
+            await smtp_wire.rcpt(client, recipient, encoding)
+        except SMTPRecipientRefused as exc:
+            tx.refused.append(exc)
+    if len(tx.refused) == len(sendable):
+        # Temporary refusals win: the message may still go out later.
+        raise min(tx.refused, key=lambda exc: exc.code)
+    tx.phase = _Phase.DATA
+    return await smtp_wire.data(client, data, tx.written)
 
 
 def _envelope(
@@ -534,9 +454,7 @@ def _mail_options(
 ) -> tuple[list[str], str]:
     options: list[str] = []
     if client.supports_extension("size"):
-        # RFC 1870: octets as transmitted, CRLF line ends included.
-        size = len(data) if crlf_lines(data) else len(normalize_message_line_endings(data))
-        options.append(f"SIZE={size}")
+        options.append(f"SIZE={smtp_wire.transmitted_size(data)}")
     if not data.isascii():
         if client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
@@ -551,51 +469,3 @@ def _mail_options(
         options.append("SMTPUTF8")
         encoding = "utf-8"
     return options, encoding
-
-
-def _failure_from_response(exc: SMTPResponseException) -> TransportError:
-    text = _response_text(exc)
-    if 500 <= exc.code <= 599:
-        return PermanentFailure(text, code=exc.code)
-    # 4xx, and anything malformed: nothing says the message is undeliverable.
-    return TemporaryFailure(text, code=exc.code if exc.code > 0 else None)
-
-
-def _response_text(exc: BaseException) -> str:
-    if isinstance(exc, SMTPResponseException):
-        return _plain(f"{exc.code} {exc.message}")
-    if isinstance(exc, SMTPException):
-        return _plain(exc.message)
-    return _plain(str(exc) or type(exc).__name__)
-
-
-# What a relay says ends up in the ledger, the log and the terminal: one line
-# of printable text of a bounded length, whatever arrived.
-_MAX_ANSWER = 500
-# Control characters, bidi and zero-width marks, and the surrogates that stand
-# for bytes that were no UTF-8 (aiosmtplib decodes with "surrogateescape").
-_UNPRINTABLE = re.compile(
-    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)?")
-
-
-def _plain(text: str) -> str:
-    """*text* from a relay as one bounded line of printable characters."""
-    text = _ESCAPE_SEQUENCE.sub("", text[: _MAX_ANSWER * 4])
-    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
-    if len(text) > _MAX_ANSWER:
-        text = text[: _MAX_ANSWER - 1] + "…"
-    return text
-
-
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of *kind* in the chain of *exc*."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None

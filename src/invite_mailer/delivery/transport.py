@@ -19,14 +19,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
+from invite_mailer.delivery.handover import Handover, mark_handover, track_handover
 from invite_mailer.delivery.ratelimit import RateLimiter, SendJournal
-from invite_mailer.delivery.smtp_pool import (
-    Handover,
-    SmtpPool,
-    UncertainFailure,
-    mark_handover,
-    track_handover,
-)
+from invite_mailer.delivery.smtp_pool import SmtpPool, UncertainFailure
 from invite_mailer.errors import SetupFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportKind
 from invite_mailer.mail.mime import Wire
@@ -66,7 +61,7 @@ class Transport(Protocol):
         :class:`~invite_mailer.errors.SetupFailure` when nothing can be sent as
         set up: TLS, login, the outbox folder) or
         :class:`~invite_mailer.errors.PermanentFailure` (5xx for this message).
-        Calls :func:`~invite_mailer.delivery.smtp_pool.mark_handover` the moment the
+        Calls :func:`~invite_mailer.delivery.handover.mark_handover` the moment the
         message's bytes start to leave.
         """
         ...

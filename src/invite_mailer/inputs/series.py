@@ -6,8 +6,7 @@ import functools
 import hashlib
 import json
 import os
-import re
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import datetime, time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +15,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     EmailStr,
     Field,
@@ -28,28 +26,22 @@ from pydantic import (
 )
 
 from invite_mailer.errors import ConfigError, Problem
+from invite_mailer.inputs.values import (
+    SLUG,
+    Clock,
+    Day,
+    Duration,
+    Line,
+    LocalDateTime,
+    Slug,
+    Title,
+    localize,
+    long_text,
+    one_line,
+)
 from invite_mailer.inputs.yamlfile import LocatedDocument, load_yaml
 
 SERIES_FILE = "series.yaml"
-
-_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
-#: Dates outside this range are typing mistakes, and near the ends of Python's
-#: calendar (years 1 and 9999) the derived times (a reminder a day before, a
-#: follow-up 14 days after) could not even be computed.
-EARLIEST = date(1970, 1, 1)
-LATEST = date(9000, 12, 31)
-
-#: The longest duration a rule may name (ten years): anything longer is a
-#: typing mistake and would push derived times off the calendar.
-MAX_DURATION_DAYS = 3660
-
-# Subjects, display names and calendar summaries are one line: a line break
-# would end a mail header, and control or bidi characters garble or disguise
-# what the recipient sees.
-_NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-# Longer texts may have line breaks and tabs, nothing else of that kind.
-_NOT_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class Kind(StrEnum):
@@ -68,212 +60,6 @@ class Audience(StrEnum):
     ATTENDED = "attended"
 
 
-# --- durations and clock times -------------------------------------------------
-
-_UNITS: dict[str, tuple[str, int]] = {}
-for _names, _unit, _factor in (
-    (("week", "weeks", "woche", "wochen", "w"), "days", 7),
-    (("day", "days", "tag", "tage", "tagen", "d"), "days", 1),
-    (("hour", "hours", "stunde", "stunden", "h"), "seconds", 3600),
-    (("minute", "minutes", "minute", "minuten", "min", "m"), "seconds", 60),
-):
-    for _name in _names:
-        _UNITS[_name] = (_unit, _factor)
-
-
-class Duration(BaseModel):
-    """A span like ``1 day`` or ``2 hours``.
-
-    Days and weeks are calendar days on the local wall clock (so "1 day before
-    14:00" is 14:00 the day before, also across a daylight-saving change);
-    hours and minutes are elapsed time.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    days: int = Field(0, ge=0, le=MAX_DURATION_DAYS)
-    seconds: int = Field(0, ge=0, le=MAX_DURATION_DAYS * 86400)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parse(cls, value: Any) -> Any:
-        if isinstance(value, Duration | dict):
-            return value
-        if isinstance(value, timedelta):
-            return {"days": value.days, "seconds": value.seconds}
-        if not isinstance(value, str):
-            raise ValueError('write a duration like "1 day", "14 days" or "2 hours"')
-        days = seconds = 0
-        parts = re.findall(r"(\d+)\s*([A-Za-zä]+)", value.strip().lower())
-        rest = re.sub(r"(\d+)\s*([A-Za-zä]+)|,|\band\b|\bund\b|\s", "", value.strip().lower())
-        if not parts or rest:
-            raise ValueError(
-                f'{value!r} is not a duration; write e.g. "1 day", "14 days", "2 hours"'
-            )
-        for amount, unit in parts:
-            if unit not in _UNITS:
-                raise ValueError(
-                    f"unknown unit {unit!r} in {value!r}; use weeks, days, hours or minutes"
-                )
-            kind, factor = _UNITS[unit]
-            if kind == "days":
-                days += int(amount) * factor
-            else:
-                seconds += int(amount) * factor
-        if days * 86400 + seconds > MAX_DURATION_DAYS * 86400:
-            raise ValueError(
-                f"{value!r} is too long (at most {MAX_DURATION_DAYS} days, about ten years); "
-                'write e.g. "1 day" or "14 days"'
-            )
-        return {"days": days, "seconds": seconds}
-
-    def __str__(self) -> str:
-        parts = []
-        if self.days:
-            parts.append(f"{self.days} day" + ("s" if self.days != 1 else ""))
-        hours, minutes = divmod(self.seconds // 60, 60)
-        if hours:
-            parts.append(f"{hours} hour" + ("s" if hours != 1 else ""))
-        if minutes:
-            parts.append(f"{minutes} minute" + ("s" if minutes != 1 else ""))
-        return " ".join(parts) or "0 minutes"
-
-
-def _parse_clock(value: Any) -> Any:
-    if isinstance(value, time):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        raise ValueError(f'write clock times in quotes as "HH:MM", e.g. "14:00" (got {value})')
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d{1,2})[:.](\d{2})\s*(?:uhr)?\s*", value, re.IGNORECASE)
-        if not match:
-            raise ValueError(f'{value!r} is not a clock time; write "HH:MM", e.g. "14:00"')
-        hour, minute = int(match.group(1)), int(match.group(2))
-        if hour > 23 or minute > 59:
-            raise ValueError(f"{value!r} is not a valid time of day")
-        return time(hour, minute)
-    raise ValueError('write clock times as "HH:MM", e.g. "14:00"')
-
-
-Clock = Annotated[time, BeforeValidator(_parse_clock)]
-
-
-def _parse_local_datetime(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, str):
-        text = value.strip().replace("T", " ")
-        for fmt in ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%d.%m.%Y %H:%M"):
-            try:
-                return datetime.strptime(text, fmt)
-            except ValueError:
-                continue
-    raise ValueError(
-        f'{value!r} is not a date and time; write "YYYY-MM-DD HH:MM", e.g. "2024-10-24 10:00"'
-    )
-
-
-def _naive(value: datetime) -> datetime:
-    if value.tzinfo is not None:
-        raise ValueError("write the local time without an offset; the series' timezone applies")
-    _in_range(value.date())
-    return value
-
-
-def _in_range(value: date) -> date:
-    if not EARLIEST <= value <= LATEST:
-        raise ValueError(
-            f"{value.isoformat()} is outside the supported range {EARLIEST.year}..{LATEST.year}; "
-            "check the year"
-        )
-    return value
-
-
-LocalDateTime = Annotated[datetime, BeforeValidator(_parse_local_datetime), AfterValidator(_naive)]
-Day = Annotated[date, AfterValidator(_in_range)]
-
-
-def _describe_char(char: str) -> str:
-    if char in "\r\n\u2028\u2029":
-        return "a line break"
-    if char == "\t":
-        return "a tab"
-    return f"the control character U+{ord(char):04X}"
-
-
-def _one_line(limit: int) -> AfterValidator:
-    def check(value: str) -> str:
-        bad = _NOT_ONE_LINE.search(value)
-        if bad is not None:
-            raise ValueError(
-                f"contains {_describe_char(bad.group())}; write it on one line, as plain text "
-                "(in YAML without | or >)"
-            )
-        if len(value) > limit:
-            raise ValueError(f"is {len(value):,} characters long (at most {limit:,}); shorten it")
-        return value
-
-    return AfterValidator(check)
-
-
-def _text(limit: int) -> AfterValidator:
-    def check(value: str) -> str:
-        bad = _NOT_TEXT.search(value)
-        if bad is not None:
-            raise ValueError(
-                f"contains {_describe_char(bad.group())}; remove it (line breaks are fine)"
-            )
-        if len(value) > limit:
-            raise ValueError(
-                f"is {len(value):,} characters long (at most {limit:,}); shorten it, or link "
-                "a longer text"
-            )
-        return value
-
-    return AfterValidator(check)
-
-
-Title = Annotated[str, Field(min_length=1), _one_line(200)]
-Line = Annotated[str, _one_line(300)]
-
-
-def _check_slug(value: str) -> str:
-    if not _SLUG.match(value):
-        raise ValueError(
-            f"{value!r} is not a valid id; use lower-case letters, digits and '-', "
-            "e.g. 'verwaltung'"
-        )
-    return value
-
-
-Slug = Annotated[str, AfterValidator(_check_slug)]
-
-
-def localize(day: date, clock: time, zone: ZoneInfo) -> datetime:
-    """The aware moment for a wall-clock time.
-
-    A time that does not exist (skipped by the spring daylight-saving change)
-    moves forward by the gap, so nothing is ever sent early; an ambiguous time
-    (autumn) takes its first occurrence.
-    """
-    naive = datetime.combine(day, clock)
-    aware = naive.replace(tzinfo=zone, fold=0)
-    # Round-trip through UTC: a non-existent time comes back shifted forward.
-    return aware.astimezone(UTC).astimezone(zone)
-
-
-def shift(moment: datetime, by: Duration, *, sign: int = 1) -> datetime:
-    """Move *moment* by a duration: days on the wall clock, the rest in real time."""
-    zone = moment.tzinfo
-    assert isinstance(zone, ZoneInfo)
-    local = moment.replace(tzinfo=None) + timedelta(days=sign * by.days)
-    moved = localize(local.date(), local.time(), zone)
-    # Aware arithmetic within one zone is wall-clock arithmetic in Python;
-    # elapsed time must be added in UTC.
-    utc = moved.astimezone(UTC) + timedelta(seconds=sign * by.seconds)
-    return utc.astimezone(zone)
-
-
 # --- the series ------------------------------------------------------------------
 
 
@@ -282,7 +68,7 @@ class _Model(BaseModel):
 
 
 class Organiser(_Model):
-    name: Annotated[str, _one_line(200)]
+    name: Annotated[str, one_line(200)]
     email: EmailStr
 
 
@@ -292,7 +78,7 @@ class Material(_Model):
     title: Title
     url: HttpUrl | None = None
     file: Path | None = None
-    description: Annotated[str, _text(2_000)] = ""
+    description: Annotated[str, long_text(2_000)] = ""
 
     @model_validator(mode="after")
     def _one_of(self) -> Material:
@@ -310,11 +96,11 @@ class Event(_Model):
     start: Clock
     end: Clock
     join_url: HttpUrl | None = None
-    description: Annotated[str, _text(10_000)] = ""
-    speakers: Annotated[list[Annotated[str, _one_line(200)]], Field(max_length=50)] = []
+    description: Annotated[str, long_text(10_000)] = ""
+    speakers: Annotated[list[Annotated[str, one_line(200)]], Field(max_length=50)] = []
     materials: Annotated[list[Material], Field(max_length=50)] = []
     cancelled: bool = False
-    cancel_reason: Annotated[str, _text(2_000)] = ""
+    cancel_reason: Annotated[str, long_text(2_000)] = ""
 
     _zone: ZoneInfo = PrivateAttr(default=ZoneInfo("UTC"))
 
@@ -417,9 +203,9 @@ class Series(_Model):
     organiser: Organiser
     timezone: Annotated[str, Field(max_length=100)] = "Europe/Berlin"
     registration_url: HttpUrl | None = None
-    description: Annotated[str, _text(20_000)] = ""
-    audience: Annotated[str, _text(5_000)] = ""
-    imprint: Annotated[str, _text(5_000)] = ""
+    description: Annotated[str, long_text(20_000)] = ""
+    audience: Annotated[str, long_text(5_000)] = ""
+    imprint: Annotated[str, long_text(5_000)] = ""
     privacy_url: HttpUrl | None = None
     events: list[Event] = Field(min_length=1, max_length=500)
     mailings: Mailings
@@ -487,7 +273,7 @@ def readable_event_ids(config_dir: Path) -> list[str] | None:
     if not isinstance(events, list) or not events:
         return None
     ids = [event.get("id") if isinstance(event, dict) else None for event in events]
-    if not all(isinstance(ident, str) and _SLUG.match(ident) for ident in ids):
+    if not all(isinstance(ident, str) and SLUG.match(ident) for ident in ids):
         return None
     return [str(ident) for ident in ids]
 

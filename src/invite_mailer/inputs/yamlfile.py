@@ -106,6 +106,30 @@ def read_config_file(path: Path, *, limit: int, root: Path | None = None) -> byt
     *limit* + 1 bytes are ever read.
     """
     base = (root if root is not None else path.parent).resolve()
+    resolved = _resolve_inside(path, base)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(resolved, flags)
+    except OSError as exc:
+        raise ConfigError.single(
+            path,
+            f"cannot read the file: {exc.strerror or exc}",
+            hint="check that the file exists and that invite-mailer may read it",
+        ) from None
+    try:
+        _check_opened(path, fd, base, limit)
+        data = _read_at_most(fd, limit + 1)
+    except OSError as exc:
+        raise ConfigError.single(path, f"cannot read the file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _too_large(path, len(data), limit)
+    return data
+
+
+def _resolve_inside(path: Path, base: Path) -> Path:
+    """Where *path* leads, refused unless that is inside *base*."""
     try:
         resolved = path.resolve(strict=True)
     except FileNotFoundError:
@@ -129,55 +153,47 @@ def read_config_file(path: Path, *, limit: int, root: Path | None = None) -> byt
             "the file is a link that points outside the config folder",
             hint="copy the file into the config folder instead of linking to it",
         )
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(resolved, flags)
-    except OSError as exc:
+    return resolved
+
+
+def _check_opened(path: Path, fd: int, base: Path, limit: int) -> None:
+    """Refuse what *fd* turned out to be: outside *base*, not a regular file, too large."""
+    # A folder on the way may have been swapped for a link since the path
+    # was resolved: what counts is the file actually opened.
+    opened = _opened_path(fd)
+    if opened is not None and not opened.is_relative_to(base):
         raise ConfigError.single(
             path,
-            f"cannot read the file: {exc.strerror or exc}",
-            hint="check that the file exists and that invite-mailer may read it",
-        ) from None
-    try:
-        # A folder on the way may have been swapped for a link since the path
-        # was resolved: what counts is the file actually opened.
-        opened = _opened_path(fd)
-        if opened is not None and not opened.is_relative_to(base):
+            "the file changed into a link that points outside the config folder",
+            hint="copy the file into the config folder instead of linking to it",
+        )
+    info = os.fstat(fd)
+    for test, kind in _KINDS:
+        if test(info.st_mode):
             raise ConfigError.single(
                 path,
-                "the file changed into a link that points outside the config folder",
-                hint="copy the file into the config folder instead of linking to it",
+                f"not a regular file: it is {kind}",
+                hint="replace it with an ordinary file; invite-mailer reads only regular files",
             )
-        info = os.fstat(fd)
-        for test, kind in _KINDS:
-            if test(info.st_mode):
-                raise ConfigError.single(
-                    path,
-                    f"not a regular file: it is {kind}",
-                    hint="replace it with an ordinary file; invite-mailer reads only regular files",
-                )
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError.single(
-                path, "not a regular file", hint="replace it with an ordinary file"
-            )
-        if info.st_size > limit:
-            raise _too_large(path, info.st_size, limit)
-        chunks: list[bytes] = []
-        left = limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as exc:
-        raise ConfigError.single(path, f"cannot read the file: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise _too_large(path, len(data), limit)
-    return data
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError.single(
+            path, "not a regular file", hint="replace it with an ordinary file"
+        )
+    if info.st_size > limit:
+        raise _too_large(path, info.st_size, limit)
+
+
+def _read_at_most(fd: int, size: int) -> bytes:
+    """Up to *size* bytes of *fd*: a file can grow after it was checked."""
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _opened_path(fd: int) -> Path | None:

@@ -8,6 +8,7 @@ from invite_mailer.core.plan import audience_of, mailing_times, request_for
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.series import Kind
 from invite_mailer.mail import mime
+from invite_mailer.mail.compose import Composer
 
 __all__ = ["validate_change_kinds", "validate_sample"]
 
@@ -15,6 +16,7 @@ __all__ = ["validate_change_kinds", "validate_sample"]
 def validate_sample(config: Config) -> None:
     """Render each mailing for one recipient: the cheap check used on reload."""
     now = config.series.first_start
+    composer = Composer.from_config(config)
     for kind, event, _due, _deadline in mailing_times(config.series):
         if event is not None and event.cancelled:
             continue
@@ -23,18 +25,17 @@ def validate_sample(config: Config) -> None:
         )
         for contact in members[:1]:
             request = request_for(kind, event, contact, now, attendance=config.attendance)
-            mime.build(config.composer.render(request))
-    validate_change_kinds(config, now)
+            mime.build(composer.render(request))
+    validate_change_kinds(config, now, composer)
 
 
-def validate_change_kinds(config: Config, now: datetime) -> None:
+def validate_change_kinds(config: Config, now: datetime, composer: Composer | None = None) -> None:
     """Updates and cancellations have templates too: render them once per date."""
+    composer = composer or Composer.from_config(config)
     contact = config.contacts.contacts[0]
     for event in config.series.events:
         previous = {**event.fingerprint(), "start": "2000-01-01T00:00:00+00:00"}
-        config.composer.compose(
+        composer.compose(
             Kind.UPDATE, contact, event=event, now=now, sequences={event.id: 1}, previous=previous
         )
-        config.composer.compose(
-            Kind.CANCELLATION, contact, event=event, now=now, sequences={event.id: 1}
-        )
+        composer.compose(Kind.CANCELLATION, contact, event=event, now=now, sequences={event.id: 1})

@@ -3,7 +3,7 @@
 :func:`build` is the reference form of every mail: the parts, the header
 folding (with the fixes below for what the standard library gets wrong) and
 the multipart boundaries, all derived from a :class:`RenderedMail`. The fast
-path (``fastcompose``) produces the same bytes and is checked against it.
+path (``mail.fastwire``) produces the same bytes and is checked against it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Any, cast
 from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.core import german
-from invite_mailer.core.calendar import METHOD as CALENDAR_METHOD
 from invite_mailer.core.plan import MailRequest
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.materials import UNSAFE_HEADER_TEXT, File
 
 # Addresses the header parser passes through unchanged: dot-atoms of letters,
 # digits, "_", "+" and "-" (no "=" or "?", which could start an encoded word).
@@ -43,22 +43,6 @@ PLAIN_ADDRESS = re.compile(
 #: A To address: (display name, plain address), an :class:`Address`, or the
 #: header value of an address the standard library has no Address for.
 Recipient = Address | tuple[str, str] | str
-
-# Control characters and line separators (what str.splitlines() breaks at):
-# never allowed in a header.
-UNSAFE_HEADER_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-@dataclass(frozen=True, slots=True)
-class File:
-    """A file attached to a mail: a calendar file or a material."""
-
-    filename: str
-    data: bytes
-    maintype: str
-    subtype: str
-    method: str = CALENDAR_METHOD  # for text/calendar parts
-
 
 # --- the List-Unsubscribe header ------------------------------------------------------
 
@@ -406,7 +390,7 @@ def build(mail: RenderedMail) -> EmailMessage:
     # After the body: set_content() clears all Content-* headers.
     msg["Content-Language"] = "de"
     # Boundaries from the Message-ID instead of random ones: the same mail
-    # is the same bytes every time (fastcompose.py builds them directly).
+    # is the same bytes every time (mail.fastwire builds them directly).
     set_boundaries(msg)
     return msg
 

@@ -42,8 +42,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from invite_mailer.core.tokens import verify_token
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.errors import ConfigError, InviteMailerError
+from invite_mailer.inputs.addresses import load_address_list
 from invite_mailer.inputs.config import OPTOUT_FILE, Config
-from invite_mailer.inputs.contacts import load_address_list
 
 __all__ = ["RunningServer", "create_app", "mask_address", "start_server", "start_unsubscribe"]
 

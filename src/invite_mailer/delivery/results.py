@@ -1,0 +1,44 @@
+"""What a delivery pass reports: per mailing, how many mails went which way."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from invite_mailer.core.plan import Mailing
+
+__all__ = ["MailingResult", "Outcome", "PassResult", "ProgressCallback"]
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    FAILED = "failed"
+    RETRY = "retry"
+    SKIPPED = "skipped"
+
+
+@dataclass
+class MailingResult:
+    mailing: Mailing
+    counts: Counter[Outcome] = field(default_factory=Counter)
+
+
+@dataclass
+class PassResult:
+    """What one pass did."""
+
+    now: datetime
+    mailings: dict[str, MailingResult] = field(default_factory=dict)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # mailing id, email, answer
+    stopped: bool = False
+    sender_refused: str | None = None  # the relay's answer when it refused our sender
+    reports_sent: int = 0  # summaries to the organiser
+
+    def total(self, outcome: Outcome) -> int:
+        return sum(r.counts[outcome] for r in self.mailings.values())
+
+
+ProgressCallback = Callable[[Mailing, str, Outcome], None]

@@ -1,0 +1,115 @@
+"""The template language's own text filters: plain-text typesetting, number words.
+
+They are pure and mostly see the same series texts for every recipient, so
+the heavier ones are cached.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from functools import lru_cache
+
+from markupsafe import Markup, escape
+
+#: The width plain-text mails are written for.
+TEXT_WIDTH = 72
+
+_NUMBER_WORDS = (
+    "null",
+    "ein",
+    "zwei",
+    "drei",
+    "vier",
+    "fünf",
+    "sechs",
+    "sieben",
+    "acht",
+    "neun",
+    "zehn",
+    "elf",
+    "zwölf",
+)
+
+
+@lru_cache(maxsize=4096)
+def paragraphs(text: str) -> tuple[str, ...]:
+    """Paragraphs of *text* (split at blank lines), each on one line."""
+    blocks = re.split(r"\n\s*\n", str(text).strip())
+    return tuple(" ".join(block.split()) for block in blocks if block.strip())
+
+
+@lru_cache(maxsize=4096)
+def typeset(text: str) -> Markup:
+    """HTML-escaped text where no line starts with a dash: "und -verwaltung"
+    stays together and "–" sticks to the word before it."""
+    escaped = str(escape(" ".join(str(text).split())))
+    escaped = re.sub(r"(\S+ -\w+)", r'<span style="white-space: nowrap;">\1</span>', escaped)
+    return Markup(escaped.replace(" –", "&nbsp;–"))
+
+
+@lru_cache(maxsize=4096)
+def wrap(text: str, width: int = TEXT_WIDTH, indent: str = "") -> str:
+    """Plain text wrapped for reading: paragraphs kept, lines ≤ *width*.
+
+    Long words such as URLs are never broken.
+    """
+    return "\n\n".join(fill(block, width, indent, indent) for block in paragraphs(text))
+
+
+# Glues a dash to the word before it while wrapping, so no line starts with
+# "-verwaltung" or "– " (looks like a list item); a private-use character
+# that cannot occur in real text.
+_GLUE = "\ue000"
+
+
+@lru_cache(maxsize=4096)
+def fill(text: str, width: int, indent: str, hang: str) -> str:
+    """One paragraph wrapped at *width*: first line *indent*, the others *hang*."""
+    glued = re.sub(r" (?=[-–])", _GLUE, text)
+    lines = textwrap.wrap(
+        glued,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=hang,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return "\n".join(lines).replace(_GLUE, " ")
+
+
+def heading(text: str, mark: str = "=") -> str:
+    """A plain-text heading: the text, underlined, and a blank line."""
+    title = " ".join(str(text).split())
+    return f"{title}\n{mark * len(title)}\n"
+
+
+def tidy_text(text: str, width: int = TEXT_WIDTH) -> str:
+    """Forgiving layout for organiser-edited text templates.
+
+    Trailing blanks and runs of blank lines go; lines longer than *width* are
+    wrapped (never inside a word or URL), "- " items with a hanging indent; a
+    lone "--" becomes the signature separator "-- ".
+    """
+    out: list[str] = []
+    for raw in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        line = raw.rstrip()
+        if line == "--":
+            out.append("-- ")
+        elif len(line) <= width:
+            out.append(line)
+        else:
+            indent = line[: len(line) - len(line.lstrip())]
+            hang = indent + ("  " if line.lstrip().startswith("- ") else "")
+            out.append(fill(line.strip(), width, indent, hang))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n") + "\n"
+
+
+def number_word(number: int) -> str:
+    """German number word for counting things up to twelve ("vier"), digits above.
+
+    1 gives "ein" ("ein Termin"); use the template to pick singular or plural.
+    """
+    if 0 <= number < len(_NUMBER_WORDS):
+        return _NUMBER_WORDS[number]
+    return str(number)
