@@ -52,7 +52,8 @@ from invite_mailer.service.daemon import (
     EXIT_TEMPFAIL,
     run_daemon,
 )
-from invite_mailer.service.web import RunningServer, create_app, start_server
+from invite_mailer.service.server import RunningServer, start_server
+from invite_mailer.service.web import create_app
 from smtpserver import SmtpServer
 
 BERLIN = ZoneInfo("Europe/Berlin")
