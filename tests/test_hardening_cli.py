@@ -279,7 +279,7 @@ def test_the_shipped_series_keeps_its_example_sender_without_a_warning(project: 
 
 
 def test_the_example_addresses_are_those_of_the_shipped_settings() -> None:
-    from invite_mailer.cli import commands as app
+    from invite_mailer.cli import advisories as app
 
     text = (ROOT / "config" / "settings.toml").read_text(encoding="utf-8")
     shipped = set(re.findall(r"[\w.+-]+@[\w.-]+", text))

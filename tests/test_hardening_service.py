@@ -42,7 +42,8 @@ from invite_mailer.service.daemon import (
     EXIT_TEMPFAIL,
     run_daemon,
 )
-from invite_mailer.service.web import RunningServer, create_app, start_server
+from invite_mailer.service.server import RunningServer, start_server
+from invite_mailer.service.web import create_app
 from support.cli import invoke, start_process, wait_for
 from support.contacts import write_contacts
 from support.project import clean_environ, use_project

@@ -31,7 +31,8 @@ from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.series import Kind
 from invite_mailer.mail.compose import Composer
 from invite_mailer.service.daemon import run_daemon
-from invite_mailer.service.web import RunningServer, create_app, mask_address, start_server
+from invite_mailer.service.server import RunningServer, start_server
+from invite_mailer.service.web import create_app, mask_address
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789"

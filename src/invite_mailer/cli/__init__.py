@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import sys
 import traceback
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 from email_validator import EmailNotValidError, validate_email
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
 from invite_mailer import __version__
+from invite_mailer.cli import advisories as advice
 from invite_mailer.cli import commands as app
 from invite_mailer.cli import output as report
+from invite_mailer.cli.output import echo, err, json_logs, out, print_json, say, verbose, warn
 from invite_mailer.delivery.dispatch import Outcome
 from invite_mailer.errors import (
     EXIT_FAILED,
@@ -33,7 +31,6 @@ from invite_mailer.errors import (
     ConfigError,
     InviteMailerError,
     PermanentFailure,
-    Problem,
     TransportError,
 )
 from invite_mailer.inputs.config import Config, load_config
@@ -49,60 +46,7 @@ LASTING_OS_ERRORS = (
     NotADirectoryError,
 )
 
-# Tables stay readable when piped into a file or a pager (rich would assume 80 columns).
-# Markup off: names, relay answers and opt-out sources are data, and "[/]" in them
-# must print as it is. Styling goes through Text objects (see say()).
-out = Console(
-    soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False, highlight=False
-)
-err = Console(
-    stderr=True,
-    soft_wrap=True,
-    width=None if sys.stderr.isatty() else 160,
-    markup=False,
-    highlight=False,
-)
-
-LABEL_STYLES = {
-    "error:": "bold red",
-    "warning:": "yellow",
-    "failed:": "red",
-    "uncertain:": "yellow",
-}
-LABEL_LEVELS = {"error:": logging.ERROR, "warning:": logging.WARNING, "failed:": logging.ERROR}
-
 log = logging.getLogger("invite_mailer.cli")
-
-# True for a relay that dropped the line after the data as for a process that
-# was killed mid-send: both leave a mail whose fate only the relay knows.
-UNCERTAIN_TITLE = (
-    "Uncertain (the relay's answer never arrived: connection lost or process stopped "
-    "while sending; sent again on the next run)"
-)
-
-
-def say(console: Console, label: str, message: str) -> None:
-    """*label* styled, *message* printed exactly as it is.
-
-    With ``--log-format json`` what goes to stderr is a log record instead, so
-    that every line there is JSON.
-    """
-    if console is err and _json_logs():
-        log.log(LABEL_LEVELS.get(label, logging.WARNING), message)
-        return
-    console.print(
-        Text.assemble((label, LABEL_STYLES.get(label, "")), " ", report.printable(message))
-    )
-
-
-def echo(text: str) -> None:
-    """A line for stdout; data in it cannot send commands to the terminal."""
-    out.print(report.printable(text))
-
-
-def warn(problem: Problem | str) -> None:
-    say(err, "warning:", str(problem))
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -174,13 +118,13 @@ def _fail(exc: BaseException) -> NoReturn:
         # disk or too many open files may pass.
         sys.exit(EXIT_INVALID if isinstance(exc, LASTING_OS_ERRORS) else EXIT_TEMPFAIL)
     message = f"{type(exc).__name__}: {exc}\n  this is a bug; please report it" + (
-        " with the traceback below" if _verbose() else " (run with --verbose for the traceback)"
+        " with the traceback below" if verbose() else " (run with --verbose for the traceback)"
     )
-    if _json_logs():
-        log.critical(message, exc_info=exc if _verbose() else None)
+    if json_logs():
+        log.critical(message, exc_info=exc if verbose() else None)
     else:
         say(err, "error:", message)
-        if _verbose():
+        if verbose():
             traceback.print_exception(exc, file=sys.stderr)
     sys.exit(EXIT_SOFTWARE)
 
@@ -190,19 +134,6 @@ def _only_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _verbose() -> bool:
-    return bool(_root_option("verbose"))
-
-
-def _json_logs() -> bool:
-    return _root_option("log_format") == "json"
-
-
-def _root_option(name: str) -> object:
-    context = click.get_current_context(silent=True)
-    return None if context is None else context.find_root().params.get(name)
 
 
 def now_of(text: str | None, config: Config) -> datetime:
@@ -261,13 +192,7 @@ def validate(config_dir: Path, templates: Path | None) -> None:
     result = app.validate(config)
     for warning in result.advisories:
         warn(warning)
-    out.print(
-        Text.assemble(
-            ("OK", "green"),
-            f": {result.contacts} contacts, {result.mailings} mailings, "
-            f"{result.rendered} mails rendered without error.",
-        )
-    )
+    out.print(report.validation_line(result))
 
 
 @cli.command("plan")
@@ -283,13 +208,7 @@ def plan_command(
     now = now_of(now_text, config)
     mailings = asyncio.run(app.current_plan(config, now))
     if as_json:
-        data = {
-            "series": config.series.id,
-            "now": now.isoformat(),
-            "timezone": config.series.timezone,
-            "mailings": [report.mailing_json(m) for m in mailings],
-        }
-        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        print_json(report.plan_json(mailings, config.series, now))
     else:
         out.print(report.plan_table(mailings, config.series, now))
 
@@ -338,52 +257,26 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
     now = now_of(now_text, config)
     with app.locked(config):
         if sys.stderr.isatty() and not as_json:
-            outcome = _send_due_with_progress(config, now)
+            with report.progress_bars() as on_progress:
+                outcome = asyncio.run(app.send_due(config, now, on_progress=on_progress))
         else:
             outcome = asyncio.run(app.send_due(config, now))
-    result = outcome.result
     for delivery in outcome.recovered:
-        say(
-            err,
-            "uncertain:",
-            f"{delivery.kind} {delivery.event or '(series)'} to {delivery.email} was in "
-            "flight when the last run stopped (the relay's answer never arrived); sending again",
-        )
-    sent, failed = result.total(Outcome.SENT), result.total(Outcome.FAILED)
-    retry = result.total(Outcome.RETRY)
+        say(err, "uncertain:", report.recovered_line(delivery))
     if as_json:
-        data = {
-            "now": now.isoformat(),
-            "destination": outcome.destination,
-            "sent": sent,
-            "failed": failed,
-            "retry_later": retry,
-            "reports_sent": result.reports_sent,
-            "uncertain_recovered": len(outcome.recovered),
-            "sender_refused": result.sender_refused,
-            "stopped_early": outcome.stopped_by,
-            "given_back": outcome.given_back if outcome.stopped_by else 0,
-            "mailings": {
-                mid: {str(k): v for k, v in r.counts.items()} for mid, r in result.mailings.items()
-            },
-            "failures": [{"mailing": m, "email": e, "answer": a} for m, e, a in result.failures],
-        }
-        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        print_json(report.send_due_json(outcome, now))
     else:
-        reports = (
-            f" (+{result.reports_sent} report{'s' if result.reports_sent != 1 else ''} "
-            "to the organiser)"
-            if result.reports_sent
-            else ""
-        )
-        line = (
-            f"{sent} sent{reports}, {failed} failed, {retry} to retry later → {outcome.destination}"
-        )
-        if not result.mailings:
-            line = f"nothing due at {report.local(now, config.series)}; {line}"
-        echo(line)
-        for mailing_id, email, answer in result.failures:
+        echo(report.send_due_line(outcome, now, config.series))
+        for mailing_id, email, answer in outcome.result.failures:
             say(err, "failed:", f"{mailing_id} {email}: {answer}")
+    code = _send_due_exit(outcome)
+    if code != EXIT_OK:
+        sys.exit(code)
+
+
+def _send_due_exit(outcome: app.SendDueResult) -> int:
+    """Warn about what stopped the pass; the exit code of ``send-due``."""
+    result = outcome.result
     if result.sender_refused is not None:
         say(
             err,
@@ -399,30 +292,12 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
             f"stopped early ({outcome.stopped_by}): {outcome.given_back} mails given back; "
             "they go out at the next run",
         )
-    if failed or result.sender_refused is not None:
-        sys.exit(EXIT_FAILED)
+    if result.total(Outcome.FAILED) or result.sender_refused is not None:
+        return EXIT_FAILED
     if outcome.stopped_by is not None:
         # Nothing is wrong, but the work is not done: a passing condition, try again.
-        sys.exit(EXIT_TEMPFAIL)
-
-
-def _send_due_with_progress(config: Config, now: Any) -> app.SendDueResult:
-    with Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(mailing: Any, key: str, outcome: Any) -> None:
-            if mailing.id not in tasks:
-                tasks[mailing.id] = progress.add_task(mailing.id, total=len(mailing.outstanding))
-            progress.advance(tasks[mailing.id])
-
-        return asyncio.run(app.send_due(config, now, on_progress=on_progress))
+        return EXIT_TEMPFAIL
+    return EXIT_OK
 
 
 @cli.command()
@@ -441,21 +316,10 @@ def status(
     now = now_of(now_text, config)
     result = asyncio.run(app.status(config, now))
     if as_json:
-        data: dict[str, Any] = {
-            "now": now.isoformat(),
-            "failed": [report.delivery_json(d) for d in result.failed],
-            "uncertain": [report.delivery_json(d) for d in result.uncertain],
-        }
-        if not only_failed:
-            data["mailings"] = [report.mailing_json(m) for m in result.mailings]
-            data["retrying"] = [report.delivery_json(d) for d in result.retrying]
-        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        print_json(report.status_json(result, now, only_failed=only_failed))
     else:
         if not only_failed:
-            retrying: dict[str, int] = {}
-            for d in result.retrying:
-                mailing_id = f"{d.kind}:{d.event or 'series'}"
-                retrying[mailing_id] = retrying.get(mailing_id, 0) + 1
+            retrying = report.retrying_by_mailing(result.retrying)
             out.print(report.status_table(result.mailings, retrying, config.series))
         if result.failed:
             out.print(report.deliveries_table("Failed (not retried)", result.failed, config.series))
@@ -463,11 +327,7 @@ def status(
             echo("No failed deliveries.")
         if result.uncertain:
             out.print(
-                report.deliveries_table(
-                    UNCERTAIN_TITLE,
-                    result.uncertain,
-                    config.series,
-                )
+                report.deliveries_table(report.UNCERTAIN_TITLE, result.uncertain, config.series)
             )
     if result.failed:
         sys.exit(EXIT_FAILED)
@@ -522,15 +382,7 @@ def run(config_dir: Path, templates: Path | None) -> None:
 @handle_errors
 def health(config_dir: Path, templates: Path | None) -> None:
     """Exit 0 if the daemon's heartbeat is fresh (for container and monitoring checks)."""
-    from datetime import UTC, datetime
-
-    from invite_mailer.inputs.settings import load_settings
-    from invite_mailer.service.health import check_heartbeat, heartbeat_path
-
-    # Only the settings: a broken series.yaml must not make a daemon that keeps
-    # running its last good config look dead.
-    settings = load_settings(config_dir)
-    ok, message = check_heartbeat(heartbeat_path(settings.state.path), datetime.now(UTC))
+    ok, message = app.health(config_dir, datetime.now(UTC))
     click.echo(message)
     sys.exit(EXIT_OK if ok else EXIT_INVALID)
 
@@ -561,46 +413,16 @@ def optout() -> None:
 @handle_errors
 def optout_list(config_dir: Path, as_json: bool) -> None:
     """Opt-outs from the state database (one-click link, optout add) and config/optout.txt."""
-    from rich.table import Table
-
     from invite_mailer.cli import optouts
 
     files = optouts.load(config_dir)
     entries = asyncio.run(optouts.entries(files))
     if as_json:
-        data = {
-            "series": files.series.id,
-            "addresses": len({e.email for e in entries}),
-            "optouts": [
-                {
-                    "email": e.email,
-                    "stored_in": e.stored_in,
-                    "source": e.source,
-                    "created_at": e.created_at.isoformat() if e.created_at else None,
-                    "line": e.line,
-                }
-                for e in entries
-            ],
-        }
-        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
-        return
-    if not entries:
+        print_json(report.optouts_json(files, entries))
+    elif not entries:
         echo(f"No opt-outs for {files.series.id}.")
-        return
-    table = Table(
-        title=report.cell(
-            f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)"
-        )
-    )
-    for column in ("address", "stored in", "source", "since"):
-        table.add_column(column)
-    for entry in entries:
-        where = "state database"
-        if entry.stored_in == "file":
-            where = str(files.optout_file) + (f", line {entry.line}" if entry.line else "")
-        since = report.local(entry.created_at, files.series) if entry.created_at else ""
-        table.add_row(*(report.cell(text) for text in (entry.email, where, entry.source, since)))
-    out.print(table)
+    else:
+        out.print(report.optouts_table(files, entries))
 
 
 @optout.command("add")
@@ -615,8 +437,6 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
 @handle_errors
 def optout_add(addresses: tuple[str, ...], source: str, config_dir: Path) -> None:
     """Never mail these addresses again (recorded in the state database)."""
-    from datetime import UTC, datetime
-
     from invite_mailer.cli import optouts
 
     files = optouts.load(config_dir)
@@ -639,24 +459,13 @@ def optout_remove(address: str, config_dir: Path) -> None:
     key = address.strip().lower()
     line = optouts.file_lines(files.optout_file).get(key)
     where = str(files.optout_file) + (f", line {line}" if line else "")
-    if outcome is optouts.Removal.REMOVED:
-        echo(f"{key}: opt-out removed; this address gets mail again.")
-    elif outcome is optouts.Removal.NOT_FOUND:
-        echo(f"{key} was not opted out; nothing to do.")
-    elif outcome is optouts.Removal.ONLY_IN_FILE:
-        say(
-            err,
-            "error:",
-            f"{key} is not in the state database but listed in {where}; "
-            "to allow mail to it again, delete that line from the file.",
-        )
-        sys.exit(EXIT_INVALID)
-    else:
-        warn(
-            f"{key}: removed from the state database, but it is also "
-            f"listed in {where} and stays blocked; delete that line from the file too."
-        )
-        sys.exit(EXIT_INVALID)
+    label, message = report.removal_answer(key, outcome, where)
+    if label is None:
+        echo(message)
+        return
+    # Still blocked by the file: what was asked for did not happen.
+    say(err, label, message)
+    sys.exit(EXIT_INVALID)
 
 
 # --- rehearsal ---------------------------------------------------------------------------
@@ -680,27 +489,15 @@ def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: b
 
     config = load(config_dir, templates)
     validate_sample(config)
-    advisories = app.advisories(config)
+    advisories = advice.advisories(config)
     for warning in advisories:
         warn(warning)
     result = asyncio.run(play(config, out_dir))
-    counts = {str(kind): result.count(str(kind)) for kind in Kind if result.count(str(kind))}
-    waiting = [r.mailing.id for r in result.waiting]
     if as_json:
-        data = {
-            "index": str(result.index),
-            "mails": counts,
-            "waiting_for_materials": waiting,
-            "optouts": result.optouts,
-            "warnings": [str(w) for w in advisories],
-        }
-        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        print_json(report.rehearsal_json(result, advisories))
         return
-    summary = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no mails"
-    echo(f"Rehearsal written, nothing was sent: {summary}.")
-    for mailing_id in waiting:
-        echo(f"  {mailing_id}: waiting for materials (nothing sent)")
-    echo(f"Open {result.index} in a browser.")
+    for line in report.rehearsal_lines(result):
+        echo(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,18 +2,70 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import click
 from babel.dates import format_datetime as babel_datetime
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
+from invite_mailer.cli.commands import SendDueResult, Status, ValidationReport
+from invite_mailer.cli.optouts import OptOutEntry, OptOutFiles, Removal
 from invite_mailer.core.plan import Mailing, MailingState
+from invite_mailer.delivery.dispatch import Outcome, ProgressCallback
 from invite_mailer.delivery.ledger import Delivery
-from invite_mailer.inputs.series import Series
+from invite_mailer.errors import Problem
+from invite_mailer.inputs.series import Kind, Series
+
+if TYPE_CHECKING:  # the rehearsal is imported only by the command that runs it
+    from invite_mailer.cli.rehearse import Rehearsal
+
+# Tables stay readable when piped into a file or a pager (rich would assume 80 columns).
+# Markup off: names, relay answers and opt-out sources are data, and "[/]" in them
+# must print as it is. Styling goes through Text objects (see say()).
+out = Console(
+    soft_wrap=True, width=None if sys.stdout.isatty() else 160, markup=False, highlight=False
+)
+err = Console(
+    stderr=True,
+    soft_wrap=True,
+    width=None if sys.stderr.isatty() else 160,
+    markup=False,
+    highlight=False,
+)
+
+LABEL_STYLES = {
+    "error:": "bold red",
+    "warning:": "yellow",
+    "failed:": "red",
+    "uncertain:": "yellow",
+}
+LABEL_LEVELS = {"error:": logging.ERROR, "warning:": logging.WARNING, "failed:": logging.ERROR}
+
+log = logging.getLogger("invite_mailer.cli")
+
+# True for a relay that dropped the line after the data as for a process that
+# was killed mid-send: both leave a mail whose fate only the relay knows.
+UNCERTAIN_TITLE = (
+    "Uncertain (the relay's answer never arrived: connection lost or process stopped "
+    "while sending; sent again on the next run)"
+)
 
 STATE_STYLES = {
     MailingState.SCHEDULED: "cyan",
@@ -155,3 +207,227 @@ def deliveries_table(title: str, deliveries: Sequence[Delivery], series: Series)
             cell(d.last_response or ""),
         )
     return table
+
+
+# --- whole answers of commands -------------------------------------------------------
+
+
+def plan_json(mailings: Sequence[Mailing], series: Series, now: datetime) -> dict[str, Any]:
+    return {
+        "series": series.id,
+        "now": now.isoformat(),
+        "timezone": series.timezone,
+        "mailings": [mailing_json(m) for m in mailings],
+    }
+
+
+def send_due_json(outcome: SendDueResult, now: datetime) -> dict[str, Any]:
+    result = outcome.result
+    return {
+        "now": now.isoformat(),
+        "destination": outcome.destination,
+        "sent": result.total(Outcome.SENT),
+        "failed": result.total(Outcome.FAILED),
+        "retry_later": result.total(Outcome.RETRY),
+        "reports_sent": result.reports_sent,
+        "uncertain_recovered": len(outcome.recovered),
+        "sender_refused": result.sender_refused,
+        "stopped_early": outcome.stopped_by,
+        "given_back": outcome.given_back if outcome.stopped_by else 0,
+        "mailings": {
+            mid: {str(k): v for k, v in r.counts.items()} for mid, r in result.mailings.items()
+        },
+        "failures": [{"mailing": m, "email": e, "answer": a} for m, e, a in result.failures],
+    }
+
+
+def send_due_line(outcome: SendDueResult, now: datetime, series: Series) -> str:
+    """``3 sent (+1 report to the organiser), 0 failed, 0 to retry later → outbox ...``."""
+    result = outcome.result
+    sent, failed = result.total(Outcome.SENT), result.total(Outcome.FAILED)
+    retry = result.total(Outcome.RETRY)
+    reports = (
+        f" (+{result.reports_sent} report{'s' if result.reports_sent != 1 else ''} "
+        "to the organiser)"
+        if result.reports_sent
+        else ""
+    )
+    line = f"{sent} sent{reports}, {failed} failed, {retry} to retry later → {outcome.destination}"
+    if not result.mailings:
+        line = f"nothing due at {local(now, series)}; {line}"
+    return line
+
+
+def status_json(status: Status, now: datetime, *, only_failed: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "now": now.isoformat(),
+        "failed": [delivery_json(d) for d in status.failed],
+        "uncertain": [delivery_json(d) for d in status.uncertain],
+    }
+    if not only_failed:
+        data["mailings"] = [mailing_json(m) for m in status.mailings]
+        data["retrying"] = [delivery_json(d) for d in status.retrying]
+    return data
+
+
+def retrying_by_mailing(retrying: Sequence[Delivery]) -> dict[str, int]:
+    """How many deliveries of each mailing wait for another attempt."""
+    counts: dict[str, int] = {}
+    for d in retrying:
+        mailing_id = f"{d.kind}:{d.event or 'series'}"
+        counts[mailing_id] = counts.get(mailing_id, 0) + 1
+    return counts
+
+
+def optouts_json(files: OptOutFiles, entries: Sequence[OptOutEntry]) -> dict[str, Any]:
+    return {
+        "series": files.series.id,
+        "addresses": len({e.email for e in entries}),
+        "optouts": [
+            {
+                "email": e.email,
+                "stored_in": e.stored_in,
+                "source": e.source,
+                "created_at": e.created_at.isoformat() if e.created_at else None,
+                "line": e.line,
+            }
+            for e in entries
+        ],
+    }
+
+
+def optouts_table(files: OptOutFiles, entries: Sequence[OptOutEntry]) -> Table:
+    table = Table(
+        title=cell(f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)")
+    )
+    for column in ("address", "stored in", "source", "since"):
+        table.add_column(column)
+    for entry in entries:
+        where = "state database"
+        if entry.stored_in == "file":
+            where = str(files.optout_file) + (f", line {entry.line}" if entry.line else "")
+        since = local(entry.created_at, files.series) if entry.created_at else ""
+        table.add_row(*(cell(text) for text in (entry.email, where, entry.source, since)))
+    return table
+
+
+# --- printing ---------------------------------------------------------------------------
+
+
+def say(console: Console, label: str, message: str) -> None:
+    """*label* styled, *message* printed exactly as it is.
+
+    With ``--log-format json`` what goes to stderr is a log record instead, so
+    that every line there is JSON.
+    """
+    if console is err and json_logs():
+        log.log(LABEL_LEVELS.get(label, logging.WARNING), message)
+        return
+    console.print(Text.assemble((label, LABEL_STYLES.get(label, "")), " ", printable(message)))
+
+
+def echo(text: str) -> None:
+    """A line for stdout; data in it cannot send commands to the terminal."""
+    out.print(printable(text))
+
+
+def warn(problem: Problem | str) -> None:
+    say(err, "warning:", str(problem))
+
+
+def print_json(data: object) -> None:
+    """A command's whole answer as JSON on stdout (``--json``)."""
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def verbose() -> bool:
+    """Whether ``--verbose`` was given."""
+    return bool(root_option("verbose"))
+
+
+def json_logs() -> bool:
+    """Whether ``--log-format json`` was given: then stderr carries log records only."""
+    return root_option("log_format") == "json"
+
+
+def root_option(name: str) -> object:
+    """An option of the ``invite-mailer`` group itself, as given on this command line."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.find_root().params.get(name)
+
+
+def recovered_line(delivery: Delivery) -> str:
+    """A delivery that was in flight when the last run stopped."""
+    return (
+        f"{delivery.kind} {delivery.event or '(series)'} to {delivery.email} was in "
+        "flight when the last run stopped (the relay's answer never arrived); sending again"
+    )
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[ProgressCallback]:
+    """One progress bar per mailing on stderr, for as long as the pass runs."""
+    with Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(mailing: Mailing, key: str, outcome: Outcome) -> None:
+            if mailing.id not in tasks:
+                tasks[mailing.id] = progress.add_task(mailing.id, total=len(mailing.outstanding))
+            progress.advance(tasks[mailing.id])
+
+        yield on_progress
+
+
+def _rehearsal_counts(result: Rehearsal) -> dict[str, int]:
+    return {str(kind): result.count(str(kind)) for kind in Kind if result.count(str(kind))}
+
+
+def rehearsal_json(result: Rehearsal, advisories: Sequence[Problem]) -> dict[str, Any]:
+    return {
+        "index": str(result.index),
+        "mails": _rehearsal_counts(result),
+        "waiting_for_materials": [r.mailing.id for r in result.waiting],
+        "optouts": result.optouts,
+        "warnings": [str(w) for w in advisories],
+    }
+
+
+def rehearsal_lines(result: Rehearsal) -> list[str]:
+    counts = _rehearsal_counts(result)
+    summary = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no mails"
+    lines = [f"Rehearsal written, nothing was sent: {summary}."]
+    lines += [f"  {r.mailing.id}: waiting for materials (nothing sent)" for r in result.waiting]
+    lines.append(f"Open {result.index} in a browser.")
+    return lines
+
+
+def validation_line(report: ValidationReport) -> Text:
+    return Text.assemble(
+        ("OK", "green"),
+        f": {report.contacts} contacts, {report.mailings} mailings, "
+        f"{report.rendered} mails rendered without error.",
+    )
+
+
+def removal_answer(key: str, outcome: Removal, where: str) -> tuple[str | None, str]:
+    """``optout remove``: the label for stderr (``None``: all is well, stdout) and the message."""
+    if outcome is Removal.REMOVED:
+        return None, f"{key}: opt-out removed; this address gets mail again."
+    if outcome is Removal.NOT_FOUND:
+        return None, f"{key} was not opted out; nothing to do."
+    if outcome is Removal.ONLY_IN_FILE:
+        return "error:", (
+            f"{key} is not in the state database but listed in {where}; "
+            "to allow mail to it again, delete that line from the file."
+        )
+    return "warning:", (
+        f"{key}: removed from the state database, but it is also "
+        f"listed in {where} and stays blocked; delete that line from the file too."
+    )

@@ -37,7 +37,7 @@ from invite_mailer.cli.commands import safe_name, writing
 from invite_mailer.core import german
 from invite_mailer.core.plan import Mailing, MailingState, mailing_times, request_for
 from invite_mailer.delivery.dispatch import Dispatcher
-from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.ledger import Delivery, Ledger
 from invite_mailer.delivery.transport import OutboxTransport, outbox_name
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.config import Config
@@ -204,7 +204,7 @@ def _html_of(message: email.message.EmailMessage) -> str:
         return str(part.get_content())
     text = message.get_body(("plain",))
     content = str(text.get_content()) if text is not None else ""
-    return _PLAIN_PAGE.render(subject=str(message["Subject"]), text=content)
+    return _ENV.get_template("plain.html.j2").render(subject=str(message["Subject"]), text=content)
 
 
 async def rehearse(config: Config, out: Path) -> Rehearsal:
@@ -232,13 +232,7 @@ async def _play(
     config: Config, virtual: Config, out: Path, mails_dir: Path
 ) -> tuple[list[MailingReport], int]:
     series = config.series
-    optouts = set(config.optouts)
-    # Opt-outs recorded in the real ledger (one-click, optout add) hold here too.
-    real = config.settings.state.path
-    if real.exists():
-        async with Ledger.open(real) as ledger:
-            optouts |= await ledger.optouts(series.id)
-
+    optouts = await _all_optouts(config)
     async with (
         Ledger.open(virtual.settings.state.path) as ledger,
         _Recorder(mails_dir) as recorder,
@@ -246,50 +240,14 @@ async def _play(
         start = min((due for _, _, due, _ in mailing_times(series)), default=series.first_start)
         for email_key in sorted(optouts - config.optouts):
             await ledger.add_optout(series.id, email_key, source="rehearsal", now=start)
-        dispatcher = Dispatcher(virtual, ledger, recorder)
-        moments = sorted({due for _, _, due, _ in mailing_times(series)})
-        waited: set[str] = set()
-        done: set[datetime] = set()
-        while moments:
-            moment = moments.pop(0)
-            if moment in done:
-                continue
-            done.add(moment)
-            recorder.moment = moment
-            dispatcher = Dispatcher(virtual, ledger, recorder)
-            await dispatcher.run_pass(moment)
-            after = await dispatcher.plan(moment)
-            waited |= {m.id for m in after if m.state is MailingState.WAITING and m.due == moment}
-            # Mailings the rules do not name (updates) are due whenever the plan says.
-            moments = sorted(
-                set(moments) | {m.due for m in after if m.state is MailingState.SCHEDULED} - done
-            )
-        deadlines = [m.deadline for m in await dispatcher.plan(start)]
-        end = max(deadlines, default=start) + timedelta(minutes=1)
-        final = await dispatcher.plan(end)
+        final, waited = await _walk(virtual, ledger, recorder, start)
         deliveries = await ledger.deliveries(series.id)
 
     reports = {m.id: MailingReport(m, waited=m.id in waited) for m in final}
     for delivery in deliveries:
         written = recorder.written.get(delivery.message_id)
-        if written is None:
-            continue
-        message, moment, eml = written
-        html_path = eml.with_suffix(".html")
-        with writing(out):
-            html_path.write_text(_html_of(message), encoding="utf-8")
-        summary = delivery.kind == SUMMARY_KIND
-        # A summary's "event" is the id of the mailing it reports on.
-        mailing_id = delivery.event if summary else f"{delivery.kind}:{delivery.event or 'series'}"
-        report = reports.get(mailing_id)
-        if report is None:
-            continue
-        record = _record(config, delivery.kind, mailing_id, delivery.email, message, moment)
-        record = replace(record, eml=eml.relative_to(out), html=html_path.relative_to(out))
-        if summary:
-            report.summary = record
-        else:
-            report.mails.append(record)
+        if written is not None:
+            _file_mail(config, out, reports, delivery, written)
     for report in reports.values():
         order = {key: n for n, key in enumerate(report.mailing.audience)}
         report.mails.sort(key=lambda r: order.get(r.email, len(order)))
@@ -297,6 +255,69 @@ async def _play(
             report.preview = _write_preview(virtual, report.mailing, out)
     ordered = sorted(reports.values(), key=lambda r: (r.mailing.due, r.mailing.event))
     return ordered, len(optouts)
+
+
+async def _all_optouts(config: Config) -> set[str]:
+    """``optout.txt`` and the opt-outs in the real ledger (one-click, optout add)."""
+    optouts = set(config.optouts)
+    real = config.settings.state.path
+    if real.exists():
+        async with Ledger.open(real) as ledger:
+            optouts |= await ledger.optouts(config.series.id)
+    return optouts
+
+
+async def _walk(
+    virtual: Config, ledger: Ledger, recorder: _Recorder, start: datetime
+) -> tuple[list[Mailing], set[str]]:
+    """A pass at every due moment, in order; the plan after the last deadline, and who waited."""
+    dispatcher = Dispatcher(virtual, ledger, recorder)
+    moments = sorted({due for _, _, due, _ in mailing_times(virtual.series)})
+    waited: set[str] = set()
+    done: set[datetime] = set()
+    while moments:
+        moment = moments.pop(0)
+        if moment in done:
+            continue
+        done.add(moment)
+        recorder.moment = moment
+        dispatcher = Dispatcher(virtual, ledger, recorder)
+        await dispatcher.run_pass(moment)
+        after = await dispatcher.plan(moment)
+        waited |= {m.id for m in after if m.state is MailingState.WAITING and m.due == moment}
+        # Mailings the rules do not name (updates) are due whenever the plan says.
+        moments = sorted(
+            set(moments) | {m.due for m in after if m.state is MailingState.SCHEDULED} - done
+        )
+    deadlines = [m.deadline for m in await dispatcher.plan(start)]
+    end = max(deadlines, default=start) + timedelta(minutes=1)
+    return await dispatcher.plan(end), waited
+
+
+def _file_mail(
+    config: Config,
+    out: Path,
+    reports: dict[str, MailingReport],
+    delivery: Delivery,
+    written: tuple[email.message.EmailMessage, datetime, Path],
+) -> None:
+    """Write the HTML beside a mail's ``.eml`` and list the mail under its mailing."""
+    message, moment, eml = written
+    html_path = eml.with_suffix(".html")
+    with writing(out):
+        html_path.write_text(_html_of(message), encoding="utf-8")
+    summary = delivery.kind == SUMMARY_KIND
+    # A summary's "event" is the id of the mailing it reports on.
+    mailing_id = delivery.event if summary else f"{delivery.kind}:{delivery.event or 'series'}"
+    report = reports.get(mailing_id)
+    if report is None:
+        return
+    record = _record(config, delivery.kind, mailing_id, delivery.email, message, moment)
+    record = replace(record, eml=eml.relative_to(out), html=html_path.relative_to(out))
+    if summary:
+        report.summary = record
+    else:
+        report.mails.append(record)
 
 
 def _record(
@@ -384,7 +405,7 @@ def _render_index(config: Config, reports: list[MailingReport], optouts: int) ->
         totals[report.label] += len(report.mails)
     waiting: Counter[str] = Counter(r.label for r in reports if r.waited and not r.mails)
     events = {e.id: e for e in series.events}
-    return _INDEX.render(
+    return _ENV.get_template("index.html.j2").render(
         series=series,
         days=days,
         reports=reports,
@@ -407,174 +428,11 @@ def _render_index(config: Config, reports: list[MailingReport], optouts: int) ->
     )
 
 
+# The overview's pages are package data (cli/pages/), kept apart from the code.
 _ENV = jinja2.Environment(
-    autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
-)
-
-_PLAIN_PAGE = _ENV.from_string(
-    """<!DOCTYPE html>
-<html lang="de">
-<head><meta charset="utf-8"><title>{{ subject }}</title>
-<style>body { margin: 2rem; font: 15px/1.5 Arial, Helvetica, sans-serif; color: #1f2933; }
-pre { white-space: pre-wrap; font: 14px/1.5 Consolas, "DejaVu Sans Mono", monospace; }</style>
-</head>
-<body><h1 style="font-size: 1.2rem;">{{ subject }}</h1><pre>{{ text }}</pre></body>
-</html>
-"""
-)
-
-_INDEX = _ENV.from_string(
-    """<!DOCTYPE html>
-<html lang="de">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Probelauf: {{ series.title }}</title>
-<style>
-  body { margin: 0; background: #eef1f4; color: #1f2933;
-    font: 15px/1.5 Arial, Helvetica, sans-serif; }
-  header, main { max-width: 64rem; margin: 0 auto; padding: 0 1.5rem; }
-  header { padding-top: 2rem; }
-  h1 { margin: 0 0 .25rem; font-size: 1.7rem; color: #1d4f7c; }
-  h2 { margin: 2.5rem 0 .75rem; font-size: 1.25rem; color: #1d4f7c;
-    border-bottom: 2px solid #1d4f7c; padding-bottom: .25rem; }
-  h3 { margin: 0 0 .5rem; font-size: 1.1rem; }
-  .lead { margin: 0 0 1rem; color: #52606d; }
-  .note { background: #fff8e1; border-left: 4px solid #f0b429; padding: .75rem 1rem;
-    margin: 1rem 0; }
-  .ok { background: #e3f9e5; border-left: 4px solid #3f9142; padding: .75rem 1rem;
-    margin: 1rem 0; }
-  .mailing { background: #fff; border-radius: 6px; padding: 1rem 1.25rem; margin: 0 0 1rem;
-    box-shadow: 0 1px 2px rgba(0,0,0,.08); }
-  .kind { display: inline-block; min-width: 7.5rem; padding: .1rem .5rem; border-radius: 3px;
-    background: #1d4f7c; color: #fff; font-size: .85rem; font-weight: bold; text-align: center; }
-  .kind-reminder { background: #2f7d4f; }
-  .kind-followup { background: #7b4f9d; }
-  .kind-update, .kind-cancellation { background: #b44d12; }
-  .state { font-weight: bold; }
-  .state-waiting-for-materials, .state-closed { color: #b44d12; }
-  .state-done { color: #2f7d4f; }
-  dl { display: grid; grid-template-columns: max-content 1fr; gap: .15rem 1rem; margin: .5rem 0; }
-  dt { color: #52606d; }
-  dd { margin: 0; }
-  table { border-collapse: collapse; width: 100%; margin: .5rem 0; font-size: .9rem; }
-  th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #d9e2ec;
-    vertical-align: top; }
-  th { background: #f5f7fa; }
-  td.num, th.num { text-align: right; }
-  summary { cursor: pointer; color: #1d4f7c; font-weight: bold; margin: .5rem 0; }
-  a { color: #1d4f7c; }
-  .small { font-size: .85rem; color: #52606d; }
-  footer { max-width: 64rem; margin: 2rem auto; padding: 0 1.5rem; font-size: .85rem;
-    color: #52606d; }
-</style>
-</head>
-<body>
-<header>
-<h1>Probelauf: {{ series.title }}</h1>
-<p class="lead">Die ganze Reihe im Zeitraffer – so würde invite-mailer mit der jetzigen
-Konfiguration versenden. <strong>Es wurde nichts verschickt</strong>: Jede E-Mail liegt als
-Datei im Ordner <code>mails/</code> und ist hier mit einem Klick zu öffnen.</p>
-</header>
-<main>
-<h2 id="uebersicht">Übersicht</h2>
-<table>
-<thead><tr><th>Art</th><th class="num">E-Mails</th></tr></thead>
-<tbody>
-{% for label, count in totals.items() %}
-{% set n = waiting_by_label[label] %}
-<tr><td>{{ label }}{% if n == 1 %} <span class="small">(1 Versand wartet auf Unterlagen)</span>
-{% elif n %} <span class="small">({{ n }} Versände warten auf Unterlagen)</span>{% endif %}</td>
-<td class="num">{{ count }}</td></tr>
-{% endfor %}
-</tbody>
-</table>
-<p class="small">{{ contacts }} Kontakte in der Kontaktliste, {{ reports | length }} Versände,
-{{ optouts }} abgemeldete Adressen (erhalten nichts).</p>
-{% set waiting = reports | selectattr("waited") | rejectattr("mails") | list %}
-{% set closed = reports | selectattr("mailing.state", "equalto", CLOSED)
-   | rejectattr("waited") | list %}
-{% if waiting or closed %}
-{% for report in waiting %}
-<p class="note"><strong>{{ report.label }} zu „{{ events[report.mailing.event].title }}“
-wartet auf Unterlagen.</strong> In <code>series.yaml</code> sind für diesen Termin noch keine
-<code>materials</code> eingetragen, deshalb wurde nichts verschickt. Sobald Sie sie eintragen,
-geht die Nachbereitung raus; tragen Sie sie bis {{ when(report.mailing.deadline) }} Uhr ein,
-danach wird sie nicht mehr verschickt.</p>
-{% endfor %}
-{% for report in closed %}
-<p class="note"><strong>{{ report.label }}{% if report.mailing.event %} zu
-„{{ events[report.mailing.event].title }}“{% endif %}:</strong>
-{{ report.mailing.outstanding | length }} Empfänger bekämen nichts, weil das Versandfenster
-abgelaufen ist.</p>
-{% endfor %}
-{% else %}
-<p class="ok">Alle Versände laufen vollständig durch.</p>
-{% endif %}
-
-{% for day, items in days.items() %}
-<h2>{{ day }}</h2>
-{% for report in items %}
-{% set m = report.mailing %}
-<section class="mailing" id="{{ m.id | replace(':', '-') }}">
-<h3><span class="kind kind-{{ m.kind }}">{{ report.label }}</span>
-{{ clock(m.due) }} Uhr –
-{% if m.event %}{{ events[m.event].title }}
-({{ german.date_short(events[m.event].date) }}){% else %}die ganze Reihe{% endif %}</h3>
-<dl>
-<dt>Fällig</dt><dd>{{ when(m.due) }} Uhr</dd>
-<dt>Versandfenster bis</dt><dd>{{ when(m.deadline) }} Uhr</dd>
-<dt>Zustand am Ende</dt>
-<dd><span class="state state-{{ m.state }}">{{ state_label(m.state) }}</span>
-{% if report.waited and report.mails %}(wartete zunächst auf Unterlagen){% endif %}</dd>
-<dt>Empfänger</dt><dd>{{ m.audience | length }}</dd>
-<dt>Verschickt</dt><dd>{{ report.mails | length }}</dd>
-{% if m.opted_out %}<dt>Abgemeldet</dt><dd>{{ m.opted_out }} (erhalten nichts)</dd>{% endif %}
-{% if report.summary %}<dt>Versandbericht</dt><dd><a href="{{ href(report.summary.html) }}">an
-{{ report.summary.name or report.summary.email }}</a></dd>{% endif %}
-</dl>
-{% if report.waited and not report.mails %}
-<p class="note">Wartet auf Unterlagen: nichts verschickt.
-{% if report.preview %}<a href="{{ href(report.preview) }}">Vorschau ansehen</a> (so sähe die
-Nachbereitung jetzt aus; ohne Unterlagen wird sie nicht verschickt).{% endif %}</p>
-{% endif %}
-{% if report.mails %}
-<details{% if report.mails | length <= 25 %} open{% endif %}>
-<summary>{{ report.mails | length }} E-Mails</summary>
-<table>
-<thead><tr><th>Name</th><th>Adresse</th><th>Organisation</th><th>Betreff</th><th></th></tr></thead>
-<tbody>
-{% for mail in report.mails %}
-<tr><td>{{ mail.name }}</td><td>{{ mail.email }}</td><td>{{ mail.organisation }}</td>
-<td><a href="{{ href(mail.html) }}">{{ mail.subject }}</a></td>
-<td><a class="small" href="{{ href(mail.eml) }}">.eml</a></td></tr>
-{% endfor %}
-</tbody>
-</table>
-</details>
-{% elif m.audience %}
-<details>
-<summary>{{ m.audience | length }} vorgesehene Empfänger (nichts verschickt)</summary>
-<table>
-<thead><tr><th>Name</th><th>Adresse</th><th>Organisation</th></tr></thead>
-<tbody>
-{% for key in m.audience %}
-{% set contact = people.get(key) %}
-<tr><td>{{ name(contact) if contact else "" }}</td><td>{{ key }}</td>
-<td>{{ contact.organisation if contact else "" }}</td></tr>
-{% endfor %}
-</tbody>
-</table>
-</details>
-{% endif %}
-</section>
-{% endfor %}
-{% endfor %}
-</main>
-<footer>Erstellt von invite-mailer rehearse für die Reihe <code>{{ series.id }}</code>
-(Zeitzone {{ series.timezone }}). Die .eml-Dateien lassen sich in jedem E-Mail-Programm
-öffnen.</footer>
-</body>
-</html>
-"""
+    loader=jinja2.PackageLoader("invite_mailer.cli", "pages"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
 )

@@ -4,6 +4,11 @@ APScheduler only wakes things up. The plan is derived from the config, the
 ledger is the truth, and every wake-up runs an ordinary delivery pass (the
 same code as ``send-due``). Jobs are rebuilt from the plan at start and after
 every reload with stable ids, so no stale job survives a config edit.
+
+Every "now" of the daemon (planning, the jobs' dates, recovery and catch-up
+at start, reloads, the heartbeat) comes from its *clock*. A wake-up at the
+wrong moment is harmless: the pass sends what is due at the clock's time and
+nothing else, which is also what lets tests drive the daemon on virtual time.
 """
 
 from __future__ import annotations
@@ -12,19 +17,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-import threading
-from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from watchfiles import Change, DefaultFilter, awatch
 
-from invite_mailer.core.plan import MailingState
+from invite_mailer.core.plan import Mailing, MailingState, PlanInput, plan
 from invite_mailer.delivery.dispatch import Dispatcher, Outcome
 from invite_mailer.delivery.ledger import Ledger, state_lock
 from invite_mailer.delivery.transport import Transport, make_transport
@@ -39,7 +41,20 @@ from invite_mailer.errors import (
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.mail.checks import validate_sample
 from invite_mailer.service.health import heartbeat_path, write_heartbeat
+from invite_mailer.service.threads import in_thread
+from invite_mailer.service.watch import ConfigWatcher
 from invite_mailer.service.web import start_unsubscribe
+
+__all__ = [
+    "Clock",
+    "Daemon",
+    "RunState",
+    "describe_failure",
+    "main",
+    "plan_at",
+    "run_daemon",
+    "wall_clock",
+]
 
 log = logging.getLogger("invite_mailer.service.daemon")
 
@@ -50,8 +65,6 @@ SWEEP_SECONDS = 60
 STOP_TIMEOUT = 30.0
 RELOAD_TIMEOUT = 120.0
 """A reload that takes longer is given up; the last good config keeps running."""
-WATCH_RETRY_SECONDS = (1.0, 2.0, 5.0, 15.0, 60.0)
-"""Pauses before the file watcher is started again after a failure."""
 
 # Exit codes of ``invite-mailer run``. 1 is "invalid config" as for every
 # command; the systemd unit does not restart on it (RestartPreventExitStatus=1),
@@ -61,29 +74,13 @@ EXIT_INVALID_CONFIG = EXIT_INVALID
 
 NOT_RESTARTING = "not restarting: fix the config and start again"
 
-T = TypeVar("T")
+Clock = Callable[[], datetime]
+"""Returns the current moment, timezone-aware."""
 
 
-class ConfigFilter(DefaultFilter):
-    """Only real config files: editors' swap, backup, lock and test files are ignored.
-
-    vim writes ``.series.yaml.swp`` and a test file ``4913``; emacs
-    ``.#series.yaml`` and ``#series.yaml#``; many editors ``series.yaml~``;
-    LibreOffice and Excel lock files ``.~lock.contacts.csv#`` and
-    ``~$contacts.xlsx``; ``sed -i`` a ``sedXXXXXX``. None of them is config,
-    and a reload they trigger would only name them in the log.
-    """
-
-    ignore_entity_patterns = (
-        *DefaultFilter.ignore_entity_patterns,
-        r"^\.",  # hidden files: swap files, lock files, gedit's .goutputstream-*
-        r"~$",
-        r"^~",
-        r"^#.*#$",
-        r"^\d+$",  # every config file has an extension
-        r"^sed[A-Za-z0-9]{6}$",
-        r"\.(swp|swx|swo|tmp|temp|bak|orig|rej|part|crdownload|kate-swp)$",
-    )
+def wall_clock() -> datetime:
+    """The system clock, in UTC."""
+    return datetime.now(UTC)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -102,57 +99,18 @@ def _problems(exc: ConfigError) -> str:
     return f"{count} problem{'s' if count != 1 else ''} found:\n{lines}"
 
 
-def _printable(name: str) -> str:
-    """A file name as it can go into a log line (no line breaks, no undecodable bytes)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
-
-
 def _load(config_dir: Path, templates_dir: Path | None) -> Config:
     config = load_config(config_dir, templates_dir)
     validate_sample(config)
     return config
 
 
-async def _in_thread(
-    func: Callable[[], T], name: str, *, finished: Callable[[], None] | None = None
-) -> T:
-    """Run *func* in a daemon thread and wait for its result.
-
-    Parsing config is CPU work that may take long (a huge or hostile file):
-    on the event loop it would stop the heartbeat, the scheduler and the web
-    endpoint. Not :func:`asyncio.to_thread`: its executor is joined when the
-    loop closes, so a parse that never ends would keep SIGTERM from ending
-    the process; a daemon thread is simply left behind. *finished* is called
-    on the loop when the thread ends, also after the wait was given up.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if finished is not None:
-            finished()
-        if future.done():  # given up (timeout, shutdown)
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def work() -> None:
-        try:
-            result, error = func(), None
-        except BaseException as exc:  # handed to the waiting coroutine
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
-            loop.call_soon_threadsafe(settle, result, error)
-
-    try:
-        threading.Thread(target=work, name=name, daemon=True).start()
-    except BaseException:  # no thread to be had (a thread or memory limit)
-        if finished is not None:
-            finished()
-        raise
-    return await future
+async def plan_at(config: Config, ledger: Ledger, now: datetime) -> list[Mailing]:
+    """The plan of *config* at *now*, with the opt-outs of the file and the ledger."""
+    series_id = config.series.id
+    optouts = await ledger.optouts(series_id)
+    view = await ledger.view(series_id)
+    return plan(PlanInput.of(config, optouts), view, now)
 
 
 class RunState(StrEnum):
@@ -173,7 +131,7 @@ class Daemon:
         *,
         config_dir: Path,
         templates_dir: Path | None,
-        clock: Callable[[datetime], datetime] | None = None,
+        clock: Clock = wall_clock,
         sweep_seconds: float = SWEEP_SECONDS,
     ) -> None:
         self.config = config
@@ -181,9 +139,12 @@ class Daemon:
         self.transport = transport
         self.config_dir = config_dir
         self.templates_dir = templates_dir
+        self.clock = clock
         self.sweep_seconds = sweep_seconds
         self.state = RunState.STARTING
         self.scheduler = AsyncIOScheduler(timezone=config.series.zone)
+        self.caught_up = asyncio.Event()
+        """Set once the catch-up pass at start is over and its mailings are scheduled."""
         self._pass_lock = asyncio.Lock()
         self._dispatcher: Dispatcher | None = None
         self._stopped = asyncio.Event()
@@ -198,25 +159,59 @@ class Daemon:
         self.reloads = 0
 
     def now(self) -> datetime:
-        return datetime.now(self.config.series.zone)
+        """The clock's moment in the series' time zone."""
+        return self.clock().astimezone(self.config.series.zone)
 
     # --- lifecycle -------------------------------------------------------------
 
     async def serve(self) -> None:
         """Run until :meth:`request_stop`; returns after a clean shutdown."""
-        now = self.now()
-        recovered = await self.ledger.recover(now)
-        for delivery in recovered:
+        await self._recover()
+        self._start_scheduler()
+        self.state = RunState.RUNNING
+        self.beat()
+        log.info("daemon started for series %s", self.config.series.id)
+        await self.reschedule()
+        # Watch before catching up: an edit made during a long catch-up pass
+        # must not go unnoticed (it is reloaded when that pass is over).
+        watcher = ConfigWatcher(
+            self._watched,
+            running=lambda: self.state is RunState.RUNNING,
+            stopped=self._stopped,
+            reload=self.reload,
+        )
+        watching = asyncio.create_task(watcher.run())
+        try:
+            # Catch up: whatever is due and still open goes out now; then schedule
+            # again, since the pass has recorded any dates changed while we were down.
+            await self.run_pass()
+            await self.reschedule()
+            self.caught_up.set()
+            await self._stopped.wait()
+        finally:
+            # The watcher may be running a reload's pass: let it finish first.
+            await self._shutdown()
+            for task in (watching, *self._tasks):
+                task.cancel()
+            for task in (watching, *self._tasks):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _recover(self) -> None:
+        for delivery in await self.ledger.recover(self.now()):
             log.warning(
                 "uncertain: %s %s to %s was in flight when the last run stopped; sending again",
                 delivery.kind,
                 delivery.event or "(series)",
                 delivery.email,
             )
+
+    def _start_scheduler(self) -> None:
+        zone = self.config.series.zone
         self.scheduler.start()
         self.scheduler.add_job(
             self.run_pass,
-            IntervalTrigger(seconds=self.sweep_seconds, timezone=self.config.series.zone),
+            IntervalTrigger(seconds=self.sweep_seconds, timezone=zone),
             id=SWEEP_JOB,
             replace_existing=True,
             coalesce=True,
@@ -227,33 +222,12 @@ class Daemon:
         # must not make a busy daemon look dead.
         self.scheduler.add_job(
             self.beat,
-            IntervalTrigger(seconds=HEARTBEAT_SECONDS, timezone=self.config.series.zone),
+            IntervalTrigger(seconds=HEARTBEAT_SECONDS, timezone=zone),
             id=HEARTBEAT_JOB,
             replace_existing=True,
             coalesce=True,
             misfire_grace_time=None,
         )
-        self.state = RunState.RUNNING
-        self.beat()
-        log.info("daemon started for series %s", self.config.series.id)
-        await self.reschedule()
-        # Watch before catching up: an edit made during a long catch-up pass
-        # must not go unnoticed (it is reloaded when that pass is over).
-        watcher = asyncio.create_task(self._watch())
-        try:
-            # Catch up: whatever is due and still open goes out now; then schedule
-            # again, since the pass has recorded any dates changed while we were down.
-            await self.run_pass()
-            await self.reschedule()
-            await self._stopped.wait()
-        finally:
-            # The watcher may be running a reload's pass: let it finish first.
-            await self._shutdown()
-            for task in (watcher, *self._tasks):
-                task.cancel()
-            for task in (watcher, *self._tasks):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
     def beat(self) -> None:
         """Tell ``invite-mailer health`` that this daemon is alive."""
@@ -267,6 +241,7 @@ class Daemon:
             log.error("cannot write the heartbeat: %s", exc)
 
     def request_stop(self) -> None:
+        """Stop (SIGTERM, SIGINT): the mails in flight are finished first."""
         if self.state in (RunState.STOPPING, RunState.STOPPED):
             return
         log.info("stopping: finishing the mails in flight")
@@ -309,10 +284,8 @@ class Daemon:
     # --- scheduling ------------------------------------------------------------
 
     async def reschedule(self) -> None:
-        """One date job per future mailing, rebuilt from the current plan."""
-        now = self.now()
-        dispatcher = Dispatcher(self.config, self.ledger, self.transport)
-        mailings = await dispatcher.plan(now)
+        """One date job per future mailing, rebuilt from the plan at the clock's time."""
+        mailings = await plan_at(self.config, self.ledger, self.now())
         wanted = set()
         for mailing in mailings:
             if mailing.state is not MailingState.SCHEDULED:
@@ -336,7 +309,7 @@ class Daemon:
         log.info("scheduled %d mailing(s)", len(wanted))
 
     async def run_pass(self) -> None:
-        """A delivery pass at the current time; passes never overlap."""
+        """A delivery pass at the clock's time; passes never overlap."""
         if self.state is not RunState.RUNNING:
             return
         async with self._pass_lock:
@@ -356,11 +329,9 @@ class Daemon:
             finally:
                 self._dispatcher = None
             self.failed_permanently += result.total(Outcome.FAILED)
-            self._warn_waiting(
-                await Dispatcher(self.config, self.ledger, self.transport).plan(now), now
-            )
+            self._warn_waiting(await plan_at(self.config, self.ledger, now), now)
 
-    def _warn_waiting(self, mailings: list, now: datetime) -> None:  # type: ignore[type-arg]
+    def _warn_waiting(self, mailings: list[Mailing], now: datetime) -> None:
         for mailing in mailings:
             if mailing.state is not MailingState.WAITING:
                 continue
@@ -406,14 +377,14 @@ class Daemon:
         self._reading = True
         try:
             async with asyncio.timeout(RELOAD_TIMEOUT):
-                config = await _in_thread(
+                config = await in_thread(
                     lambda: _load(self.config_dir, self.templates_dir),
                     "config-reload",
                     finished=self._read_ended,
                 )
             # The plan of the new config is worked out before it replaces the old:
             # dates at the calendar's limits only fail there.
-            await Dispatcher(config, self.ledger, self.transport).plan(self.now())
+            await plan_at(config, self.ledger, self.now())
         except ConfigError as exc:
             log.error(rejected, reason, _problems(exc))
             return False
@@ -459,77 +430,6 @@ class Daemon:
         elif self.config.templates_dir.exists():
             paths.append(self.config.templates_dir)
         return [path.resolve() for path in paths]
-
-    async def _watch(self) -> None:
-        """Reload on every edit, for as long as the daemon runs.
-
-        The watcher is started again when it fails (watchfiles raising, a
-        watched folder deleted or replaced), and the config is reloaded once
-        it watches again, so an edit made meanwhile is not missed.
-        """
-        failures = 0
-        catch_up = False
-        while self.state is RunState.RUNNING:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            try:
-                await self._watch_once(catch_up)
-            except Exception as exc:
-                problem = f"the file watcher failed ({type(exc).__name__}: {exc})"
-            else:
-                if self.state is not RunState.RUNNING:
-                    return
-                problem = "a watched folder was removed or replaced"
-            if loop.time() - started > WATCH_RETRY_SECONDS[-1]:
-                failures = 0
-            pause = WATCH_RETRY_SECONDS[min(failures, len(WATCH_RETRY_SECONDS) - 1)]
-            failures += 1
-            catch_up = True
-            log.error("%s; watching again in %.0f s (SIGHUP reloads at any time)", problem, pause)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._stopped.wait()
-
-    async def _watch_once(self, catch_up: bool) -> None:
-        """Watch until stopped; returns early when a watched folder itself goes away.
-
-        With *catch_up*, the config is reloaded as soon as the watch is set up
-        (watchfiles yields an empty set then): edits made while nothing
-        watched are picked up, and none made after it can slip through.
-        """
-        roots = self._watched()
-        async for changes in awatch(
-            *roots,
-            watch_filter=ConfigFilter(),
-            stop_event=self._stopped,
-            debounce=500,
-            rust_timeout=1000,
-            yield_on_timeout=catch_up,
-        ):
-            # inotify watches the folder, not its name: once it is deleted or
-            # renamed (a deployment swapping config/), nothing more is seen.
-            if any(Path(p) in roots for change, p in changes if change is Change.deleted):
-                return
-            names = changed_names(roots, (p for _, p in changes))
-            if catch_up:
-                catch_up = False
-                await self.reload("file watcher restarted")
-            elif names:
-                await self.reload("changed: " + ", ".join(names))
-
-
-def changed_names(roots: list[Path], paths: Iterable[str]) -> list[str]:
-    """Changed files as the organiser knows them: relative to the watched folder."""
-    names = set()
-    for raw in paths:
-        path = Path(raw)
-        for root in roots:
-            if path.is_relative_to(root) and path != root:
-                names.add(_printable(path.relative_to(root).as_posix()))
-                break
-        else:
-            names.add(_printable(path.name))
-    return sorted(names)
 
 
 async def run_daemon(config: Config, *, config_dir: Path, templates_dir: Path | None) -> int:

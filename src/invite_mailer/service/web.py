@@ -16,14 +16,10 @@ honoured from the next pass on without touching ``config/``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import logging
 import os
 import re
-import resource
-import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parseaddr
@@ -31,21 +27,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import uvicorn
+import jinja2
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from invite_mailer.core.tokens import verify_token
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.errors import ConfigError, InviteMailerError
 from invite_mailer.inputs.addresses import load_address_list
 from invite_mailer.inputs.config import OPTOUT_FILE, Config
+from invite_mailer.service.server import MAX_HEADER_BYTES, RunningServer, start_server
 
-__all__ = ["RunningServer", "create_app", "mask_address", "start_server", "start_unsubscribe"]
+__all__ = ["UnsubscribePages", "create_app", "mask_address", "start_unsubscribe"]
 
 log = logging.getLogger("invite_mailer.service.web")
 
@@ -57,21 +54,6 @@ MAX_TOKEN_CHARS = 512
 
 MAX_TARGET_BYTES = 2048
 """Longest request line target (path and query) that is looked at."""
-
-MAX_HEADER_BYTES = 8 * 1024
-"""Request line and headers together; a client sending more is cut off (h11)."""
-
-MAX_CONNECTIONS = 100
-"""Open connections at once; more are closed as soon as they are accepted."""
-
-REQUEST_SECONDS = 10.0
-"""A connection must send a complete request within this time (slow clients)."""
-
-KEEP_ALIVE_SECONDS = 5
-"""An idle connection between two requests is closed after this time."""
-
-STOP_SECONDS = 10.0
-"""How long :meth:`RunningServer.stop` waits for requests in progress."""
 
 SOURCE_ONE_CLICK = "one-click"
 SOURCE_WEB_FORM = "web form"
@@ -88,19 +70,24 @@ _SECURITY_HEADERS = {
     "X-Robots-Tag": "noindex, nofollow",
 }
 
-_STYLE = """
-body { margin: 0; padding: 2rem 1rem; background: #f3f4f6; color: #1f2937;
-  font: 16px/1.5 Arial, Helvetica, sans-serif; }
-main { max-width: 34rem; margin: 0 auto; padding: 2rem; background: #fff;
-  border-radius: 6px; border-top: 4px solid #005a87; }
-h1 { margin: 0 0 1rem; font-size: 1.4rem; color: #005a87; }
-p { margin: 0 0 1rem; }
-.address { font-weight: bold; }
-button { padding: .7rem 1.4rem; border: 0; border-radius: 4px; background: #005a87;
-  color: #fff; font: inherit; font-weight: bold; cursor: pointer; }
-button:hover, button:focus { background: #00476b; }
-.small { font-size: .875rem; color: #4b5563; }
-"""
+
+def _escape(value: Any) -> Any:
+    """The standard library's escaping (``&quot;``, ``&#x27;``), as the pages always had.
+
+    Autoescape stays on behind it: whatever this leaves as text is escaped anyway.
+    """
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return Markup(html.escape(value))
+    return value
+
+
+_PAGES = jinja2.Environment(
+    loader=jinja2.PackageLoader("invite_mailer.service", "pages"),
+    autoescape=True,
+    finalize=_escape,
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
 
 
 def mask_address(address: str) -> str:
@@ -111,14 +98,8 @@ def mask_address(address: str) -> str:
     return f"{local[0]}***@{domain}"
 
 
-def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
-    document = (
-        '<!DOCTYPE html>\n<html lang="de">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        '<meta name="robots" content="noindex, nofollow">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n"
-        f"<body>\n<main>\n<h1>{html.escape(title)}</h1>\n{body}\n</main>\n</body>\n</html>\n"
-    )
+def _page(name: str, status_code: int = 200, **context: str) -> HTMLResponse:
+    document = _PAGES.get_template(f"{name}.html.j2").render(**context)
     return HTMLResponse(document, status_code=status_code, headers=_SECURITY_HEADERS)
 
 
@@ -132,6 +113,109 @@ def _is_one_click(content_type: str, body: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return fields.get("List-Unsubscribe") == ["One-Click"]
+
+
+async def _read_body(request: Request) -> bytes | Response:
+    """The request body, or the answer to give when there is none worth reading."""
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return PlainTextResponse("request body too large", status_code=413)
+    except ClientDisconnect:
+        # Gone before its body was complete (a closed tab, a scanner, a flood):
+        # nobody asked for anything and nobody reads an answer.
+        log.debug("unsubscribe: the client left before sending its whole request")
+        return Response(status_code=400)
+    return bytes(body)
+
+
+@dataclass(frozen=True)
+class UnsubscribePages:
+    """The routes of the endpoint for one series; see :func:`create_app`."""
+
+    series_id: str
+    secret: str
+    ledger_path: Path
+    listed: _AddressListCache | None = None
+    series_title: str = ""
+    contact_address: str = ""
+
+    @property
+    def about(self) -> str:
+        return f"„{self.series_title}“" if self.series_title else "dieser Veranstaltungsreihe"
+
+    async def healthz(self, request: Request) -> Response:
+        """``GET /healthz``: the endpoint answers."""
+        return PlainTextResponse("ok", headers={"Cache-Control": "no-store"})
+
+    async def unsubscribe(self, request: Request) -> Response:
+        """``GET /{token}`` shows what a POST would do; ``POST /{token}`` opts out."""
+        token = request.path_params["token"]
+        if token == "healthz":  # another method than GET: not a token either
+            return PlainTextResponse(
+                "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
+            )
+        address = self._address_of(token, logged=request.method == "POST")
+        if address is None:
+            return _page("invalid", 400, contact_address=self.contact_address)
+        if request.method != "POST":  # GET and HEAD only look
+            return await self._confirmation(address)
+        body = await _read_body(request)
+        if isinstance(body, Response):
+            return body
+        content_type = request.headers.get("content-type", "")
+        source = SOURCE_ONE_CLICK if _is_one_click(content_type, body) else SOURCE_WEB_FORM
+        return await self._opt_out(address, source)
+
+    def _address_of(self, token: str, *, logged: bool) -> str | None:
+        too_long = len(token) > MAX_TOKEN_CHARS
+        address = None if too_long else verify_token(self.secret, self.series_id, token)
+        if address is None and logged:
+            # The length tells a truncated link from a forged one; the token
+            # itself would show the address it claims.
+            length = "too many" if too_long else str(len(token))
+            log.warning("unsubscribe: rejected an invalid token (%s characters)", length)
+        return address
+
+    async def _confirmation(self, address: str) -> Response:
+        shown = mask_address(address)
+        if await self._already_opted_out(address):
+            return _page("already", address=shown, about=self.about)
+        return _page("confirm", address=shown, about=self.about)
+
+    async def _already_opted_out(self, address: str) -> bool:
+        if self.listed is not None:
+            try:
+                if address in await self.listed.get():
+                    return True
+            except (ConfigError, OSError) as exc:
+                log.warning("cannot read %s: %s", self.listed.path, exc)
+        if not self.ledger_path.exists():
+            return False
+        async with Ledger.open(self.ledger_path) as ledger:
+            return address in await ledger.optouts(self.series_id)
+
+    async def _opt_out(self, address: str, source: str) -> Response:
+        try:
+            async with Ledger.open(self.ledger_path) as ledger:
+                added = await ledger.add_optout(
+                    self.series_id, address, source=source, now=datetime.now(UTC)
+                )
+        except (InviteMailerError, OSError) as exc:
+            log.error(
+                "unsubscribe: cannot record the opt-out of %s: %s", mask_address(address), exc
+            )
+            return _page("unavailable", 503)
+        if added:
+            log.info(
+                "unsubscribe: %s opted out (%s)",
+                mask_address(address),
+                source,
+                extra={"series": self.series_id, "source": source},
+            )
+        return _page("done", address=mask_address(address), about=self.about)
 
 
 def create_app(
@@ -152,121 +236,18 @@ def create_app(
     address is already blocked there. *series_title* and *contact_address*
     make the pages friendlier; both are optional.
     """
-    ledger_path = Path(ledger_path)
-    about = f"„{series_title}“" if series_title else "dieser Veranstaltungsreihe"
-    listed = _AddressListCache(optout_file) if optout_file is not None else None
-
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok", headers={"Cache-Control": "no-store"})
-
-    def invalid() -> HTMLResponse:
-        hint = ""
-        if contact_address:
-            mail = html.escape(contact_address)
-            hint = (
-                f'<p>Schreiben Sie uns gern an <a href="mailto:{mail}">{mail}</a>; '
-                "wir tragen Sie dann von Hand aus.</p>"
-            )
-        return _page(
-            "Abmeldelink ungültig",
-            "<p>Dieser Abmeldelink ist ungültig oder unvollständig. Bitte öffnen Sie den "
-            "Link direkt aus der E-Mail; manche Programme kürzen lange Links beim "
-            "Kopieren.</p>" + hint,
-            status_code=400,
-        )
-
-    async def already_opted_out(address: str) -> bool:
-        if listed is not None:
-            try:
-                if address in await listed.get():
-                    return True
-            except (ConfigError, OSError) as exc:
-                log.warning("cannot read %s: %s", optout_file, exc)
-        if not ledger_path.exists():
-            return False
-        async with Ledger.open(ledger_path) as ledger:
-            return address in await ledger.optouts(series_id)
-
-    async def unsubscribe(request: Request) -> Response:
-        token = request.path_params["token"]
-        if token == "healthz":  # another method than GET: not a token either
-            return PlainTextResponse(
-                "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
-            )
-        address = verify_token(secret, series_id, token) if len(token) <= MAX_TOKEN_CHARS else None
-        if address is None:
-            if request.method == "POST":
-                # The length tells a truncated link from a forged one; the token
-                # itself would show the address it claims.
-                length = str(len(token)) if len(token) <= MAX_TOKEN_CHARS else "too many"
-                log.warning("unsubscribe: rejected an invalid token (%s characters)", length)
-            return invalid()
-        shown = html.escape(mask_address(address))
-        if request.method != "POST":  # GET and HEAD only look
-            if await already_opted_out(address):
-                return _page(
-                    "Bereits abgemeldet",
-                    f'<p>Die Adresse <span class="address">{shown}</span> ist bereits '
-                    f"abgemeldet und erhält keine E-Mails mehr zu {html.escape(about)}.</p>",
-                )
-            return _page(
-                "Abmelden",
-                f'<p>Möchten Sie die Adresse <span class="address">{shown}</span> von allen '
-                f"weiteren E-Mails zu {html.escape(about)} abmelden?</p>\n"
-                # No action attribute: the form posts to this very URL, also
-                # behind a reverse proxy that serves it under a path prefix.
-                '<form method="post">\n'
-                '<input type="hidden" name="bestaetigt" value="ja">\n'
-                '<p><button type="submit">Ja, abmelden</button></p>\n</form>\n'
-                '<p class="small">Sie erhalten danach keine Einladungen, Erinnerungen oder '
-                "Nachbereitungen zu dieser Reihe mehr.</p>",
-            )
-        body = bytearray()
-        try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    return PlainTextResponse("request body too large", status_code=413)
-        except ClientDisconnect:
-            # Gone before its body was complete (a closed tab, a scanner, a flood):
-            # nobody asked for anything and nobody reads an answer.
-            log.debug("unsubscribe: the client left before sending its whole request")
-            return Response(status_code=400)
-        content_type = request.headers.get("content-type", "")
-        source = SOURCE_ONE_CLICK if _is_one_click(content_type, bytes(body)) else SOURCE_WEB_FORM
-        try:
-            async with Ledger.open(ledger_path) as ledger:
-                added = await ledger.add_optout(
-                    series_id, address, source=source, now=datetime.now(UTC)
-                )
-        except (InviteMailerError, OSError) as exc:
-            log.error(
-                "unsubscribe: cannot record the opt-out of %s: %s", mask_address(address), exc
-            )
-            return _page(
-                "Abmeldung nicht möglich",
-                "<p>Ihre Abmeldung konnte gerade nicht gespeichert werden. Bitte versuchen "
-                "Sie es in einigen Minuten noch einmal.</p>",
-                status_code=503,
-            )
-        if added:
-            log.info(
-                "unsubscribe: %s opted out (%s)",
-                mask_address(address),
-                source,
-                extra={"series": series_id, "source": source},
-            )
-        return _page(
-            "Sie wurden abgemeldet",
-            f'<p>Die Adresse <span class="address">{shown}</span> erhält keine weiteren '
-            f"E-Mails zu {html.escape(about)}.</p>\n"
-            "<p>Falls das ein Versehen war, antworten Sie einfach auf eine unserer E-Mails.</p>",
-        )
-
+    pages = UnsubscribePages(
+        series_id,
+        secret,
+        Path(ledger_path),
+        listed=_AddressListCache(optout_file) if optout_file is not None else None,
+        series_title=series_title,
+        contact_address=contact_address,
+    )
     app = Starlette(
         routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/{token}", unsubscribe, methods=["GET", "POST"]),
+            Route("/healthz", pages.healthz, methods=["GET"]),
+            Route("/{token}", pages.unsubscribe, methods=["GET", "POST"]),
         ]
     )
     app.add_middleware(_RequestGuard)
@@ -348,190 +329,6 @@ class _RequestGuard:
             refusal[1], status_code=refusal[0], headers={"Connection": "close"}
         )
         await response(scope, receive, send)
-
-
-# --- serving ---------------------------------------------------------------------------
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def connection_limit() -> int:
-    """:data:`MAX_CONNECTIONS`, or a quarter of the descriptors still free.
-
-    The listen backlog is as large, so at most half the free descriptors go
-    to HTTP clients; the rest are for the ledger, the file watcher, SMTP
-    connections and config files, which idle clients must never use up.
-    Counted from what is free, not from the limit: the process already holds
-    its libraries, the ledger and the watcher when the server starts.
-    """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(4, min(MAX_CONNECTIONS, (soft - _open_descriptors()) // 4))
-
-
-def _open_descriptors() -> int:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:  # no /proc: assume a modest start-up use
-        return 64
-
-
-class _BoundedProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a bound on connections and on request time.
-
-    uvicorn times out idle keep-alive connections only after a first
-    response: a client that connects and sends nothing, or drips a request
-    byte by byte (slowloris), would hold its descriptor for ever. Here every
-    request must be complete within :data:`REQUEST_SECONDS`, and connections
-    beyond the limit are closed at once instead of waiting for descriptors
-    to run out.
-    """
-
-    limit = MAX_CONNECTIONS
-    request_seconds = REQUEST_SECONDS
-    _deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if len(self.connections) > self.limit:
-            log.warning(
-                "unsubscribe endpoint: more than %d connections at once; closing new ones",
-                self.limit,
-            )
-            transport.abort()
-            return
-        self._arm()
-
-    def _arm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._deadline = self.loop.call_later(self.request_seconds, self._too_slow)
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        if self.transport.is_closing():
-            return
-        if self.cycle is not None and not self.cycle.response_complete and not self.cycle.more_body:
-            # The request is complete and the app is answering: not the client's fault.
-            self._arm()
-            return
-        self.transport.close()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm()  # the next request on this connection gets the same time
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        super().connection_lost(exc)
-
-
-@dataclass
-class RunningServer:
-    """An HTTP server running as a task of the current event loop."""
-
-    server: uvicorn.Server
-    task: asyncio.Task[None]
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    async def stop(self) -> None:
-        """Stop accepting, let running requests finish (up to 10 s), close."""
-        self.server.should_exit = True
-        try:
-            async with asyncio.timeout(STOP_SECONDS):
-                await asyncio.shield(self.task)
-        except TimeoutError:
-            self.server.force_exit = True
-            await self.task
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except BaseException:
-            sock.close()
-            raise
-    except OSError as exc:
-        raise InviteMailerError(
-            f"cannot listen on {host}:{port} for the unsubscribe endpoint: "
-            f"{exc.strerror or exc}; set unsubscribe.bind_host / bind_port "
-            "(INVITE_MAILER_UNSUBSCRIBE__BIND_PORT) to a free address"
-        ) from None
-    sock.set_inheritable(True)
-    return sock
-
-
-async def start_server(
-    app: Starlette,
-    host: str,
-    port: int,
-    *,
-    max_connections: int | None = None,
-    request_seconds: float = REQUEST_SECONDS,
-) -> RunningServer:
-    """Serve *app* on *host*:*port* (0 = any free port) until :meth:`RunningServer.stop`.
-
-    Returns once the socket listens. The socket is bound here rather than by
-    uvicorn, which would exit the whole process when the port is taken.
-    *max_connections* (default: :func:`connection_limit`) and
-    *request_seconds* bound what clients can hold, see :class:`_BoundedProtocol`.
-    """
-    sock = _bind(host, port)
-    limit = max_connections or connection_limit()
-    protocol: Any = type(
-        "BoundedProtocol",
-        (_BoundedProtocol,),
-        {"limit": limit, "request_seconds": request_seconds},
-    )
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        lifespan="off",
-        log_level="warning",
-        # uvicorn's own logging set-up would replace the application's format.
-        log_config=None,
-        # The path holds the token, and the token the address: never logged.
-        access_log=False,
-        server_header=False,
-        http=protocol,
-        limit_concurrency=limit,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-        # asyncio accepts up to a backlog's worth of connections in one go,
-        # before any of them can be refused: this bounds that burst too.
-        backlog=limit,
-    )
-    server = _Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="unsubscribe-endpoint")
-    while not server.started:
-        if task.done():
-            sock.close()
-            task.result()  # raises what stopped it
-            raise InviteMailerError("the unsubscribe endpoint stopped while starting")
-        await asyncio.sleep(0.01)
-    return RunningServer(server, task, host, int(sock.getsockname()[1]))
 
 
 async def start_unsubscribe(config: Config) -> RunningServer | None:
