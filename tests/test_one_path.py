@@ -75,6 +75,7 @@ def test_preview_is_what_send_due_sends(
     same_mail(preview, sent_to(project / "outbox", kind, CONTACT))
 
 
+@pytest.mark.slow
 def test_an_update_preview_is_what_send_due_sends(project: Path) -> None:
     """With the ledger's history: the calendar SEQUENCE and the changed time agree."""
     invoke("send-due", "--now", "2024-10-24 10:00")
