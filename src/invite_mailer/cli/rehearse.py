@@ -46,6 +46,7 @@ from invite_mailer.inputs.series import Kind
 from invite_mailer.inputs.settings import StateSettings, TransportKind, TransportSettings
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.fastwire import WireComposer
 from invite_mailer.mail.summary import KIND_LABELS
 
 __all__ = ["MailRecord", "MailingReport", "Rehearsal", "rehearse"]
@@ -361,7 +362,8 @@ def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
     event = config.series.event(mailing.event)
     request = request_for(mailing.kind, event, contact, mailing.due, attendance=config.attendance)
     try:
-        message = mime.build(Composer.from_config(config).render(request))
+        # The builder every command sends with, as preview uses it.
+        wire = WireComposer(Composer.from_config(config)).wire_for(request)
     except (ConfigError, ValueError) as exc:
         log.warning("no preview of %s: %s", mailing.id, exc)
         return None
@@ -370,8 +372,8 @@ def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
     path = folder / f"{stem}.html"
     with writing(out):
         folder.mkdir(exist_ok=True)
-        (folder / f"{stem}.eml").write_bytes(mime.wire(message).data)
-        path.write_text(_html_of(message), encoding="utf-8")
+        (folder / f"{stem}.eml").write_bytes(wire.data)
+        path.write_text(_html_of(mime.parse(wire)), encoding="utf-8")
     return path.relative_to(out)
 
 
