@@ -597,10 +597,10 @@ def test_an_unexpected_error_is_one_line_and_a_bug_report_request(project: Path)
     script = (
         "import sys\n"
         "from invite_mailer import cli\n"
-        "from invite_mailer.cli import commands as app\n"
+        "from invite_mailer.cli import commands\n"
         "def broken(*args, **kwargs):\n"
         "    raise RuntimeError('boom [/] inside')\n"
-        "app.validate = broken\n"
+        "commands.validate = broken\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     for verbose in (False, True):
@@ -699,10 +699,10 @@ def test_json_logs_carry_a_bug_report_with_its_traceback(project: Path) -> None:
     script = (
         "import sys\n"
         "from invite_mailer import cli\n"
-        "from invite_mailer.cli import commands as app\n"
+        "from invite_mailer.cli import commands\n"
         "def broken(*args, **kwargs):\n"
         "    raise RuntimeError('boom')\n"
-        "app.validate = broken\n"
+        "commands.validate = broken\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     args = [sys.executable, "-c", script, "--log-format", "json", "--verbose", "validate"]

@@ -168,3 +168,20 @@ class SenderRefused(PermanentFailure):
     would be refused the same way, so the pass stops and nothing is marked
     failed.
     """
+
+
+class UncertainFailure(TemporaryFailure):
+    """The message data was sent, but no answer came: it may have been delivered."""
+
+
+class LedgerError(InviteMailerError, RuntimeError):
+    """The state database cannot be used, or was asked for an impossible change."""
+
+    def __init__(self, message: str, *, hint: str | None = None, temporary: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.temporary = temporary
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message

@@ -12,8 +12,7 @@ import click
 
 from invite_mailer import __version__
 from invite_mailer.cli import advisories as advice
-from invite_mailer.cli import commands as app
-from invite_mailer.cli import output as report
+from invite_mailer.cli import commands, output
 from invite_mailer.cli.options import (
     common,
     config_only,
@@ -61,10 +60,10 @@ def cli(log_format: str, verbose: bool) -> None:
 def validate(config_dir: Path, templates: Path | None) -> None:
     """Check all files and render every mail for every recipient; send nothing."""
     config = load(config_dir, templates)
-    result = app.validate(config)
+    result = commands.validate(config)
     for warning in result.advisories:
         warn(warning)
-    out.print(report.validation_line(result))
+    out.print(output.validation_line(result))
 
 
 @cli.command("plan")
@@ -78,11 +77,11 @@ def plan_command(
     """The timeline: every mailing with due time, deadline, state and counts."""
     config = load(config_dir, templates)
     now = now_of(now_text, config)
-    mailings = asyncio.run(app.current_plan(config, now))
+    mailings = asyncio.run(commands.current_plan(config, now))
     if as_json:
-        print_json(report.plan_json(mailings, config.series, now))
+        print_json(output.plan_json(mailings, config.series, now))
     else:
-        out.print(report.plan_table(mailings, config.series, now))
+        out.print(output.plan_table(mailings, config.series, now))
 
 
 @cli.command()
@@ -110,8 +109,8 @@ def preview(
     """Write the exact message as .eml, and its HTML part as .html."""
     config = load(config_dir, templates)
     now = now_of(now_text, config)
-    view = asyncio.run(app.snapshot(config))
-    written = app.preview(
+    view = asyncio.run(commands.snapshot(config))
+    written = commands.preview(
         config, Kind(kind), event_id=event_id, email=email, out=out, now=now, view=view
     )
     for path in written:
@@ -127,18 +126,18 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
     """One pass: send everything due and open, then exit (safe to repeat, e.g. from cron)."""
     config = load(config_dir, templates)
     now = now_of(now_text, config)
-    with app.locked(config):
+    with commands.locked(config):
         if sys.stderr.isatty() and not as_json:
-            with report.progress_bars() as on_progress:
-                outcome = asyncio.run(app.send_due(config, now, on_progress=on_progress))
+            with output.progress_bars() as on_progress:
+                outcome = asyncio.run(commands.send_due(config, now, on_progress=on_progress))
         else:
-            outcome = asyncio.run(app.send_due(config, now))
+            outcome = asyncio.run(commands.send_due(config, now))
     for delivery in outcome.recovered:
-        say(err, "uncertain:", report.recovered_line(delivery))
+        say(err, "uncertain:", output.recovered_line(delivery))
     if as_json:
-        print_json(report.send_due_json(outcome, now))
+        print_json(output.send_due_json(outcome, now))
     else:
-        echo(report.send_due_line(outcome, now, config.series))
+        echo(output.send_due_line(outcome, now, config.series))
         for mailing_id, email, answer in outcome.result.failures:
             say(err, "failed:", f"{mailing_id} {email}: {answer}")
     code = _send_due_exit(outcome)
@@ -146,7 +145,7 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
         sys.exit(code)
 
 
-def _send_due_exit(outcome: app.SendDueResult) -> int:
+def _send_due_exit(outcome: commands.SendDueResult) -> int:
     """Warn about what stopped the pass; the exit code of ``send-due``."""
     result = outcome.result
     if result.sender_refused is not None:
@@ -186,20 +185,20 @@ def status(
     """What was sent, failed, uncertain and pending, per mailing."""
     config = load(config_dir, templates)
     now = now_of(now_text, config)
-    result = asyncio.run(app.status(config, now))
+    result = asyncio.run(commands.status(config, now))
     if as_json:
-        print_json(report.status_json(result, now, only_failed=only_failed))
+        print_json(output.status_json(result, now, only_failed=only_failed))
     else:
         if not only_failed:
-            retrying = report.retrying_by_mailing(result.retrying)
-            out.print(report.status_table(result.mailings, retrying, config.series))
+            retrying = output.retrying_by_mailing(result.retrying)
+            out.print(output.status_table(result.mailings, retrying, config.series))
         if result.failed:
-            out.print(report.deliveries_table("Failed (not retried)", result.failed, config.series))
+            out.print(output.deliveries_table("Failed (not retried)", result.failed, config.series))
         elif only_failed:
             echo("No failed deliveries.")
         if result.uncertain:
             out.print(
-                report.deliveries_table(report.UNCERTAIN_TITLE, result.uncertain, config.series)
+                output.deliveries_table(output.UNCERTAIN_TITLE, result.uncertain, config.series)
             )
     if result.failed:
         sys.exit(EXIT_FAILED)
@@ -229,12 +228,12 @@ def send_test(
     now = now_of(now_text, config)
     try:
         answer = asyncio.run(
-            app.send_test(config, Kind(kind), to=to, event_id=event_id, email=email, now=now)
+            commands.send_test(config, Kind(kind), to=to, event_id=event_id, email=email, now=now)
         )
     except TransportError as exc:
         say(err, "failed:", str(exc))
         sys.exit(EXIT_FAILED)
-    echo(f"sent test {kind} to {to} via {app.destination(config)}: {answer}")
+    echo(f"sent test {kind} to {to} via {commands.destination(config)}: {answer}")
 
 
 @cli.command()
@@ -254,7 +253,7 @@ def run(config_dir: Path, templates: Path | None) -> None:
 @handle_errors
 def health(config_dir: Path, templates: Path | None) -> None:
     """Exit 0 if the daemon's heartbeat is fresh (for container and monitoring checks)."""
-    ok, message = app.health(config_dir, datetime.now(UTC))
+    ok, message = commands.health(config_dir, datetime.now(UTC))
     click.echo(message)
     sys.exit(EXIT_OK if ok else EXIT_INVALID)
 
@@ -278,11 +277,11 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
     files = optouts.load(config_dir)
     entries = asyncio.run(optouts.entries(files))
     if as_json:
-        print_json(report.optouts_json(files, entries))
+        print_json(output.optouts_json(files, entries))
     elif not entries:
         echo(f"No opt-outs for {files.series.id}.")
     else:
-        out.print(report.optouts_table(files, entries))
+        out.print(output.optouts_table(files, entries))
 
 
 @optout.command("add")
@@ -319,7 +318,7 @@ def optout_remove(address: str, config_dir: Path) -> None:
     key = address.strip().lower()
     line = optouts.file_lines(files.optout_file).get(key)
     where = str(files.optout_file) + (f", line {line}" if line else "")
-    label, message = report.removal_answer(key, outcome, where)
+    label, message = output.removal_answer(key, outcome, where)
     if label is None:
         echo(message)
         return
@@ -354,9 +353,9 @@ def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: b
         warn(warning)
     result = asyncio.run(play(config, out_dir))
     if as_json:
-        print_json(report.rehearsal_json(result, advisories))
+        print_json(output.rehearsal_json(result, advisories))
         return
-    for line in report.rehearsal_lines(result):
+    for line in output.rehearsal_lines(result):
         echo(line)
 
 

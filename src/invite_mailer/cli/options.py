@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 from email_validator import EmailNotValidError, validate_email
 
-from invite_mailer.cli import commands as app
+from invite_mailer.cli import commands
 from invite_mailer.cli.output import err, json_logs, say, verbose, warn
 from invite_mailer.errors import (
     EXIT_FAILED,
@@ -103,7 +103,7 @@ def _fail(exc: BaseException) -> NoReturn:
         say(err, "error:", str(exc))
         sys.exit(EXIT_TEMPFAIL if exc.temporary else EXIT_INVALID)
     if isinstance(exc, OSError):
-        say(err, "error:", app.describe_os_error(exc))
+        say(err, "error:", commands.describe_os_error(exc))
         # A missing file or permission stays so until someone fixes it; a full
         # disk or too many open files may pass.
         sys.exit(EXIT_INVALID if isinstance(exc, LASTING_OS_ERRORS) else EXIT_TEMPFAIL)
@@ -129,7 +129,7 @@ def _only_cause(exc: BaseException) -> BaseException:
 def now_of(text: str | None, config: Config) -> datetime:
     """``--now``, or a usage error that says what was wrong with it."""
     try:
-        return app.parse_now(text, config)
+        return commands.parse_now(text, config)
     except ConfigError as exc:
         problem = exc.problems[0]
         hint = f" ({problem.hint})" if problem.hint else ""

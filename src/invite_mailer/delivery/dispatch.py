@@ -33,25 +33,21 @@ from invite_mailer.delivery.ledger import (
     DeliveryKey,
     DeliveryState,
     Ledger,
-    LedgerError,
     LedgerView,
     format_version,
 )
-from invite_mailer.delivery.results import (
-    MailingResult,
-    Outcome,
-    PassResult,
-    ProgressCallback,
-)
+from invite_mailer.delivery.results import MailingResult, Outcome, PassResult, ProgressCallback
 from invite_mailer.delivery.senders import Item, SenderPool
-from invite_mailer.delivery.transport import Transport, UncertainFailure
+from invite_mailer.delivery.transport import Transport
 from invite_mailer.errors import (
     ConfigError,
     InviteMailerError,
+    LedgerError,
     PermanentFailure,
     SenderRefused,
     SetupFailure,
     TemporaryFailure,
+    UncertainFailure,
 )
 from invite_mailer.inputs.config import Config
 from invite_mailer.mail import mime

@@ -46,12 +46,12 @@ from invite_mailer.delivery.records import (
     Delivery,
     DeliveryKey,
     DeliveryState,
-    LedgerError,
     LedgerView,
     OptOut,
     format_version,
     parse_version,
 )
+from invite_mailer.errors import LedgerError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from invite_mailer.delivery.records import LedgerError
-from invite_mailer.errors import LockedError
+from invite_mailer.errors import LedgerError, LockedError
 
 __all__ = [
     "APPLICATION_ID",

@@ -12,14 +12,11 @@ from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
 
-from invite_mailer.errors import InviteMailerError
-
 __all__ = [
     "DateHistory",
     "Delivery",
     "DeliveryKey",
     "DeliveryState",
-    "LedgerError",
     "LedgerView",
     "OptOut",
     "format_version",
@@ -33,19 +30,6 @@ class DeliveryState(StrEnum):
     SENT = "sent"  # the relay accepted it
     FAILED = "failed"  # the relay refused it for good
     UNCERTAIN = "uncertain"  # in flight when the process died or the line went dead
-
-
-class LedgerError(InviteMailerError, RuntimeError):
-    """The state database cannot be used, or was asked for an impossible change."""
-
-    def __init__(self, message: str, *, hint: str | None = None, temporary: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.temporary = temporary
-
-    def __str__(self) -> str:
-        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,8 @@ from datetime import UTC, datetime, timedelta
 
 from invite_mailer.core.plan import Mailing
 from invite_mailer.delivery.handover import Handover
-from invite_mailer.delivery.records import LedgerError
 from invite_mailer.delivery.results import Outcome, PassResult, ProgressCallback
-from invite_mailer.errors import InviteMailerError
+from invite_mailer.errors import InviteMailerError, LedgerError
 
 __all__ = ["Deliver", "Item", "SenderPool"]
 

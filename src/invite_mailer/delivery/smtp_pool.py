@@ -45,6 +45,7 @@ from invite_mailer.errors import (
     SetupFailure,
     TemporaryFailure,
     TransportError,
+    UncertainFailure,
 )
 from invite_mailer.inputs.settings import Security, SmtpSettings
 
@@ -52,10 +53,6 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait for answers to the housekeeping commands (RSET, QUIT).
 _HOUSEKEEPING_TIMEOUT = 5.0
-
-
-class UncertainFailure(TemporaryFailure):
-    """The message data was sent, but no answer came: it may have been delivered."""
 
 
 class _Phase(StrEnum):

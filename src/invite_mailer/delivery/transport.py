@@ -21,8 +21,8 @@ from typing import Protocol, Self
 
 from invite_mailer.delivery.handover import Handover, mark_handover, track_handover
 from invite_mailer.delivery.ratelimit import RateLimiter, SendJournal
-from invite_mailer.delivery.smtp_pool import SmtpPool, UncertainFailure
-from invite_mailer.errors import SetupFailure
+from invite_mailer.delivery.smtp_pool import SmtpPool
+from invite_mailer.errors import SetupFailure, UncertainFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportKind
 from invite_mailer.mail.mime import Wire
 
