@@ -142,6 +142,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--naive-count", type=int, default=2_000, help="mails per naive run")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="EXECUTABLE",
+        help="another invite-mailer executable (e.g. an older release in its own venv), "
+        "timed in the same runs, interleaved, for a paired comparison",
+    )
     options = parser.parse_args()
     common.require(common.SMTP_SINK, common.SMTP_SOURCE)
     n, p = options.contacts, options.connections
@@ -181,6 +188,8 @@ def main() -> None:
         invite = workspace.invoke("send-due", "--now", common.INVITATION_NOW, "--json")
         env = workspace.env()
         rates: dict[str, list[float]] = {"ceiling": [], "naive": [], "invite-mailer": []}
+        if options.baseline:
+            rates["baseline"] = []
         with common.smtp_sink(port):
             for run in range(options.runs):
                 rates["ceiling"].append(n / timed(source, stdout=subprocess.DEVNULL))
@@ -188,6 +197,11 @@ def main() -> None:
                 common.reset_state(workspace)
                 seconds = timed(invite, env=env, cwd=workspace.root, stdout=subprocess.DEVNULL)
                 rates["invite-mailer"].append(n / seconds)
+                if options.baseline:
+                    common.reset_state(workspace)
+                    other = [str(options.baseline), *invite[1:]]
+                    seconds = timed(other, env=env, cwd=workspace.root, stdout=subprocess.DEVNULL)
+                    rates["baseline"].append(n / seconds)
                 print(
                     f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()),
                     flush=True,
@@ -206,13 +220,19 @@ def main() -> None:
         "median": medians,
         "vs_naive": medians["invite-mailer"] / medians["naive"],
         "of_ceiling": medians["invite-mailer"] / medians["ceiling"],
+        **(
+            {"vs_baseline": medians["invite-mailer"] / medians["baseline"]}
+            if options.baseline
+            else {}
+        ),
         "targets": {
             "vs_naive >= 5": medians["invite-mailer"] / medians["naive"] >= 5,
             "of_ceiling >= 0.15": medians["invite-mailer"] / medians["ceiling"] >= 0.15,
         },
     }
     path = common.save(f"throughput-p{p}", result)
-    summary = {k: result[k] for k in ("median", "vs_naive", "of_ceiling", "targets")}
+    shown = ("median", "vs_naive", "of_ceiling", "vs_baseline", "targets")
+    summary = {k: result[k] for k in shown if k in result}
     print(json.dumps(summary, indent=2))
     print(f"written to {path}")
     plot(result)
