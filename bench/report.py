@@ -154,6 +154,22 @@ def scale(result: dict[str, Any]) -> str:
             f"{r['peak_main_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {worker} |"
         )
     targets = "\n".join(f"| {name} | {mark(ok)} |" for name, ok in result["target"].items())
+    paired = ""
+    if result.get("paired"):
+        pairs = "\n".join(
+            f"| {r['contacts']:,} | {r['command']} | {r['this_mb']:.1f} MB | "
+            f"{r['baseline_mb']:.1f} MB |"
+            for r in result["paired"]
+        )
+        paired = f"""
+Peak RSS of the invite-mailer process, this build and the baseline
+({result["paired_baseline"]}) measured back to back with
+`bench/scale.py --sizes N --commands C` on the same machine:
+
+| contacts | command | this build | baseline |
+|---:|---|---:|---:|
+{pairs}
+"""
     return f"""\
 ## Memory and time at scale
 
@@ -173,6 +189,7 @@ process tree sampled every 10 ms, each process's proportional set size summed
 |---|---|
 {targets}
 
+{paired}
 ![Memory and time against the number of contacts](scale.png)
 
 The composing worker is what makes `send-due` fast (see above), and it costs
