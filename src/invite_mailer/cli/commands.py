@@ -378,11 +378,14 @@ async def send_due(
     Every mailing is rendered once first, so a broken template stops the pass
     before anything is sent rather than halfway through.
     """
-    validate_sample(config)
+    composer = Composer.from_config(config)
+    validate_sample(config, composer)
     async with Ledger.open(config.settings.state.path) as ledger:
         recovered = await ledger.recover(now)
         async with make_transport(config.settings) as transport:
-            dispatcher = Dispatcher(config, ledger, transport, on_progress=on_progress)
+            dispatcher = Dispatcher(
+                config, ledger, transport, on_progress=on_progress, composer=composer
+            )
             # SIGTERM (systemd, docker stop, a cron timeout) ends the pass the
             # way the daemon does: waiting mails go back, in-flight ones finish.
             loop = asyncio.get_running_loop()

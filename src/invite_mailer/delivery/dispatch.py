@@ -102,8 +102,11 @@ class Dispatcher:
         retry_in_pass_seconds: float | None = None,
         on_progress: ProgressCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        composer: Composer | None = None,
     ) -> None:
         self.config = config
+        if composer is not None:
+            self.composer = composer  # else built on first use (see below)
         self.ledger = ledger
         self.transport = transport
         limits = config.settings.limits

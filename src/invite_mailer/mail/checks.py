@@ -13,10 +13,13 @@ from invite_mailer.mail.compose import Composer
 __all__ = ["validate_change_kinds", "validate_sample"]
 
 
-def validate_sample(config: Config) -> None:
-    """Render each mailing for one recipient: the cheap check used on reload."""
+def validate_sample(config: Config, composer: Composer | None = None) -> None:
+    """Render each mailing for one recipient: the cheap check used on reload.
+
+    Pass the *composer* that will send, so that a pass builds only one.
+    """
     now = config.series.first_start
-    composer = Composer.from_config(config)
+    composer = composer or Composer.from_config(config)
     for kind, event, _due, _deadline in mailing_times(config.series):
         if event is not None and event.cancelled:
             continue
