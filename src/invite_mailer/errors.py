@@ -105,10 +105,15 @@ class ProblemCollector:
         line: int | None = None,
         hint: str | None = None,
     ) -> None:
-        self.problems.append(Problem(path, message, line, hint))
+        self.append(Problem(path, message, line, hint))
 
     def extend(self, error: ConfigError) -> None:
-        self.problems.extend(error.problems)
+        for problem in error.problems:
+            self.append(problem)
+
+    def append(self, problem: Problem) -> None:
+        """Every problem passes through here (a subclass may cap or filter them)."""
+        self.problems.append(problem)
 
     def raise_if_any(self) -> None:
         if self.problems:

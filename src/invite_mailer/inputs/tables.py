@@ -56,20 +56,6 @@ class CappedProblems(ProblemCollector):
         else:
             self.hidden += 1
 
-    def add(
-        self,
-        path: Path | None,
-        message: str,
-        *,
-        line: int | None = None,
-        hint: str | None = None,
-    ) -> None:
-        self.append(Problem(path, message, line, hint))
-
-    def extend(self, error: ConfigError) -> None:
-        for problem in error.problems:
-            self.append(problem)
-
     def raise_if_any(self) -> None:
         if self.hidden:
             self.problems.append(
