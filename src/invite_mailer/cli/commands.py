@@ -145,7 +145,7 @@ def validate(config: Config) -> ValidationReport:
                 break
             report.rendered += 1
     try:
-        validate_change_kinds(config, now)
+        validate_change_kinds(config, now, wires.composer)
     except ConfigError as exc:
         for problem in exc:
             problems.setdefault(str(problem), problem)

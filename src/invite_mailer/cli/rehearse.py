@@ -249,11 +249,13 @@ async def _play(
         written = recorder.written.get(delivery.message_id)
         if written is not None:
             _file_mail(config, out, reports, delivery, written)
+    builder: WireComposer | None = None  # the send builder, built once if a sample is due
     for report in reports.values():
         order = {key: n for n, key in enumerate(report.mailing.audience)}
         report.mails.sort(key=lambda r: order.get(r.email, len(order)))
         if report.waited and not report.mails:
-            report.preview = _write_preview(virtual, report.mailing, out)
+            builder = builder or WireComposer(Composer.from_config(virtual))
+            report.preview = _write_preview(builder, virtual, report.mailing, out)
     ordered = sorted(reports.values(), key=lambda r: (r.mailing.due, r.mailing.event))
     return ordered, len(optouts)
 
@@ -350,7 +352,9 @@ def _record(
     )
 
 
-def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
+def _write_preview(
+    builder: WireComposer, config: Config, mailing: Mailing, out: Path
+) -> Path | None:
     """A sample of a mailing that sent nothing, so its text can still be checked."""
     contact: Contact | None = None
     for key in mailing.audience:
@@ -362,8 +366,7 @@ def _write_preview(config: Config, mailing: Mailing, out: Path) -> Path | None:
     event = config.series.event(mailing.event)
     request = request_for(mailing.kind, event, contact, mailing.due, attendance=config.attendance)
     try:
-        # The builder every command sends with, as preview uses it.
-        wire = WireComposer(Composer.from_config(config)).wire_for(request)
+        wire = builder.wire_for(request)
     except (ConfigError, ValueError) as exc:
         log.warning("no preview of %s: %s", mailing.id, exc)
         return None
