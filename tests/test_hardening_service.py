@@ -240,15 +240,23 @@ def test_the_watcher_survives_running_out_of_descriptors(
     daemon = start(daemons, service)
     offset = daemon.wait_for_log("scheduled")
     pid = daemon.process.pid
-    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    lowest_free = min(set(range(len(used) + 1)) - used)
     _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    # No descriptor below the limit is free: every open() in the daemon fails.
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+
+    def starve() -> None:
+        # No descriptor below the limit is free: every open() in the daemon
+        # fails. Again before each edit: a descriptor the daemon held for a
+        # moment when the list was read and has closed since leaves a gap.
+        used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        soft, _ = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(soft, lowest_free), hard))
+
+    starve()
     try:
         edited = series.read_text(encoding="utf-8") + "# edited\n"
         failures = re.compile(r"the file watcher failed|the last good config keeps running")
         for _ in range(10):
+            starve()
             series.write_text(edited, encoding="utf-8")
             time.sleep(1)
             found = failures.search(daemon.output(), offset)
