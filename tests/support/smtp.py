@@ -64,6 +64,9 @@ class Behaviour:
     drop_after_data: int = 0
     # Close the connection when the next N DATA commands arrive (before any data).
     drop_at_data_command: int = 0
+    # Answer the next N DATA commands (before any data) with data_command_reply.
+    data_command_fail: int = 0
+    data_command_reply: str = "554 5.5.1 Error: no valid recipients"
     # Sleep this long before answering each message's data.
     data_delay: float = 0.0
 
@@ -196,6 +199,9 @@ class _RecordingSMTP(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         if self._server._take("drop_at_data_command"):
             await _drop(self)
+        if self._server._take("data_command_fail"):
+            await self.push(self._server.behaviour.data_command_reply)
+            return
         await super().smtp_DATA(arg)
 
 

@@ -123,6 +123,8 @@ async def _pipelined(
                 tx.refused.append(SMTPRecipientRefused(answer.code, answer.message, recipient))
         if refusal is None and len(tx.refused) == len(recipients):
             refusal = _mildest(tx.refused)
+        if refusal is None:
+            tx.phase = Phase.DATA
         start = await pipeline.reply()
     except (SMTPServerDisconnected, SMTPTimeoutError):
         # A verdict that came before the connection broke stands; a relay
@@ -140,7 +142,6 @@ async def _pipelined(
             with contextlib.suppress(SMTPServerDisconnected, SMTPTimeoutError):
                 await pipeline.end_empty_data()
         raise refusal
-    tx.phase = Phase.DATA
     if start.code != SMTPStatus.start_input:
         raise SMTPDataError(start.code, start.message)
     return await pipeline.data(data, tx.written)

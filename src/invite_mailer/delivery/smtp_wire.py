@@ -55,6 +55,7 @@ from invite_mailer.mail.mime import crlf_lines
 __all__ = [
     "CHECKED_VERSIONS",
     "DOT_ATOM",
+    "PROHIBITED",
     "Pipeline",
     "data",
     "data_block",
@@ -191,7 +192,7 @@ async def data(client: aiosmtplib.SMTP, message: bytes, written: Handover) -> SM
 # -- PIPELINING (RFC 2920) --------------------------------------------------------
 
 # What aiosmtplib's SMTPProtocol.execute_command refuses to put on a command line.
-_PROHIBITED = re.compile(rb"[\x00-\x1f\x7f]")
+PROHIBITED = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def parse_reply(buffer: bytearray) -> SMTPResponse | None:
@@ -200,7 +201,9 @@ def parse_reply(buffer: bytearray) -> SMTPResponse | None:
     None while the reply is incomplete; :class:`aiosmtplib.SMTPResponseException`
     (code -1) for a line that is no reply or a reply that is too long.
     """
-    lines: list[bytes] = []
+    if len(buffer) > MAX_RESPONSE_LENGTH:
+        raise SMTPResponseException(SMTPStatus.invalid_response, "Response too long")
+    message = bytearray()
     offset = 0
     while (end := buffer.find(b"\n", offset)) != -1:
         line = bytes(buffer[offset : end + 1])
@@ -214,12 +217,12 @@ def parse_reply(buffer: bytearray) -> SMTPResponse | None:
                 SMTPStatus.invalid_response, f"Malformed SMTP response line: {text}"
             ) from None
         offset = end + 1
-        lines.append(line[4:].strip(b" \t\r\n"))
+        if message:  # as aiosmtplib joins the lines: empty ones leave no mark
+            message += b"\n"
+        message += line[4:].strip(b" \t\r\n")
         if line[3:4] != b"-":
             del buffer[:offset]
-            return SMTPResponse(code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
-    if len(buffer) > MAX_RESPONSE_LENGTH:
-        raise SMTPResponseException(SMTPStatus.invalid_response, "Response too long")
+            return SMTPResponse(code, message.decode("utf-8", "surrogateescape"))
     return None
 
 
@@ -326,7 +329,7 @@ class Pipeline:
             [b"MAIL FROM:" + quote(sender).encode(encoding), *(o.encode("ascii") for o in options)]
         )
         lines = [mail, *(b"RCPT TO:" + quote(r).encode(encoding) for r in recipients)]
-        if any(_PROHIBITED.search(line) for line in lines):
+        if any(PROHIBITED.search(line) for line in lines):
             raise ValueError("Command arg contains a prohibited control character")
         lines.append(b"DATA")
         self._write([b"\r\n".join(lines) + b"\r\n"])
