@@ -52,11 +52,10 @@ class Phase(StrEnum):
 class Transaction:
     """How far one mail transaction got, for the meaning of its failure."""
 
-    __slots__ = ("phase", "pipelined", "refused", "unsendable", "written")
+    __slots__ = ("phase", "refused", "unsendable", "written")
 
     def __init__(self) -> None:
         self.phase = Phase.MAIL
-        self.pipelined = False  # whether the envelope went out in one write
         self.written = Handover()  # whether this message's data went onto the wire
         self.refused: list[SMTPRecipientRefused] = []
         self.unsendable: list[str] = []
@@ -83,7 +82,6 @@ async def exchange(
         raise PermanentFailure(tx.unsendable[0])
     options, encoding = _mail_options(client, sender, sendable, data)
     if client.supports_extension("pipelining"):
-        tx.pipelined = True
         with smtp_wire.Pipeline(client) as pipeline:
             return await _pipelined(pipeline, tx, sender, sendable, options, encoding, data)
     await smtp_wire.mail(client, sender, options, encoding)
