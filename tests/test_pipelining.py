@@ -16,10 +16,15 @@ from email.message import EmailMessage
 import pytest
 
 from invite_mailer.delivery.transport import SmtpTransport, UncertainFailure
-from invite_mailer.errors import PermanentFailure, SenderRefused, TemporaryFailure
-from invite_mailer.inputs.settings import SmtpSettings
+from invite_mailer.errors import (
+    PermanentFailure,
+    SenderRefused,
+    TemporaryFailure,
+    TransportError,
+)
 from invite_mailer.mail.mime import Wire, crlf_checked
 from support.smtp import SmtpServer, make_server
+from support.smtp import smtp_settings as settings_for
 
 SENDER = "transferreihe@example.org"
 GOOD = "anna.mueller@example.org"
@@ -57,18 +62,6 @@ def wire(number: int = 1, *, to: str = GOOD) -> Wire:
     msg.set_boundary(f"grenze-{number}")  # the same bytes for the same number
     data = msg.as_bytes(policy=email.policy.SMTP)
     return Wire(msg["Message-ID"], crlf_checked(data))
-
-
-def settings_for(server: SmtpServer, **overrides: object) -> SmtpSettings:
-    values: dict[str, object] = {
-        "host": server.host,
-        "port": server.port,
-        "security": "none",
-        "timeout": 2,
-        "local_hostname": "client.test.invalid",
-    }
-    values.update(overrides)
-    return SmtpSettings.model_validate(values)
 
 
 def stuffed(data: bytes) -> bytes:
@@ -126,29 +119,45 @@ async def test_a_refused_sender_is_refused_and_the_connection_lives_on(relay: Sm
     assert turns.index(b"RSET\r\n") < len(turns) - 3
 
 
-@pytest.mark.parametrize("code", [451, 452])
-async def test_a_temporary_refusal_at_mail_is_temporary(relay: SmtpServer, code: int) -> None:
-    relay.behaviour.temp_fail = 1
-    relay.behaviour.temp_fail_reply = f"{code} 4.3.0 Try again later"
-    async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(TemporaryFailure) as caught:
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-        assert not isinstance(caught.value, (SenderRefused, UncertainFailure))
-        assert caught.value.code == code
-        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
-    assert relay.connections == 1 and len(relay.received) == 1
+# Where the relay fails (a countdown of Behaviour), its reply, the failure, its
+# code, and how many connections the two mails of the test took.
+FAILURES = {
+    "451 at MAIL": ("temp_fail", "451 4.3.0 later", TemporaryFailure, 451, 1),
+    "452 at MAIL": ("temp_fail", "452 4.3.1 full", TemporaryFailure, 452, 1),
+    "553 at MAIL": ("temp_fail", "553 5.7.1 not you", SenderRefused, 553, 1),
+    "421 at MAIL": ("temp_fail", "421 4.7.0 closing", TemporaryFailure, 421, 2),
+    "451 at DATA": ("data_command_fail", "451 4.3.0 later", TemporaryFailure, 451, 1),
+    "554 at DATA": ("data_command_fail", "554 5.7.1 not you", PermanentFailure, 554, 1),
+    "452 after the data": ("data_fail", "452 4.3.1 full", TemporaryFailure, 452, 1),
+    "554 after the data": ("data_fail", "554 5.7.1 spam", PermanentFailure, 554, 1),
+    "hang-up at MAIL": ("drop_at_mail", "", TemporaryFailure, None, 2),
+    "hang-up at DATA": ("drop_at_data_command", "", TemporaryFailure, None, 2),
+    "hang-up after the data": ("drop_after_data", "", UncertainFailure, None, 2),
+}
+REPLY_OF = {
+    "temp_fail": "temp_fail_reply",
+    "data_command_fail": "data_command_reply",
+    "data_fail": "data_reply",
+}
 
 
-async def test_421_at_mail_closes_and_the_next_mail_reconnects(relay: SmtpServer) -> None:
-    relay.behaviour.temp_fail = 1
-    relay.behaviour.temp_fail_reply = "421 4.7.0 mx.test.invalid closing"
+@pytest.mark.parametrize("case", FAILURES, ids=str)
+async def test_a_failure_means_what_it_means_without_pipelining(
+    relay: SmtpServer, case: str
+) -> None:
+    countdown, reply, failure, code, connections = FAILURES[case]
+    setattr(relay.behaviour, countdown, 1)
+    if reply:
+        setattr(relay.behaviour, REPLY_OF[countdown], reply)
     async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(TemporaryFailure) as caught:
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-        assert caught.value.code == 421
-        assert not isinstance(caught.value, (SenderRefused, UncertainFailure))
-        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
-    assert relay.connections == 2 and len(relay.received) == 1
+        with pytest.raises(TransportError) as caught:
+            await transport.send(wire(1), sender=SENDER, recipients=[GOOD, OTHER])
+        # The next mail goes out, on the same connection unless the relay closed it.
+        assert (await transport.send(wire(2), sender=SENDER, recipients=[GOOD])).startswith("250")
+    assert type(caught.value) is failure
+    assert caught.value.code == code
+    assert relay.connections == connections
+    assert [r.data for r in relay.received] == [wire(2).data]
 
 
 async def test_one_refused_recipient_of_two_is_left_out(relay: SmtpServer) -> None:
@@ -194,59 +203,6 @@ async def test_every_recipient_refused(
         assert any(line.startswith(b"503 ") for line in server_lines)
 
 
-@pytest.mark.parametrize(("reply", "failure"), [("451 4.3.0 later", TemporaryFailure)])
-async def test_a_refused_data_command_is_no_uncertain_failure(
-    relay: SmtpServer, reply: str, failure: type[Exception]
-) -> None:
-    relay.behaviour.data_command_fail = 1
-    relay.behaviour.data_command_reply = reply
-    async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(failure) as caught:
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-        assert not isinstance(caught.value, UncertainFailure)
-        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
-    assert relay.connections == 1 and len(relay.received) == 1
-
-
-async def test_a_permanently_refused_data_command_is_permanent(relay: SmtpServer) -> None:
-    relay.behaviour.data_command_fail = 1
-    relay.behaviour.data_command_reply = "554 5.7.1 not from you"
-    async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(PermanentFailure) as caught:
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-    assert caught.value.code == 554
-    assert not isinstance(caught.value, SenderRefused)
-    assert relay.received == []
-
-
-@pytest.mark.parametrize(
-    ("reply", "failure"),
-    [("452 4.3.1 Insufficient storage", TemporaryFailure), ("554 5.7.1 spam", PermanentFailure)],
-)
-async def test_a_refused_message_is_refused_not_uncertain(
-    relay: SmtpServer, reply: str, failure: type[Exception]
-) -> None:
-    relay.behaviour.data_fail = 1
-    relay.behaviour.data_reply = reply
-    async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(failure) as caught:
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-        assert caught.value.code == int(reply[:3])  # type: ignore[attr-defined]
-        assert not isinstance(caught.value, UncertainFailure)
-        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
-    assert relay.connections == 1 and len(relay.received) == 1
-
-
-async def test_a_drop_at_mail_on_a_fresh_connection_is_temporary(relay: SmtpServer) -> None:
-    relay.behaviour.drop_at_mail = 1
-    async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(TemporaryFailure) as caught:
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-        assert not isinstance(caught.value, UncertainFailure)
-        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
-    assert relay.connections == 2 and len(relay.received) == 1
-
-
 async def test_a_drop_at_mail_on_a_reused_connection_is_retried(relay: SmtpServer) -> None:
     async with SmtpTransport(settings_for(relay)) as transport:
         await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
@@ -254,25 +210,6 @@ async def test_a_drop_at_mail_on_a_reused_connection_is_retried(relay: SmtpServe
         assert (await transport.send(wire(2), sender=SENDER, recipients=[GOOD])).startswith("250")
     assert relay.connections == 2
     assert [r.data for r in relay.received] == [wire(1).data, wire(2).data]
-
-
-async def test_a_drop_at_the_data_command_is_temporary(relay: SmtpServer) -> None:
-    relay.behaviour.drop_at_data_command = 1
-    async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(TemporaryFailure) as caught:
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-        assert not isinstance(caught.value, UncertainFailure)
-        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
-    assert relay.connections == 2 and len(relay.received) == 1
-
-
-async def test_a_drop_after_the_data_is_uncertain(relay: SmtpServer) -> None:
-    relay.behaviour.drop_after_data = 1
-    async with SmtpTransport(settings_for(relay)) as transport:
-        with pytest.raises(UncertainFailure):
-            await transport.send(wire(1), sender=SENDER, recipients=[GOOD])
-        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
-    assert relay.connections == 2 and len(relay.received) == 1
 
 
 @pytest.mark.slow

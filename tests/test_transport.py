@@ -33,6 +33,7 @@ from invite_mailer.errors import PermanentFailure, TemporaryFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportSettings
 from invite_mailer.mail import mime
 from support.smtp import SmtpServer
+from support.smtp import smtp_settings as settings_for
 
 SENDER = "transferreihe@example.org"
 
@@ -55,18 +56,6 @@ def message(number: int = 1, to: str = "anna.mueller@example.org") -> EmailMessa
         filename="transferreihe-verwaltung.ics",
     )
     return msg
-
-
-def settings_for(server: SmtpServer, **overrides: Any) -> SmtpSettings:
-    values: dict[str, Any] = {
-        "host": server.host,
-        "port": server.port,
-        "security": "none",
-        "timeout": 2,
-        "local_hostname": "client.test.invalid",
-    }
-    values.update(overrides)
-    return SmtpSettings(**values)
 
 
 async def send(transport: SmtpTransport, number: int = 1, to: str = "a@example.org") -> str:

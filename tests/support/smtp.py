@@ -25,6 +25,8 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from invite_mailer.inputs.settings import SmtpSettings
+
 HOSTNAME = "127.0.0.1"
 
 
@@ -345,6 +347,19 @@ def free_port() -> int:
 
 
 ServerFactory = Callable[..., SmtpServer]
+
+
+def smtp_settings(server: SmtpServer, **overrides: Any) -> SmtpSettings:
+    """Settings for the transport to talk plain SMTP to *server*, with short timeouts."""
+    values: dict[str, Any] = {
+        "host": server.host,
+        "port": server.port,
+        "security": "none",
+        "timeout": 2,
+        "local_hostname": "client.test.invalid",
+    }
+    values.update(overrides)
+    return SmtpSettings(**values)
 
 
 def smtp_env(port: int, **overrides: object) -> dict[str, str]:
