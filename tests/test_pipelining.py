@@ -227,3 +227,19 @@ async def test_a_stall_is_a_timeout(relay: SmtpServer, stall_at: str) -> None:
         assert isinstance(caught.value, UncertainFailure) is (stall_at == "DATA")
         await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
     assert relay.connections == 2
+
+
+@pytest.mark.parametrize(
+    "recipient", ['"a\x00"@x.org', '"a\x01b"@x.org', "a\x7fb@x.org", '"a\tb"@x.org']
+)
+async def test_a_control_character_in_an_address_never_reaches_the_wire(
+    relay: SmtpServer, recipient: str
+) -> None:
+    # Refused before anything of the envelope is written, pipelined or not.
+    async with SmtpTransport(settings_for(relay)) as transport:
+        with pytest.raises(PermanentFailure, match="invalid address"):
+            await transport.send(wire(1), sender=SENDER, recipients=[GOOD, recipient])
+        await transport.send(wire(2), sender=SENDER, recipients=[GOOD])
+    sent = relay.transcripts[0].client_bytes()
+    assert recipient.encode() not in sent and b"@x.org" not in sent
+    assert [r.rcpt_tos for r in relay.received] == [(GOOD,)]
