@@ -1,22 +1,26 @@
 """The aiosmtplib internals that ``delivery.smtp_wire`` relies on are still there.
 
 When one of these fails after an aiosmtplib upgrade, read ``smtp_wire`` against
-the new release (``SMTP.mail``, ``SMTP.rcpt``, ``SMTP.data`` and
-``SMTPProtocol.execute_data_command``), fix what changed, and move
+the new release (``SMTP.mail``, ``SMTP.rcpt``, ``SMTP.data``,
+``SMTPProtocol.execute_command``, ``execute_data_command``, ``read_response``,
+``data_received`` and ``connection_lost``), fix what changed, and move
 ``CHECKED_VERSIONS`` on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from importlib.metadata import version
 
 import aiosmtplib
 import aiosmtplib.email
 import aiosmtplib.protocol
+import pytest
 from aiosmtplib import SMTPStatus
 from aiosmtplib.protocol import SMTPProtocol
 
+from invite_mailer.delivery import smtp_wire
 from invite_mailer.delivery.smtp_wire import CHECKED_VERSIONS
 
 
@@ -73,3 +77,39 @@ def test_the_errors_smtp_wire_raises_take_the_arguments_it_passes() -> None:
     assert (recipient.code, recipient.recipient) == (450, "b@example.org")
     refused = aiosmtplib.SMTPDataError(554, "spam")
     assert (refused.code, refused.message) == (554, "spam")
+
+
+def test_what_the_pipelining_reader_stands_in_for() -> None:
+    # The reader takes over the transport's protocol for a group's replies and
+    # passes everything else on to aiosmtplib's protocol.
+    for name in ("connection_lost", "pause_writing", "resume_writing", "data_received"):
+        assert callable(getattr(SMTPProtocol, name)), name
+    assert callable(asyncio.Transport.set_protocol) and callable(asyncio.Transport.get_protocol)
+    assert callable(asyncio.WriteTransport.writelines)
+    # The reply limits the reader applies are aiosmtplib's.
+    assert aiosmtplib.protocol.MAX_LINE_LENGTH == 8192
+    assert aiosmtplib.protocol.MAX_RESPONSE_LENGTH == 8192 * 4
+    assert SMTPStatus.domain_unavailable == 421
+    assert SMTPStatus.invalid_response == -1
+    # The control characters a pipelined command line refuses are aiosmtplib's.
+    assert aiosmtplib.protocol.COMMAND_INJECTION_REGEX.pattern == rb"[\x00-\x1f\x7f]"
+    for byte in range(256):
+        char = bytes([byte])
+        refused = aiosmtplib.protocol.COMMAND_INJECTION_REGEX.search(char) is not None
+        assert (smtp_wire.PROHIBITED.search(char) is not None) is refused, byte
+
+
+async def test_aiosmtplib_still_reads_one_reply_per_write() -> None:
+    """Why the reader exists: replies that arrive together, aiosmtplib takes one of.
+
+    When this fails, aiosmtplib may read pipelined replies itself, and the
+    reader in smtp_wire could go.
+    """
+    protocol = SMTPProtocol()
+    assert "transport" in vars(protocol)  # the reader writes through it
+    protocol.connection_made(asyncio.Transport())  # never written to
+    protocol.data_received(b"250 first\r\n250 second\r\n")
+    assert await protocol.read_response(timeout=1) == (250, "first")
+    with pytest.raises(aiosmtplib.SMTPTimeoutError):
+        # The second reply stays in its buffer until more data arrives.
+        await protocol.read_response(timeout=0.05)

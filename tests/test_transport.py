@@ -33,6 +33,7 @@ from invite_mailer.errors import PermanentFailure, TemporaryFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportSettings
 from invite_mailer.mail import mime
 from support.smtp import SmtpServer
+from support.smtp import smtp_settings as settings_for
 
 SENDER = "transferreihe@example.org"
 
@@ -55,18 +56,6 @@ def message(number: int = 1, to: str = "anna.mueller@example.org") -> EmailMessa
         filename="transferreihe-verwaltung.ics",
     )
     return msg
-
-
-def settings_for(server: SmtpServer, **overrides: Any) -> SmtpSettings:
-    values: dict[str, Any] = {
-        "host": server.host,
-        "port": server.port,
-        "security": "none",
-        "timeout": 2,
-        "local_hostname": "client.test.invalid",
-    }
-    values.update(overrides)
-    return SmtpSettings(**values)
 
 
 async def send(transport: SmtpTransport, number: int = 1, to: str = "a@example.org") -> str:
@@ -398,6 +387,25 @@ async def test_implicit_tls(smtp_server_factory: Any, certificate: tuple[Path, P
     async with SmtpTransport(settings) as transport:
         await send(transport)
     assert len(server.received) == 1
+
+
+async def test_pipelining_over_tls(
+    smtp_server_factory: Any, certificate: tuple[Path, Path]
+) -> None:
+    # The replies of a pipelined group are read through the TLS transport too.
+    server = smtp_server_factory(
+        ssl_context=server_context(certificate), pipelining=True, record=True
+    )
+    server.behaviour.reject_recipients["nobody@example.org"] = "550 5.1.1 unknown"
+    settings = settings_for(server, security="tls", ca_file=certificate[0])
+    wires = [mime.wire(message(n)) for n in range(3)]
+    async with SmtpTransport(settings) as transport:
+        for wire in wires:
+            await transport.send(wire, sender=SENDER, recipients=["nobody@example.org", "a@x.org"])
+    assert [r.rcpt_tos for r in server.received] == [("a@x.org",)] * 3
+    assert [r.data for r in server.received] == [wire.data for wire in wires]
+    [transcript] = server.transcripts
+    assert len(transcript.turns()) == 2 + 3 * 2  # EHLO, QUIT; envelope and data per mail
 
 
 # -- the rate limit in virtual time ------------------------------------------------

@@ -2,7 +2,10 @@
 
 Tune :attr:`SmtpServer.behaviour` per test to make it answer 4xx/5xx, stall,
 drop connections or slow down; read :attr:`SmtpServer.received` and
-:attr:`SmtpServer.connections` afterwards.
+:attr:`SmtpServer.connections` afterwards. ``pipelining=True`` makes it
+announce PIPELINING (aiosmtpd reads pipelined commands but does not say so);
+``record=True`` keeps, per connection, what arrived per read and each reply
+(:attr:`SmtpServer.transcripts`), to count round trips.
 
     def test_something(smtp_server):
         smtp_server.behaviour.reject_recipients["nobody@example.org"] = "550 5.1.1 unknown"
@@ -21,6 +24,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from invite_mailer.inputs.settings import SmtpSettings
 
 HOSTNAME = "127.0.0.1"
 
@@ -61,6 +66,9 @@ class Behaviour:
     drop_after_data: int = 0
     # Close the connection when the next N DATA commands arrive (before any data).
     drop_at_data_command: int = 0
+    # Answer the next N DATA commands (before any data) with data_command_reply.
+    data_command_fail: int = 0
+    data_command_reply: str = "554 5.5.1 Error: no valid recipients"
     # Sleep this long before answering each message's data.
     data_delay: float = 0.0
 
@@ -125,6 +133,37 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as TEST{number:05d}"
 
 
+class _PipeliningHandler(_Handler):
+    async def handle_EHLO(
+        self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        # With this hook aiosmtpd leaves remembering the EHLO name to it.
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
+@dataclass
+class Transcript:
+    """One connection as the server saw it: ("client", bytes read) and ("server", reply)."""
+
+    events: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def client_bytes(self) -> bytes:
+        return b"".join(data for side, data in self.events if side == "client")
+
+    def turns(self) -> list[bytes]:
+        """What the client sent between two waits for the server, in order."""
+        turns: list[bytes] = []
+        previous = "server"
+        for side, data in self.events:
+            if side == "client":
+                if previous == "server":
+                    turns.append(b"")
+                turns[-1] += data
+            previous = side
+        return turns
+
+
 async def _drop(smtp: SMTP) -> str:
     assert smtp.transport is not None
     smtp.transport.close()
@@ -150,9 +189,21 @@ class _RecordingSMTP(SMTP):
         self._server._closed(self)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        self._server._record(self, "client", data)
+        super().data_received(data)
+
+    async def push(self, status: Any) -> None:
+        line = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        self._server._record(self, "server", line)
+        await super().push(status)
+
     async def smtp_DATA(self, arg: str) -> None:
         if self._server._take("drop_at_data_command"):
             await _drop(self)
+        if self._server._take("data_command_fail"):
+            await self.push(self._server.behaviour.data_command_reply)
+            return
         await super().smtp_DATA(arg)
 
 
@@ -174,14 +225,20 @@ class _Controller(Controller):
 class SmtpServer:
     """An in-process SMTP server on 127.0.0.1 and a free port (or *port*)."""
 
-    def __init__(self, *, port: int = 0, **smtp_kwargs: Any) -> None:
+    def __init__(
+        self, *, port: int = 0, pipelining: bool = False, record: bool = False, **smtp_kwargs: Any
+    ) -> None:
         self.behaviour = Behaviour()
         self.received: list[Received] = []
         self.connections = 0  # opened since start()
         self.max_parallel = 0  # most connections open at the same time
+        self.record = record
+        # With record=True: one per connection opened since start(), in order.
+        self.transcripts: list[Transcript] = []
+        self._transcript_of: dict[_RecordingSMTP, Transcript] = {}
         self._live: set[_RecordingSMTP] = set()
         self._lock = threading.Lock()
-        self._handler = _Handler(self)
+        self._handler = _PipeliningHandler(self) if pipelining else _Handler(self)
         smtp_kwargs.setdefault("server_hostname", "mx.test.invalid")
         self._controller = _Controller(self, port, **smtp_kwargs)
 
@@ -207,6 +264,8 @@ class SmtpServer:
             self.connections = 0
             self.max_parallel = len(self._live)
             self.received.clear()
+            self.transcripts.clear()
+            self._transcript_of.clear()
 
     def close_connections(self) -> None:
         """Close every open session from the server side (as an idle timeout would)."""
@@ -244,18 +303,33 @@ class SmtpServer:
             self._live.add(session)
             self.max_parallel = max(self.max_parallel, len(self._live))
 
+    def _record(self, session: _RecordingSMTP, side: str, data: bytes) -> None:
+        if not self.record:
+            return
+        with self._lock:
+            transcript = self._transcript_of.get(session)
+            if transcript is None:
+                transcript = self._transcript_of[session] = Transcript()
+                self.transcripts.append(transcript)
+            transcript.events.append((side, data))
+
     def _closed(self, session: _RecordingSMTP) -> None:
         with self._lock:
             self._live.discard(session)
 
 
 def make_server(
-    *, port: int = 0, tls_context: ssl.SSLContext | None = None, **smtp_kwargs: Any
+    *,
+    port: int = 0,
+    tls_context: ssl.SSLContext | None = None,
+    pipelining: bool = False,
+    record: bool = False,
+    **smtp_kwargs: Any,
 ) -> SmtpServer:
     """A started server; *tls_context* offers STARTTLS with that context."""
     if tls_context is not None:
         smtp_kwargs["tls_context"] = tls_context
-    server = SmtpServer(port=port, **smtp_kwargs)
+    server = SmtpServer(port=port, pipelining=pipelining, record=record, **smtp_kwargs)
     server.start()
     return server
 
@@ -273,6 +347,19 @@ def free_port() -> int:
 
 
 ServerFactory = Callable[..., SmtpServer]
+
+
+def smtp_settings(server: SmtpServer, **overrides: Any) -> SmtpSettings:
+    """Settings for the transport to talk plain SMTP to *server*, with short timeouts."""
+    values: dict[str, Any] = {
+        "host": server.host,
+        "port": server.port,
+        "security": "none",
+        "timeout": 2,
+        "local_hostname": "client.test.invalid",
+    }
+    values.update(overrides)
+    return SmtpSettings(**values)
 
 
 def smtp_env(port: int, **overrides: object) -> dict[str, str]:

@@ -11,9 +11,10 @@ message data went out. Every other failure is raised to the caller as
 :class:`~invite_mailer.errors.PermanentFailure`; a failure after the data went
 out, with no answer from the relay, is an :class:`UncertainFailure`.
 
-The commands of a mail transaction go onto the wire through
-:mod:`~invite_mailer.delivery.smtp_wire`; what the relay's answers mean is
-in :mod:`~invite_mailer.delivery.answers`.
+One mail transaction (lock-step, or pipelined where the relay offers it) is
+:mod:`~invite_mailer.delivery.smtp_transaction`, whose commands go onto the
+wire through :mod:`~invite_mailer.delivery.smtp_wire`; what the relay's
+answers mean is in :mod:`~invite_mailer.delivery.answers`.
 """
 
 from __future__ import annotations
@@ -22,23 +23,17 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
-from enum import StrEnum
 
 import aiosmtplib
 from aiosmtplib import (
     SMTPAuthenticationError,
     SMTPException,
-    SMTPHeloError,
-    SMTPRecipientRefused,
-    SMTPResponse,
     SMTPResponseException,
 )
-from email_validator import EmailNotValidError, validate_email
 
-from invite_mailer.delivery import smtp_wire
 from invite_mailer.delivery.answers import cause_of, failure_from_response, plain, response_text
-from invite_mailer.delivery.handover import Handover
 from invite_mailer.delivery.ratelimit import RateLimiter
+from invite_mailer.delivery.smtp_transaction import Phase, Transaction, exchange
 from invite_mailer.errors import (
     PermanentFailure,
     SenderRefused,
@@ -53,12 +48,6 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait for answers to the housekeeping commands (RSET, QUIT).
 _HOUSEKEEPING_TIMEOUT = 5.0
-
-
-class _Phase(StrEnum):
-    MAIL = "MAIL"
-    RCPT = "RCPT"
-    DATA = "DATA"
 
 
 class _StaleConnection(Exception):
@@ -279,9 +268,9 @@ class SmtpPool:
         """One mail transaction on *connection*; the relay's final answer as text."""
         client = connection.client
         assert client is not None
-        tx = _Transaction()
+        tx = Transaction()
         try:
-            response = await _exchange(client, tx, sender, recipients, data)
+            response = await exchange(client, tx, sender, recipients, data)
         except PermanentFailure:
             await self._reset(connection)
             raise
@@ -312,7 +301,7 @@ class SmtpPool:
         self,
         connection: _Connection,
         client: aiosmtplib.SMTP,
-        tx: _Transaction,
+        tx: Transaction,
         exc: SMTPResponseException,
     ) -> TransportError:
         """What the relay's refusal means, with the connection tidied up for reuse."""
@@ -322,13 +311,13 @@ class SmtpPool:
             await self._reset(connection)
         if tx.written.started and not 400 <= exc.code <= 599:
             return self._uncertain(exc)
-        if tx.phase is _Phase.MAIL and 500 <= exc.code <= 599 and exc.code != 552:
+        if tx.phase is Phase.MAIL and 500 <= exc.code <= 599 and exc.code != 552:
             # 552 at MAIL is "message too large" (SIZE=): this message only.
             return SenderRefused(response_text(exc), code=exc.code)
         return failure_from_response(exc)
 
     def _lost(
-        self, tx: _Transaction, exc: SMTPException | OSError, *, reused: bool
+        self, tx: Transaction, exc: SMTPException | OSError, *, reused: bool
     ) -> TransportError | _StaleConnection:
         """What a broken connection means for the message in flight."""
         if tx.written.started:
@@ -356,113 +345,3 @@ class SmtpPool:
             await client.rset(timeout=_HOUSEKEEPING_TIMEOUT)
         except (SMTPException, OSError):
             connection.drop()
-
-
-class _Transaction:
-    """How far one mail transaction got, for the meaning of its failure."""
-
-    __slots__ = ("phase", "refused", "unsendable", "written")
-
-    def __init__(self) -> None:
-        self.phase = _Phase.MAIL
-        self.written = Handover()  # whether this message's data went onto the wire
-        self.refused: list[SMTPRecipientRefused] = []
-        self.unsendable: list[str] = []
-
-
-async def _exchange(
-    client: aiosmtplib.SMTP,
-    tx: _Transaction,
-    sender: str,
-    recipients: Sequence[str],
-    data: bytes,
-) -> SMTPResponse:
-    """EHLO if needed, MAIL, RCPT for every recipient, DATA: the relay's final answer."""
-    if client.is_ehlo_or_helo_needed:
-        try:
-            await client.ehlo()
-        except SMTPHeloError:
-            await client.helo()
-    sender, sendable, tx.unsendable = _envelope(client, sender, recipients)
-    if not sendable:
-        raise PermanentFailure(tx.unsendable[0])
-    options, encoding = _mail_options(client, sender, sendable, data)
-    await smtp_wire.mail(client, sender, options, encoding)
-    tx.phase = _Phase.RCPT
-    for recipient in sendable:
-        try:
-            await smtp_wire.rcpt(client, recipient, encoding)
-        except SMTPRecipientRefused as exc:
-            tx.refused.append(exc)
-    if len(tx.refused) == len(sendable):
-        # Temporary refusals win: the message may still go out later.
-        raise min(tx.refused, key=lambda exc: exc.code)
-    tx.phase = _Phase.DATA
-    return await smtp_wire.data(client, data, tx.written)
-
-
-def _envelope(
-    client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str]
-) -> tuple[str, list[str], list[str]]:
-    """Sender and recipients as this relay can take them, and the ones it cannot.
-
-    A relay without SMTPUTF8 takes an internationalised domain in its ASCII
-    (IDNA) form, which is the same address; a non-ASCII local part has no
-    such form.
-    """
-    addresses = [sender, *recipients]
-    if all(address.isascii() for address in addresses) or client.supports_extension("smtputf8"):
-        return sender, list(recipients), []
-    try:
-        ascii_sender = _ascii_address(sender)
-    except ValueError as exc:
-        raise SenderRefused(f"the sender address {sender!r}: {exc}") from None
-    sendable, unsendable = [], []
-    for recipient in recipients:
-        try:
-            sendable.append(_ascii_address(recipient))
-        except ValueError as exc:
-            unsendable.append(f"{recipient}: {exc}")
-    return ascii_sender, sendable, unsendable
-
-
-def _ascii_address(address: str) -> str:
-    local, at, domain = address.rpartition("@")
-    if not at or not local.isascii():
-        raise ValueError(
-            "the relay does not support SMTPUTF8; this address has a non-ASCII local part"
-        )
-    if domain.isascii():
-        return address
-    try:
-        # IDNA 2008 through email-validator, as the To header is written: Python's
-        # own "idna" codec is IDNA 2003 and maps straße.de to strasse.de, another
-        # domain with another owner.
-        ascii_domain = validate_email(address, check_deliverability=False).ascii_domain
-    except EmailNotValidError:
-        raise ValueError(
-            "the relay does not support SMTPUTF8, and the domain has no valid ASCII (IDNA) form"
-        ) from None
-    return f"{local}@{ascii_domain}"
-
-
-def _mail_options(
-    client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], data: bytes
-) -> tuple[list[str], str]:
-    options: list[str] = []
-    if client.supports_extension("size"):
-        options.append(f"SIZE={smtp_wire.transmitted_size(data)}")
-    if not data.isascii():
-        if client.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
-        else:
-            log.warning("the relay does not announce 8BITMIME; sending 8-bit data anyway")
-    encoding = "ascii"
-    if not (sender.isascii() and all(recipient.isascii() for recipient in recipients)):
-        if not client.supports_extension("smtputf8"):
-            raise PermanentFailure(
-                "an address contains non-ASCII characters and the relay does not support SMTPUTF8"
-            )
-        options.append("SMTPUTF8")
-        encoding = "utf-8"
-    return options, encoding
