@@ -265,8 +265,11 @@ def test_sigkill_at_random_moments_loses_nothing_and_resends_within_the_bound(
     print(f"CRASH_TEST_SEED={seed}")
     rng = random.Random(seed)
     everyone = {f"person{n:04d}@example.org" for n in range(CONTACTS)}
-    smtp_server.behaviour.data_delay = 0.003
-    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS)
+    smtp_server.behaviour.data_delay = 0.001
+    # One process: the kills land anywhere, the start-up included, and the
+    # subject here is the ledger (the composing worker's end after a kill is
+    # the single-kill test's).
+    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS, limits__compose_workers=0)
 
     def arrived() -> list[str]:
         return [m.to for m in split(mails(smtp_server.received))[0]]
@@ -278,7 +281,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_resends_within_the_bound(
         # Anywhere from the first mails of a run to well into it; ten kills
         # stay within the 2,000 mails, so each lands mid-pass.
         after = rng.randint(1, 150)
-        log = project / f"run{kill}.log"
+        log = project / f"run{kill}.log"  # cut off by the kill; kept for a failure's reader
         process = start_process(["send-due", "--now", NOW], env, project, stderr=log)
         kill_when(
             process,
@@ -288,12 +291,6 @@ def test_sigkill_at_random_moments_loses_nothing_and_resends_within_the_bound(
         wait_for(
             lambda: smtp_server.open_connections == 0, timeout=5, what="the server to see the kill"
         )
-        if in_doubt:
-            # The run recovered the mails its predecessor left in doubt.
-            text = log.read_text(encoding="utf-8")
-            for address in in_doubt[-1]:
-                assert f"to {address} was in flight" in text, (seed, kill, text)
-
         # Before any rerun, status lists exactly the mails in doubt: those the
         # killed run had claimed (within the bound), and those its predecessor
         # left in doubt that it had not come to yet.
@@ -314,7 +311,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_resends_within_the_bound(
 
     final = run_process(["send-due", "--now", NOW], env, project)
     assert final.returncode == 0, final.stderr
-    for address in in_doubt[-1]:
+    # The last run reports what the last kill left in flight, and sends it again.
+    for address in claimed[-1]:
         assert f"to {address} was in flight" in final.stderr
 
     got = arrived()
