@@ -92,23 +92,14 @@ def sent_in_ledger(project: Path) -> set[str]:
     return {row[0] for row in rows}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
-    project: Path, smtp_server: SmtpServer
-) -> None:
-    everyone = {f"person{n:04d}@example.org" for n in range(CONTACTS)}
-    smtp_server.behaviour.data_delay = 0.003
-    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS)
-    kill_after = random.Random(20241114).randint(200, CONTACTS - 400)
+def kill_when(process: subprocess.Popen[str], condition: Callable[[], bool], what: str) -> set[int]:
+    """SIGKILL *process* as soon as *condition* holds; it must still be running then.
 
-    process = start_process(["send-due", "--now", NOW], env, project, stderr=project / "first.log")
+    Returns the processes it had started (the composing workers), once they ended too.
+    """
     try:
-        wait_for(
-            lambda: len(smtp_server.received) >= kill_after or process.poll() is not None,
-            timeout=30,
-            what=f"{kill_after} mails to arrive",
-        )
-        assert process.poll() is None, "send-due finished before it could be killed"
+        wait_for(lambda: condition() or process.poll() is not None, timeout=60, what=what)
+        assert process.poll() is None, f"send-due finished before {what}"
         helpers = descendants(process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
@@ -119,14 +110,30 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
         assert process.stdout is not None
         process.stdout.close()
     assert process.returncode == -signal.SIGKILL
+    wait_for(
+        lambda: not any(running(pid) for pid in helpers),
+        timeout=15,
+        what=f"the worker processes {sorted(helpers)} to end after the kill",
+    )
+    return helpers
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    everyone = {f"person{n:04d}@example.org" for n in range(CONTACTS)}
+    smtp_server.behaviour.data_delay = 0.003
+    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS)
+    kill_after = random.Random(20241114).randint(200, CONTACTS - 400)
+
+    process = start_process(["send-due", "--now", NOW], env, project, stderr=project / "first.log")
+    helpers = kill_when(
+        process, lambda: len(smtp_server.received) >= kill_after, f"{kill_after} mails to arrive"
+    )
     if Path("/proc/self/stat").exists():
-        # 2,000 mails: a worker process composed ahead; it must not outlive us.
+        # 2,000 mails: a worker process composed ahead; it did not outlive us.
         assert helpers, "send-due started no worker process"
-        wait_for(
-            lambda: not any(running(pid) for pid in helpers),
-            timeout=15,
-            what=f"the worker processes {sorted(helpers)} to end after the kill",
-        )
     wait_for(
         lambda: smtp_server.open_connections == 0, timeout=5, what="the server to see the kill"
     )
@@ -231,28 +238,6 @@ def in_doubt_in_ledger(project: Path) -> dict[str, str]:
             "AND state IN ('sending', 'uncertain')"
         ).fetchall()
     return dict(rows)
-
-
-def kill_when(process: subprocess.Popen[str], condition: Callable[[], bool], what: str) -> None:
-    """SIGKILL *process* as soon as *condition* holds; it must still be running then."""
-    try:
-        wait_for(lambda: condition() or process.poll() is not None, timeout=60, what=what)
-        assert process.poll() is None, f"send-due finished before {what}"
-        helpers = descendants(process.pid)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
-    assert process.returncode == -signal.SIGKILL
-    wait_for(
-        lambda: not any(running(pid) for pid in helpers),
-        timeout=15,
-        what=f"the worker processes {sorted(helpers)} to end after the kill",
-    )
 
 
 @pytest.mark.slow
