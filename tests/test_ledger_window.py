@@ -175,3 +175,22 @@ async def test_a_window_smaller_than_the_senders_still_lets_every_mail_through(
         await asyncio.wait_for(asyncio.gather(*(sender(i * 10) for i in range(4))), timeout=30)
         assert window.peak == 1
     assert len(states_on_disk(db_path)) == 40
+
+
+class BrokenLedger(Ledger):
+    """The real ledger whose batch write has a bug."""
+
+    async def apply(self, finishes: object, claims: object) -> list[bool]:  # type: ignore[override]
+        raise RuntimeError("a bug")
+
+
+async def test_a_bug_in_a_batch_stops_the_claims_instead_of_hanging_them(db_path: Path) -> None:
+    async with BrokenLedger.open(db_path) as ledger:
+        window = LedgerWindow(ledger, 4)
+        with pytest.raises(LedgerError, match="a bug"):
+            await asyncio.wait_for(window.claim(claim(1)), timeout=10)
+        assert window.in_flight == 0
+        with pytest.raises(LedgerError):
+            await window.claim(claim(2))
+        await window.aclose()  # nothing queued: nothing to try again
+    assert states_on_disk(db_path) == {}

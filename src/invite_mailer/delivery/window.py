@@ -118,6 +118,8 @@ class LedgerWindow:
             return await asyncio.shield(granted)
         except asyncio.CancelledError:
             await asyncio.wait([granted])
+            if not granted.cancelled():
+                granted.exception()  # seen: the sender stops either way
             raise
 
     def finish(self, outcome: Finish) -> None:
@@ -191,6 +193,10 @@ class LedgerWindow:
             granted = await self.ledger.apply(finishes, [claim for claim, _ in claims])
         except LedgerError as exc:
             self._failed(exc, claims, finishes)
+        except Exception as exc:
+            # A bug must not leave the senders waiting for ever: it stops the pass.
+            log.exception("could not write a batch to the ledger")
+            self._failed(LedgerError(f"could not write to the ledger: {exc!r}"), claims, finishes)
         else:
             self.batches += 1
             self.in_flight -= len(finishes)
@@ -210,8 +216,9 @@ class LedgerWindow:
         finishes: list[Finish],
     ) -> None:
         # Nothing of the batch was written: its claims never held, and its
-        # outcomes are tried once more on closing (a full disk may pass);
-        # until then those mails stay 'sending', uncertain after a crash.
+        # outcomes are tried again with the next batch and on closing (a full
+        # disk may pass); until then those mails stay 'sending', uncertain
+        # after a crash.
         # Reported once, by whoever runs the pass (it halts on this error).
         log.debug(
             "could not record %d outcome(s) and %d claim(s): %s", len(finishes), len(claims), exc
