@@ -1,9 +1,11 @@
 """A ``send-due`` killed with SIGKILL in the middle of 2,000 mails loses none and resends few.
 
 The ledger claims each mail (``sending``) before it goes to the relay and
-records the answer right after. So after a hard kill only the mails that were
-in flight (at most one per connection) are in doubt: ``status`` lists them,
-the next run sends them again, and nothing else arrives twice.
+records the answer in a batch soon after, never with more than
+``limits.max_in_flight`` mails claimed without a recorded answer (by default
+twice the connections). So after a hard kill only those mails are in doubt:
+``status`` lists them, the next run sends them again, and nothing else
+arrives twice.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from invite_mailer.delivery.ledger import state_lock
+from invite_mailer.delivery.window import default_size
 from support.cli import run_process, start_process, status_json, wait_for
 from support.contacts import write_contacts
 from support.mails import ORGANISER, duplicates, mails, split
@@ -26,6 +31,8 @@ from support.smtp import SmtpServer, smtp_env
 
 CONTACTS = 2000
 CONNECTIONS = 4
+# The documented bound on mails in doubt after a crash (limits.max_in_flight unset).
+IN_FLIGHT = default_size(CONNECTIONS)
 NOW = "2024-10-24T10:05"
 
 
@@ -85,23 +92,14 @@ def sent_in_ledger(project: Path) -> set[str]:
     return {row[0] for row in rows}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
-    project: Path, smtp_server: SmtpServer
-) -> None:
-    everyone = {f"person{n:04d}@example.org" for n in range(CONTACTS)}
-    smtp_server.behaviour.data_delay = 0.003
-    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS)
-    kill_after = random.Random(20241114).randint(200, CONTACTS - 400)
+def kill_when(process: subprocess.Popen[str], condition: Callable[[], bool], what: str) -> set[int]:
+    """SIGKILL *process* as soon as *condition* holds; it must still be running then.
 
-    process = start_process(["send-due", "--now", NOW], env, project, stderr=project / "first.log")
+    Returns the processes it had started (the composing workers), once they ended too.
+    """
     try:
-        wait_for(
-            lambda: len(smtp_server.received) >= kill_after or process.poll() is not None,
-            timeout=30,
-            what=f"{kill_after} mails to arrive",
-        )
-        assert process.poll() is None, "send-due finished before it could be killed"
+        wait_for(lambda: condition() or process.poll() is not None, timeout=60, what=what)
+        assert process.poll() is None, f"send-due finished before {what}"
         helpers = descendants(process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
@@ -112,14 +110,30 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
         assert process.stdout is not None
         process.stdout.close()
     assert process.returncode == -signal.SIGKILL
+    wait_for(
+        lambda: not any(running(pid) for pid in helpers),
+        timeout=15,
+        what=f"the worker processes {sorted(helpers)} to end after the kill",
+    )
+    return helpers
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    everyone = {f"person{n:04d}@example.org" for n in range(CONTACTS)}
+    smtp_server.behaviour.data_delay = 0.003
+    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS)
+    kill_after = random.Random(20241114).randint(200, CONTACTS - 400)
+
+    process = start_process(["send-due", "--now", NOW], env, project, stderr=project / "first.log")
+    helpers = kill_when(
+        process, lambda: len(smtp_server.received) >= kill_after, f"{kill_after} mails to arrive"
+    )
     if Path("/proc/self/stat").exists():
-        # 2,000 mails: a worker process composed ahead; it must not outlive us.
+        # 2,000 mails: a worker process composed ahead; it did not outlive us.
         assert helpers, "send-due started no worker process"
-        wait_for(
-            lambda: not any(running(pid) for pid in helpers),
-            timeout=15,
-            what=f"the worker processes {sorted(helpers)} to end after the kill",
-        )
     wait_for(
         lambda: smtp_server.open_connections == 0, timeout=5, what="the server to see the kill"
     )
@@ -130,7 +144,7 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
     # Only the mails in flight are in doubt, and status says which.
     status = status_json(env, "--now", NOW)
     uncertain = {d["email"] for d in status["uncertain"]}
-    assert len(uncertain) <= CONNECTIONS, status["uncertain"]
+    assert len(uncertain) <= IN_FLIGHT, status["uncertain"]
     assert all(d["state"] == "sending" for d in status["uncertain"])
     sent = sent_in_ledger(project)
     # Whatever the ledger calls sent did arrive; whatever arrived without being
@@ -211,3 +225,97 @@ def test_send_due_while_another_process_holds_the_state_refuses_and_sends_nothin
     after = run_process(["send-due", "--now", NOW], env, tmp_path)
     assert after.returncode == 0, after.stderr
     assert "12 sent" in after.stdout
+
+
+KILLS = 10
+
+
+def in_doubt_in_ledger(project: Path) -> dict[str, str]:
+    """Email → state of every invitation a crash left in doubt (as status reads them)."""
+    with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
+        rows = db.execute(
+            "SELECT email, state FROM deliveries WHERE kind = 'invitation' "
+            "AND state IN ('sending', 'uncertain')"
+        ).fetchall()
+    return dict(rows)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing_and_resends_within_the_bound(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    # Random moments, reproducible: the seed is printed (shown on failure) and
+    # CRASH_TEST_SEED=<seed> replays a run.
+    seed = int(os.environ.get("CRASH_TEST_SEED") or random.randrange(2**32))
+    print(f"CRASH_TEST_SEED={seed}")
+    rng = random.Random(seed)
+    everyone = {f"person{n:04d}@example.org" for n in range(CONTACTS)}
+    smtp_server.behaviour.data_delay = 0.001
+    # One process: the kills land anywhere, the start-up included, and the
+    # subject here is the ledger (the composing worker's end after a kill is
+    # the single-kill test's).
+    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS, limits__compose_workers=0)
+
+    def arrived() -> list[str]:
+        return [m.to for m in split(mails(smtp_server.received))[0]]
+
+    in_doubt: list[set[str]] = []  # after each kill, what status listed as uncertain
+    claimed: list[set[str]] = []  # ... and of those, what the killed run had claimed
+    for kill in range(KILLS):
+        before = len(smtp_server.received)
+        # Anywhere from the first mails of a run to well into it; ten kills
+        # stay within the 2,000 mails, so each lands mid-pass.
+        after = rng.randint(1, 150)
+        log = project / f"run{kill}.log"  # cut off by the kill; kept for a failure's reader
+        process = start_process(["send-due", "--now", NOW], env, project, stderr=log)
+        kill_when(
+            process,
+            lambda target=before + after: len(smtp_server.received) >= target,
+            f"kill {kill + 1} of {KILLS} after {after} more mails (seed {seed})",
+        )
+        wait_for(
+            lambda: smtp_server.open_connections == 0, timeout=5, what="the server to see the kill"
+        )
+        # Before any rerun, status lists exactly the mails in doubt: those the
+        # killed run had claimed (within the bound), and those its predecessor
+        # left in doubt that it had not come to yet.
+        status = status_json(env, "--now", NOW)
+        listed = {d["email"] for d in status["uncertain"]}
+        rows = in_doubt_in_ledger(project)
+        assert listed == set(rows), (seed, kill)
+        sending = {email for email, state in rows.items() if state == "sending"}
+        assert len(sending) <= IN_FLIGHT, (seed, kill, status["uncertain"])
+        assert listed - sending <= (in_doubt[-1] if in_doubt else set()), (seed, kill)
+        # Whatever arrived without being recorded as sent is among them.
+        got, sent = set(arrived()), sent_in_ledger(project)
+        assert sent <= got, (seed, kill)
+        assert got - sent <= listed, (seed, kill)
+        assert len(got) < CONTACTS, f"kill {kill + 1} came after the last mail (seed {seed})"
+        in_doubt.append(listed)
+        claimed.append(sending)
+
+    final = run_process(["send-due", "--now", NOW], env, project)
+    assert final.returncode == 0, final.stderr
+    # The last run reports what the last kill left in flight, and sends it again.
+    for address in claimed[-1]:
+        assert f"to {address} was in flight" in final.stderr
+
+    got = arrived()
+    assert set(got) == everyone, f"lost {sorted(everyone - set(got))[:5]} (seed {seed})"
+    # Only mails a killed run had claimed came twice, once more per such kill
+    # at most: at most IN_FLIGHT duplicates per kill.
+    twice = duplicates(got)
+    for address, count in twice.items():
+        kills_in_flight = sum(address in sending for sending in claimed)
+        assert count - 1 <= kills_in_flight, (seed, address, count)
+    assert sum(n - 1 for n in twice.values()) <= sum(len(sending) for sending in claimed)
+    print(f"{len(twice)} mail(s) arrived twice after {KILLS} kills: {sorted(twice)}")
+    to_contacts, summaries = split(mails(smtp_server.received))
+    assert [s.to for s in summaries] == [ORGANISER]
+    for address in twice:  # a mail sent again is the same mail
+        assert len({m.message_id for m in to_contacts if m.to == address}) == 1
+
+    after = status_json(env, "--now", NOW)
+    assert after["uncertain"] == [] and after["failed"] == []
+    invitation = next(m for m in after["mailings"] if m["id"] == "invitation:series")
+    assert (invitation["sent"], invitation["outstanding"]) == (CONTACTS, 0)

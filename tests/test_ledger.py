@@ -418,7 +418,7 @@ def test_a_first_open_killed_before_migrating_leaves_no_ledger_behind(tmp_path: 
         import asyncio, os, signal
         from invite_mailer.delivery import ledger, ledger_file
 
-        async def die(db, path):
+        def die(db, path):
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
 
         ledger_file.migrate = die

@@ -1,11 +1,13 @@
 """One delivery pass: everything due and open at ``now`` goes out, once.
 
 The order of writes is what makes "never twice" hold: a delivery is claimed
-(``sending``, committed) before its message is handed to the transport and
-marked ``sent`` right after the relay accepted it. A crash between those two
-writes leaves it ``sending``; the next start turns that into ``uncertain`` and
-sends it again. So at most the mails in flight at the moment of a crash (one
-per connection) can arrive twice, and none is lost.
+(``sending``, committed) before its message is handed to the transport, and
+its outcome is committed after the relay answered. Claims and outcomes are
+written in batches through the pass's :class:`LedgerWindow`, which holds at
+most ``limits.max_in_flight`` mails claimed without a committed outcome. A
+crash leaves those ``sending``; the next start turns them into ``uncertain``
+and sends them again. So at most that many mails can arrive twice, and none
+is lost.
 """
 
 from __future__ import annotations
@@ -30,15 +32,20 @@ from invite_mailer.core.plan import (
 )
 from invite_mailer.delivery.handover import Handover, track_handover
 from invite_mailer.delivery.ledger import (
+    Claim,
     DeliveryKey,
     DeliveryState,
+    Finish,
     Ledger,
     LedgerView,
     format_version,
+    release,
 )
 from invite_mailer.delivery.results import MailingResult, Outcome, PassResult, ProgressCallback
 from invite_mailer.delivery.senders import Item, SenderPool
+from invite_mailer.delivery.summaries import send_summaries
 from invite_mailer.delivery.transport import Transport
+from invite_mailer.delivery.window import LedgerWindow, default_size
 from invite_mailer.errors import (
     ConfigError,
     InviteMailerError,
@@ -53,7 +60,6 @@ from invite_mailer.inputs.config import Config
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.mime import Wire
-from invite_mailer.mail.summary import compose_summary
 from invite_mailer.mail.workers import WirePipeline, pipeline
 
 __all__ = ["Dispatcher", "MailingResult", "Outcome", "PassResult", "ProgressCallback"]
@@ -61,8 +67,6 @@ __all__ = ["Dispatcher", "MailingResult", "Outcome", "PassResult", "ProgressCall
 log = logging.getLogger("invite_mailer.delivery.dispatch")
 
 _T = TypeVar("_T")
-
-SUMMARY_KIND = "summary"
 
 
 async def _settle(step: Awaitable[_T]) -> _T:
@@ -111,6 +115,8 @@ class Dispatcher:
         self.transport = transport
         limits = config.settings.limits
         self.workers = workers or config.settings.smtp.max_connections
+        # Bounds how many mails a crash can leave in doubt (see delivery.window).
+        self.max_in_flight = limits.max_in_flight or default_size(self.workers)
         self.retry_in_pass_seconds = (
             limits.retry_in_pass_seconds if retry_in_pass_seconds is None else retry_in_pass_seconds
         )
@@ -121,6 +127,7 @@ class Dispatcher:
         self._sequences: dict[str, int] = {}
         self._issued: set[str] = set()
         self._wires: WirePipeline | None = None
+        self._window: LedgerWindow | None = None
         # What a worker's current send has handed over (see Handover).
         self._handovers: dict[asyncio.Task[object], Handover] = {}
         # An error that stops the whole pass (the setup or the ledger).
@@ -141,9 +148,12 @@ class Dispatcher:
     async def run_pass(self, now: datetime) -> PassResult:
         """Send everything that is due and open at *now*; return what happened."""
         await self._begin_pass(now)
-        result, items = self._collect(await self.plan(now), now)
+        # The view taken for the pass serves its plan too: read once per pass.
+        optouts = await self.ledger.optouts(self.config.series.id)
+        mailings = plan(PlanInput.of(self.config, optouts), self._view, now)
+        result, items = self._collect(mailings, now)
         if not items:
-            await self._send_summaries(result, now)
+            await send_summaries(self.config, self.ledger, self.transport, result, mailings, now)
             return result
         senders = SenderPool(
             items,
@@ -168,20 +178,40 @@ class Dispatcher:
             clock=senders.now,
         )
         _log_start(result, items)
+        self._window = window = LedgerWindow(self.ledger, self.max_in_flight)
         try:
             await senders.run()
         finally:
             if self._wires is not None:
                 await self._wires.aclose()
                 self._wires = None
+            await self._close_window(window)
         _log_counts(result)
         if self._halted is not None:
             # The reason is the error itself, reported once by whoever runs the pass.
             log.warning("delivery pass stopped after %d sent", result.total(Outcome.SENT))
             raise self._halted
         if not result.stopped:
-            await self._send_summaries(result, senders.now())
+            await send_summaries(
+                self.config, self.ledger, self.transport, result, mailings, senders.now()
+            )
         return result
+
+    async def _close_window(self, window: LedgerWindow) -> None:
+        """Commit the pass's last outcomes (on a stop too); a failure halts the pass."""
+        self._window = None
+        try:
+            await _settle(window.aclose())
+        except LedgerError as exc:
+            if self._halted is not None and str(exc) != str(self._halted):
+                log.error("could not record the last outcomes of the pass: %s", exc)
+            self._halt(exc)
+        log.debug(
+            "ledger: %d batch(es), at most %d of %d mails in flight",
+            window.batches,
+            window.peak,
+            window.size,
+        )
 
     async def _begin_pass(self, now: datetime) -> None:
         """Record the dates as they are now and take the ledger's view of the series."""
@@ -247,12 +277,12 @@ class Dispatcher:
             except asyncio.CancelledError:
                 # Stopped (SIGTERM, a cancelled pass): a mail that never left is
                 # given back at once; only one whose data was out may have arrived.
-                await _settle(self._stopped_during(mail.key, handover, now))
+                self._stopped_during(mail.key, handover, now)
                 raise
             except InviteMailerError:
                 raise
             except Exception as exc:
-                await _settle(self._failed_locally(item, mail.key, handover, exc, now))
+                self._failed_locally(item, mail.key, handover, exc, now)
                 return Outcome.RETRY, None
             finally:
                 del self._handovers[me]
@@ -265,9 +295,6 @@ class Dispatcher:
         config = self.config
         contact = config.contacts.by_key(item.key)
         if contact is None:  # removed by a reload since the plan was made
-            return None
-        # A one-click opt-out can arrive while a long, rate-limited pass runs.
-        if await self.ledger.is_opted_out(config.series.id, contact.key):
             return None
         event = config.series.event(mailing.event) if mailing.event else None
         key = DeliveryKey(config.series.id, mailing.ledger_kind, mailing.event, contact.key)
@@ -300,30 +327,39 @@ class Dispatcher:
         self, item: Item, mail: _Composed, now: datetime, result: PassResult, started: float
     ) -> tuple[Outcome, float | None]:
         """Claim, send and record one composed mail."""
-        key, message = mail.key, mail.wire
-        if not await _settle(self.ledger.claim(key, message.message_id, now, version=mail.version)):
+        key, message, window = mail.key, mail.wire, self._ledger_window()
+        # A one-click opt-out can arrive while a long, rate-limited pass runs:
+        # the claim checks it in the same transaction, just before the send.
+        claim = Claim(key, message.message_id, now, mail.version, unless_opted_out=True)
+        if not await window.claim(claim):
             return Outcome.SKIPPED, None
         sender = self.config.settings.sender.from_address.addr_spec
         try:
             answer = await self.transport.send(message, sender=sender, recipients=[mail.email])
         except SetupFailure as exc:
             # TLS, login or the outbox folder: nothing left, no mail is at fault.
-            await _settle(self.ledger.release(key, now))
+            window.finish(release(key, now))
             self._halt(exc)
             return Outcome.SKIPPED, None
         except SenderRefused as exc:
             # Not this recipient's fault: undo the claim and stop the pass.
-            await _settle(self.ledger.release(key, now))
+            window.finish(release(key, now))
             self._sender_refused(result, sender, exc)
             return Outcome.SKIPPED, None
         except PermanentFailure as exc:
-            await _settle(self.ledger.mark_failed(key, exc.response, now))
+            window.finish(Finish(key, DeliveryState.FAILED, exc.response, now))
             self._refused_permanently(item, mail, result, exc)
             return Outcome.FAILED, None
         except TemporaryFailure as exc:
-            return await self._failed_temporarily(item, mail, exc, now, started)
-        await _settle(self.ledger.mark_sent(key, answer, now))
+            return self._failed_temporarily(item, mail, exc, now, started)
+        # Queued: committed with the next batch, before the window can overflow.
+        window.finish(Finish(key, DeliveryState.SENT, answer, now))
         return Outcome.SENT, None
+
+    def _ledger_window(self) -> LedgerWindow:
+        if self._window is None:
+            raise LedgerError("no delivery pass is running: nothing can be claimed")
+        return self._window
 
     def _sender_refused(self, result: PassResult, sender: str, exc: SenderRefused) -> None:
         """Report the relay's refusal of our sender once, and stop the pass."""
@@ -350,7 +386,7 @@ class Dispatcher:
             extra={"mailing": mailing_id, "recipient": mail.email},
         )
 
-    async def _failed_temporarily(
+    def _failed_temporarily(
         self, item: Item, mail: _Composed, exc: TemporaryFailure, now: datetime, started: float
     ) -> tuple[Outcome, float | None]:
         """Record a temporary failure; the delay when it is retried within this pass."""
@@ -361,9 +397,10 @@ class Dispatcher:
             # The data went out but no answer came back: it may have been
             # delivered. Retried like a temporary failure (at least once
             # beats never), and shown as uncertain by status meanwhile.
-            await _settle(self.ledger.mark_uncertain(key, exc.response, now, next_at))
+            state = DeliveryState.UNCERTAIN
         else:
-            await _settle(self.ledger.mark_retry(key, exc.response, now, next_at))
+            state = DeliveryState.PENDING
+        self._ledger_window().finish(Finish(key, state, exc.response, now, next_at))
         in_pass = (self.clock() - started) + delay <= self.retry_in_pass_seconds
         in_window = next_at < mailing.deadline
         log.warning(
@@ -380,22 +417,18 @@ class Dispatcher:
             delay if in_pass and in_window and not self.stop.is_set() else None,
         )
 
-    async def _stopped_during(self, key: DeliveryKey, handover: Handover, now: datetime) -> None:
+    def _stopped_during(self, key: DeliveryKey, handover: Handover, now: datetime) -> None:
         """After a cancellation: give a claimed mail back, unless its data was out."""
-        try:
-            current = await self.ledger.get(key)
-            if current is None or current.state is not DeliveryState.SENDING:
-                return  # not claimed yet, or already recorded
-            if handover.started:
-                await self.ledger.mark_uncertain(
-                    key, "stopped while the message data was being sent; it may have arrived", now
-                )
-            else:
-                await self.ledger.release(key, now)
-        except LedgerError as exc:
-            log.error("could not record that %s was stopped: %s", key, exc)
+        window = self._window
+        if window is None or not window.holds(key):
+            return  # not claimed yet, or its outcome is recorded already
+        if handover.started:
+            response = "stopped while the message data was being sent; it may have arrived"
+            window.finish(Finish(key, DeliveryState.UNCERTAIN, response, now))
+        else:
+            window.finish(release(key, now))
 
-    async def _failed_locally(
+    def _failed_locally(
         self, item: Item, key: DeliveryKey, handover: Handover, exc: Exception, now: datetime
     ) -> None:
         """An error of this machine (a file, a bug) while sending one mail."""
@@ -404,17 +437,17 @@ class Dispatcher:
             log.error("mailing %s: %s not sent: %s", item.mailing.id, key.email, reason)
         else:
             log.exception("mailing %s: unexpected error", item.mailing.id)
-        current = await self.ledger.get(key)
-        if current is None or current.state is not DeliveryState.SENDING:
-            return
+        window = self._window
+        if window is None or not window.holds(key):
+            return  # not claimed: nothing to record
         if handover.started:
             # The bytes had begun to leave: it may have arrived.
-            await self.ledger.mark_uncertain(key, f"unexpected error: {reason}", now)
+            window.finish(Finish(key, DeliveryState.UNCERTAIN, f"unexpected error: {reason}", now))
             return
         # Nothing left this machine: pending again, for a later pass.
         delay = self._backoff(item.attempt)
         next_at = (now.astimezone(UTC) + timedelta(seconds=delay)).astimezone(now.tzinfo)
-        await self.ledger.mark_retry(key, f"not sent: {reason}", now, next_at)
+        window.finish(Finish(key, DeliveryState.PENDING, f"not sent: {reason}", now, next_at))
 
     async def _compose(self, request: MailRequest) -> Wire:
         """The mail's wire bytes, from the pass's pipeline (or the reference build)."""
@@ -427,50 +460,6 @@ class Dispatcher:
         base = min(limits.retry_initial_seconds * 2.0 ** (attempt - 1), limits.retry_max_seconds)
         # Full jitter in the upper half keeps parallel workers from retrying in lockstep.
         return base * random.uniform(0.5, 1.0)
-
-    async def _send_summaries(self, result: PassResult, now: datetime) -> None:
-        """Tell the organiser once per mailing, when it has gone out to everyone."""
-        config = self.config
-        if not config.settings.notify.organiser_summary:
-            return
-        touched = {
-            r.mailing.id
-            for r in result.mailings.values()
-            if r.counts[Outcome.SENT] or r.counts[Outcome.FAILED]
-        }
-        view = await self.ledger.view(config.series.id)
-        organiser = str(config.series.organiser.email)
-        for mailing in await self.plan(now):
-            if mailing.outstanding or not (mailing.sent or mailing.failed):
-                continue
-            # Due when the mailing was completed in this pass, and while its
-            # window is open also when an earlier try failed for a moment or
-            # the pass that completed it was stopped before telling anyone.
-            state = view.states(SUMMARY_KIND, mailing.id).get(organiser.lower())
-            retry_at = view.next_attempt(SUMMARY_KIND, mailing.id, organiser)
-            if mailing.id not in touched and (
-                now >= mailing.deadline
-                or state not in (None, "pending", "uncertain")
-                or (retry_at is not None and retry_at > now)
-            ):
-                continue
-            key = DeliveryKey(config.series.id, SUMMARY_KIND, mailing.id, organiser.lower())
-            message = compose_summary(config, mailing, now=now)
-            if not await self.ledger.claim(key, str(message["Message-ID"]), now):
-                continue
-            sender = config.settings.sender.from_address.addr_spec
-            try:
-                answer = await self.transport.send(
-                    mime.wire(message), sender=sender, recipients=[organiser]
-                )
-            except PermanentFailure as exc:
-                await self.ledger.mark_failed(key, exc.response, now)
-            except (TemporaryFailure, OSError) as exc:
-                response = exc.response if isinstance(exc, TemporaryFailure) else str(exc)
-                await self.ledger.mark_retry(key, response, now, now + timedelta(minutes=5))
-            else:
-                await self.ledger.mark_sent(key, answer, now)
-                result.reports_sent += 1
 
 
 def _log_start(result: PassResult, items: list[Item]) -> None:

@@ -4,16 +4,14 @@ what its errors mean to an operator, and the lock that lets one process send.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import aiosqlite
 
 from invite_mailer.errors import LedgerError, LockedError
 
@@ -23,6 +21,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "check_file",
     "check_ours",
+    "connect",
     "create",
     "ledger_error",
     "lock_path",
@@ -102,7 +101,16 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-async def create(path: Path) -> None:
+def connect(path: Path, *, timeout: float = 5.0) -> sqlite3.Connection:
+    """A connection to *path* for the one thread that will use it.
+
+    ``isolation_level=None``: autocommit, so each statement is its own
+    transaction and explicit BEGIN/COMMIT mean what they say.
+    """
+    return sqlite3.connect(path, isolation_level=None, timeout=timeout, check_same_thread=False)
+
+
+def create(path: Path) -> None:
     """Create a new ledger beside *path* and put it in place only when complete.
 
     SQLite creates an empty file the moment it connects: a process killed
@@ -110,23 +118,23 @@ async def create(path: Path) -> None:
     start (rightly) refuses as not ours.
     """
     draft = path.with_name(f".{path.name}.{os.getpid()}.new")
-    await asyncio.to_thread(draft.unlink, missing_ok=True)
+    draft.unlink(missing_ok=True)
     try:
-        db = await aiosqlite.connect(draft, isolation_level=None)
+        db = connect(draft)
         try:
             # As every later open does, so a full disk fails here the same way.
-            await db.execute("PRAGMA journal_mode = WAL")
-            await migrate(db, draft)
+            db.execute("PRAGMA journal_mode = WAL")
+            migrate(db, draft)
         finally:
-            await db.close()
+            db.close()
         try:
             # A hard link, not a rename: never replaces a ledger that another
             # process put in place meanwhile.
-            await asyncio.to_thread(os.link, draft, path)
+            os.link(draft, path)
         except FileExistsError:
             pass
     finally:
-        await asyncio.to_thread(draft.unlink, missing_ok=True)
+        draft.unlink(missing_ok=True)
 
 
 def check_file(path: Path) -> None:
@@ -158,13 +166,13 @@ _FOREIGN_HINT = (
 )
 
 
-async def check_ours(db: aiosqlite.Connection, path: Path) -> None:
+def check_ours(db: sqlite3.Connection, path: Path) -> None:
     """Refuse an SQLite database that another program wrote."""
-    version = await _user_version(db)
-    application = int(list(await db.execute_fetchall("PRAGMA application_id"))[0][0])
+    version = _user_version(db)
+    application = int(db.execute("PRAGMA application_id").fetchone()[0])
     tables = {
         str(row[0])
-        for row in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
+        for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     }
     if version == 0 and not tables and application == 0:
         return  # new and empty: ours to create
@@ -240,31 +248,30 @@ def _access_problem(path: Path) -> str | None:
     return None
 
 
-async def migrate(db: aiosqlite.Connection, path: Path) -> None:
+def migrate(db: sqlite3.Connection, path: Path) -> None:
     """Bring the database at *path* to ``SCHEMA_VERSION``, all migrations or none."""
-    version = await _user_version(db)
+    version = _user_version(db)
     if version == SCHEMA_VERSION:
         return
     _refuse_newer(version, path)
     # IMMEDIATE takes the write lock first, so two processes opening a fresh
     # database at once cannot both run a migration.
-    await db.execute("BEGIN IMMEDIATE")
+    db.execute("BEGIN IMMEDIATE")
     try:
-        version = await _user_version(db)
+        version = _user_version(db)
         _refuse_newer(version, path)
         for number in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[number - 1]:
-                await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {number:d}")
-        await db.execute("COMMIT")
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number:d}")
+        db.execute("COMMIT")
     except BaseException:
-        await db.execute("ROLLBACK")
+        db.execute("ROLLBACK")
         raise
 
 
-async def _user_version(db: aiosqlite.Connection) -> int:
-    rows = list(await db.execute_fetchall("PRAGMA user_version"))
-    return int(rows[0][0])
+def _user_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _refuse_newer(version: int, path: Path) -> None:

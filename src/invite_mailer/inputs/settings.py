@@ -244,6 +244,13 @@ class LimitsSettings(_Section):
         description="the most one composed mail may be on the wire, attachments included; "
         "relays refuse larger ones (Exchange Online: 25 MB after encoding)",
     )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="the most mails claimed in the ledger whose outcome is not recorded yet; "
+        "after a crash at most this many can arrive twice. Unset: twice smtp.max_connections",
+    )
     retry_initial_seconds: float = Field(30, gt=0)
     retry_max_seconds: float = Field(1800, gt=0)
     retry_in_pass_seconds: float = Field(

@@ -1,0 +1,112 @@
+"""The organiser's summary after a pass: once per mailing, when it has gone out to everyone.
+
+Decided from the plan the pass started from and what the pass did, so that
+nothing of the ledger is read again but the few summary rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from invite_mailer.core.plan import Mailing
+from invite_mailer.delivery.ledger import DeliveryKey, DeliveryState, Ledger
+from invite_mailer.delivery.results import Outcome, PassResult
+from invite_mailer.delivery.transport import Transport
+from invite_mailer.errors import PermanentFailure, TemporaryFailure
+from invite_mailer.inputs.config import Config
+from invite_mailer.mail import mime
+from invite_mailer.mail.summary import compose_summary
+
+__all__ = ["SUMMARY_KIND", "after_pass", "send_summaries"]
+
+SUMMARY_KIND = "summary"
+
+
+async def send_summaries(
+    config: Config,
+    ledger: Ledger,
+    transport: Transport,
+    result: PassResult,
+    mailings: list[Mailing],
+    now: datetime,
+) -> None:
+    """Tell the organiser about each mailing of *mailings* that is complete now.
+
+    *mailings* is the plan the pass started from, *result* what it did.
+    """
+    if not config.settings.notify.organiser_summary:
+        return
+    organiser = str(config.series.organiser.email).lower()
+    for mailing in mailings:
+        done = after_pass(mailing, result)
+        if done is None:
+            continue
+        after, touched = done
+        key = DeliveryKey(config.series.id, SUMMARY_KIND, mailing.id, organiser)
+        if touched or await _still_due(ledger, key, after, now):
+            await _send(config, ledger, transport, key, after, result, now)
+
+
+def after_pass(mailing: Mailing, result: PassResult) -> tuple[Mailing, bool] | None:
+    """*mailing* of the pass's plan with the pass's outcomes added, and whether
+    the pass sent any of it; None while someone is still outstanding.
+
+    Every mail of the pass counts once, at its last attempt: when the sent
+    and failed ones account for everyone outstanding at the start, nobody is
+    left. (One who opted out during the pass still counts as outstanding
+    here; the next pass's plan no longer lists them and sends the summary.)
+    """
+    counts = result.mailings.get(mailing.id)
+    sent = failed = 0
+    if counts is not None:
+        sent, failed = counts.counts[Outcome.SENT], counts.counts[Outcome.FAILED]
+    if len(mailing.outstanding) > sent + failed:
+        return None
+    after = replace(
+        mailing, outstanding=(), sent=mailing.sent + sent, failed=mailing.failed + failed
+    )
+    if not (after.sent or after.failed):
+        return None
+    return after, bool(sent or failed)
+
+
+async def _still_due(ledger: Ledger, key: DeliveryKey, mailing: Mailing, now: datetime) -> bool:
+    """For a mailing completed earlier: while its window is open, a summary
+    that failed for a moment, or whose pass was stopped before telling
+    anyone, is due again (one indexed lookup of its row)."""
+    if now >= mailing.deadline:
+        return False
+    row = await ledger.get(key)
+    if row is None:
+        return True
+    retry_at = row.next_attempt_at
+    return row.state in (DeliveryState.PENDING, DeliveryState.UNCERTAIN) and (
+        retry_at is None or retry_at <= now
+    )
+
+
+async def _send(
+    config: Config,
+    ledger: Ledger,
+    transport: Transport,
+    key: DeliveryKey,
+    mailing: Mailing,
+    result: PassResult,
+    now: datetime,
+) -> None:
+    message = compose_summary(config, mailing, now=now)
+    if not await ledger.claim(key, str(message["Message-ID"]), now):
+        return
+    sender = config.settings.sender.from_address.addr_spec
+    organiser = str(config.series.organiser.email)
+    try:
+        answer = await transport.send(mime.wire(message), sender=sender, recipients=[organiser])
+    except PermanentFailure as exc:
+        await ledger.mark_failed(key, exc.response, now)
+    except (TemporaryFailure, OSError) as exc:
+        response = exc.response if isinstance(exc, TemporaryFailure) else str(exc)
+        await ledger.mark_retry(key, response, now, now + timedelta(minutes=5))
+    else:
+        await ledger.mark_sent(key, answer, now)
+        result.reports_sent += 1
