@@ -226,7 +226,16 @@ class Composer:
         *inline* replaces the CSS inliner (:meth:`inline_css`) with one that
         gives the same result, such as a cache of its results.
         """
-        kind, contact, event = request.kind, request.contact, request.event
+        request, attachments, context = self.prepare(request)
+        subject, text, html = self.render_templates(request.kind, context, inline=inline)
+        text = tidy_text(text)
+        self.check_size(request.kind, request.event, text, html, attachments)
+        return self.assemble(request, context, subject, text, html, attachments)
+
+    def prepare(self, request: MailRequest) -> tuple[MailRequest, list[File], dict[str, Any]]:
+        """The checked request (``now`` in the series' zone), its attachments
+        and what its templates see: everything :meth:`render` renders from."""
+        kind, event = request.kind, request.event
         if f"{kind}.subject.j2" not in self._templates:
             raise ValueError(f"no templates for the kind {kind!r} (known: {self.kinds})")
         if (event is None) != (kind in SERIES_KINDS):
@@ -236,9 +245,16 @@ class Composer:
         if now.tzinfo is None:
             now = now.replace(tzinfo=self._series.zone)
         request = replace(request, now=now.astimezone(self._series.zone))
-
         attachments = self._attachments(request)
-        context = self._context(request, attachments)
+        return request, attachments, self._context(request, attachments)
+
+    def render_templates(
+        self, kind: str, context: dict[str, Any], *, inline: Callable[[str], str] | None = None
+    ) -> tuple[str, str, str]:
+        """Subject, text (not yet tidied) and HTML (CSS inlined) of a *kind* mail.
+
+        Sets ``context["subject"]`` for the text and HTML templates.
+        """
         subject = german.clean(self._templates.render(f"{kind}.subject.j2", context))
         if not subject:
             raise ConfigError.single(
@@ -247,17 +263,30 @@ class Composer:
                 hint="write the subject line into this file",
             )
         context["subject"] = subject
-        text = tidy_text(self._templates.render(f"{kind}.txt.j2", context))
+        text = self._templates.render(f"{kind}.txt.j2", context)
         html = (inline or self.inline_css)(self._templates.render(f"{kind}.html.j2", context))
-        self.check_size(kind, event, text, html, attachments)
+        return subject, text, html
+
+    def assemble(
+        self,
+        request: MailRequest,
+        context: Mapping[str, Any],
+        subject: str,
+        text: str,
+        html: str,
+        attachments: Iterable[File],
+    ) -> RenderedMail:
+        """The rendered mail of *request* from its finished parts."""
         link = context["unsubscribe_url"]
         return RenderedMail(
             request=request,
-            message_id=self.message_id(kind, contact, event, version=self._version(request)),
+            message_id=self.message_id(
+                request.kind, request.contact, request.event, version=self._version(request)
+            ),
             subject=subject,
             text=text,
             html=html,
-            to=mime.recipient(contact),
+            to=mime.recipient(request.contact),
             sender=self._sender,
             reply_to=self._reply_to,
             list_id=self._list_id,
@@ -265,6 +294,16 @@ class Composer:
             one_click=bool(link),
             attachments=tuple(attachments),
         )
+
+    @property
+    def templates(self) -> Templates:
+        """The compiled templates this composer renders."""
+        return self._templates
+
+    @property
+    def max_message_bytes(self) -> int:
+        """``limits.max_message_bytes``: what :meth:`check_size` compares with."""
+        return self._settings.limits.max_message_bytes
 
     def inline_css(self, html: str) -> str:
         """*html* with its CSS inlined into style attributes, for Outlook."""

@@ -51,6 +51,7 @@ from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.htmlcache import InlineCache
 from invite_mailer.mail.mime import RenderedMail, Wire, mime_boundary
+from invite_mailer.mail.shapes import VERIFY_FIRST, Shape, Shapes
 from invite_mailer.mail.wireformat import HeaderCache, qp_wire
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ _SMTP = email_policy.SMTP
 _PER_RECIPIENT = frozenset({"to", "subject", "date", "message-id", "list-unsubscribe"})
 # How many recipients of each shape are checked against the standard library.
 _VERIFY = 2
+
+
+def _sampled(served: int) -> bool:
+    """Whether the *served*-th mail of a shape is compared with the reference:
+    the first few, then the 2**n-th, so a long mailing is checked now and then."""
+    return served < VERIFY_FIRST or served & (served - 1) == 0
 
 
 # --- skeletons ------------------------------------------------------------------------
@@ -130,9 +137,12 @@ class WireComposer:
     _qp: dict[str, str] = field(default_factory=dict)
     _headers: HeaderCache = field(default_factory=HeaderCache)
     _inline: InlineCache = field(init=False)
+    #: The compiled shapes of the composer's mails.
+    shapes: Shapes = field(init=False)
 
     def __post_init__(self) -> None:
         self._inline = InlineCache(self.composer.inline_css)
+        self.shapes = Shapes(self.composer, self.notes)
 
     def wire(
         self,
@@ -153,31 +163,63 @@ class WireComposer:
         """The wire form of the mail *request* describes."""
         if request.kind not in FAST_KINDS or request.previous is not None:
             return self.standard(request)
-        rendered = self.composer.render(request, inline=self._inline)
-        shape = _shape(rendered)
-        if shape not in self._skeletons:
+        compiled = self.shapes.render(request)
+        if compiled is None:
+            rendered, shape = self.composer.render(request, inline=self._inline), None
+        else:
+            rendered, shape = compiled
+        key = _shape(rendered)
+        if key not in self._skeletons:
             if len(self._skeletons) > 64:  # e.g. a calendar file per minute, for days
                 self._skeletons.clear()
-            self._skeletons[shape] = self._skeleton(rendered, mime.build(rendered))
-        skeleton = self._skeletons[shape]
+            self._skeletons[key] = self._skeleton(rendered, mime.build(rendered))
+        skeleton = self._skeletons[key]
         if skeleton is None or skeleton.broken:
             return self.standard(request)
-        data = self._fill(skeleton, rendered)
-        if skeleton.checked < _VERIFY:
-            expected = self.reference(request)
+        wire = Wire(rendered.message_id, self._fill(skeleton, rendered))
+        due = skeleton.checked < _VERIFY
+        if shape is not None:
+            due = due or _sampled(shape.served)
+            shape.served += 1
+        if due:
             skeleton.checked += 1
-            if expected != Wire(rendered.message_id, data):
-                skeleton.broken = True
-                event = request.event
-                self._note(
-                    f"fast path differs from the standard library for {request.kind} "
-                    f"{event.id if event else '(series)'}; "
-                    "composing this mailing the standard way"
-                )
-                self.counts["standard"] += 1
+            expected = self._check(request, rendered, wire, skeleton, shape)
+            if expected is not None:
                 return expected
         self.counts["fast"] += 1
-        return Wire(rendered.message_id, data)
+        if shape is not None:
+            self.counts["shape"] += 1
+        return wire
+
+    def _check(
+        self,
+        request: MailRequest,
+        rendered: RenderedMail,
+        wire: Wire,
+        skeleton: _Skeleton,
+        shape: Shape | None,
+    ) -> Wire | None:
+        """Compare *wire* with the standard library's; its bytes when they differ."""
+        reference = self.composer.render(request)
+        expected = mime.wire(mime.build(reference))
+        if expected == wire:
+            return None
+        event = request.event
+        about = f"{request.kind} {event.id if event else '(series)'}"
+        if shape is not None and reference != rendered:
+            shape.broken = True
+            self._note(
+                f"the compiled shape differs from rendering per recipient for {about}; "
+                "rendering this shape per recipient"
+            )
+        else:
+            skeleton.broken = True
+            self._note(
+                f"fast path differs from the standard library for {about}; "
+                "composing this mailing the standard way"
+            )
+        self.counts["standard"] += 1
+        return expected
 
     def standard(self, request: MailRequest) -> Wire:
         """The slow, reference way, counted as such."""
