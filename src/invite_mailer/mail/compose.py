@@ -70,7 +70,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import date, datetime
 from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
@@ -149,6 +149,10 @@ class Composer:
         )
         self._series_view = series_view(series)
         self._events = {e.id: self._event_view(e) for e in series.events}
+        # The calendar files and materials of a mailing at a moment, the same
+        # for every recipient (the materials list may change with a reload).
+        self._attached: dict[tuple[object, ...], tuple[Event | None, list[File]]] = {}
+        self._abouts: dict[tuple[str, date], tuple[Event, EventView, EventView | None, str]] = {}
         self._active = tuple(self._events[e.id] for e in series.active_events)
         self._unsubscribe_address = (
             settings.sender.unsubscribe_mailto
@@ -350,30 +354,27 @@ class Composer:
         self, kind: str, event: Event | None, text: str, html: str, attachments: Iterable[File]
     ) -> None:
         """Refuse a mail larger than ``limits.max_message_bytes`` on the wire (about)."""
+        size = message_size(octet_counts(text), octet_counts(html), attachments)
+        if size > self._settings.limits.max_message_bytes:
+            raise self.size_error(kind, event, size)
+
+    def size_error(self, kind: str, event: Event | None, size: int) -> ConfigError:
+        """The problem of a *kind* mail about *event* of *size* octets: too large."""
         limit = self._settings.limits.max_message_bytes
-        size = _qp_size(text) + _qp_size(html) + sum(_base64_size(len(f.data)) for f in attachments)
-        if size > limit:
-            about = f"of {event.id!r}" if event is not None else "of the series"
-            raise ConfigError.single(
-                self._config_dir / SERIES_FILE,
-                f"the {kind} mail {about} would be about {size_text(size)}, more than the "
-                f"limit of {size_text(limit)} for one mail (limits.max_message_bytes)",
-                hint="shorten the descriptions in series.yaml (or the templates), and "
-                "link large files with url: instead of file:",
-            )
+        about = f"of {event.id!r}" if event is not None else "of the series"
+        return ConfigError.single(
+            self._config_dir / SERIES_FILE,
+            f"the {kind} mail {about} would be about {size_text(size)}, more than the "
+            f"limit of {size_text(limit)} for one mail (limits.max_message_bytes)",
+            hint="shorten the descriptions in series.yaml (or the templates), and "
+            "link large files with url: instead of file:",
+        )
 
     # -- context --
 
     def _context(self, request: MailRequest, attachments: list[File]) -> dict[str, Any]:
         kind, contact, event, now = request.kind, request.contact, request.event, request.now
-        view = None
-        if event is not None:
-            view = self._events.get(event.id) or self._event_view(event)
-        next_event = None
-        if event is not None:
-            later = [e for e in self._series.active_events if e.starts_at > event.starts_at]
-            if later:
-                next_event = self._events[min(later, key=lambda e: e.starts_at).id]
+        view, next_event, relative_day = self._about(event, now.date())
         link = ""
         if self._settings.sender.unsubscribe_url and self._secret:
             token = make_token(self._secret, self._series.id, contact.email)
@@ -388,9 +389,7 @@ class Composer:
             "events": self._active,
             "event": view,
             "next_event": next_event,
-            "relative_day": (
-                german.relative_day(event.date, now.date()) if event is not None else ""
-            ),
+            "relative_day": relative_day,
             "registered_events": tuple(e for e in self._active if contact.is_registered(e.id)),
             "registered": event is not None and contact.is_registered(event.id),
             "attended": request.attended,
@@ -407,7 +406,45 @@ class Composer:
             ),
         }
 
+    def _about(
+        self, event: Event | None, today: date
+    ) -> tuple[EventView | None, EventView | None, str]:
+        """The date's view, the next date's and how *today* names the day: the
+        same for every recipient of a mailing, so worked out once."""
+        if event is None:
+            return None, None, ""
+        key = (event.id, today)
+        found = self._abouts.get(key)
+        if found is None or found[0] is not event:
+            view = self._events.get(event.id) or self._event_view(event)
+            next_event = None
+            later = [e for e in self._series.active_events if e.starts_at > event.starts_at]
+            if later:
+                next_event = self._events[min(later, key=lambda e: e.starts_at).id]
+            if len(self._abouts) > 256:
+                self._abouts.clear()
+            relative = german.relative_day(event.date, today)
+            found = self._abouts[key] = (event, view, next_event, relative)
+        return found[1], found[2], found[3]
+
     def _attachments(self, request: MailRequest) -> list[File]:
+        if _METHODS.get(request.kind, CALENDAR_METHOD) != CALENDAR_METHOD:
+            return self._files_of(request)  # calendar files that name the recipient
+        event = request.event
+        key = (
+            request.kind,
+            event.id if event is not None else "",
+            request.now,
+            tuple(sorted(request.sequences.items())),
+        )
+        found = self._attached.get(key)
+        if found is None or found[0] is not event:
+            if len(self._attached) > 64:
+                self._attached.clear()
+            found = self._attached[key] = (event, self._files_of(request))
+        return list(found[1])
+
+    def _files_of(self, request: MailRequest) -> list[File]:
         kind, event, contact, sequences = (
             request.kind,
             request.event,
@@ -451,11 +488,25 @@ class Composer:
         return event_view(event, files, self._calendars.filename(event))
 
 
-def _qp_size(text: str) -> int:
-    """About the quoted-printable size of *text*: three octets for each
-    non-ASCII one, plus the soft line breaks."""
-    octets = len(text.encode("utf-8"))
-    encoded = octets + 2 * (octets - len(text.encode("ascii", "ignore")))
+def octet_counts(text: str) -> tuple[int, int]:
+    """(ASCII characters, octets of the others) of *text* in UTF-8: what its
+    quoted-printable size depends on."""
+    if text.isascii():
+        return len(text), 0
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return ascii_chars, len(text.encode("utf-8")) - ascii_chars
+
+
+def message_size(text: tuple[int, int], html: tuple[int, int], attachments: Iterable[File]) -> int:
+    """About the wire size of a mail whose parts have these :func:`octet_counts`."""
+    return _qp_size(text) + _qp_size(html) + sum(_base64_size(len(f.data)) for f in attachments)
+
+
+def _qp_size(counts: tuple[int, int]) -> int:
+    """About the quoted-printable size: three octets for each non-ASCII one,
+    plus the soft line breaks."""
+    ascii_chars, others = counts
+    encoded = ascii_chars + 3 * others
     return encoded + encoded // 25  # "=\r\n" every 75 characters
 
 

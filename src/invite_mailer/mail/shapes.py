@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -40,8 +40,9 @@ from invite_mailer.core.plan import MailRequest
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.materials import File
 from invite_mailer.inputs.typeset import tidy_join, tidy_line
-from invite_mailer.mail.compose import Composer
-from invite_mailer.mail.mime import RenderedMail
+from invite_mailer.mail import mime
+from invite_mailer.mail.compose import Composer, message_size, octet_counts
+from invite_mailer.mail.mime import PLAIN_ADDRESS, RenderedMail
 from invite_mailer.mail.slots import Analysis, analyse
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ _Key = tuple[object, ...]
 def safe_value(value: object) -> bool:
     """Whether *value* can be filled into a shape: a string the HTML parser,
     the serialiser and the text tidying treat like any other word."""
-    if not isinstance(value, str):
+    if type(value) is not str:
         return False
     return value == "" or (value.strip() == value and _UNSAFE.search(value) is None)
 
@@ -114,6 +115,33 @@ class Shape:
     html_slots: list[tuple[int, bool]]  # (slot number, in an attribute value)
     served: int = 0
     broken: bool = False
+    _sizes: _Sizes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._sizes = _Sizes.of(self)
+
+    def size_bound(self, values: tuple[str, ...], attachments: Iterable[File]) -> int:
+        """At least :func:`message_size` of the mail with *values*, without writing it.
+
+        Octets add up, except where a line holding values is wrapped: each
+        break turns a run of blanks into a line break and the hanging indent.
+        """
+        counts = [octet_counts(v) for v in values]
+        sizes = self._sizes
+        ascii_chars, others = sizes.text
+        for line_ascii, line_others, blanks, hang, slots in sizes.lines:
+            ascii_chars += line_ascii + hang * (blanks + sum(values[n].count(" ") for n in slots))
+            others += line_others
+            for n in slots:
+                ascii_chars += counts[n][0]
+                others += counts[n][1]
+        html_ascii, html_others = sizes.html
+        for slot, attribute in self.html_slots:
+            value = values[slot]
+            found = octet_counts(html_attribute(value) if attribute else html_text(value))
+            html_ascii += found[0]
+            html_others += found[1]
+        return message_size((ascii_chars, others), (html_ascii, html_others), attachments)
 
     def text(self, values: tuple[str, ...]) -> str:
         """The tidied text part with *values* in it."""
@@ -135,6 +163,38 @@ class Shape:
         return "".join(out)
 
 
+@dataclass(frozen=True)
+class _Sizes:
+    """A shape's octet counts without its values, for :meth:`Shape.size_bound`."""
+
+    text: tuple[int, int]
+    # Per line with values: its literals' counts, blanks, hanging indent, slots.
+    lines: list[tuple[int, int, int, int, list[int]]]
+    html: tuple[int, int]
+
+    @classmethod
+    def of(cls, shape: Shape) -> _Sizes:
+        lines = []
+        for line in shape.text_lines:
+            literal = "".join(p for p in line if isinstance(p, str))
+            ascii_chars, others = octet_counts(literal)
+            # Wrapping expands a tab to up to eight blanks; any blank may become a break.
+            tabs = literal.count("\t")
+            ascii_chars += 7 * tabs
+            blanks = literal.count(" ") + tabs
+            first = line[0] if line and isinstance(line[0], str) else ""
+            hang = len(first) - len(first.lstrip()) + 2
+            lines.append(
+                (ascii_chars, others, blanks, hang, [p for p in line if isinstance(p, int)])
+            )
+        return cls(_total(shape.text_pieces), lines, _total(shape.html_pieces))
+
+
+def _total(pieces: list[str]) -> tuple[int, int]:
+    counts = [octet_counts(p) for p in pieces]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
 @dataclass
 class Shapes:
     """Compiled shapes of one :class:`Composer`'s mails (kinds without a
@@ -144,6 +204,7 @@ class Shapes:
     notes: list[str] = field(default_factory=list)
     analysis: Analysis = field(init=False)
     _slots: tuple[str, ...] = field(init=False)
+    _sources: list[tuple[str, str]] = field(init=False)
     _shapes: dict[_Key, Shape | None] = field(default_factory=dict)
 
     MAX_SHAPES = 256
@@ -151,6 +212,7 @@ class Shapes:
     def __post_init__(self) -> None:
         self.analysis = analyse(self.composer.templates.trees)
         self._slots = tuple(sorted(self.analysis.slots))
+        self._sources = [_source(slot) for slot in self._slots]
         if self.analysis.reason is not None:
             self._note(
                 f"templates rendered per recipient (slower): {self.analysis.reason}; "
@@ -187,16 +249,37 @@ class Shapes:
         rendered = composer.assemble(request, context, shape.subject, text, html, attachments)
         return rendered, shape
 
+    def vouch(self, request: MailRequest) -> bool:
+        """Whether the mail of *request* is known to build, without building it.
+
+        True when its shape has been built and checked for earlier recipients,
+        its values can be filled in, its address is valid and the size bound
+        is within ``limits.max_message_bytes``; a :class:`ConfigError` for an
+        invalid address. False: build the mail to know.
+        """
+        if not self.compilable or request.previous is not None:
+            return False
+        request, attachments, context = self.composer.prepare(request)
+        values = self.values(request.contact, context)
+        if values is None:
+            return False
+        shape = self._shapes.get(self.key(request, attachments, context, values))
+        if shape is None or shape.broken or shape.served < VERIFY_FIRST:
+            return False
+        if not PLAIN_ADDRESS.fullmatch(request.contact.email):
+            mime.recipient(request.contact)  # a plain address is always valid
+        return shape.size_bound(values, attachments) <= self.composer.max_message_bytes
+
     def values(self, contact: Contact, context: Mapping[str, Any]) -> tuple[str, ...] | None:
         """The recipient's slot values, in slot order; None if one is not safe to fill in."""
         values = []
-        for slot in self._slots:
-            if slot.startswith("contact.extra["):
-                value: object = contact.extra.get(slot[len("contact.extra[") : -1])
-            elif slot.startswith("contact."):
-                value = getattr(contact, slot[len("contact.") :])
+        for where, name in self._sources:
+            if where == "extra":
+                value: object = contact.extra.get(name)
+            elif where == "contact":
+                value = getattr(contact, name)
             else:
-                value = context[slot]
+                value = context[name]
             if not safe_value(value):
                 return None
             values.append(value)
@@ -262,6 +345,15 @@ class Shapes:
             elif slot.startswith("contact."):
                 fields[slot[len("contact.") :]] = marks[n]
         return replace(contact, **fields, extra=MappingProxyType(extra))
+
+
+def _source(slot: str) -> tuple[str, str]:
+    """Where a slot's value comes from: ("extra", column), ("contact", field), ("context", name)."""
+    if slot.startswith("contact.extra["):
+        return "extra", slot[len("contact.extra[") : -1]
+    if slot.startswith("contact."):
+        return "contact", slot[len("contact.") :]
+    return "context", slot
 
 
 def _inline_source(composer: Composer, kind: str, marked: dict[str, Any]) -> str:
