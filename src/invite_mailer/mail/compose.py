@@ -463,14 +463,14 @@ class Composer:
             dates = self._series.active_events
         elif calendars == "event" and event is not None:
             dates = [event]
-        for date in dates:
+        for day in dates:
             files.append(
                 File(
-                    self._calendars.filename(date),
+                    self._calendars.filename(day),
                     self._calendars.get(
-                        date,
+                        day,
                         now=request.now,
-                        sequence=sequences.get(date.id, 0),
+                        sequence=sequences.get(day.id, 0),
                         method=method,
                         attendee=attendee,
                     ),
