@@ -355,6 +355,7 @@ def test_a_shape_that_differs_is_not_used(project: Path) -> None:
         assert shape is not None
         shape.served = 0
         shape.html_pieces[-1] += "sabotage"
+        shape.html_wire.append(b"sabotage\r\n")
     for person in people[1:]:
         request = MailRequest(str(Kind.INVITATION), person, None, NOW[Kind.INVITATION])
         assert wires.wire_for(request) == reference(composer, request)

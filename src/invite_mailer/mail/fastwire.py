@@ -51,7 +51,7 @@ from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.htmlcache import InlineCache
 from invite_mailer.mail.mime import RenderedMail, Wire, mime_boundary
-from invite_mailer.mail.shapes import VERIFY_FIRST, Shape, Shapes
+from invite_mailer.mail.shapes import VERIFY_FIRST, Filled, Shape, Shapes
 from invite_mailer.mail.wireformat import HeaderCache, qp_wire
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,12 @@ class WireComposer:
         if request.kind not in FAST_KINDS or request.previous is not None:
             return self.standard(request)
         compiled = self.shapes.render(request)
+        shape: Shape | None = None
+        filled: Filled | None = None
         if compiled is None:
-            rendered, shape = self.composer.render(request, inline=self._inline), None
+            rendered = self.composer.render(request, inline=self._inline)
         else:
-            rendered, shape = compiled
+            rendered, shape, filled = compiled
         key = _shape(rendered)
         if key not in self._skeletons:
             if len(self._skeletons) > 64:  # e.g. a calendar file per minute, for days
@@ -176,7 +178,7 @@ class WireComposer:
         skeleton = self._skeletons[key]
         if skeleton is None or skeleton.broken:
             return self.standard(request)
-        wire = Wire(rendered.message_id, self._fill(skeleton, rendered))
+        wire = Wire(rendered.message_id, self._fill(skeleton, rendered, filled))
         due = skeleton.checked < _VERIFY
         if shape is not None:
             due = due or _sampled(shape.served)
@@ -278,8 +280,9 @@ class WireComposer:
             body = _cut(body, boundary.encode("ascii"), f"boundary{index}")
         return _Skeleton(head, body)
 
-    def _fill(self, skeleton: _Skeleton, r: RenderedMail) -> bytes:
-        """The mail's wire bytes: the slots of *skeleton* filled from *r*."""
+    def _fill(self, skeleton: _Skeleton, r: RenderedMail, filled: Filled | None = None) -> bytes:
+        """The mail's wire bytes: the slots of *skeleton* filled from *r*
+        (the bodies from *filled*, when its shape has them encoded)."""
         boundaries: dict[str, bytes] = {}
         out = self._head(skeleton, r, boundaries)
         out.append(b"\r\n")
@@ -287,9 +290,9 @@ class WireComposer:
             if isinstance(piece, bytes):
                 out.append(piece)
             elif piece == "text":
-                out.append(qp_wire(r.text, self._qp))
+                out.append(filled.text_wire if filled else qp_wire(r.text, self._qp))
             elif piece == "html":
-                out.append(qp_wire(r.html, self._qp))
+                out.append(filled.html_wire if filled else qp_wire(r.html, self._qp))
             else:
                 found = boundaries.get(piece)
                 if found is None:

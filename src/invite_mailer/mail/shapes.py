@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from invite_mailer.core.plan import MailRequest
 from invite_mailer.inputs.contacts import Contact
@@ -44,6 +44,7 @@ from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer, message_size, octet_counts
 from invite_mailer.mail.mime import PLAIN_ADDRESS, RenderedMail
 from invite_mailer.mail.slots import Analysis, analyse
+from invite_mailer.mail.wireformat import qp_line, split_lines
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,19 @@ def html_attribute(value: str) -> str:
     return value.replace("&", "&amp;").replace("\xa0", "&nbsp;").replace('"', "&quot;")
 
 
+class Filled(NamedTuple):
+    """A shape's parts with one recipient's values in them."""
+
+    text: str
+    html: str
+    text_wire: bytes  # the quoted-printable bodies, as mime.build writes them
+    html_wire: bytes
+
+
+def _qp_lines(lines: list[str]) -> bytes:
+    return "".join(qp_line(line) + "\r\n" for line in lines).encode("ascii")
+
+
 @dataclass
 class Shape:
     """One shape, rendered with markers: literal pieces around the slots."""
@@ -113,12 +127,42 @@ class Shape:
     text_lines: list[list[str | int]]  # each such line: literals and slot numbers
     html_pieces: list[str]  # around the values
     html_slots: list[tuple[int, bool]]  # (slot number, in an attribute value)
+    # The quoted-printable bodies: encoded lines, and lines with values (by number).
+    text_wire: list[bytes | int]
+    html_wire: list[bytes | list[str | int]]
     served: int = 0
     broken: bool = False
     _sizes: _Sizes = field(init=False)
 
     def __post_init__(self) -> None:
         self._sizes = _Sizes.of(self)
+
+    def fill(self, values: tuple[str, ...]) -> Filled:
+        """The text and HTML parts with *values* in them, and their wire form."""
+        lines = [
+            tidy_line("".join(p if isinstance(p, str) else values[p] for p in line))
+            for line in self.text_lines
+        ]
+        pieces = self.text_pieces
+        text = "".join(
+            [pieces[0], *(x for n, line in enumerate(lines) for x in (line, pieces[n + 1]))]
+        )
+        escaped = [
+            html_attribute(values[slot]) if attribute else html_text(values[slot])
+            for slot, attribute in self.html_slots
+        ]
+        pieces = self.html_pieces
+        html = "".join([pieces[0], *(x for n, e in enumerate(escaped) for x in (e, pieces[n + 1]))])
+        text_wire = b"".join(
+            p if isinstance(p, bytes) else _qp_lines(lines[p].split("\n")) for p in self.text_wire
+        )
+        html_wire = b"".join(
+            p
+            if isinstance(p, bytes)
+            else _qp_lines(["".join(x if isinstance(x, str) else escaped[x] for x in p)])
+            for p in self.html_wire
+        )
+        return Filled(text, html, text_wire, html_wire)
 
     def size_bound(self, values: tuple[str, ...], attachments: Iterable[File]) -> int:
         """At least :func:`message_size` of the mail with *values*, without writing it.
@@ -142,25 +186,6 @@ class Shape:
             html_ascii += found[0]
             html_others += found[1]
         return message_size((ascii_chars, others), (html_ascii, html_others), attachments)
-
-    def text(self, values: tuple[str, ...]) -> str:
-        """The tidied text part with *values* in it."""
-        out = [self.text_pieces[0]]
-        for number, line in enumerate(self.text_lines):
-            raw = "".join(p if isinstance(p, str) else values[p] for p in line)
-            out += (tidy_line(raw), self.text_pieces[number + 1])
-        return "".join(out)
-
-    def html(self, values: tuple[str, ...]) -> str:
-        """The HTML part (CSS inlined) with *values* in it."""
-        out = [self.html_pieces[0]]
-        for number, (slot, attribute) in enumerate(self.html_slots):
-            value = values[slot]
-            out += (
-                html_attribute(value) if attribute else html_text(value),
-                self.html_pieces[number + 1],
-            )
-        return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -225,7 +250,7 @@ class Shapes:
         """Whether the templates can be compiled into shapes at all."""
         return self.analysis.reason is None
 
-    def render(self, request: MailRequest) -> tuple[RenderedMail, Shape] | None:
+    def render(self, request: MailRequest) -> tuple[RenderedMail, Shape, Filled] | None:
         """The rendered mail of *request* from its shape, or None when the caller
         must render it per recipient (see the module's documentation)."""
         if not self.compilable or request.previous is not None:
@@ -244,10 +269,12 @@ class Shapes:
             shape = self._shapes[key] = self._compile(request, context, values)
         if shape is None or shape.broken:
             return None
-        text, html = shape.text(values), shape.html(values)
-        composer.check_size(request.kind, request.event, text, html, attachments)
-        rendered = composer.assemble(request, context, shape.subject, text, html, attachments)
-        return rendered, shape
+        filled = shape.fill(values)
+        composer.check_size(request.kind, request.event, filled.text, filled.html, attachments)
+        rendered = composer.assemble(
+            request, context, shape.subject, filled.text, filled.html, attachments
+        )
+        return rendered, shape, filled
 
     def vouch(self, request: MailRequest) -> bool:
         """Whether the mail of *request* is known to build, without building it.
@@ -333,8 +360,16 @@ class Shapes:
                 "rendered per recipient: its recipient data is not in plain text or links"
             )
             return None
-        text_pieces, text_lines = shape
-        return Shape(subject, text_pieces, text_lines, cut[0], cut[1])
+        text_pieces, text_lines, joined = shape
+        return Shape(
+            subject,
+            text_pieces,
+            text_lines,
+            cut[0],
+            cut[1],
+            _text_wire(joined),
+            _html_wire(html),
+        )
 
     def _marked_contact(self, contact: Contact, marks: list[str]) -> Contact:
         fields: dict[str, Any] = {}
@@ -364,7 +399,7 @@ def _inline_source(composer: Composer, kind: str, marked: dict[str, Any]) -> str
     return source
 
 
-def _cut_text(text: str) -> tuple[list[str], list[list[str | int]]] | None:
+def _cut_text(text: str) -> tuple[list[str], list[list[str | int]], str] | None:
     """The text around its lines with markers, tidied as :func:`tidy_text` does."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     held: list[list[str | int]] = []
@@ -381,14 +416,53 @@ def _cut_text(text: str) -> tuple[list[str], list[list[str | int]]] | None:
         held.append(pieces)
     # A line with a value is never blank, so the blank lines tidy_join
     # merges are the same with the values in.
-    parts = _LINE_MARK.split(tidy_join(tidied))
+    joined = tidy_join(tidied)
+    parts = _LINE_MARK.split(joined)
     literals = parts[0::2]
     order = [int(n) for n in parts[1::2]]
     if order != list(range(len(held))) or any(_ANY_MARK.search(p) for p in literals):
         return None
     if any(_ANY_MARK.search(p) for line in held for p in line if isinstance(p, str)):
         return None
-    return literals, held
+    return literals, held, joined
+
+
+def _text_wire(joined: str) -> list[bytes | int]:
+    """The text's quoted-printable lines, where each line with values is a number."""
+    out: list[bytes | int] = []
+    for line in split_lines(joined):
+        found = _LINE_MARK.fullmatch(line)
+        if found is not None:
+            out.append(int(found.group(1)))
+        elif out and isinstance(out[-1], bytes):
+            out[-1] += _qp_lines([line])
+        else:
+            out.append(_qp_lines([line]))
+    return out
+
+
+def _html_wire(html: str) -> list[bytes | list[str | int]]:
+    """The HTML's quoted-printable lines; a line with values is its literals
+    and the numbers of its values (in the order of ``Shape.html_slots``)."""
+    out: list[bytes | list[str | int]] = []
+    occurrence = 0
+    for line in split_lines(html):
+        parts = _HTML_MARK.split(line)
+        if len(parts) == 1:
+            if out and isinstance(out[-1], bytes):
+                out[-1] += _qp_lines([line])
+            else:
+                out.append(_qp_lines([line]))
+            continue
+        pieces: list[str | int] = []
+        for n, part in enumerate(parts):
+            if n % 2 == 0:
+                pieces.append(part)
+            else:
+                pieces.append(occurrence)
+                occurrence += 1
+        out.append(pieces)
+    return out
 
 
 def _cut_html(source: str, html: str) -> tuple[list[str], list[tuple[int, bool]]] | None:
