@@ -31,7 +31,7 @@ from invite_mailer.inputs.typeset import tidy_join, tidy_line, tidy_text
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
-from invite_mailer.mail.mime import Wire
+from invite_mailer.mail.mime import CrlfBytes, Wire
 from invite_mailer.mail.shapes import Shapes, html_attribute, html_text, safe_value
 from invite_mailer.mail.slots import analyse
 from support.project import shipped_environment
@@ -222,6 +222,16 @@ def test_a_few_mails_of_every_kind_are_identical(project: Path) -> None:
     people = contacts(6, seed=3)
     wires = assert_identical(load(project, link=True), people, shaped=False)
     assert wires.counts["shape"] > len(people)
+
+
+def test_compiled_mails_are_marked_as_crlf_checked(project: Path) -> None:
+    """The transport need not scan them again: every line ends in CRLF by construction."""
+    wires = WireComposer(Composer.from_config(load(project)))
+    for person in contacts(5):
+        wire = wires.wire_for(MailRequest(str(Kind.INVITATION), person, None, NOW[Kind.INVITATION]))
+        assert type(wire.data) is CrlfBytes
+        data = bytes(wire.data)
+        assert data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r")
 
 
 def test_long_names_move_the_line_breaks(project: Path) -> None:

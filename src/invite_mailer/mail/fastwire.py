@@ -50,7 +50,7 @@ from invite_mailer.inputs.series import Event, Kind
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.htmlcache import InlineCache
-from invite_mailer.mail.mime import RenderedMail, Wire, mime_boundary
+from invite_mailer.mail.mime import CrlfBytes, RenderedMail, Wire, crlf_lines, mime_boundary
 from invite_mailer.mail.shapes import VERIFY_FIRST, Filled, Shape, Shapes
 from invite_mailer.mail.wireformat import HeaderCache, qp_wire
 
@@ -99,6 +99,10 @@ class _Skeleton:
 
     head: list[tuple[str, _Slot | tuple[bytes, bytes]]]  # (header name, literal/slot)
     body: list[_Slot]
+    # Whether the standard library's bytes end every line in CRLF: then so does
+    # every mail filled in, as long as its header lines do (the bodies and
+    # boundaries put in are written with CRLF only).
+    canonical: bool = False
     checked: int = 0
     broken: bool = False
 
@@ -278,13 +282,14 @@ class WireComposer:
                 return None
         for index, boundary in enumerate(boundaries):
             body = _cut(body, boundary.encode("ascii"), f"boundary{index}")
-        return _Skeleton(head, body)
+        return _Skeleton(head, body, canonical=crlf_lines(data))
 
     def _fill(self, skeleton: _Skeleton, r: RenderedMail, filled: Filled | None = None) -> bytes:
         """The mail's wire bytes: the slots of *skeleton* filled from *r*
         (the bodies from *filled*, when its shape has them encoded)."""
         boundaries: dict[str, bytes] = {}
         out = self._head(skeleton, r, boundaries)
+        canonical = skeleton.canonical and crlf_lines(b"".join(out))
         out.append(b"\r\n")
         for piece in skeleton.body:
             if isinstance(piece, bytes):
@@ -301,7 +306,9 @@ class WireComposer:
                 out.append(found)
         if len(self._qp) > 20_000:  # per-recipient lines would pile up
             self._qp.clear()
-        return b"".join(out)
+        data = b"".join(out)
+        # Marked as checked, so the transport need not scan the bytes again.
+        return CrlfBytes(data) if canonical else data
 
     def _head(
         self, skeleton: _Skeleton, r: RenderedMail, boundaries: dict[str, bytes]
