@@ -70,7 +70,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
@@ -434,7 +434,8 @@ class Composer:
         key = (
             request.kind,
             event.id if event is not None else "",
-            request.now,
+            # The calendar files' DTSTAMP is the minute (see CalendarFiles.get).
+            request.now.astimezone(UTC).replace(second=0, microsecond=0),
             tuple(sorted(request.sequences.items())),
         )
         found = self._attached.get(key)

@@ -11,17 +11,20 @@ tenth.
 Almost all of a mail is the same for every recipient of a mailing, so
 :class:`WireComposer`
 
-1. renders the templates for each recipient exactly as the composer does
-   (the CSS inliner's results cached by :class:`InlineCache`);
-2. builds one real message per *shape* (kind, date, attachments) with the
+1. renders each *shape* of mail once and fills in each recipient's values
+   (:mod:`invite_mailer.mail.shapes`); mails it cannot vouch for are
+   rendered per recipient exactly as the composer does (the CSS inliner's
+   results cached by :class:`InlineCache`);
+2. builds one real message per skeleton (kind, date, attachments) with the
    standard library and cuts its bytes into a skeleton: literal bytes, and
    slots for what differs between recipients (``To``, ``Subject``, ``Date``,
    ``Message-ID``, ``List-Unsubscribe``, the multipart boundaries, the text
    and the HTML part);
 3. fills the slots from the :class:`RenderedMail`: headers folded by
    shortcuts that are exact for ordinary values (anything else goes through
-   the standard library), and quoted-printable encoded line by line with a
-   cache, because the same lines recur in every mail of a mailing.
+   the standard library), and the quoted-printable bodies as the shape has
+   them encoded (only the lines with values are encoded per mail), else
+   line by line with a cache.
 
 The result is byte for byte ``mime.build(rendered).as_bytes(policy=SMTP)``.
 ``tests/test_fastpath.py`` proves that for every kind over many contacts,
