@@ -9,6 +9,7 @@ show that what can fail for one recipient still fails, with today's message.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,23 +24,31 @@ from invite_mailer.mail.fastwire import WireComposer
 from support.contacts import HEADER, contact_rows
 from support.project import copy_project, strip_environment
 
-LONG_ORGANISATION = "Amt für Sonderaufgaben und Ähnliches " * 2000
-
 
 def project(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: list[str], **env: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    rows: list[str],
+    *,
+    header: str = HEADER,
+    edit: Callable[[Path], None] | None = None,
+    **env: str,
 ) -> Config:
-    """The shipped project with *rows* (contacts.csv lines) as its contacts."""
+    """The shipped project with *rows* (contacts.csv lines) as its contacts;
+    *edit* changes its templates."""
     strip_environment(monkeypatch)
     for name, value in env.items():
         monkeypatch.setenv(f"INVITE_MAILER_{name}", value)
     root = copy_project(tmp_path)
-    (root / "config" / "contacts.csv").write_text(HEADER + "\n" + "".join(rows), encoding="utf-8")
+    (root / "config" / "contacts.csv").write_text(header + "\n" + "".join(rows), encoding="utf-8")
+    if edit is not None:
+        edit(root / "templates" / "email")
     return load_config(root / "config", root / "templates" / "email", env_file=None)
 
 
-def row(email: str, organisation: str, registrations: str = "alle") -> str:
-    return f'{email};Frau;Dr.;Jana;Müller;"{organisation}";"{registrations}"\n'
+def row(email: str, organisation: str, registrations: str = "alle", *, notiz: str = "") -> str:
+    extra = f";{notiz}" if notiz else ""
+    return f'{email};Frau;Dr.;Jana;Müller;"{organisation}";"{registrations}"{extra}\n'
 
 
 def test_every_recipient_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,16 +65,31 @@ def test_every_recipient_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_one_recipient_over_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mail too large only because of one contact's data is found, however far down."""
-    rows = [row(f"k{n}@example.org", "Stadt Musterhausen") for n in range(30)]
-    rows.append(row("gross@example.org", LONG_ORGANISATION))
-    config = project(
-        tmp_path, monkeypatch, rows, LIMITS__MAX_MESSAGE_BYTES=str(160 * 1024)
-    )
+
+    def edit(templates: Path) -> None:
+        for name in ("layout.txt.j2", "layout.html.j2"):
+            path = templates / name
+            text = path.read_text(encoding="utf-8")
+            path.write_text(
+                text.replace(
+                    "{{ salutation }}",
+                    "{{ salutation }}{% for n in range(120) %} {{ contact.extra.Notiz }}{% endfor %}",
+                    1,
+                ),
+                encoding="utf-8",
+            )
+
+    rows = [row(f"k{n}@example.org", "Stadt Musterhausen", notiz="kurz") for n in range(30)]
+    rows.append(row("gross@example.org", "Stadt Musterhausen", notiz="Ä" * 300))
+    header = HEADER + ";Notiz"
+    limit = {"LIMITS__MAX_MESSAGE_BYTES": str(64 * 1024)}
+    config = project(tmp_path, monkeypatch, rows, header=header, edit=edit, **limit)
+    assert WireComposer(Composer.from_config(config)).shapes.compilable
     with pytest.raises(ConfigError) as raised:
         validate(config)
     assert "limits.max_message_bytes" in str(raised.value)
     # Without that contact every mail fits.
-    fits = project(tmp_path / "fits", monkeypatch, rows[:-1], LIMITS__MAX_MESSAGE_BYTES=str(160 * 1024))
+    fits = project(tmp_path / "fits", monkeypatch, rows[:-1], header=header, edit=edit, **limit)
     assert validate(fits).rendered > 0
 
 
@@ -114,7 +138,9 @@ def test_templates_that_are_not_compilable(tmp_path: Path, monkeypatch: pytest.M
     config = project(tmp_path, monkeypatch, list(contact_rows(20, seed=2)))
     layout = config.templates_dir / "layout.txt.j2"
     layout.write_text(
-        layout.read_text(encoding="utf-8").replace("{{ contact.email }}", "{{ contact.email | upper }}"),
+        layout.read_text(encoding="utf-8").replace(
+            "{{ contact.email }}", "{{ contact.email | upper }}"
+        ),
         encoding="utf-8",
     )
     edited = load_config(config.config_dir, config.templates_dir, env_file=None)
@@ -122,7 +148,9 @@ def test_templates_that_are_not_compilable(tmp_path: Path, monkeypatch: pytest.M
     assert validate(edited).rendered == validate(config).rendered
 
 
-def test_a_bad_extra_column_is_reported_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_extra_column_is_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A template error that depends on the recipient is one problem, not one per mail."""
     config = project(tmp_path, monkeypatch, list(contact_rows(30, seed=3)))
     layout = config.templates_dir / "layout.txt.j2"
@@ -137,6 +165,8 @@ def test_a_bad_extra_column_is_reported_once(tmp_path: Path, monkeypatch: pytest
         validate(edited)
     problems = list(raised.value)
     assert len(problems) == 1 and "Funktion" in str(problems[0])
-    request = MailRequest(str(Kind.INVITATION), edited.contacts.contacts[0], None, edited.series.first_start)
+    request = MailRequest(
+        str(Kind.INVITATION), edited.contacts.contacts[0], None, edited.series.first_start
+    )
     with pytest.raises(ConfigError):
         Composer.from_config(edited).render(request)
