@@ -19,8 +19,9 @@ from invite_mailer.core.plan import MailRequest, audience_of, mailing_times, req
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.inputs.series import Kind
-from invite_mailer.mail.compose import Composer, message_size, octet_counts
+from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
+from invite_mailer.mail.sizes import message_size, octet_counts
 from support.contacts import HEADER, contact_rows
 from support.project import copy_project, strip_environment
 

@@ -93,6 +93,7 @@ from invite_mailer.inputs.templates import Templates, load_templates
 from invite_mailer.inputs.typeset import tidy_text
 from invite_mailer.mail import mime
 from invite_mailer.mail.mime import RenderedMail
+from invite_mailer.mail.sizes import message_size, octet_counts
 from invite_mailer.mail.views import EventView, changes, event_view, series_view
 
 # What each kind attaches. "series": one calendar file per active date;
@@ -487,29 +488,3 @@ class Composer:
     def _event_view(self, event: Event) -> EventView:
         files = {f.filename: f for f in self._files.get(event.id, ())}
         return event_view(event, files, self._calendars.filename(event))
-
-
-def octet_counts(text: str) -> tuple[int, int]:
-    """(ASCII characters, octets of the others) of *text* in UTF-8: what its
-    quoted-printable size depends on."""
-    if text.isascii():
-        return len(text), 0
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return ascii_chars, len(text.encode("utf-8")) - ascii_chars
-
-
-def message_size(text: tuple[int, int], html: tuple[int, int], attachments: Iterable[File]) -> int:
-    """About the wire size of a mail whose parts have these :func:`octet_counts`."""
-    return _qp_size(text) + _qp_size(html) + sum(_base64_size(len(f.data)) for f in attachments)
-
-
-def _qp_size(counts: tuple[int, int]) -> int:
-    """About the quoted-printable size: three octets for each non-ASCII one,
-    plus the soft line breaks."""
-    ascii_chars, others = counts
-    encoded = ascii_chars + 3 * others
-    return encoded + encoded // 25  # "=\r\n" every 75 characters
-
-
-def _base64_size(octets: int) -> int:
-    return (octets + 2) // 3 * 4 * 78 // 76

@@ -41,8 +41,9 @@ from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.materials import File
 from invite_mailer.inputs.typeset import tidy_join, tidy_line
 from invite_mailer.mail import mime
-from invite_mailer.mail.compose import Composer, message_size, octet_counts
+from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.mime import PLAIN_ADDRESS, RenderedMail
+from invite_mailer.mail.sizes import message_size, octet_counts
 from invite_mailer.mail.slots import Analysis, analyse
 from invite_mailer.mail.wireformat import qp_line, split_lines
 
