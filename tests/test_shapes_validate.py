@@ -47,6 +47,13 @@ def project(
     return load_config(root / "config", root / "templates" / "email", env_file=None)
 
 
+def replace_in(path: Path, old: str, new: str) -> None:
+    """Edit a template as an organiser would: *old* becomes *new*."""
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new), encoding="utf-8")
+
+
 def row(email: str, organisation: str, registrations: str = "alle", *, notiz: str = "") -> str:
     extra = f";{notiz}" if notiz else ""
     return f'{email};Frau;Dr.;Jana;Müller;"{organisation}";"{registrations}"{extra}\n'
@@ -69,15 +76,10 @@ def test_one_recipient_over_the_size_limit(tmp_path: Path, monkeypatch: pytest.M
 
     def edit(templates: Path) -> None:
         for name in ("layout.txt.j2", "layout.html.j2"):
-            path = templates / name
-            text = path.read_text(encoding="utf-8")
-            path.write_text(
-                text.replace(
-                    "{{ salutation }}",
-                    "{{ salutation }}{% for n in range(120) %} {{ contact.extra.Notiz }}{% endfor %}",
-                    1,
-                ),
-                encoding="utf-8",
+            replace_in(
+                templates / name,
+                "{{ salutation }}",
+                "{{ salutation }}{% for n in range(120) %} {{ contact.extra.Notiz }}{% endfor %}",
             )
 
     rows = [row(f"k{n}@example.org", "Stadt Musterhausen", notiz="kurz") for n in range(30)]
@@ -137,12 +139,8 @@ def test_the_size_bound_is_never_below_the_size(
 def test_templates_that_are_not_compilable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """validate still checks every mail, rendered per recipient, and fails as before."""
     config = project(tmp_path, monkeypatch, list(contact_rows(20, seed=2)))
-    layout = config.templates_dir / "layout.txt.j2"
-    layout.write_text(
-        layout.read_text(encoding="utf-8").replace(
-            "{{ contact.email }}", "{{ contact.email | upper }}"
-        ),
-        encoding="utf-8",
+    replace_in(
+        config.templates_dir / "layout.txt.j2", "{{ contact.email }}", "{{ contact.email | upper }}"
     )
     edited = load_config(config.config_dir, config.templates_dir, env_file=None)
     assert not WireComposer(Composer.from_config(edited)).shapes.compilable
@@ -154,12 +152,10 @@ def test_a_bad_extra_column_is_reported_once(
 ) -> None:
     """A template error that depends on the recipient is one problem, not one per mail."""
     config = project(tmp_path, monkeypatch, list(contact_rows(30, seed=3)))
-    layout = config.templates_dir / "layout.txt.j2"
-    layout.write_text(
-        layout.read_text(encoding="utf-8").replace(
-            "{{ salutation }}", "{{ salutation }} {{ contact.extra['Funktion'] }}"
-        ),
-        encoding="utf-8",
+    replace_in(
+        config.templates_dir / "layout.txt.j2",
+        "{{ salutation }}",
+        "{{ salutation }} {{ contact.extra['Funktion'] }}",
     )
     edited = load_config(config.config_dir, config.templates_dir, env_file=None)
     with pytest.raises(ConfigError) as raised:
