@@ -380,6 +380,9 @@ def test_slot_safe_uses(source: str, slots: set[str]) -> None:
         "{{ super() | upper }}",
         "{% call m.box() %}{{ contact.email }}{% endcall %}",
         "{% if contact.email is defined %}{% endif %}",
+        "{% include 'unknown.j2' %}",
+        "{% include name %}",
+        "{% extends kind ~ '.j2' %}",
         "{{ unsubscribe_url[:10] }}",
     ],
 )

@@ -236,7 +236,13 @@ class Shapes:
     MAX_SHAPES = 256
 
     def __post_init__(self) -> None:
-        self.analysis = analyse(self.composer.templates.trees)
+        templates = self.composer.templates
+        missing = sorted(set(templates.compiled) - set(templates.trees))
+        self.analysis = (
+            Analysis(frozenset(), f"{missing[0]}: its syntax tree is not at hand")
+            if missing
+            else analyse(templates.trees)
+        )
         self._slots = tuple(sorted(self.analysis.slots))
         self._sources = [_source(slot) for slot in self._slots]
         if self.analysis.reason is not None:

@@ -103,10 +103,23 @@ def analyse(trees: Mapping[str, nodes.Template]) -> Analysis:
     slots: set[str] = set()
     for name in sorted(trees):
         try:
+            _check_loads(trees[name], trees)
             _visit(trees[name], slots, captured=False)
         except _NotSafe as exc:
             return Analysis(frozenset(slots), f"{name}: {exc}")
     return Analysis(frozenset(slots), None)
+
+
+def _check_loads(tree: nodes.Template, trees: Mapping[str, nodes.Template]) -> None:
+    """Every template *tree* extends, includes or imports is one of *trees*: a
+    template named at render time (or a hidden file) was never analysed."""
+    for node in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        target = getattr(node, "template", None)
+        names = target.value if isinstance(target, nodes.Const) else None
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list | tuple) or not all(n in trees for n in names):
+            raise _NotSafe(f"{_where(node)}: uses a template that is not known before rendering")
 
 
 def _where(node: nodes.Node) -> str:
