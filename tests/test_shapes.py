@@ -30,8 +30,9 @@ from invite_mailer.inputs.typeset import tidy_join, tidy_line, tidy_text
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
+from invite_mailer.mail.filling import html_attribute, html_text
 from invite_mailer.mail.mime import CrlfBytes, Wire
-from invite_mailer.mail.shapes import Shapes, html_attribute, html_text, safe_value
+from invite_mailer.mail.shapes import Shapes, safe_value
 from invite_mailer.mail.slots import analyse
 from support.project import shipped_environment
 from test_fastpath import HOSTILE_EMAILS, HOSTILE_NAMES, make_project

@@ -132,6 +132,7 @@ def test_the_size_bound_is_never_below_the_size(
             )
             bound = shape.size_bound(values, attachments)
             assert size <= bound <= size * 1.02, (kind, contact)
+            assert bound <= shape.quick_bound(values, attachments)
             checked += 1
     assert checked == 9 * 60
 

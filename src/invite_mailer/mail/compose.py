@@ -246,10 +246,11 @@ class Composer:
         if (event is None) != (kind in SERIES_KINDS):
             need = "event=None" if kind in SERIES_KINDS else "the event it is about"
             raise ValueError(f"composing a {kind!r} mail needs {need}")
-        now = request.now
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=self._series.zone)
-        request = replace(request, now=now.astimezone(self._series.zone))
+        now, zone = request.now, self._series.zone
+        if now.tzinfo is not zone:  # already in the series' zone: nothing to change
+            if now.tzinfo is None:
+                now = now.replace(tzinfo=zone)
+            request = replace(request, now=now.astimezone(zone))
         attachments = self._attachments(request)
         return request, attachments, self._context(request, attachments)
 

@@ -52,9 +52,10 @@ from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Event, Kind
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.filling import Filled, Shape
 from invite_mailer.mail.htmlcache import InlineCache
 from invite_mailer.mail.mime import CrlfBytes, RenderedMail, Wire, crlf_lines, mime_boundary
-from invite_mailer.mail.shapes import VERIFY_FIRST, Filled, Shape, Shapes
+from invite_mailer.mail.shapes import VERIFY_FIRST, Shapes
 from invite_mailer.mail.wireformat import HeaderCache, qp_wire
 
 log = logging.getLogger(__name__)

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from invite_mailer.core.plan import MailRequest
 from invite_mailer.inputs.contacts import Contact
@@ -42,14 +42,14 @@ from invite_mailer.inputs.materials import File
 from invite_mailer.inputs.typeset import tidy_join, tidy_line
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.filling import Filled, Shape, qp_lines
 from invite_mailer.mail.mime import PLAIN_ADDRESS, RenderedMail
-from invite_mailer.mail.sizes import message_size, octet_counts
 from invite_mailer.mail.slots import Analysis, analyse
-from invite_mailer.mail.wireformat import qp_line, split_lines
+from invite_mailer.mail.wireformat import split_lines
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Shape", "Shapes", "html_attribute", "html_text", "safe_value"]
+__all__ = ["VERIFY_FIRST", "Shapes", "safe_value"]
 
 # Supplementary private-use characters: no template, parser or text wrapper
 # gives them a meaning. The "&" tells an autoescaped marker ("&amp;") from a
@@ -89,136 +89,6 @@ def safe_value(value: object) -> bool:
     if type(value) is not str:
         return False
     return value == "" or (value.strip() == value and _UNSAFE.search(value) is None)
-
-
-def html_text(value: str) -> str:
-    """*value* as the inliner writes it in a text node."""
-    return (
-        value.replace("&", "&amp;")
-        .replace("\xa0", "&nbsp;")
-        .replace("<", "&lt;")
-        .replace(">", "&gt;")
-    )
-
-
-def html_attribute(value: str) -> str:
-    """*value* as the inliner writes it in a (double-quoted) attribute value."""
-    return value.replace("&", "&amp;").replace("\xa0", "&nbsp;").replace('"', "&quot;")
-
-
-class Filled(NamedTuple):
-    """A shape's parts with one recipient's values in them."""
-
-    text: str
-    html: str
-    text_wire: bytes  # the quoted-printable bodies, as mime.build writes them
-    html_wire: bytes
-
-
-def _qp_lines(lines: list[str]) -> bytes:
-    return "".join(qp_line(line) + "\r\n" for line in lines).encode("ascii")
-
-
-@dataclass
-class Shape:
-    """One shape, rendered with markers: literal pieces around the slots."""
-
-    subject: str
-    text_pieces: list[str]  # around the lines that hold values
-    text_lines: list[list[str | int]]  # each such line: literals and slot numbers
-    html_pieces: list[str]  # around the values
-    html_slots: list[tuple[int, bool]]  # (slot number, in an attribute value)
-    # The quoted-printable bodies: encoded lines, and lines with values (by number).
-    text_wire: list[bytes | int]
-    html_wire: list[bytes | list[str | int]]
-    served: int = 0
-    broken: bool = False
-    _sizes: _Sizes = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._sizes = _Sizes.of(self)
-
-    def fill(self, values: tuple[str, ...]) -> Filled:
-        """The text and HTML parts with *values* in them, and their wire form."""
-        lines = [
-            tidy_line("".join(p if isinstance(p, str) else values[p] for p in line))
-            for line in self.text_lines
-        ]
-        pieces = self.text_pieces
-        text = "".join(
-            [pieces[0], *(x for n, line in enumerate(lines) for x in (line, pieces[n + 1]))]
-        )
-        escaped = [
-            html_attribute(values[slot]) if attribute else html_text(values[slot])
-            for slot, attribute in self.html_slots
-        ]
-        pieces = self.html_pieces
-        html = "".join([pieces[0], *(x for n, e in enumerate(escaped) for x in (e, pieces[n + 1]))])
-        text_wire = b"".join(
-            p if isinstance(p, bytes) else _qp_lines(lines[p].split("\n")) for p in self.text_wire
-        )
-        html_wire = b"".join(
-            p
-            if isinstance(p, bytes)
-            else _qp_lines(["".join(x if isinstance(x, str) else escaped[x] for x in p)])
-            for p in self.html_wire
-        )
-        return Filled(text, html, text_wire, html_wire)
-
-    def size_bound(self, values: tuple[str, ...], attachments: Iterable[File]) -> int:
-        """At least :func:`message_size` of the mail with *values*, without writing it.
-
-        Octets add up, except where a line holding values is wrapped: each
-        break turns a run of blanks into a line break and the hanging indent.
-        """
-        counts = [octet_counts(v) for v in values]
-        sizes = self._sizes
-        ascii_chars, others = sizes.text
-        for line_ascii, line_others, blanks, hang, slots in sizes.lines:
-            ascii_chars += line_ascii + hang * (blanks + sum(values[n].count(" ") for n in slots))
-            others += line_others
-            for n in slots:
-                ascii_chars += counts[n][0]
-                others += counts[n][1]
-        html_ascii, html_others = sizes.html
-        for slot, attribute in self.html_slots:
-            value = values[slot]
-            found = octet_counts(html_attribute(value) if attribute else html_text(value))
-            html_ascii += found[0]
-            html_others += found[1]
-        return message_size((ascii_chars, others), (html_ascii, html_others), attachments)
-
-
-@dataclass(frozen=True)
-class _Sizes:
-    """A shape's octet counts without its values, for :meth:`Shape.size_bound`."""
-
-    text: tuple[int, int]
-    # Per line with values: its literals' counts, blanks, hanging indent, slots.
-    lines: list[tuple[int, int, int, int, list[int]]]
-    html: tuple[int, int]
-
-    @classmethod
-    def of(cls, shape: Shape) -> _Sizes:
-        lines = []
-        for line in shape.text_lines:
-            literal = "".join(p for p in line if isinstance(p, str))
-            ascii_chars, others = octet_counts(literal)
-            # Wrapping expands a tab to up to eight blanks; any blank may become a break.
-            tabs = literal.count("\t")
-            ascii_chars += 7 * tabs
-            blanks = literal.count(" ") + tabs
-            first = line[0] if line and isinstance(line[0], str) else ""
-            hang = len(first) - len(first.lstrip()) + 2
-            lines.append(
-                (ascii_chars, others, blanks, hang, [p for p in line if isinstance(p, int)])
-            )
-        return cls(_total(shape.text_pieces), lines, _total(shape.html_pieces))
-
-
-def _total(pieces: list[str]) -> tuple[int, int]:
-    counts = [octet_counts(p) for p in pieces]
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 @dataclass
@@ -302,7 +172,10 @@ class Shapes:
             return False
         if not PLAIN_ADDRESS.fullmatch(request.contact.email):
             mime.recipient(request.contact)  # a plain address is always valid
-        return shape.size_bound(values, attachments) <= self.composer.max_message_bytes
+        limit = self.composer.max_message_bytes
+        if shape.quick_bound(values, attachments) <= limit:
+            return True
+        return shape.size_bound(values, attachments) <= limit
 
     def values(self, contact: Contact, context: Mapping[str, Any]) -> tuple[str, ...] | None:
         """The recipient's slot values, in slot order; None if one is not safe to fill in."""
@@ -442,9 +315,9 @@ def _text_wire(joined: str) -> list[bytes | int]:
         if found is not None:
             out.append(int(found.group(1)))
         elif out and isinstance(out[-1], bytes):
-            out[-1] += _qp_lines([line])
+            out[-1] += qp_lines([line])
         else:
-            out.append(_qp_lines([line]))
+            out.append(qp_lines([line]))
     return out
 
 
@@ -457,9 +330,9 @@ def _html_wire(html: str) -> list[bytes | list[str | int]]:
         parts = _HTML_MARK.split(line)
         if len(parts) == 1:
             if out and isinstance(out[-1], bytes):
-                out[-1] += _qp_lines([line])
+                out[-1] += qp_lines([line])
             else:
-                out.append(_qp_lines([line]))
+                out.append(qp_lines([line]))
             continue
         pieces: list[str | int] = []
         for n, part in enumerate(parts):
