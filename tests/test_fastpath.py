@@ -125,10 +125,9 @@ def make_contacts(count: int, seed: int = 5) -> list[Contact]:
     return contacts
 
 
-@pytest.fixture(scope="module")
-def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped config, with materials (two links, one file) for the first date."""
-    root = tmp_path_factory.mktemp("fastpath")
+def make_project(root: Path, *, edit: Callable[[Path], None] | None = None) -> Path:
+    """The shipped config under *root*, with materials (two links, one file) for
+    the first date and its attendance list; *edit* changes the templates."""
     config = root / "config"
     shutil.copytree(ROOT / "config", config)
     shutil.copytree(ROOT / "templates" / "email", root / "templates")
@@ -144,7 +143,14 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (config / "attendance" / "verwaltung.csv").write_text(
         "email\nkontakt0001@example.org\nkontakt0002@example.org\n", encoding="utf-8"
     )
+    if edit is not None:
+        edit(root / "templates")
     return config
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_project(tmp_path_factory.mktemp("fastpath"))
 
 
 @pytest.fixture(scope="module")

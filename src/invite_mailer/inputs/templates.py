@@ -13,7 +13,7 @@ import os
 import stat
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,8 @@ class Templates:
     folder: Path
     environment: Sandbox
     compiled: Mapping[str, jinja2.Template]
+    #: The syntax tree of every compiled template, for analyses of how they use data.
+    trees: Mapping[str, nodes.Template] = field(default_factory=dict)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -228,12 +230,14 @@ def load_templates(folder: Path, problems: ProblemCollector) -> Templates:
         if not any(piece.startswith(".") for piece in name.split("/"))
     )
     compiled: dict[str, jinja2.Template] = {}
+    trees: dict[str, nodes.Template] = {}
     for name in names:
         tree = _compile(env, folder, name, compiled, problems)
         if tree is not None:
+            trees[name] = tree
             _check_uses(tree, folder, name, names, problems)
     _check_parts(folder, names, problems)
-    return Templates(folder, env, compiled)
+    return Templates(folder, env, compiled, trees)
 
 
 def _compile(

@@ -91,18 +91,34 @@ def tidy_text(text: str, width: int = TEXT_WIDTH) -> str:
     wrapped (never inside a word or URL), "- " items with a hanging indent; a
     lone "--" becomes the signature separator "-- ".
     """
-    out: list[str] = []
-    for raw in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        line = raw.rstrip()
-        if line == "--":
-            out.append("-- ")
-        elif len(line) <= width:
-            out.append(line)
-        else:
-            indent = line[: len(line) - len(line.lstrip())]
-            hang = indent + ("  " if line.lstrip().startswith("- ") else "")
-            out.append(fill(line.strip(), width, indent, hang))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n") + "\n"
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return tidy_join([tidy_line(line, width) for line in lines])
+
+
+def tidy_line(raw: str, width: int = TEXT_WIDTH) -> str:
+    """One line (no line break in it) as :func:`tidy_text` writes it.
+
+    :func:`tidy_text` works line by line and only then joins the lines
+    (:func:`tidy_join`), so a line can be tidied again on its own.
+    """
+    line = raw.rstrip()
+    if line == "--":
+        return "-- "
+    if len(line) <= width:
+        return line
+    indent = line[: len(line) - len(line.lstrip())]
+    return fill(line.strip(), width, indent, line_hang(line))
+
+
+def line_hang(line: str) -> str:
+    """The indent of the continuation lines when *line* is wrapped."""
+    indent = line[: len(line) - len(line.lstrip())]
+    return indent + ("  " if line.lstrip().startswith("- ") else "")
+
+
+def tidy_join(lines: list[str]) -> str:
+    """Tidied lines joined: runs of blank lines become one, none at the ends."""
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n") + "\n"
 
 
 def number_word(number: int) -> str:

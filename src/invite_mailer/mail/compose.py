@@ -70,7 +70,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, date, datetime
 from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
@@ -93,6 +93,7 @@ from invite_mailer.inputs.templates import Templates, load_templates
 from invite_mailer.inputs.typeset import tidy_text
 from invite_mailer.mail import mime
 from invite_mailer.mail.mime import RenderedMail
+from invite_mailer.mail.sizes import message_size, octet_counts
 from invite_mailer.mail.views import EventView, changes, event_view, series_view
 
 # What each kind attaches. "series": one calendar file per active date;
@@ -149,6 +150,10 @@ class Composer:
         )
         self._series_view = series_view(series)
         self._events = {e.id: self._event_view(e) for e in series.events}
+        # The calendar files and materials of a mailing at a moment, the same
+        # for every recipient (the materials list may change with a reload).
+        self._attached: dict[tuple[object, ...], tuple[Event | None, list[File]]] = {}
+        self._abouts: dict[tuple[str, date], tuple[Event, EventView, EventView | None, str]] = {}
         self._active = tuple(self._events[e.id] for e in series.active_events)
         self._unsubscribe_address = (
             settings.sender.unsubscribe_mailto
@@ -226,19 +231,36 @@ class Composer:
         *inline* replaces the CSS inliner (:meth:`inline_css`) with one that
         gives the same result, such as a cache of its results.
         """
-        kind, contact, event = request.kind, request.contact, request.event
+        request, attachments, context = self.prepare(request)
+        subject, text, html = self.render_templates(request.kind, context, inline=inline)
+        text = tidy_text(text)
+        self.check_size(request.kind, request.event, text, html, attachments)
+        return self.assemble(request, context, subject, text, html, attachments)
+
+    def prepare(self, request: MailRequest) -> tuple[MailRequest, list[File], dict[str, Any]]:
+        """The checked request (``now`` in the series' zone), its attachments
+        and what its templates see: everything :meth:`render` renders from."""
+        kind, event = request.kind, request.event
         if f"{kind}.subject.j2" not in self._templates:
             raise ValueError(f"no templates for the kind {kind!r} (known: {self.kinds})")
         if (event is None) != (kind in SERIES_KINDS):
             need = "event=None" if kind in SERIES_KINDS else "the event it is about"
             raise ValueError(f"composing a {kind!r} mail needs {need}")
-        now = request.now
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=self._series.zone)
-        request = replace(request, now=now.astimezone(self._series.zone))
-
+        now, zone = request.now, self._series.zone
+        if now.tzinfo is not zone:  # already in the series' zone: nothing to change
+            if now.tzinfo is None:
+                now = now.replace(tzinfo=zone)
+            request = replace(request, now=now.astimezone(zone))
         attachments = self._attachments(request)
-        context = self._context(request, attachments)
+        return request, attachments, self._context(request, attachments)
+
+    def render_templates(
+        self, kind: str, context: dict[str, Any], *, inline: Callable[[str], str] | None = None
+    ) -> tuple[str, str, str]:
+        """Subject, text (not yet tidied) and HTML (CSS inlined) of a *kind* mail.
+
+        Sets ``context["subject"]`` for the text and HTML templates.
+        """
         subject = german.clean(self._templates.render(f"{kind}.subject.j2", context))
         if not subject:
             raise ConfigError.single(
@@ -247,17 +269,30 @@ class Composer:
                 hint="write the subject line into this file",
             )
         context["subject"] = subject
-        text = tidy_text(self._templates.render(f"{kind}.txt.j2", context))
+        text = self._templates.render(f"{kind}.txt.j2", context)
         html = (inline or self.inline_css)(self._templates.render(f"{kind}.html.j2", context))
-        self.check_size(kind, event, text, html, attachments)
+        return subject, text, html
+
+    def assemble(
+        self,
+        request: MailRequest,
+        context: Mapping[str, Any],
+        subject: str,
+        text: str,
+        html: str,
+        attachments: Iterable[File],
+    ) -> RenderedMail:
+        """The rendered mail of *request* from its finished parts."""
         link = context["unsubscribe_url"]
         return RenderedMail(
             request=request,
-            message_id=self.message_id(kind, contact, event, version=self._version(request)),
+            message_id=self.message_id(
+                request.kind, request.contact, request.event, version=self._version(request)
+            ),
             subject=subject,
             text=text,
             html=html,
-            to=mime.recipient(contact),
+            to=mime.recipient(request.contact),
             sender=self._sender,
             reply_to=self._reply_to,
             list_id=self._list_id,
@@ -265,6 +300,16 @@ class Composer:
             one_click=bool(link),
             attachments=tuple(attachments),
         )
+
+    @property
+    def templates(self) -> Templates:
+        """The compiled templates this composer renders."""
+        return self._templates
+
+    @property
+    def max_message_bytes(self) -> int:
+        """``limits.max_message_bytes``: what :meth:`check_size` compares with."""
+        return self._settings.limits.max_message_bytes
 
     def inline_css(self, html: str) -> str:
         """*html* with its CSS inlined into style attributes, for Outlook."""
@@ -311,30 +356,27 @@ class Composer:
         self, kind: str, event: Event | None, text: str, html: str, attachments: Iterable[File]
     ) -> None:
         """Refuse a mail larger than ``limits.max_message_bytes`` on the wire (about)."""
+        size = message_size(octet_counts(text), octet_counts(html), attachments)
+        if size > self._settings.limits.max_message_bytes:
+            raise self.size_error(kind, event, size)
+
+    def size_error(self, kind: str, event: Event | None, size: int) -> ConfigError:
+        """The problem of a *kind* mail about *event* of *size* octets: too large."""
         limit = self._settings.limits.max_message_bytes
-        size = _qp_size(text) + _qp_size(html) + sum(_base64_size(len(f.data)) for f in attachments)
-        if size > limit:
-            about = f"of {event.id!r}" if event is not None else "of the series"
-            raise ConfigError.single(
-                self._config_dir / SERIES_FILE,
-                f"the {kind} mail {about} would be about {size_text(size)}, more than the "
-                f"limit of {size_text(limit)} for one mail (limits.max_message_bytes)",
-                hint="shorten the descriptions in series.yaml (or the templates), and "
-                "link large files with url: instead of file:",
-            )
+        about = f"of {event.id!r}" if event is not None else "of the series"
+        return ConfigError.single(
+            self._config_dir / SERIES_FILE,
+            f"the {kind} mail {about} would be about {size_text(size)}, more than the "
+            f"limit of {size_text(limit)} for one mail (limits.max_message_bytes)",
+            hint="shorten the descriptions in series.yaml (or the templates), and "
+            "link large files with url: instead of file:",
+        )
 
     # -- context --
 
     def _context(self, request: MailRequest, attachments: list[File]) -> dict[str, Any]:
         kind, contact, event, now = request.kind, request.contact, request.event, request.now
-        view = None
-        if event is not None:
-            view = self._events.get(event.id) or self._event_view(event)
-        next_event = None
-        if event is not None:
-            later = [e for e in self._series.active_events if e.starts_at > event.starts_at]
-            if later:
-                next_event = self._events[min(later, key=lambda e: e.starts_at).id]
+        view, next_event, relative_day = self._about(event, now.date())
         link = ""
         if self._settings.sender.unsubscribe_url and self._secret:
             token = make_token(self._secret, self._series.id, contact.email)
@@ -349,9 +391,7 @@ class Composer:
             "events": self._active,
             "event": view,
             "next_event": next_event,
-            "relative_day": (
-                german.relative_day(event.date, now.date()) if event is not None else ""
-            ),
+            "relative_day": relative_day,
             "registered_events": tuple(e for e in self._active if contact.is_registered(e.id)),
             "registered": event is not None and contact.is_registered(event.id),
             "attended": request.attended,
@@ -368,7 +408,46 @@ class Composer:
             ),
         }
 
+    def _about(
+        self, event: Event | None, today: date
+    ) -> tuple[EventView | None, EventView | None, str]:
+        """The date's view, the next date's and how *today* names the day: the
+        same for every recipient of a mailing, so worked out once."""
+        if event is None:
+            return None, None, ""
+        key = (event.id, today)
+        found = self._abouts.get(key)
+        if found is None or found[0] is not event:
+            view = self._events.get(event.id) or self._event_view(event)
+            next_event = None
+            later = [e for e in self._series.active_events if e.starts_at > event.starts_at]
+            if later:
+                next_event = self._events[min(later, key=lambda e: e.starts_at).id]
+            if len(self._abouts) > 256:
+                self._abouts.clear()
+            relative = german.relative_day(event.date, today)
+            found = self._abouts[key] = (event, view, next_event, relative)
+        return found[1], found[2], found[3]
+
     def _attachments(self, request: MailRequest) -> list[File]:
+        if _METHODS.get(request.kind, CALENDAR_METHOD) != CALENDAR_METHOD:
+            return self._files_of(request)  # calendar files that name the recipient
+        event = request.event
+        key = (
+            request.kind,
+            event.id if event is not None else "",
+            # The calendar files' DTSTAMP is the minute (see CalendarFiles.get).
+            request.now.astimezone(UTC).replace(second=0, microsecond=0),
+            tuple(sorted(request.sequences.items())),
+        )
+        found = self._attached.get(key)
+        if found is None or found[0] is not event:
+            if len(self._attached) > 64:
+                self._attached.clear()
+            found = self._attached[key] = (event, self._files_of(request))
+        return list(found[1])
+
+    def _files_of(self, request: MailRequest) -> list[File]:
         kind, event, contact, sequences = (
             request.kind,
             request.event,
@@ -387,14 +466,14 @@ class Composer:
             dates = self._series.active_events
         elif calendars == "event" and event is not None:
             dates = [event]
-        for date in dates:
+        for day in dates:
             files.append(
                 File(
-                    self._calendars.filename(date),
+                    self._calendars.filename(day),
                     self._calendars.get(
-                        date,
+                        day,
                         now=request.now,
-                        sequence=sequences.get(date.id, 0),
+                        sequence=sequences.get(day.id, 0),
                         method=method,
                         attendee=attendee,
                     ),
@@ -410,15 +489,3 @@ class Composer:
     def _event_view(self, event: Event) -> EventView:
         files = {f.filename: f for f in self._files.get(event.id, ())}
         return event_view(event, files, self._calendars.filename(event))
-
-
-def _qp_size(text: str) -> int:
-    """About the quoted-printable size of *text*: three octets for each
-    non-ASCII one, plus the soft line breaks."""
-    octets = len(text.encode("utf-8"))
-    encoded = octets + 2 * (octets - len(text.encode("ascii", "ignore")))
-    return encoded + encoded // 25  # "=\r\n" every 75 characters
-
-
-def _base64_size(octets: int) -> int:
-    return (octets + 2) // 3 * 4 * 78 // 76

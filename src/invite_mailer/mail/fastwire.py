@@ -11,17 +11,20 @@ tenth.
 Almost all of a mail is the same for every recipient of a mailing, so
 :class:`WireComposer`
 
-1. renders the templates for each recipient exactly as the composer does
-   (the CSS inliner's results cached by :class:`InlineCache`);
-2. builds one real message per *shape* (kind, date, attachments) with the
+1. renders each *shape* of mail once and fills in each recipient's values
+   (:mod:`invite_mailer.mail.shapes`); mails it cannot vouch for are
+   rendered per recipient exactly as the composer does (the CSS inliner's
+   results cached by :class:`InlineCache`);
+2. builds one real message per skeleton (kind, date, attachments) with the
    standard library and cuts its bytes into a skeleton: literal bytes, and
    slots for what differs between recipients (``To``, ``Subject``, ``Date``,
    ``Message-ID``, ``List-Unsubscribe``, the multipart boundaries, the text
    and the HTML part);
 3. fills the slots from the :class:`RenderedMail`: headers folded by
    shortcuts that are exact for ordinary values (anything else goes through
-   the standard library), and quoted-printable encoded line by line with a
-   cache, because the same lines recur in every mail of a mailing.
+   the standard library), and the quoted-printable bodies as the shape has
+   them encoded (only the lines with values are encoded per mail), else
+   line by line with a cache.
 
 The result is byte for byte ``mime.build(rendered).as_bytes(policy=SMTP)``.
 ``tests/test_fastpath.py`` proves that for every kind over many contacts,
@@ -49,8 +52,10 @@ from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Event, Kind
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
+from invite_mailer.mail.filling import Filled, Shape
 from invite_mailer.mail.htmlcache import InlineCache
-from invite_mailer.mail.mime import RenderedMail, Wire, mime_boundary
+from invite_mailer.mail.mime import CrlfBytes, RenderedMail, Wire, crlf_lines, mime_boundary
+from invite_mailer.mail.shapes import VERIFY_FIRST, Shapes
 from invite_mailer.mail.wireformat import HeaderCache, qp_wire
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,12 @@ _SMTP = email_policy.SMTP
 _PER_RECIPIENT = frozenset({"to", "subject", "date", "message-id", "list-unsubscribe"})
 # How many recipients of each shape are checked against the standard library.
 _VERIFY = 2
+
+
+def _sampled(served: int) -> bool:
+    """Whether the *served*-th mail of a shape is compared with the reference:
+    the first few, then the 2**n-th, so a long mailing is checked now and then."""
+    return served < VERIFY_FIRST or served & (served - 1) == 0
 
 
 # --- skeletons ------------------------------------------------------------------------
@@ -92,6 +103,10 @@ class _Skeleton:
 
     head: list[tuple[str, _Slot | tuple[bytes, bytes]]]  # (header name, literal/slot)
     body: list[_Slot]
+    # Whether the standard library's bytes end every line in CRLF: then so does
+    # every mail filled in, as long as its header lines do (the bodies and
+    # boundaries put in are written with CRLF only).
+    canonical: bool = False
     checked: int = 0
     broken: bool = False
 
@@ -130,9 +145,12 @@ class WireComposer:
     _qp: dict[str, str] = field(default_factory=dict)
     _headers: HeaderCache = field(default_factory=HeaderCache)
     _inline: InlineCache = field(init=False)
+    #: The compiled shapes of the composer's mails.
+    shapes: Shapes = field(init=False)
 
     def __post_init__(self) -> None:
         self._inline = InlineCache(self.composer.inline_css)
+        self.shapes = Shapes(self.composer, self.notes)
 
     def wire(
         self,
@@ -153,31 +171,65 @@ class WireComposer:
         """The wire form of the mail *request* describes."""
         if request.kind not in FAST_KINDS or request.previous is not None:
             return self.standard(request)
-        rendered = self.composer.render(request, inline=self._inline)
-        shape = _shape(rendered)
-        if shape not in self._skeletons:
+        compiled = self.shapes.render(request)
+        shape: Shape | None = None
+        filled: Filled | None = None
+        if compiled is None:
+            rendered = self.composer.render(request, inline=self._inline)
+        else:
+            rendered, shape, filled = compiled
+        key = _shape(rendered)
+        if key not in self._skeletons:
             if len(self._skeletons) > 64:  # e.g. a calendar file per minute, for days
                 self._skeletons.clear()
-            self._skeletons[shape] = self._skeleton(rendered, mime.build(rendered))
-        skeleton = self._skeletons[shape]
+            self._skeletons[key] = self._skeleton(rendered, mime.build(rendered))
+        skeleton = self._skeletons[key]
         if skeleton is None or skeleton.broken:
             return self.standard(request)
-        data = self._fill(skeleton, rendered)
-        if skeleton.checked < _VERIFY:
-            expected = self.reference(request)
+        wire = Wire(rendered.message_id, self._fill(skeleton, rendered, filled))
+        due = skeleton.checked < _VERIFY
+        if shape is not None:
+            due = due or _sampled(shape.served)
+            shape.served += 1
+        if due:
             skeleton.checked += 1
-            if expected != Wire(rendered.message_id, data):
-                skeleton.broken = True
-                event = request.event
-                self._note(
-                    f"fast path differs from the standard library for {request.kind} "
-                    f"{event.id if event else '(series)'}; "
-                    "composing this mailing the standard way"
-                )
-                self.counts["standard"] += 1
+            expected = self._check(request, rendered, wire, skeleton, shape)
+            if expected is not None:
                 return expected
         self.counts["fast"] += 1
-        return Wire(rendered.message_id, data)
+        if shape is not None:
+            self.counts["shape"] += 1
+        return wire
+
+    def _check(
+        self,
+        request: MailRequest,
+        rendered: RenderedMail,
+        wire: Wire,
+        skeleton: _Skeleton,
+        shape: Shape | None,
+    ) -> Wire | None:
+        """Compare *wire* with the standard library's; its bytes when they differ."""
+        reference = self.composer.render(request)
+        expected = mime.wire(mime.build(reference))
+        if expected == wire:
+            return None
+        event = request.event
+        about = f"{request.kind} {event.id if event else '(series)'}"
+        if shape is not None and reference != rendered:
+            shape.broken = True
+            self._note(
+                f"the compiled shape differs from rendering per recipient for {about}; "
+                "rendering this shape per recipient"
+            )
+        else:
+            skeleton.broken = True
+            self._note(
+                f"fast path differs from the standard library for {about}; "
+                "composing this mailing the standard way"
+            )
+        self.counts["standard"] += 1
+        return expected
 
     def standard(self, request: MailRequest) -> Wire:
         """The slow, reference way, counted as such."""
@@ -234,20 +286,22 @@ class WireComposer:
                 return None
         for index, boundary in enumerate(boundaries):
             body = _cut(body, boundary.encode("ascii"), f"boundary{index}")
-        return _Skeleton(head, body)
+        return _Skeleton(head, body, canonical=crlf_lines(data))
 
-    def _fill(self, skeleton: _Skeleton, r: RenderedMail) -> bytes:
-        """The mail's wire bytes: the slots of *skeleton* filled from *r*."""
+    def _fill(self, skeleton: _Skeleton, r: RenderedMail, filled: Filled | None = None) -> bytes:
+        """The mail's wire bytes: the slots of *skeleton* filled from *r*
+        (the bodies from *filled*, when its shape has them encoded)."""
         boundaries: dict[str, bytes] = {}
         out = self._head(skeleton, r, boundaries)
+        canonical = skeleton.canonical and crlf_lines(b"".join(out))
         out.append(b"\r\n")
         for piece in skeleton.body:
             if isinstance(piece, bytes):
                 out.append(piece)
             elif piece == "text":
-                out.append(qp_wire(r.text, self._qp))
+                out.append(filled.text_wire if filled else qp_wire(r.text, self._qp))
             elif piece == "html":
-                out.append(qp_wire(r.html, self._qp))
+                out.append(filled.html_wire if filled else qp_wire(r.html, self._qp))
             else:
                 found = boundaries.get(piece)
                 if found is None:
@@ -256,7 +310,9 @@ class WireComposer:
                 out.append(found)
         if len(self._qp) > 20_000:  # per-recipient lines would pile up
             self._qp.clear()
-        return b"".join(out)
+        data = b"".join(out)
+        # Marked as checked, so the transport need not scan the bytes again.
+        return CrlfBytes(data) if canonical else data
 
     def _head(
         self, skeleton: _Skeleton, r: RenderedMail, boundaries: dict[str, bytes]

@@ -20,7 +20,16 @@ from typing import Any
 
 from invite_mailer.mail.mime import PLAIN_ADDRESS, POLICY, Recipient
 
-__all__ = ["QP_BODY_MAP", "HeaderCache", "display_name", "encoded_word", "fold", "qp_wire"]
+__all__ = [
+    "QP_BODY_MAP",
+    "HeaderCache",
+    "display_name",
+    "encoded_word",
+    "fold",
+    "qp_line",
+    "qp_wire",
+    "split_lines",
+]
 
 _SMTP = email_policy.SMTP
 _MAX_LINE: int = _SMTP.max_line_length or 78  # what as_bytes(policy=SMTP) folds headers to
@@ -38,7 +47,7 @@ QP_BODY_MAP: dict[int, str] = {c: chr(c) if c in _SAFE else f"={c:02X}" for c in
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def _qp_line(line: str) -> str:
+def qp_line(line: str) -> str:
     """One line (no line break in it) encoded the way ``quoprimime.body_encode``
     does it at 76 characters, soft breaks written as ``=\\r\\n``."""
     encoded = line.encode("utf-8").decode("latin-1").translate(QP_BODY_MAP)
@@ -73,7 +82,7 @@ def _qp_line(line: str) -> str:
     return "\r\n".join(pieces)
 
 
-def _split_lines(text: str) -> list[str]:
+def split_lines(text: str) -> list[str]:
     """``text.encode().splitlines()``, on the str: CRLF, CR and LF only."""
     lines = text.split("\n") if "\r" not in text else _LINE_BREAK.split(text)
     if lines[-1] == "":
@@ -91,10 +100,10 @@ def qp_wire(text: str, cache: dict[str, str] | None = None) -> bytes:
     if cache is None:
         cache = {}
     out = []
-    for line in _split_lines(text):
+    for line in split_lines(text):
         encoded = cache.get(line)
         if encoded is None:
-            encoded = cache[line] = _qp_line(line)
+            encoded = cache[line] = qp_line(line)
         out.append(encoded)
     out.append("")
     return "\r\n".join(out).encode("ascii")
