@@ -151,18 +151,20 @@ def throughput_tables(result: dict[str, Any]) -> str:
     others = [n for n in names if n != "send-due"]
     ratio = result["ratios"]
     header = " | ".join(f"send-due ÷ {n}" for n in others)
-    rows = [f"| round | order | {header} |", "|---:|---|" + "---:|" * len(others)]
+    rows = [f"| round | order | load | {header} |", "|---:|---|---|" + "---:|" * len(others)]
+    loads = result.get("load_1min", [])
     for number, order in enumerate(result["orders"]):
         cells = " | ".join(ratio_text(n, ratio[n]["per_round"][number]) for n in others)
-        rows.append(f"| {number + 1} | {' → '.join(order)} | {cells} |")
+        load = " → ".join(f"{x:.1f}" for x in loads[number]) if number < len(loads) else ""
+        rows.append(f"| {number + 1} | {' → '.join(order)} | {load} | {cells} |")
     median_cells = " | ".join(
         f"{ratio_text(n, ratio[n]['round_median'])} "
         f"({ratio_text(n, ratio[n]['round_min'])} – {ratio_text(n, ratio[n]['round_max'])})"
         for n in others
     )
-    rows.append(f"| all | median of rounds (min – max) | {median_cells} |")
+    rows.append(f"| all | median of rounds (min – max) | | {median_cells} |")
     overall = " | ".join(ratio_text(n, ratio[n]["of_medians"]) for n in others)
-    rows.append(f"| all | median ÷ median | {overall} |")
+    rows.append(f"| all | median ÷ median | | {overall} |")
     goals = [
         "| target (same run) | measured: median ÷ median | worst round | |",
         "|---|---:|---:|---|",
@@ -225,7 +227,8 @@ contender that can use more than one:
   rate counts the invitations only, not the summary.
 
 Each rate is the mails of one run divided by the wall time of the whole
-command, start-up included.
+command, start-up included. *Load* is the 1-minute load average before and
+after a round: above the core count, other work competed for the CPU.
 
 {throughput_tables(result)}
 {paired}
@@ -244,15 +247,17 @@ structure; by default a second process composes mails ahead of the senders;
 def scale(result: dict[str, Any]) -> str:
     rows = result["rows"]
     lines = [
-        "| contacts | command | build | wall time | peak PSS, whole tree | "
-        "peak RSS, main process | samples | sampler CPU |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| contacts | command | build | run | wall time | peak PSS, whole tree | "
+        "peak RSS, main process | samples | sampler CPU | load before → after |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        load = " → ".join(f"{x:.1f}" for x in r.get("load_1min", []))
         lines.append(
-            f"| {r['contacts']:,} | {r['command']} | {r['build']} | {r['seconds']:,.1f} s | "
+            f"| {r['contacts']:,} | {r['command']} | {r['build']} | {r.get('run', 1)} | "
+            f"{r['seconds']:,.1f} s | "
             f"{r['peak_pss_mb']:.1f} MB | {r['peak_main_mb']:.1f} MB | {r['samples']:,} | "
-            f"{r['sampler_cpu_s']:.1f} s |"
+            f"{r['sampler_cpu_s']:.1f} s | {load} |"
         )
     if result["targets"]:
         goals = "\n".join(
@@ -283,7 +288,11 @@ every {interval:g} ms, of `Pss` from `/proc/<pid>/smaps_rollup` over the
 command's process and all its descendants (a composing worker included,
 memory they share counted once). *Peak RSS, main process* is the kernel's
 high-water mark of the command's own process (`ru_maxrss`). *Sampler CPU* is
-what the sampling took on the same cores while the command ran.
+what the sampling took on the same cores while the command ran; *load* is the
+1-minute load average before and after it (above the core count, other work
+competed for the CPU). Each command
+ran {result.get("repeat", 1)} time(s) per size, repeats interleaved; memory
+targets are decided on the largest peak, time targets on the median.
 
 {chr(10).join(lines)}
 {baseline}

@@ -61,7 +61,7 @@ ENV = {"send-due-1p": {"INVITE_MAILER_LIMITS__COMPOSE_WORKERS": "0"}}
 LIMIT_MB = 150
 VALIDATE_LIMIT_S = 30
 # How often the tree's members are looked for; PSS is read at every sample.
-CHILDREN_EVERY_S = 0.05
+CHILDREN_EVERY_S = 0.25
 
 
 def pss_kb(pid: int) -> int | None:
@@ -158,7 +158,10 @@ def run(
         args[0] = str(executable)
     received = sink.received()
     env = {**workspace.env(), **ENV.get(name, {})}
+    load = os.getloadavg()[0]
     figures = measure(args, env, workspace.root, options.interval)
+    # What else ran on the machine: a 1-minute load above the core count slows everyone.
+    figures["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     stdout = figures.pop("stdout")
     if name.startswith("send-due"):
         expected = common.send_due_claim(workspace.contacts)(stdout)
@@ -170,27 +173,37 @@ def run(
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, at 100,000 contacts; none when that size was not run."""
+    """The issue's targets at 100,000 contacts; none when that size was not run.
+
+    Memory is decided on the largest peak over the repeats, time on the median
+    (with the range beside it).
+    """
+    mine = [r for r in rows if r["contacts"] == 100_000 and r["build"] == "this"]
     found = []
-    for row in rows:
-        if row["contacts"] != 100_000 or row.get("build") != "this":
-            continue
-        if row["command"] == "send-due":
-            found.append(
-                {
-                    "target": f"send-due at 100,000: whole tree ≤ {LIMIT_MB} MB PSS, defaults",
-                    "measured": f"{row['peak_pss_mb']:.1f} MB",
-                    "met": row["peak_pss_mb"] <= LIMIT_MB,
-                }
-            )
-        if row["command"] == "validate":
-            found.append(
-                {
-                    "target": f"validate at 100,000 × 9 mailings ≤ {VALIDATE_LIMIT_S} s",
-                    "measured": f"{row['seconds']:.1f} s",
-                    "met": row["seconds"] <= VALIDATE_LIMIT_S,
-                }
-            )
+    peaks = [r["peak_pss_mb"] for r in mine if r["command"] == "send-due"]
+    if peaks:
+        found.append(
+            {
+                "target": f"send-due at 100,000: whole tree ≤ {LIMIT_MB} MB PSS, defaults",
+                "measured": f"{max(peaks):.1f} MB"
+                + (f" (largest of {len(peaks)} runs)" if len(peaks) > 1 else ""),
+                "met": max(peaks) <= LIMIT_MB,
+            }
+        )
+    seconds = [r["seconds"] for r in mine if r["command"] == "validate"]
+    if seconds:
+        found.append(
+            {
+                "target": f"validate at 100,000 × 9 mailings ≤ {VALIDATE_LIMIT_S} s",
+                "measured": f"{common.median(seconds):.1f} s"
+                + (
+                    f" (median; {min(seconds):.1f} – {max(seconds):.1f} s)"
+                    if len(seconds) > 1
+                    else ""
+                ),
+                "met": common.median(seconds) <= VALIDATE_LIMIT_S,
+            }
+        )
     return found
 
 
@@ -199,6 +212,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--commands", nargs="+", default=DEFAULT_COMMANDS, choices=list(COMMANDS))
     parser.add_argument("--interval", type=float, default=0.01, help="seconds between samples")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every command, interleaved")
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -219,19 +233,27 @@ def main() -> None:
         with common.smtp_sink(port) as sink:
             for size in options.sizes:
                 workspace = common.make_default_workspace(Path(tmp) / str(size), size, port=port)
-                for name in options.commands:
-                    for build, executable in builds:
-                        figures = run(name, workspace, sink, options, executable)
-                        rows.append({"contacts": size, "command": name, "build": build, **figures})
-                        print(
-                            f"{size:>7,} contacts  {name:<11} {build:<8} "
-                            f"{figures['seconds']:>8.2f} s  "
-                            f"tree peak {figures['peak_pss_mb']:>6.1f} MB PSS, "
-                            f"process peak {figures['peak_main_mb']:>6.1f} MB RSS "
-                            f"({figures['samples']} samples, sampler "
-                            f"{figures['sampler_cpu_s']} s CPU)",
-                            flush=True,
-                        )
+                runs = [
+                    (repeat, name, build, executable)
+                    for repeat in range(options.repeat)
+                    for name in options.commands
+                    for build, executable in builds
+                ]
+                for repeat, name, build, executable in runs:
+                    figures = run(name, workspace, sink, options, executable)
+                    rows.append(
+                        {"contacts": size, "command": name, "build": build, "run": repeat + 1}
+                        | figures
+                    )
+                    print(
+                        f"{size:>7,} contacts  {name:<11} {build:<8} #{repeat + 1} "
+                        f"{figures['seconds']:>8.2f} s  "
+                        f"tree peak {figures['peak_pss_mb']:>6.1f} MB PSS, "
+                        f"process peak {figures['peak_main_mb']:>6.1f} MB RSS "
+                        f"({figures['samples']} samples, sampler "
+                        f"{figures['sampler_cpu_s']} s CPU)",
+                        flush=True,
+                    )
     result = {
         "machine": common.machine(),
         "command": common.public_command("bench/scale.py", sys.argv[1:]),
@@ -240,6 +262,7 @@ def main() -> None:
             "settings": "config/settings.toml as shipped",
         },
         "interval_s": options.interval,
+        "repeat": options.repeat,
         "rows": rows,
         "targets": targets(rows),
     }

@@ -408,15 +408,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="invite-mailer-bench-") as tmp:
         found, sizes = contenders(options, Path(tmp), port, connections)
         rates: dict[str, list[float]] = {c.name: [] for c in found}
-        orders = []
+        orders: list[list[str]] = []
+        loads: list[list[float]] = []
         with common.smtp_sink(port) as sink:
             for round_ in range(options.rounds):
                 order = found if round_ % 2 == 0 else found[::-1]
                 orders.append([c.name for c in order])
+                before = os.getloadavg()[0]
                 for contender in order:
                     rates[contender.name].append(
                         contender.messages / run_contender(contender, sink)
                     )
+                # Other work on the machine: a 1-minute load above the core count slows all.
+                loads.append([round(before, 2), round(os.getloadavg()[0], 2)])
                 mine = rates["send-due"][-1]
                 others = [(k, v[-1]) for k, v in rates.items() if k != "send-due"]
                 print(
@@ -435,6 +439,7 @@ def main() -> None:
         "connections_default": options.connections is None,
         "rounds": options.rounds,
         "orders": orders,
+        "load_1min": loads,
         "counts": {c.name: c.messages for c in found},
         **sizes,
         "rates": rates,
