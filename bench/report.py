@@ -137,16 +137,19 @@ def throughput_tables(result: dict[str, Any]) -> str:
     rates, counts, spreads = result["rates"], result["counts"], result["spread"]
     names = [n for n in THROUGHPUT_LABELS if n in rates]
     lines = [
-        "| contender | mails per run | median msg/s | min – max msg/s | spread | every round |",
-        "|---|---:|---:|---:|---:|---|",
+        "| contender | mails per run | median msg/s | min – max msg/s | spread | every round "
+        "| CPU ms per mail (median) |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
+    cpu = result.get("cpu_ms_per_mail", {})
     for name in names:
         s = spreads[name]
         width = 100 * (s["max"] - s["min"]) / s["median"]
         each = ", ".join(f"{r:,.0f}" for r in rates[name])
+        per_mail = f"{common.median(cpu[name]):.2f}" if cpu.get(name) else "–"
         lines.append(
             f"| {THROUGHPUT_LABELS[name]} | {counts[name]:,} | {s['median']:,.0f} | "
-            f"{s['min']:,.0f} – {s['max']:,.0f} | {width:.0f} % | {each} |"
+            f"{s['min']:,.0f} – {s['max']:,.0f} | {width:.0f} % | {each} | {per_mail} |"
         )
     others = [n for n in names if n != "send-due"]
     ratio = result["ratios"]
@@ -227,8 +230,14 @@ contender that can use more than one:
   rate counts the invitations only, not the summary.
 
 Each rate is the mails of one run divided by the wall time of the whole
-command, start-up included. *Load* is the 1-minute load average before and
-after a round: above the core count, other work competed for the CPU.
+command, start-up included. *CPU ms per mail* is the user and system time of
+the contender's processes together (send-due's composing worker included,
+start-up included) per mail: on a machine shared with other work it moves
+less than the wall-clock rates, and it shows what a rate costs: by default
+send-due composes in a second process on a machine with more than one core,
+while the nodemailer and naive contenders run in one thread. *Load* is the
+1-minute load average before and after a round: above the core count, other
+work competed for the CPU.
 
 {throughput_tables(result)}
 {paired}

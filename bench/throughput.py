@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import smtplib
 import statistics
@@ -259,11 +260,23 @@ def node_claim(stdout: str) -> int:
     return int(json.loads(stdout)["sent"])
 
 
-def run_contender(contender: Contender, sink: common.Sink) -> float:
-    """Wall time of one run; stops the benchmark if the sink did not receive its mails."""
+def children_cpu() -> float:
+    """CPU seconds of every finished child process and their descendants so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_contender(contender: Contender, sink: common.Sink) -> tuple[float, float]:
+    """Wall time and CPU time of one run; stops if the sink did not receive its mails.
+
+    CPU time is the contender's processes together (a composing worker
+    included), as the kernel accounts them: less sensitive than wall time to
+    other work on the machine.
+    """
     if contender.before:
         contender.before()
     received = sink.received()
+    cpu = children_cpu()
     started = time.perf_counter()
     done = subprocess.run(
         contender.args,
@@ -274,6 +287,7 @@ def run_contender(contender: Contender, sink: common.Sink) -> float:
         check=False,
     )
     seconds = time.perf_counter() - started
+    cpu = children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{contender.name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     expected = contender.claimed(done.stdout) if contender.claimed else contender.messages
@@ -281,7 +295,7 @@ def run_contender(contender: Contender, sink: common.Sink) -> float:
     got = sink.received() - received
     if got != expected:
         raise SystemExit(f"{contender.name}: smtp-sink received {got} messages, not {expected}")
-    return seconds
+    return seconds, cpu
 
 
 def contenders(
@@ -408,6 +422,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="invite-mailer-bench-") as tmp:
         found, sizes = contenders(options, Path(tmp), port, connections)
         rates: dict[str, list[float]] = {c.name: [] for c in found}
+        cpu_ms: dict[str, list[float]] = {c.name: [] for c in found}
         orders: list[list[str]] = []
         loads: list[list[float]] = []
         with common.smtp_sink(port) as sink:
@@ -416,9 +431,9 @@ def main() -> None:
                 orders.append([c.name for c in order])
                 before = os.getloadavg()[0]
                 for contender in order:
-                    rates[contender.name].append(
-                        contender.messages / run_contender(contender, sink)
-                    )
+                    seconds, cpu = run_contender(contender, sink)
+                    rates[contender.name].append(contender.messages / seconds)
+                    cpu_ms[contender.name].append(1000 * cpu / contender.messages)
                 # Other work on the machine: a 1-minute load above the core count slows all.
                 loads.append([round(before, 2), round(os.getloadavg()[0], 2)])
                 mine = rates["send-due"][-1]
@@ -444,6 +459,7 @@ def main() -> None:
         **sizes,
         "rates": rates,
         "spread": {k: spread(v) for k, v in rates.items()},
+        "cpu_ms_per_mail": cpu_ms,
         "ratios": ratio,
         "targets": targets(ratio),
     }
