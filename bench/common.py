@@ -323,8 +323,9 @@ def machine() -> dict[str, str]:
             text=True,
             check=False,
         ).stdout.splitlines()
-        if commit and any("bench/results/" not in line for line in changed):
-            commit += " with uncommitted changes"
+        paths = [line[3:] for line in changed if "bench/results/" not in line]
+        if commit and paths:
+            commit += f" with uncommitted changes to {', '.join(paths)}"
     return {
         "commit": commit,
         "cpu": model,

@@ -253,6 +253,15 @@ structure; by default a second process composes mails ahead of the senders;
 """
 
 
+def repeats(count: int) -> str:
+    if count == 1:
+        return "Each command ran once per size."
+    return (
+        f"Each command ran {count} times per size, the repeats interleaved; memory "
+        "targets are decided on the largest peak, time targets on the median."
+    )
+
+
 def scale(result: dict[str, Any]) -> str:
     rows = result["rows"]
     lines = [
@@ -305,9 +314,7 @@ so the peak is missed by less than 1 MB. *Peak RSS, main process* is the kernel'
 high-water mark of the command's own process (`ru_maxrss`). *Sampler CPU* is
 what the sampling took on the same cores while the command ran; *load* is the
 1-minute load average before and after it (above the core count, other work
-competed for the CPU). Each command
-ran {result.get("repeat", 1)} time(s) per size, repeats interleaved; memory
-targets are decided on the largest peak, time targets on the median.
+competed for the CPU). {repeats(result.get("repeat", 1))}
 
 {chr(10).join(lines)}
 {baseline}
