@@ -30,12 +30,54 @@ Setup, once (Debian/Ubuntu; Postfix's test tools come with the `postfix`
 package):
 
 ```sh
-sudo apt-get install postfix          # smtp-sink, smtp-source
+sudo apt-get install postfix nodejs npm   # smtp-sink, smtp-source; node for nodemailer
 python3 -m venv .venv && .venv/bin/pip install -q -e '.[test,bench]'
+.venv/bin/python bench/throughput.py      # installs nodemailer into bench/.cache/
+.venv/bin/python bench/scale.py
+.venv/bin/python bench/report.py          # rewrites this page
 ```
 
-Figures are ratios against a baseline measured in the same run wherever a
-target is a ratio, because absolute speeds differ from machine to machine.
+Figures are ratios against contenders measured in the same run wherever a
+target is a ratio, because absolute speeds differ from machine to machine,
+and every figure comes with its spread: on a shared machine single runs
+differ by tens of percent.
+"""
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return f"{m['cpu']}, {m['cores']} cores, {m['date']}"
+
+
+def overview(throughput: dict[str, Any] | None, scale: dict[str, Any] | None) -> str:
+    """The issue's targets, each with the figure that decides it and where it was measured."""
+    rows = []
+    if throughput:
+        for t in throughput["targets"]:
+            name, limit = t["against"], t["at_least"]
+            rows.append(
+                f"| send-due {goal_text(name, limit)}, same run | "
+                f"{ratio_text(name, t['measured'])} "
+                f"(worst round {ratio_text(name, t['worst_round'])}) | {mark(t['met'])} | "
+                f"{machine_line(throughput)} |"
+            )
+    if scale:
+        for t in scale["targets"]:
+            rows.append(
+                f"| {t['target']} | {t['measured']} | {mark(t['met'])} | {machine_line(scale)} |"
+            )
+    if not rows:
+        return ""
+    table = "\n".join(rows)
+    return f"""\
+## Targets at a glance
+
+| target | measured | | where, when |
+|---|---:|---|---|
+{table}
+
+Throughput targets are decided on the ratio of the medians over all rounds;
+the worst single round is shown beside it.
 """
 
 
@@ -63,148 +105,222 @@ def provenance(result: dict[str, Any]) -> str:
     )
 
 
-def throughput(result: dict[str, Any]) -> str:
-    med, rates = result["median"], result["rates"]
-    runs = result["runs"]
+def pct(value: float) -> str:
+    return f"{100 * value:.1f} %"
 
-    def row(name: str, label: str) -> str:
+
+def goal_text(name: str, limit: float) -> str:
+    """A ratio target as the issue words it: "≥ 40 % of X" or "≥ 10 × X"."""
+    return f"≥ {100 * limit:g} % of {name}" if name in RATIO_FORMAT else f"≥ {limit:g} × {name}"
+
+
+def times(value: float) -> str:
+    return f"{value:.2f} ×"
+
+
+THROUGHPUT_LABELS = {
+    "smtp-source": "smtp-source -d (ceiling)",
+    "naive": "naive email + smtplib",
+    "nodemailer": "nodemailer (pool)",
+    "send-due": "invite-mailer send-due",
+    "baseline": "baseline send-due (`--baseline`)",
+}
+# How each target's ratio reads: a share of the ceiling, or a multiple.
+RATIO_FORMAT = {"smtp-source": pct}
+
+
+def ratio_text(name: str, value: float) -> str:
+    return RATIO_FORMAT.get(name, times)(value)
+
+
+def throughput_tables(result: dict[str, Any]) -> str:
+    rates, counts, spreads = result["rates"], result["counts"], result["spread"]
+    names = [n for n in THROUGHPUT_LABELS if n in rates]
+    lines = [
+        "| contender | mails per run | median msg/s | min – max msg/s | spread | every round "
+        "| CPU ms per mail (median) |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    cpu = result.get("cpu_ms_per_mail", {})
+    for name in names:
+        s = spreads[name]
+        width = 100 * (s["max"] - s["min"]) / s["median"]
         each = ", ".join(f"{r:,.0f}" for r in rates[name])
-        return f"| {label} | {med[name]:,.0f} | {each} |"
+        per_mail = f"{common.median(cpu[name]):.2f}" if cpu.get(name) else "–"
+        lines.append(
+            f"| {THROUGHPUT_LABELS[name]} | {counts[name]:,} | {s['median']:,.0f} | "
+            f"{s['min']:,.0f} – {s['max']:,.0f} | {width:.0f} % | {each} | {per_mail} |"
+        )
+    others = [n for n in names if n != "send-due"]
+    ratio = result["ratios"]
+    header = " | ".join(f"send-due ÷ {n}" for n in others)
+    rows = [f"| round | order | load | {header} |", "|---:|---|---|" + "---:|" * len(others)]
+    loads = result.get("load_1min", [])
+    for number, order in enumerate(result["orders"]):
+        cells = " | ".join(ratio_text(n, ratio[n]["per_round"][number]) for n in others)
+        load = " → ".join(f"{x:.1f}" for x in loads[number]) if number < len(loads) else ""
+        rows.append(f"| {number + 1} | {' → '.join(order)} | {load} | {cells} |")
+    median_cells = " | ".join(
+        f"{ratio_text(n, ratio[n]['round_median'])} "
+        f"({ratio_text(n, ratio[n]['round_min'])} – {ratio_text(n, ratio[n]['round_max'])})"
+        for n in others
+    )
+    rows.append(f"| all | median of rounds (min – max) | | {median_cells} |")
+    overall = " | ".join(ratio_text(n, ratio[n]["of_medians"]) for n in others)
+    rows.append(f"| all | median ÷ median | | {overall} |")
+    goals = [
+        "| target (same run) | measured: median ÷ median | worst round | |",
+        "|---|---:|---:|---|",
+    ]
+    for t in result["targets"]:
+        name, limit = t["against"], t["at_least"]
+        every = " (not in every round)" if t["met"] and not t["met_every_round"] else ""
+        goals.append(
+            f"| send-due {goal_text(name, limit)} | {ratio_text(name, t['measured'])} | "
+            f"{ratio_text(name, t['worst_round'])} | {mark(t['met'])}{every} |"
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n\n" + "\n".join(goals)
 
-    p = result["connections"]
-    ours = rates["invite-mailer"]
-    spread = 100 * (max(ours) - min(ours)) / med["invite-mailer"]
-    margin = 100 * (result["of_ceiling"] / 0.15 - 1)
-    side = "above" if margin >= 0 else "below"
+
+def throughput(result: dict[str, Any]) -> str:
+    p, n = result["connections"], result["contacts"]
+    setting = "the shipped default" if result.get("connections_default") else "set by --connections"
     paired = ""
-    if "baseline" in rates:
+    if "baseline" in result["rates"]:
         paired = f"""
-**Paired with a baseline.** Each run also timed `--baseline`, another
-invite-mailer executable, on the same workspace right after this one:
-{", ".join(f"{r:,.0f}" for r in rates["baseline"])} msg/s (median
-{med["baseline"]:,.0f}); this code sends at {result["vs_baseline"]:.2f} × the
-baseline's median. Ratios of runs taken side by side are what to compare:
-the ceiling and the naive loop move by tens of percent between runs here.
+**Paired with a baseline.** Every round also ran `--baseline`, another
+invite-mailer executable ({result.get("baseline_version", "?")}), on the same
+workspace and sink, in the same alternating order. Ratios of runs taken side
+by side are what to compare: absolute rates move by tens of percent between
+runs on a shared machine.
 """
     return f"""\
-## Throughput: messages per second against the protocol's limit
+## Throughput: messages per second, against the protocol's limit and the peers
 
-`bench/throughput.py` sends to Postfix's `smtp-sink` on 127.0.0.1 (it accepts
-and discards every message) three ways, interleaved, {runs} runs each:
+`bench/throughput.py` sends to one Postfix `smtp-sink` on 127.0.0.1 (it accepts
+and discards every message). {result["rounds"]} rounds; in each round every
+contender runs once, the order alternating from round to round (forward, then
+backward), so that the drift of a shared machine hits all alike. After every
+contender the sink's own message counter (`smtp-sink -c`) must have grown by
+exactly the messages that contender sent, or the run stops: every figure
+below is of delivered mail. {p} parallel connections ({setting}) for every
+contender that can use more than one:
 
-- **ceiling** — Postfix's own C client, `smtp-source -d -s {p}`, blasting one
-  invitation as invite-mailer composes it ({result["message_bytes"]:,} bytes on
-  average) {result["contacts"]:,} times over {p} reused connections;
+- **smtp-source** — Postfix's own C client, `smtp-source -d -s {p} -m {n:,}`,
+  sending one invitation exactly as `invite-mailer preview invitation` wrote it
+  ({result["sample_bytes"]:,} bytes) over {p} reused connections. It builds
+  nothing: the ceiling.
 - **naive** — a plain Python loop that builds each message with the standard
-  `email` package (the same text, HTML and calendar files; the salutation put in
-  with `str.format`; about {result["naive_message_bytes"]:,} bytes) and sends it
-  with `smtplib` over one reused connection, {result["naive_count"]:,} messages
-  per run;
-- **invite-mailer** — `invite-mailer send-due` of the invitation to
-  {result["contacts"]:,} generated contacts, as a user runs it: templates
+  `email` package (the same text, HTML and four calendar files; the salutation
+  put in with `str.format`; about {result["naive_message_bytes"]:,} bytes) and
+  sends it with `smtplib` over one reused connection.
+- **nodemailer** — what a Node user picks: `bench/nodemailer_send.js`,
+  nodemailer with `pool: true, maxConnections: {p}`, every message built anew by
+  `transporter.sendMail` (nodemailer's MailComposer) from the invitation's
+  subject, headers, text part, HTML part and four calendar files, the recipient
+  changed per message ({result["nodemailer_message_bytes"]:,} bytes);
+  {result.get("node", "")}, installed by the script with `npm install --no-save`
+  into the ignored `bench/.cache/`.
+- **send-due** — `invite-mailer send-due` of the invitation to {n:,} generated
+  contacts with the shipped `config/settings.toml` unchanged (only transport,
+  host, port and TLS set through `INVITE_MAILER_*` variables): default
+  connections and composing workers, the organiser's summary on. Templates
   rendered and CSS inlined per recipient, MIME, four calendar files, the ledger
-  written before and after every mail, `max_connections = {p}`, rate limit off.
-  Wall time of the whole command, start-up included.
+  written for every mail ({result["message_bytes"]:,} bytes on average). Its
+  rate counts the invitations only, not the summary.
 
-| sender | median msg/s | single runs |
-|---|---:|---|
-{row("ceiling", "smtp-source (ceiling)")}
-{row("naive", "naive email + smtplib")}
-{row("invite-mailer", "invite-mailer send-due")}
-{row("baseline", "baseline (--baseline)") if "baseline" in rates else ""}
+Each rate is the mails of one run divided by the wall time of the whole
+command, start-up included. *CPU ms per mail* is the user and system time of
+the contender's processes together (send-due's composing worker included,
+start-up included) per mail: on a machine shared with other work it moves
+less than the wall-clock rates, and it shows what a rate costs: by default
+send-due composes in a second process on a machine with more than one core,
+while the nodemailer and naive contenders run in one thread. *Load* is the
+1-minute load average before and after a round: above the core count, other
+work competed for the CPU.
 
-| target | measured | |
-|---|---:|---|
-| invite-mailer ≥ 5 × naive | {result["vs_naive"]:.2f} × | {mark(result["vs_naive"] >= 5)} |
-| invite-mailer ≥ 15 % of ceiling | {100 * result["of_ceiling"]:.1f} % | \
-{mark(result["of_ceiling"] >= 0.15)} |
-
-Single runs of invite-mailer spread by {spread:.0f} % of the median here; the
-median lies {abs(margin):.0f} % {side} the 15 % target. On a shared 2-core machine runs
-have spread by more than 10 %, so a noisy day can bring a median below it.
-
+{throughput_tables(result)}
 {paired}
 ![Messages per second](throughput.png)
 
-How invite-mailer gets there without giving up a single byte of what the
-standard library would write: per mailing it builds a skeleton of the MIME
-message once and fills in only what differs per recipient (address, salutation,
-unsubscribe link, Message-ID, boundaries); CSS is inlined once per HTML
-structure; a second process composes mails ahead of the senders; `DATA` is
-dot-stuffed without regular expressions. `tests/test_fastpath.py` proves the
-bytes equal `email` with `policy.SMTP` (hostile names and addresses included),
-and the fast path checks itself against the standard library for the first
-mails of every mailing at run time.
+How invite-mailer gets there without giving up a byte of what the standard
+library would write: per mailing it builds a skeleton of the MIME message once
+and fills in only what differs per recipient; CSS is inlined once per HTML
+structure; by default a second process composes mails ahead of the senders;
+`tests/test_fastpath.py` proves the bytes equal `email` with `policy.SMTP`.
 
 {provenance(result)}.
 """
 
 
+def repeats(count: int) -> str:
+    if count == 1:
+        return "Each command ran once per size."
+    return (
+        f"Each command ran {count} times per size, the repeats interleaved; memory "
+        "targets are decided on the largest peak, time targets on the median."
+    )
+
+
 def scale(result: dict[str, Any]) -> str:
     rows = result["rows"]
     lines = [
-        "| contacts | command | wall time | peak RSS (process) | "
-        "peak PSS (process + worker) | worker RSS |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| contacts | command | build | run | wall time | peak PSS, whole tree | "
+        "peak RSS, main process | samples / PSS reads | sampler CPU | load before → after |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        worker = f"{r['peak_worker_mb']:.0f} MB" if r["peak_worker_mb"] else "–"
+        load = " → ".join(f"{x:.1f}" for x in r.get("load_1min", []))
         lines.append(
-            f"| {r['contacts']:,} | {r['command']} | {r['seconds']:,.1f} s | "
-            f"{r['peak_main_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {worker} |"
+            f"| {r['contacts']:,} | {r['command']} | {r['build']} | {r.get('run', 1)} | "
+            f"{r['seconds']:,.1f} s | "
+            f"{r['peak_pss_mb']:.1f} MB | {r['peak_main_mb']:.1f} MB | "
+            f"{r['samples']:,} / {r.get('pss_reads', r['samples']):,} | "
+            f"{r['sampler_cpu_s']:.1f} s | {load} |"
         )
-    targets = "\n".join(f"| {name} | {mark(ok)} |" for name, ok in result["target"].items())
-    paired = ""
-    if result.get("paired"):
-        pairs = "\n".join(
-            f"| {r['contacts']:,} | {r['command']} | {r['this_mb']:.1f} MB | "
-            f"{r['baseline_mb']:.1f} MB |"
-            for r in result["paired"]
+    if result["targets"]:
+        goals = "\n".join(
+            f"| {t['target']} | {t['measured']} | {mark(t['met'])} |" for t in result["targets"]
         )
-        paired = f"""
-Peak RSS of the invite-mailer process, this build and the baseline
-({result["paired_baseline"]}) measured back to back with
-`bench/scale.py --sizes N --commands C` on the same machine:
-
-| contacts | command | this build | baseline |
-|---:|---|---:|---:|
-{pairs}
-"""
+        targets = f"| target | measured | |\n|---|---:|---|\n{goals}"
+    else:
+        targets = "The targets are at 100,000 contacts; this run did not include that size."
+    interval = 1000 * result["interval_s"]
+    baseline = ""
+    if any(r["build"] == "baseline" for r in rows):
+        baseline = (
+            f"\nRows marked *baseline* are another invite-mailer executable "
+            f"({result.get('baseline_version', '?')}), run right after this build on the "
+            "same workspace.\n"
+        )
     return f"""\
 ## Memory and time at scale
 
-`bench/scale.py` runs `validate` (every mail for every recipient rendered),
-`plan --json` and `send-due` (the invitation to everyone over SMTP to
-`smtp-sink`, ledger written, empty ledger at the start) on generated contact
-lists; `send-due-1p` is `send-due` with `limits.compose_workers = 0`.
-*Peak RSS (process)* is the kernel's high-water mark of the invite-mailer
-process (`ru_maxrss`). For large passes `send-due` starts a second
-process that composes mails ahead of the senders; *peak PSS* is the whole
-process tree sampled every 10 ms, each process's proportional set size summed
-(shared pages counted once).
+`bench/scale.py` runs `validate` (every mail of the series' 9 mailings rendered
+for every recipient, nothing sent), `plan --json` and `send-due` (the
+invitation to everyone over SMTP to `smtp-sink`, the ledger written, on an
+empty ledger; the sink's counter checked) on generated contact lists, with
+the shipped `config/settings.toml` unchanged: default connections
+({result["defaults"]["max_connections"]}), default composing workers, the
+organiser's summary on. *Peak PSS, whole tree* is the largest sum of `Pss`
+from `/proc/<pid>/smaps_rollup` over the command's process and all its
+descendants (a composing worker included, memory they share counted once).
+The tree's RSS counters are sampled every {interval:g} ms, and its PSS is read
+whenever they have grown by 1 MB since the last reading, a process has joined
+the tree, or half a second has passed (*PSS reads*): reading `smaps_rollup`
+walks every page, about 1.5 ms of CPU per 100 MB here, too dear to do 100
+times a second beside the command being timed. PSS grows no faster than RSS,
+so the peak is missed by less than 1 MB. *Peak RSS, main process* is the kernel's
+high-water mark of the command's own process (`ru_maxrss`). *Sampler CPU* is
+what the sampling took on the same cores while the command ran; *load* is the
+1-minute load average before and after it (above the core count, other work
+competed for the CPU). {repeats(result.get("repeat", 1))}
 
 {chr(10).join(lines)}
-
-| target | |
-|---|---|
+{baseline}
 {targets}
 
-{paired}
 ![Memory and time against the number of contacts](scale.png)
-
-The composing worker is what makes `send-due` fast (see above), and it costs
-about 50 MB of its own. Where memory is tighter than time, set
-`limits.compose_workers = 0` (or `INVITE_MAILER_LIMITS__COMPOSE_WORKERS=0`):
-everything then stays in one process, at the speed shown for `send-due-1p`.
-
-Contacts are held in memory once (about 500 bytes each: address, names, row
-number), plans keep references, never copies; mails are composed one at a time
-and written to the socket and the ledger as they go, never collected. Time grows
-linearly with the list. The composing worker costs a fixed amount (its own
-Python and templates), independent of the list size. Generated contacts draw
-first names and organisations from short lists; invite-mailer shares those
-strings between contacts, as it would for a real list where first names and
-institutions repeat; last names and addresses are held per contact.
 
 {provenance(result)}.
 """
@@ -271,11 +387,11 @@ too many only below 60 s).
 
 
 def main() -> None:
-    parts = [INTRO]
-    for name, render in (("throughput-p4", throughput), ("scale", scale), ("timing", timing)):
+    parts = [INTRO, overview(load("throughput"), load("scale"))]
+    for name, render in (("throughput", throughput), ("scale", scale), ("timing", timing)):
         result = load(name)
         if result is None:
-            parts.append(f"## {name}\n\nNo results yet: run `bench/{name.split('-')[0]}.py`.\n")
+            parts.append(f"## {name}\n\nNo results yet: run `bench/{name}.py`.\n")
         else:
             parts.append(render(result))
     OUT.write_text("\n".join(parts), encoding="utf-8")
