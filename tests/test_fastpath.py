@@ -1,7 +1,7 @@
 """The fast path writes exactly the bytes the standard library writes.
 
 ``fastwire.WireComposer`` builds the wire form of a mail without
-``email.message``; ``smtp_pool`` dot-stuffs without aiosmtplib's regular
+``email.message``; ``smtp_wire`` dot-stuffs without aiosmtplib's regular
 expressions. Both are only allowed to be faster, never different: every test
 here compares with the reference, ``Composer.compose(...).as_bytes(policy=SMTP)``
 (and aiosmtplib's own functions), over many contacts, hostile ones included.
@@ -538,3 +538,35 @@ async def test_compose_workers_setting(
         )
     finally:
         await wires.aclose()
+
+
+def test_a_worker_whose_parent_died_during_its_start_ends(config_dir: Path) -> None:
+    """The parent's pid comes from the parent: a worker started after it died ends.
+
+    A worker that read ``os.getppid()`` in its initialiser, while its parent was
+    killed during the start of the pool, would take init for its parent and
+    live on for good.
+    """
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is not the worker's parent
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from invite_mailer.inputs.config import load_config\n"
+        "from invite_mailer.mail import workers\n"
+        "workers._follow_parent.__defaults__ = (0.01,)\n"
+        "config_dir = Path(sys.argv[1])\n"
+        "config = load_config(config_dir, config_dir.parent / 'templates', env_file=None)\n"
+        "workers._start_worker(int(sys.argv[2]), config.settings, config.series,\n"
+        "                      config.templates_dir, config.config_dir)\n"
+        "time.sleep(60)\n"
+        "raise SystemExit(3)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code, str(config_dir), str(gone.pid)])
+    try:
+        assert worker.wait(timeout=60) == 0
+    finally:
+        worker.kill()

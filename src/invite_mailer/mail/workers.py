@@ -66,15 +66,21 @@ _worker: WireComposer | None = None
 
 
 def _start_worker(
-    settings: Settings, series: Series, templates_dir: Path, config_dir: Path
+    parent: int, settings: Settings, series: Series, templates_dir: Path, config_dir: Path
 ) -> None:
-    """Initialiser of a worker process: the same composer as the parent's."""
+    """Initialiser of a worker process: the same composer as the parent's.
+
+    *parent* is the pid the parent had when it started the pool, not
+    ``os.getppid()`` read here: a parent killed while this process was still
+    starting would already have been replaced by init, and the worker would
+    follow init forever.
+    """
     import signal
 
     # Ctrl-C and SIGTERM are for the parent, which finishes and then ends us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _follow_parent(os.getppid())
+    _follow_parent(parent)
     global _worker
     composer = Composer.load(settings, series, templates_dir=templates_dir, config_dir=config_dir)
     _worker = WireComposer(composer)
@@ -182,7 +188,7 @@ class WirePipeline:
                 # forked copy of a thread's lock can deadlock.
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(settings, composer.series, templates_dir, config_dir),
+                initargs=(os.getpid(), settings, composer.series, templates_dir, config_dir),
             )
             self._feeder = asyncio.create_task(self._feed())
 
