@@ -75,16 +75,12 @@ class Shape:
             tidy_line("".join(p if isinstance(p, str) else values[p] for p in line))
             for line in self.text_lines
         ]
-        pieces = self.text_pieces
-        text = "".join(
-            [pieces[0], *(x for n, line in enumerate(lines) for x in (line, pieces[n + 1]))]
-        )
+        text = _interleave(self.text_pieces, lines)
         escaped = [
             html_attribute(values[slot]) if attribute else html_text(values[slot])
             for slot, attribute in self.html_slots
         ]
-        pieces = self.html_pieces
-        html = "".join([pieces[0], *(x for n, e in enumerate(escaped) for x in (e, pieces[n + 1]))])
+        html = _interleave(self.html_pieces, escaped)
         text_wire = b"".join(
             p if isinstance(p, bytes) else qp_lines(lines[p].split("\n")) for p in self.text_wire
         )
@@ -169,6 +165,14 @@ class _Sizes:
         for n, _attribute in shape.html_slots:
             weights[n] = weights.get(n, 0) + 12
         return cls(text, lines, html, base, weights)
+
+
+def _interleave(pieces: list[str], between: list[str]) -> str:
+    """pieces[0] + between[0] + pieces[1] + ... + pieces[-1]."""
+    joined = [""] * (len(pieces) + len(between))
+    joined[0::2] = pieces
+    joined[1::2] = between
+    return "".join(joined)
 
 
 def _total(pieces: list[str]) -> tuple[int, int]:

@@ -147,7 +147,9 @@ class Shapes:
         if shape is None or shape.broken:
             return None
         filled = shape.fill(values)
-        composer.check_size(request.kind, request.event, filled.text, filled.html, attachments)
+        if shape.quick_bound(values, attachments) > composer.max_message_bytes:
+            # Only near the limit is it worth counting the octets of the parts.
+            composer.check_size(request.kind, request.event, filled.text, filled.html, attachments)
         rendered = composer.assemble(
             request, context, shape.subject, filled.text, filled.html, attachments
         )
