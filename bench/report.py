@@ -224,18 +224,17 @@ contender that can use more than one:
 - **send-due** — `invite-mailer send-due` of the invitation to {n:,} generated
   contacts with the shipped `config/settings.toml` unchanged (only transport,
   host, port and TLS set through `INVITE_MAILER_*` variables): default
-  connections and composing workers, the organiser's summary on. Templates
-  rendered and CSS inlined per recipient, MIME, four calendar files, the ledger
-  written for every mail ({result["message_bytes"]:,} bytes on average). Its
-  rate counts the invitations only, not the summary.
+  connections, composing in the sending process (no composing workers), the
+  organiser's summary on. The invitation rendered once per shape and each
+  recipient's values filled in, MIME, four calendar files, the ledger written
+  for every mail ({result["message_bytes"]:,} bytes on average). Its rate
+  counts the invitations only, not the summary.
 
 Each rate is the mails of one run divided by the wall time of the whole
 command, start-up included. *CPU ms per mail* is the user and system time of
 the contender's processes together (send-due's composing worker included,
 start-up included) per mail: on a machine shared with other work it moves
-less than the wall-clock rates, and it shows what a rate costs: by default
-send-due composes in a second process on a machine with more than one core,
-while the nodemailer and naive contenders run in one thread. *Load* is the
+less than the wall-clock rates, and it shows what a rate costs. *Load* is the
 1-minute load average before and after a round: above the core count, other
 work competed for the CPU.
 
@@ -301,8 +300,9 @@ for every recipient, nothing sent), `plan --json` and `send-due` (the
 invitation to everyone over SMTP to `smtp-sink`, the ledger written, on an
 empty ledger; the sink's counter checked) on generated contact lists, with
 the shipped `config/settings.toml` unchanged: default connections
-({result["defaults"]["max_connections"]}), default composing workers, the
-organiser's summary on. *Peak PSS, whole tree* is the largest sum of `Pss`
+({result["defaults"]["max_connections"]}), composing in the sending process, the
+organiser's summary on; `send-due-workers`, when measured, sets
+`INVITE_MAILER_LIMITS__COMPOSE_WORKERS=1`. *Peak PSS, whole tree* is the largest sum of `Pss`
 from `/proc/<pid>/smaps_rollup` over the command's process and all its
 descendants (a composing worker included, memory they share counted once).
 The tree's RSS counters are sampled every {interval:g} ms, and its PSS is read

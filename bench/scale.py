@@ -2,7 +2,7 @@
 
 For each size (default 1,000 / 10,000 / 100,000 generated contacts) a fresh
 workspace is made with the shipped ``config/settings.toml`` unchanged (default
-connections, default composing workers, the organiser's summary on); only
+connections, no composing workers, the organiser's summary on); only
 transport, host, port and TLS are set through ``INVITE_MAILER_*`` variables,
 as the README shows. The commands run as a user runs them:
 
@@ -17,8 +17,8 @@ send-due
     to every contact over SMTP to Postfix's ``smtp-sink`` on 127.0.0.1, the
     ledger written for every mail, on an empty ledger; the sink's counter
     must show every invitation and the summary.
-send-due-1p (only when asked for)
-    the same with ``INVITE_MAILER_LIMITS__COMPOSE_WORKERS=0``.
+send-due-workers (only when asked for)
+    the same with ``INVITE_MAILER_LIMITS__COMPOSE_WORKERS=1``: one process composing ahead.
 
 Memory: ``peak_pss_mb`` is the peak of the sum of the proportional set size
 (``Pss`` in ``/proc/<pid>/smaps_rollup``: private pages plus a share of
@@ -55,11 +55,11 @@ COMMANDS = {
     "validate": ("validate",),
     "plan": ("plan", "--now", "2024-11-01T09:00", "--json"),
     "send-due": ("send-due", "--now", common.INVITATION_NOW, "--json"),
-    "send-due-1p": ("send-due", "--now", common.INVITATION_NOW, "--json"),
+    "send-due-workers": ("send-due", "--now", common.INVITATION_NOW, "--json"),
 }
 DEFAULT_COMMANDS = ("validate", "plan", "send-due")
-# Extra environment per command: send-due-1p composes in the sending process only.
-ENV = {"send-due-1p": {"INVITE_MAILER_LIMITS__COMPOSE_WORKERS": "0"}}
+# Extra environment per command: send-due-workers composes in a second process.
+ENV = {"send-due-workers": {"INVITE_MAILER_LIMITS__COMPOSE_WORKERS": "1"}}
 LIMIT_MB = 150
 VALIDATE_LIMIT_S = 30
 # How often the tree's members are looked for (a scan of /proc).

@@ -25,11 +25,12 @@ nodemailer
     ``bench/.cache/`` (``npm install --no-save``), never into the repository.
 send-due
     ``invite-mailer send-due`` of the invitation to N generated contacts with
-    the shipped ``config/settings.toml``: default connections (P), default
+    the shipped ``config/settings.toml``: default connections (P), no
     composing workers, the organiser's summary on; only transport, host, port
-    and TLS are set through ``INVITE_MAILER_*`` variables. Templates rendered
-    and CSS inlined per recipient, MIME, calendar files, the ledger written for
-    every mail. Its rate counts the invitations only (not the summary).
+    and TLS are set through ``INVITE_MAILER_*`` variables. Each shape of the
+    invitation rendered once and the recipient's values filled in, MIME,
+    calendar files, the ledger written for every mail. Its rate counts the
+    invitations only (not the summary).
 
 The sample invitation is written by ``invite-mailer preview invitation``; the
 mean size of invite-mailer's mails comes from an outbox run of 200 contacts.

@@ -263,12 +263,12 @@ class LimitsSettings(_Section):
     retry_in_pass_seconds: float = Field(
         120, ge=0, description="temporary failures are retried within one pass for this long"
     )
-    compose_workers: int | None = Field(
-        None,
+    compose_workers: int = Field(
+        0,
         ge=0,
         le=16,
-        description="processes composing mails ahead of the senders in large passes; "
-        "unset: one per core beyond the first (at most 4); 0: compose in the sending process",
+        description="processes composing mails ahead of the senders in large passes (each "
+        "about 60 MB); 0: compose in the sending process, which renders each mail shape once",
     )
 
 

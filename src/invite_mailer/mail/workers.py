@@ -1,9 +1,12 @@
 """Composing ahead: the mails of a delivery pass built in further processes.
 
-A small VM has two cores; composing and sending each keep one busy.
-:class:`WirePipeline` runs a :class:`~invite_mailer.mail.fastwire.WireComposer`
-in worker processes, chunks of mails ahead of the senders, and checks their
-results against its own before it uses them.
+Off by default (``limits.compose_workers = 0``): rendering each mail shape
+once made composing cheap, and a worker costs some 60 MB for what speed it
+adds (measured in ``docs/benchmarks.md``). When it is
+on, :class:`WirePipeline` runs a
+:class:`~invite_mailer.mail.fastwire.WireComposer` in worker processes,
+chunks of mails ahead of the senders, and checks their results against its
+own before it uses them; without workers it composes in this process.
 """
 
 from __future__ import annotations
@@ -327,9 +330,12 @@ def pipeline(
 ) -> WirePipeline:
     """The pipeline for a delivery pass of *mails* (kind, event id, contact key),
     rendering with *composer* (the sending process's; workers build their own)."""
+    processes = config.settings.limits.compose_workers
+    if len(mails) < MIN_PIPELINE:
+        processes = 0
     jobs = []
     names: dict[str, str] = {}  # one string per kind, not one per mail
-    for kind, event_id, key in mails:
+    for kind, event_id, key in mails if processes else ():
         contact = config.contacts.by_key(key)
         name = names.setdefault(kind, str(kind))
         if contact is None or name not in FAST_KINDS:
@@ -338,11 +344,6 @@ def pipeline(
         if event_id and event_id in config.attendance:
             attended = contact.key in config.attendance[event_id]
         jobs.append(Job(name, event_id, contact, attended))
-    processes = config.settings.limits.compose_workers
-    if processes is None:
-        processes = min(4, (os.cpu_count() or 1) - 1)
-    if len(jobs) < MIN_PIPELINE:
-        processes = 0
     return WirePipeline(
         composer,
         jobs,
