@@ -263,6 +263,25 @@ async def test_counts_and_deliveries(db_path: Path) -> None:
         assert await ledger.deliveries("no-such-series") == []
 
 
+async def test_deliveries_tried_leaves_out_rows_never_attempted(db_path: Path) -> None:
+    """status lists retries from SQL: pending rows with an attempt, not untouched ones."""
+    async with Ledger.open(db_path) as ledger:
+        assert await ledger.claim(key("a@x.org"), "<a>", NOW)
+        await ledger.release(key("a@x.org"), NOW, NOW + timedelta(minutes=5))
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "INSERT INTO deliveries (series, kind, event, email, state, attempts, updated_at) "
+            "VALUES (?, 'invitation', '', 'b@x.org', 'pending', 0, ?)",
+            (SERIES, NOW.isoformat()),
+        )
+    db.close()
+    async with Ledger.open(db_path) as ledger:
+        pending = await ledger.deliveries(SERIES, states={PENDING})
+        assert sorted(d.email for d in pending) == ["a@x.org", "b@x.org"]
+        tried = await ledger.deliveries(SERIES, states={PENDING}, tried=True)
+        assert [(d.email, d.attempts) for d in tried] == [("a@x.org", 1)]
+
+
 async def test_naive_times_are_refused(db_path: Path) -> None:
     async with Ledger.open(db_path) as ledger:
         with pytest.raises(ValueError, match="aware"):

@@ -202,11 +202,7 @@ async def status(config: Config, now: datetime) -> Status:
             uncertain=await ledger.deliveries(
                 series_id, states=[DeliveryState.UNCERTAIN, DeliveryState.SENDING]
             ),
-            retrying=[
-                d
-                for d in await ledger.deliveries(series_id, states=[DeliveryState.PENDING])
-                if d.attempts > 0
-            ],
+            retrying=await ledger.deliveries(series_id, states=[DeliveryState.PENDING], tried=True),
         )
 
 

@@ -251,8 +251,13 @@ class Ledger:
         states: Collection[DeliveryState] | None = None,
         kind: str | None = None,
         event: str | None = None,
+        tried: bool = False,
     ) -> list[Delivery]:
-        """Rows of *series*, optionally filtered, ordered by kind, event, email."""
+        """Rows of *series*, optionally filtered, ordered by kind, event, email.
+
+        *tried*: only rows with at least one attempt (a pending retry, not a
+        mail nobody has tried yet).
+        """
         where = ["series = ?"]
         params: list[str] = [series]
         if states is not None:
@@ -266,6 +271,8 @@ class Ledger:
         if event is not None:
             where.append("event = ?")
             params.append(event)
+        if tried:
+            where.append("attempts > 0")
         statement = (
             f"SELECT {sql.COLUMNS} FROM deliveries WHERE {' AND '.join(where)} "
             "ORDER BY kind, event, email"
