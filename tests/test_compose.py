@@ -24,7 +24,8 @@ from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind, Series, load_series
-from invite_mailer.inputs.settings import Settings, load_settings
+from invite_mailer.inputs.settings import Settings
+from invite_mailer.inputs.settings_file import load_settings
 from invite_mailer.mail.compose import Composer
 from support.project import shipped_environment
 from support.samples import FIRST_DATE, set_materials

@@ -22,7 +22,8 @@ import yaml
 from pydantic import BaseModel, SecretStr, TypeAdapter
 
 from invite_mailer.inputs.config import default_templates_dir
-from invite_mailer.inputs.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
+from invite_mailer.inputs.settings import ENV_DELIMITER, ENV_PREFIX, Settings
+from invite_mailer.inputs.settings_file import load_settings
 from support.project import strip_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +153,11 @@ def test_env_example_shows_the_real_defaults() -> None:
         if default is None:
             assert line.value == "", f"{line.name}: unset by default, leave the value empty"
             continue
-        documented = TypeAdapter(field.annotation).validate_python(line.value)
+        adapter = TypeAdapter(field.annotation)
+        if line.value.startswith("["):  # a list, written as JSON as pydantic-settings reads it
+            documented = adapter.validate_json(line.value)
+        else:
+            documented = adapter.validate_python(line.value)
         if isinstance(documented, SecretStr):
             documented = documented.get_secret_value()
         assert documented == default, f".env.example line {line.number}: {line.name}"

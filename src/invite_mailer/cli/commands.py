@@ -35,12 +35,13 @@ from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Event, Kind
-from invite_mailer.inputs.settings import load_settings
+from invite_mailer.inputs.settings_file import load_settings
 from invite_mailer.mail import mime
 from invite_mailer.mail.checks import validate_change_kinds, validate_sample
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
 from invite_mailer.mail.mime import header_address
+from invite_mailer.mail.signing import DkimSigner
 from invite_mailer.service.health import check_heartbeat, heartbeat_path
 
 # What --now may be: far enough out for any real series, near enough that every
@@ -113,6 +114,7 @@ class ValidationReport:
     contacts: int = 0
     warnings: list[Problem] = field(default_factory=list)
     advisories: list[Problem] = field(default_factory=list)  # see advisories()
+    dkim: DkimSigner | None = None  # signs every mail; its sample verified
 
 
 def validate(config: Config) -> ValidationReport:
@@ -155,8 +157,28 @@ def validate(config: Config) -> ValidationReport:
             problems.setdefault(str(problem), problem)
     if problems:
         raise ConfigError(problems.values())
+    report.dkim = _checked_signer(config, wires)
     report.advisories = advisories(config)
     return report
+
+
+def _checked_signer(config: Config, wires: WireComposer) -> DkimSigner | None:
+    """The DKIM signer, once a signed sample verifies against its own public key."""
+    signer = DkimSigner.from_settings(config.settings)
+    if signer is None:
+        return None
+    series = config.series
+    sample = Contact(email=f"probe@{signer.domain}", vorname="Jana", nachname="Müller")
+    request = request_for(
+        Kind.INVITATION, None, sample, series.first_start, attendance=config.attendance
+    )
+    if not signer.verifies(signer.sign(wires.wire_for(request))):
+        raise ConfigError.single(
+            config.settings.dkim.key_file,
+            "a mail signed with this DKIM key does not verify against its public key",
+            hint="make a new key: openssl genrsa -out dkim.pem 2048",
+        )
+    return signer
 
 
 # --- plan and status ---------------------------------------------------------------
@@ -280,6 +302,7 @@ def preview(
     written = []
     sequences = sequences_of(config.series, view)
     builder = WireComposer(Composer.from_config(config))  # the builder send-due uses
+    signer = DkimSigner.from_settings(config.settings)  # and the transports' signature
     for contact in pick_contacts(config, kind, event, email):
         request = request_for(
             kind,
@@ -291,6 +314,8 @@ def preview(
             sequences=sequences,
         )
         wire = builder.wire_for(request)
+        if signer is not None:
+            wire = signer.sign(wire)
         stem = safe_name(str(kind), event.id if event else "", contact.key)
         html = mime.parse(wire).get_body(("html",))
         with writing(out):

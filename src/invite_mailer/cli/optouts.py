@@ -25,7 +25,8 @@ from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.inputs.addresses import address_lines, load_address_list
 from invite_mailer.inputs.config import OPTOUT_FILE
 from invite_mailer.inputs.series import Series, load_series
-from invite_mailer.inputs.settings import Settings, load_settings
+from invite_mailer.inputs.settings import Settings
+from invite_mailer.inputs.settings_file import load_settings
 
 __all__ = [
     "OptOutEntry",

@@ -409,11 +409,19 @@ def rehearsal_lines(result: Rehearsal) -> list[str]:
 
 
 def validation_line(report: ValidationReport) -> Text:
-    return Text.assemble(
+    line = Text.assemble(
         ("OK", "green"),
         f": {report.contacts} contacts, {report.mailings} mailings, "
         f"{report.rendered} mails rendered without error.",
     )
+    if report.dkim is not None:
+        signer = report.dkim
+        line.append(
+            f"\nDKIM: every mail is signed for {signer.domain} with selector "
+            f"{signer.selector}; receivers find the key in DNS at {signer.record_name}:\n"
+        )
+        line.append(signer.dns_record())
+    return line
 
 
 def removal_answer(key: str, outcome: Removal, where: str) -> tuple[str | None, str]:

@@ -47,6 +47,7 @@ from invite_mailer.inputs.settings import StateSettings, TransportKind, Transpor
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
+from invite_mailer.mail.signing import DkimSigner
 from invite_mailer.mail.summary import KIND_LABELS
 
 __all__ = ["MailRecord", "MailingReport", "Rehearsal", "rehearse"]
@@ -134,8 +135,8 @@ class Rehearsal:
 class _Recorder:
     """The outbox transport, remembering every message it wrote and when."""
 
-    def __init__(self, directory: Path) -> None:
-        self.outbox = OutboxTransport(directory)
+    def __init__(self, directory: Path, signer: DkimSigner | None) -> None:
+        self.outbox = OutboxTransport(directory, signer=signer)
         self.directory = directory
         self.moment: datetime | None = None
         self.written: dict[str, tuple[email.message.EmailMessage, datetime, Path]] = {}
@@ -236,7 +237,7 @@ async def _play(
     optouts = await _all_optouts(config)
     async with (
         Ledger.open(virtual.settings.state.path) as ledger,
-        _Recorder(mails_dir) as recorder,
+        _Recorder(mails_dir, DkimSigner.from_settings(config.settings)) as recorder,
     ):
         start = min((due for _, _, due, _ in mailing_times(series)), default=series.first_start)
         for email_key in sorted(optouts - config.optouts):

@@ -2,7 +2,8 @@
 
 Both transports take a :class:`~invite_mailer.mail.mime.Wire` (the bytes the one
 mail builder made) and an envelope, nothing else, so what an organiser
-inspected with ``preview`` is what goes out.
+inspected with ``preview`` is what goes out; with ``[dkim]`` set they sign
+each mail last (``preview`` signs the same way).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from invite_mailer.delivery.smtp_pool import SmtpPool
 from invite_mailer.errors import SetupFailure, UncertainFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportKind
 from invite_mailer.mail.mime import Wire
+from invite_mailer.mail.signing import DkimSigner
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,9 @@ class Transport(Protocol):
 class OutboxTransport:
     """Writes each message to ``<directory>/<Message-ID>.eml`` and sends nothing."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, signer: DkimSigner | None = None) -> None:
         self.directory = Path(directory)
+        self.signer = signer
 
     async def __aenter__(self) -> Self:
         try:
@@ -89,6 +92,8 @@ class OutboxTransport:
         return None
 
     async def send(self, wire: Wire, *, sender: str, recipients: Sequence[str]) -> str:
+        if self.signer is not None:
+            wire = self.signer.sign(wire)
         return await self._write(self.directory / f"{outbox_name(wire)}.eml", wire.data)
 
     async def _write(self, path: Path, data: bytes) -> str:
@@ -170,8 +175,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
 class SmtpTransport:
     """Sends through an SMTP relay over a pool of reused connections, rate limited."""
 
-    def __init__(self, settings: SmtpSettings, *, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        *,
+        limiter: RateLimiter | None = None,
+        signer: DkimSigner | None = None,
+    ) -> None:
         self.settings = settings
+        self.signer = signer
         if limiter is None and settings.rate_per_minute:
             limiter = RateLimiter(settings.rate_per_minute)
         self.limiter = limiter
@@ -209,11 +221,14 @@ class SmtpTransport:
             raise RuntimeError("use the transport as 'async with transport:' before sending")
         if not recipients:
             raise ValueError("no recipients given")
+        if self.signer is not None:
+            wire = self.signer.sign(wire)
         return await self._pool.send(sender, list(recipients), wire.data)
 
 
 def make_transport(settings: Settings) -> Transport:
-    """The transport the settings ask for."""
+    """The transport the settings ask for, signing with DKIM when ``[dkim]`` says so."""
+    signer = DkimSigner.from_settings(settings)
     if settings.transport.kind is TransportKind.SMTP:
-        return SmtpTransport(settings.smtp)
-    return OutboxTransport(settings.transport.outbox_dir)
+        return SmtpTransport(settings.smtp, signer=signer)
+    return OutboxTransport(settings.transport.outbox_dir, signer=signer)

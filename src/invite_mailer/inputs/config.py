@@ -12,12 +12,8 @@ from invite_mailer.inputs.addresses import load_address_list, load_attendance
 from invite_mailer.inputs.contacts import ContactList, find_contacts_file, load_contacts
 from invite_mailer.inputs.materials import UNSAFE_HEADER_TEXT, File, Materials, load_materials
 from invite_mailer.inputs.series import SERIES_FILE, Series, load_series, readable_event_ids
-from invite_mailer.inputs.settings import (
-    SETTINGS_FILE,
-    Settings,
-    load_settings,
-    settings_warnings,
-)
+from invite_mailer.inputs.settings import SETTINGS_FILE, Settings
+from invite_mailer.inputs.settings_file import load_settings, settings_warnings
 from invite_mailer.inputs.templates import Templates, load_templates
 from invite_mailer.inputs.timeline import mailing_times
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import tomllib
 from email.errors import InvalidHeaderDefect
 from email.headerregistry import Address, HeaderRegistry
 from email.utils import getaddresses
@@ -24,20 +23,14 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
-
-from invite_mailer.errors import ConfigError, Problem
-from invite_mailer.inputs.yamlfile import read_config_file
 
 ENV_PREFIX = "INVITE_MAILER_"
 ENV_DELIMITER = "__"
@@ -66,7 +59,7 @@ def _no_control(value: str) -> str:
     return value
 
 
-class _Invalid(ValueError):
+class InvalidSetting(ValueError):
     """A setting's value is wrong in a way that deserves its own hint."""
 
     def __init__(self, message: str, hint: str) -> None:
@@ -100,10 +93,10 @@ def _single_address(value: str, *, named: bool) -> Address:
     parsed = [addr for _, addr in getaddresses([value]) if addr]
     if len(parsed) > 1 or len(header.addresses) > 1:
         found = ", ".join(dict.fromkeys([*parsed, *(a.addr_spec for a in header.addresses)]))
-        raise _Invalid(f"holds more than one address ({found}): {value!r}", _ONE_ADDRESS_HINT)
+        raise InvalidSetting(f"holds more than one address ({found}): {value!r}", _ONE_ADDRESS_HINT)
     broken = any(isinstance(d, InvalidHeaderDefect) for d in header.defects)
     if broken or len(header.addresses) != 1 or "@" not in header.addresses[0].addr_spec:
-        raise _Invalid(
+        raise InvalidSetting(
             f"expected {example}, got {value!r}",
             f"write it like {example}; {_ONE_ADDRESS_HINT}",
         )
@@ -111,7 +104,7 @@ def _single_address(value: str, *, named: bool) -> Address:
     try:
         return Address(display_name=address.display_name, addr_spec=address.addr_spec)
     except ValueError as exc:  # e.g. a non-ASCII local part
-        raise _Invalid(
+        raise InvalidSetting(
             f"not a usable address ({exc}): {value!r}", f"write it like {example}"
         ) from None
 
@@ -231,7 +224,7 @@ class StateSettings(_Section):
         # The ledger is what keeps a mail from going out twice: an in-memory or
         # URI database would be empty at every run and send everything again.
         if not path or path == ":memory:" or path.startswith("file:") or "?" in path:
-            raise _Invalid(
+            raise InvalidSetting(
                 f"the state database must be a file path, got {value!r} "
                 "(no :memory:, no file: URI, no ?query)",
                 'use a file that lasts between runs: url = "sqlite:///state/invite-mailer.db"',
@@ -272,6 +265,125 @@ class LimitsSettings(_Section):
     )
 
 
+#: Signed by default: what a receiver shows or acts on (RFC 6376 section 5.4.1),
+#: the one-click unsubscribe headers included (RFC 8058 section 4).
+DKIM_HEADERS = (
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "MIME-Version",
+    "Content-Type",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+)
+
+#: A private key is a few kilobytes; anything much larger is not one.
+MAX_DKIM_KEY_BYTES = 64 * 1024
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+KEY_HINT = (
+    "point dkim.key_file at a PEM file with an RSA private key of 2048 bits, e.g. made "
+    "with: openssl genrsa -out dkim.pem 2048 (keep it readable for invite-mailer only)"
+)
+
+
+class DkimSettings(_Section):
+    """Signing with DKIM (RFC 6376); on when ``key_file`` is set."""
+
+    selector: str = ""
+    domain: str = Field("", description="d= of the signature; empty: the sender's domain")
+    key_file: Path | None = Field(None, description="the PEM private key; never the key inline")
+    headers: tuple[str, ...] = DKIM_HEADERS
+
+    @property
+    def enabled(self) -> bool:
+        return self.key_file is not None
+
+    @field_validator("selector", "domain")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if value and not all(_DNS_LABEL.fullmatch(label) for label in value.split(".")):
+            raise ValueError(
+                f"{value!r} is not a DNS name (letters, digits, '-' and '_' between dots)"
+            )
+        return value.lower()
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+        if "from" not in {name.lower() for name in value}:
+            raise ValueError("the signed headers must include From (RFC 6376 section 5.4)")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _key(cls, value: Path | None) -> Path | None:
+        # Read and parsed here, so that validate reports a bad key, not every send.
+        if value is not None:
+            dkim_key_bits(value)
+        return value
+
+    @model_validator(mode="after")
+    def _selector_with_key(self) -> Self:
+        if self.enabled and not self.selector:
+            raise ValueError(
+                "dkim.key_file is set but dkim.selector is empty: the receiver finds the "
+                "public key at <selector>._domainkey.<domain>; set the selector you publish"
+            )
+        if self.selector and not self.enabled:
+            raise ValueError(
+                "dkim.selector is set but dkim.key_file is not: set the private key's file, "
+                "or remove the selector to send unsigned"
+            )
+        return self
+
+
+def read_dkim_key(path: Path) -> bytes:
+    """The bytes of a DKIM key file: a regular, readable file of at most 64 KiB."""
+    try:
+        with path.open("rb") as file:
+            if not path.is_file():
+                raise InvalidSetting(f"the DKIM key {str(path)!r} is not a regular file", KEY_HINT)
+            data = file.read(MAX_DKIM_KEY_BYTES + 1)
+    except FileNotFoundError:
+        raise InvalidSetting(f"the DKIM key file {str(path)!r} does not exist", KEY_HINT) from None
+    except OSError as exc:
+        raise InvalidSetting(
+            f"the DKIM key file {str(path)!r} cannot be read ({exc.strerror})", KEY_HINT
+        ) from None
+    if len(data) > MAX_DKIM_KEY_BYTES:
+        raise InvalidSetting(f"the DKIM key file {str(path)!r} is larger than 64 KiB", KEY_HINT)
+    return data
+
+
+def dkim_key_bits(path: Path) -> int:
+    """The size in bits of the RSA private key in *path*, or the reason it is unusable."""
+    import dkim.crypto
+
+    data = read_dkim_key(path)
+    try:
+        key = dkim.crypto.parse_pem_private_key(data)
+    except Exception:  # UnparsableKeyError, or the ASN.1 parser on garbage
+        raise InvalidSetting(
+            f"the DKIM key file {str(path)!r} holds no RSA private key in PEM form", KEY_HINT
+        ) from None
+    bits = int(key["modulus"]).bit_length()
+    if bits < 1024:
+        raise InvalidSetting(
+            f"the DKIM key in {str(path)!r} has {bits} bits; receivers ignore keys below "
+            "1024 bits (RFC 8301)",
+            KEY_HINT,
+        )
+    return bits
+
+
 class NotifySettings(_Section):
     organiser_summary: bool = True
 
@@ -304,175 +416,4 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     notify: NotifySettings = NotifySettings()
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
-
-
-_SECRET_KEYS = {("smtp", "password"), ("unsubscribe", "secret")}
-
-
-def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> Settings:
-    """Read ``settings.toml`` from *config_dir*, apply the environment, validate."""
-    path = config_dir / SETTINGS_FILE
-    text = _read_toml_text(path)
-    data = _parse_toml(path, text)
-    for section, key in _SECRET_KEYS:
-        if isinstance(data.get(section), dict) and key in data[section]:
-            env = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
-            raise ConfigError.single(
-                path,
-                f"[{section}] {key} must not be written into the settings file",
-                line=_find_line(text or "", section, key),
-                hint=f"remove it and set the environment variable {env} (or put it in .env)",
-            )
-
-    toml_path = path if text is not None else None
-
-    class _FileSettings(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-            if env_file is not None:
-                sources.append(dotenv_settings)
-            if toml_path is not None:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-            return tuple(sources)
-
-    try:
-        settings = _FileSettings(_env_file=env_file)
-    except ValidationError as exc:
-        raise ConfigError(_problems(path, text or "", exc)) from None
-    return Settings.model_validate(settings.model_dump())
-
-
-def settings_warnings(config_dir: Path, settings: Settings) -> list[Problem]:
-    """Settings that load but probably do not do what was meant (nothing is sent wrong)."""
-    path = config_dir / SETTINGS_FILE
-    try:
-        text = _read_toml_text(path) or ""
-    except ConfigError:  # reported by the loader already
-        text = ""
-    secret_env = f"{ENV_PREFIX}UNSUBSCRIBE{ENV_DELIMITER}SECRET"
-    warnings = []
-    has_secret = bool(settings.unsubscribe.secret.get_secret_value())
-    if settings.sender.unsubscribe_url and not has_secret:
-        warnings.append(
-            Problem(
-                path,
-                "sender.unsubscribe_url is set, but the unsubscribe secret is empty: the mails "
-                "carry no one-click link (only the mailto address)",
-                _find_line(text, "sender", "unsubscribe_url"),
-                f"set the environment variable {secret_env} (in .env or the service's env "
-                "file) to a long random string, e.g. from: python3 -c "
-                '"import secrets; print(secrets.token_urlsafe(32))"',
-            )
-        )
-    if settings.unsubscribe.serve and not has_secret:
-        warnings.append(
-            Problem(
-                path,
-                "unsubscribe.serve is true, but the unsubscribe secret is empty: the daemon "
-                "will not start the one-click endpoint",
-                _find_line(text, "unsubscribe", "serve"),
-                f"set the environment variable {secret_env}",
-            )
-        )
-    return warnings
-
-
-#: settings.toml is a page of keys; anything larger is not one.
-MAX_SETTINGS_BYTES = 256 * 1024
-
-
-def _read_toml_text(path: Path) -> str | None:
-    if not path.exists() and not path.is_symlink():
-        return None
-    # Through the one reader of organiser files: a FIFO or a device never blocks.
-    data = read_config_file(path, limit=MAX_SETTINGS_BYTES)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError.single(
-            path, "the file is not UTF-8 text", hint="save it as UTF-8 in your editor"
-        ) from None
-
-
-def _parse_toml(path: Path, text: str | None) -> dict[str, Any]:
-    if text is None:
-        return {}
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        line = int(match.group(1)) if match else None
-        message = re.sub(r"\s*\(at line.*\)$", "", str(exc))
-        raise ConfigError.single(
-            path,
-            f"TOML syntax error: {message}",
-            line=line,
-            hint='write settings as key = value, text in double quotes: host = "mail.example.org"',
-        ) from None
-    except RecursionError:
-        raise ConfigError.single(
-            path,
-            "TOML syntax error: values are nested too deeply (lists or tables inside each "
-            "other hundreds of times)",
-            hint="settings are flat: key = value under [section] headers, lists one level deep",
-        ) from None
-    except Exception as exc:  # the parser's own failure, on input it should have refused
-        raise ConfigError.single(
-            path,
-            f"TOML cannot be read: {type(exc).__name__}: {exc}",
-            hint='write settings as key = value, text in double quotes: host = "mail.example.org"',
-        ) from None
-
-
-def _find_line(text: str, section: str, key: str | None) -> int | None:
-    current = None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        header = re.fullmatch(r"\[\s*([A-Za-z0-9_]+)\s*\]", line)
-        if header:
-            current = header.group(1)
-            if key is None and current == section:
-                return number
-            continue
-        if current == section and key and re.match(rf"{re.escape(key)}\s*=", line):
-            return number
-    return None
-
-
-def _problems(path: Path, text: str, exc: ValidationError) -> list[Problem]:
-    problems = []
-    for error in exc.errors():
-        loc = [str(part) for part in error["loc"]]
-        section = loc[0] if loc else ""
-        key = loc[1] if len(loc) > 1 else None
-        env = f"{ENV_PREFIX}{ENV_DELIMITER.join(p.upper() for p in loc)}"
-        dotted = ".".join(loc)
-        if error["type"] == "extra_forbidden":
-            message = f"unknown setting {dotted!r}"
-            hint = "check the spelling; the README lists every setting"
-        else:
-            said = str(error["msg"]).removeprefix("Value error, ")
-            if key is None and section:
-                # A rule across keys of one section (the text names them).
-                message = said
-                hint = f"fix it in [{section}] or in the {env}{ENV_DELIMITER}* variables"
-            else:
-                message = f"{dotted}: {said}"
-                hint = f"fix it in the file or in the environment variable {env}"
-            cause = (error.get("ctx") or {}).get("error")
-            if isinstance(cause, _Invalid):
-                hint = f"{cause.hint}; {hint}"
-        where = path
-        line = _find_line(text, section, key) if text else None
-        if env in os.environ:
-            message += f" (from the environment variable {env})"
-        problems.append(Problem(where, message, line, hint))
-    return problems
+    dkim: DkimSettings = DkimSettings()

@@ -1,0 +1,238 @@
+"""Reading ``settings.toml`` and the environment into :class:`Settings`.
+
+Problems come back as :class:`~invite_mailer.errors.ConfigError` naming the
+file, the line of the key where it can be found, and the environment
+variable that sets the same key; :func:`settings_warnings` lists settings
+that load but probably do not do what was meant.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
+
+from invite_mailer.errors import ConfigError, Problem
+from invite_mailer.inputs.settings import (
+    ENV_DELIMITER,
+    ENV_PREFIX,
+    KEY_HINT,
+    SETTINGS_FILE,
+    InvalidSetting,
+    Settings,
+    dkim_key_bits,
+)
+from invite_mailer.inputs.yamlfile import read_config_file
+
+__all__ = ["MAX_SETTINGS_BYTES", "load_settings", "settings_warnings"]
+
+
+_SECRET_KEYS = {("smtp", "password"), ("unsubscribe", "secret")}
+
+
+def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> Settings:
+    """Read ``settings.toml`` from *config_dir*, apply the environment, validate."""
+    path = config_dir / SETTINGS_FILE
+    text = _read_toml_text(path)
+    data = _parse_toml(path, text)
+    for section, key in _SECRET_KEYS:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            env = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
+            raise ConfigError.single(
+                path,
+                f"[{section}] {key} must not be written into the settings file",
+                line=_find_line(text or "", section, key),
+                hint=f"remove it and set the environment variable {env} (or put it in .env)",
+            )
+
+    toml_path = path if text is not None else None
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if env_file is not None:
+                sources.append(dotenv_settings)
+            if toml_path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            return tuple(sources)
+
+    try:
+        settings = _FileSettings(_env_file=env_file)
+    except ValidationError as exc:
+        raise ConfigError(_problems(path, text or "", exc)) from None
+    return Settings.model_validate(settings.model_dump())
+
+
+def settings_warnings(config_dir: Path, settings: Settings) -> list[Problem]:
+    """Settings that load but probably do not do what was meant (nothing is sent wrong)."""
+    path = config_dir / SETTINGS_FILE
+    try:
+        text = _read_toml_text(path) or ""
+    except ConfigError:  # reported by the loader already
+        text = ""
+    secret_env = f"{ENV_PREFIX}UNSUBSCRIBE{ENV_DELIMITER}SECRET"
+    warnings = []
+    has_secret = bool(settings.unsubscribe.secret.get_secret_value())
+    if settings.sender.unsubscribe_url and not has_secret:
+        warnings.append(
+            Problem(
+                path,
+                "sender.unsubscribe_url is set, but the unsubscribe secret is empty: the mails "
+                "carry no one-click link (only the mailto address)",
+                _find_line(text, "sender", "unsubscribe_url"),
+                f"set the environment variable {secret_env} (in .env or the service's env "
+                "file) to a long random string, e.g. from: python3 -c "
+                '"import secrets; print(secrets.token_urlsafe(32))"',
+            )
+        )
+    if settings.unsubscribe.serve and not has_secret:
+        warnings.append(
+            Problem(
+                path,
+                "unsubscribe.serve is true, but the unsubscribe secret is empty: the daemon "
+                "will not start the one-click endpoint",
+                _find_line(text, "unsubscribe", "serve"),
+                f"set the environment variable {secret_env}",
+            )
+        )
+    warnings.extend(_dkim_warnings(path, text, settings))
+    return warnings
+
+
+def _dkim_warnings(path: Path, text: str, settings: Settings) -> list[Problem]:
+    dkim = settings.dkim
+    if dkim.key_file is None:
+        return []
+    warnings = []
+    sender = settings.sender.domain.lower()
+    domain = dkim.domain or sender
+    if sender != domain and not sender.endswith("." + domain):
+        warnings.append(
+            Problem(
+                path,
+                f"dkim.domain {domain!r} is not the sender's domain {sender!r} nor a parent "
+                "of it: the signature does not align with From, so it does not count for DMARC",
+                _find_line(text, "dkim", "domain"),
+                "sign with the sender's domain (leave dkim.domain empty) or its parent domain",
+            )
+        )
+    try:
+        bits = dkim_key_bits(dkim.key_file)
+    except InvalidSetting:  # reported by the loader
+        return warnings
+    if bits < 2048:
+        warnings.append(
+            Problem(
+                path,
+                f"the DKIM key has {bits} bits; 2048 is the common minimum today",
+                _find_line(text, "dkim", "key_file"),
+                KEY_HINT,
+            )
+        )
+    return warnings
+
+
+#: settings.toml is a page of keys; anything larger is not one.
+MAX_SETTINGS_BYTES = 256 * 1024
+
+
+def _read_toml_text(path: Path) -> str | None:
+    if not path.exists() and not path.is_symlink():
+        return None
+    # Through the one reader of organiser files: a FIFO or a device never blocks.
+    data = read_config_file(path, limit=MAX_SETTINGS_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError.single(
+            path, "the file is not UTF-8 text", hint="save it as UTF-8 in your editor"
+        ) from None
+
+
+def _parse_toml(path: Path, text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        line = int(match.group(1)) if match else None
+        message = re.sub(r"\s*\(at line.*\)$", "", str(exc))
+        raise ConfigError.single(
+            path,
+            f"TOML syntax error: {message}",
+            line=line,
+            hint='write settings as key = value, text in double quotes: host = "mail.example.org"',
+        ) from None
+    except RecursionError:
+        raise ConfigError.single(
+            path,
+            "TOML syntax error: values are nested too deeply (lists or tables inside each "
+            "other hundreds of times)",
+            hint="settings are flat: key = value under [section] headers, lists one level deep",
+        ) from None
+    except Exception as exc:  # the parser's own failure, on input it should have refused
+        raise ConfigError.single(
+            path,
+            f"TOML cannot be read: {type(exc).__name__}: {exc}",
+            hint='write settings as key = value, text in double quotes: host = "mail.example.org"',
+        ) from None
+
+
+def _find_line(text: str, section: str, key: str | None) -> int | None:
+    current = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.fullmatch(r"\[\s*([A-Za-z0-9_]+)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if key is None and current == section:
+                return number
+            continue
+        if current == section and key and re.match(rf"{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def _problems(path: Path, text: str, exc: ValidationError) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        section = loc[0] if loc else ""
+        key = loc[1] if len(loc) > 1 else None
+        env = f"{ENV_PREFIX}{ENV_DELIMITER.join(p.upper() for p in loc)}"
+        dotted = ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            message = f"unknown setting {dotted!r}"
+            hint = "check the spelling; the README lists every setting"
+        else:
+            said = str(error["msg"]).removeprefix("Value error, ")
+            if key is None and section:
+                # A rule across keys of one section (the text names them).
+                message = said
+                hint = f"fix it in [{section}] or in the {env}{ENV_DELIMITER}* variables"
+            else:
+                message = f"{dotted}: {said}"
+                hint = f"fix it in the file or in the environment variable {env}"
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, InvalidSetting):
+                hint = f"{cause.hint}; {hint}"
+        where = path
+        line = _find_line(text, section, key) if text else None
+        if env in os.environ:
+            message += f" (from the environment variable {env})"
+        problems.append(Problem(where, message, line, hint))
+    return problems
