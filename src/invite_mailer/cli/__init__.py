@@ -200,6 +200,10 @@ def status(
             out.print(
                 output.deliveries_table(output.UNCERTAIN_TITLE, result.uncertain, config.series)
             )
+        if result.bounces and not only_failed:
+            from invite_mailer.cli.bounce_reports import bounces_table
+
+            out.print(bounces_table(config.series, result.bounces))
     if result.failed:
         sys.exit(EXIT_FAILED)
 
@@ -325,6 +329,57 @@ def optout_remove(address: str, config_dir: Path) -> None:
     # Still blocked by the file: what was asked for did not happen.
     say(err, label, message)
     sys.exit(EXIT_INVALID)
+
+
+# --- bounces -----------------------------------------------------------------------------
+
+
+@cli.group()
+def bounces() -> None:
+    """Bounces and complaints: import reports, list what was recorded."""
+
+
+@bounces.command("import")
+@click.argument(
+    "paths", nargs=-1, required=True, metavar="PATH...", type=click.Path(path_type=Path)
+)
+@config_only
+@with_json
+@handle_errors
+def bounces_import(paths: tuple[Path, ...], config_dir: Path, as_json: bool) -> None:
+    """Read bounce and complaint reports (.eml files, mbox files, Maildir folders)."""
+    from invite_mailer.cli import bounce_reports as reports
+    from invite_mailer.cli import optouts
+
+    files = optouts.load(config_dir)
+    limit = files.settings.bounces.soft_limit
+    result = asyncio.run(
+        reports.import_reports(files, list(paths), now=datetime.now(UTC), soft_limit=limit)
+    )
+    if as_json:
+        print_json(reports.import_json(result))
+    else:
+        for line in reports.import_lines(result):
+            echo(line)
+
+
+@bounces.command("list")
+@config_only
+@with_json
+@handle_errors
+def bounces_list(config_dir: Path, as_json: bool) -> None:
+    """Every recorded bounce and complaint, with the server's answer."""
+    from invite_mailer.cli import bounce_reports as reports
+    from invite_mailer.cli import optouts
+
+    files = optouts.load(config_dir)
+    records = asyncio.run(reports.recorded_bounces(files))
+    if as_json:
+        print_json(reports.bounces_json(files.series, records))
+    elif not records:
+        echo(f"No bounces or complaints recorded for {files.series.id}.")
+    else:
+        out.print(reports.bounces_table(files.series, records))
 
 
 # --- rehearsal ---------------------------------------------------------------------------

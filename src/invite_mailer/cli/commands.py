@@ -28,6 +28,7 @@ from invite_mailer.core.plan import (
     request_for,
     sequences_of,
 )
+from invite_mailer.delivery.bounce_sql import BounceRecord
 from invite_mailer.delivery.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
 from invite_mailer.delivery.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
 from invite_mailer.delivery.transport import make_transport
@@ -209,6 +210,7 @@ class Status:
     failed: list[Delivery]
     uncertain: list[Delivery]
     retrying: list[Delivery]
+    bounces: list[BounceRecord] = field(default_factory=list)
 
 
 async def status(config: Config, now: datetime) -> Status:
@@ -225,6 +227,7 @@ async def status(config: Config, now: datetime) -> Status:
                 series_id, states=[DeliveryState.UNCERTAIN, DeliveryState.SENDING]
             ),
             retrying=await ledger.deliveries(series_id, states=[DeliveryState.PENDING], tried=True),
+            bounces=await ledger.bounces(series_id),
         )
 
 

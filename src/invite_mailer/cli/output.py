@@ -28,6 +28,7 @@ from rich.text import Text
 from invite_mailer.cli.commands import SendDueResult, Status, ValidationReport
 from invite_mailer.cli.optouts import OptOutEntry, OptOutFiles, Removal
 from invite_mailer.core.plan import Mailing, MailingState
+from invite_mailer.delivery.bounce_sql import BounceRecord
 from invite_mailer.delivery.dispatch import Outcome, ProgressCallback
 from invite_mailer.delivery.ledger import Delivery
 from invite_mailer.errors import Problem
@@ -267,7 +268,20 @@ def status_json(status: Status, now: datetime, *, only_failed: bool) -> dict[str
     if not only_failed:
         data["mailings"] = [mailing_json(m) for m in status.mailings]
         data["retrying"] = [delivery_json(d) for d in status.retrying]
+        data["bounces"] = [bounce_json(b) for b in status.bounces]
     return data
+
+
+def bounce_json(record: BounceRecord) -> dict[str, Any]:
+    return {
+        "email": record.email,
+        "kind": str(record.kind),
+        "status": record.status,
+        "diagnostic": record.diagnostic,
+        "message_id": record.message_id or None,
+        "source": record.source,
+        "received_at": record.received_at.isoformat(),
+    }
 
 
 def retrying_by_mailing(retrying: Sequence[Delivery]) -> dict[str, int]:

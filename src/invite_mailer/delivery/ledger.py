@@ -31,7 +31,10 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
+from invite_mailer.delivery import bounce_sql
 from invite_mailer.delivery import ledger_sql as sql
+from invite_mailer.delivery.bounce_sql import BounceRecord, Recorded
+from invite_mailer.delivery.bounces import Report
 from invite_mailer.delivery.ledger_file import (
     SCHEMA_VERSION,
     check_file,
@@ -327,6 +330,36 @@ class Ledger:
         )
         rows = await self._thread.call(lambda db: db.execute(statement, (series,)).fetchall())
         return [OptOut(row[0], row[1], datetime.fromisoformat(row[2])) for row in rows]
+
+    # -- bounces ---------------------------------------------------------------
+
+    async def record_report(
+        self,
+        series: str,
+        report: Report,
+        *,
+        fingerprint: str,
+        source: str,
+        now: datetime,
+        soft_limit: int,
+    ) -> list[Recorded]:
+        """Record a bounce or complaint report and suppress what it calls for."""
+        sql.iso(now)  # refuse a naive time here, in the caller's task
+        return await self._thread.call(
+            lambda db: bounce_sql.record_report(
+                db,
+                series,
+                report,
+                fingerprint=fingerprint,
+                source=source,
+                now=now,
+                soft_limit=soft_limit,
+            )
+        )
+
+    async def bounces(self, series: str) -> list[BounceRecord]:
+        """Every recorded bounce and complaint of *series*, oldest first."""
+        return await self._thread.call(lambda db: bounce_sql.bounce_rows(db, series))
 
     async def _exists(self, statement: str, params: tuple[str | None, ...]) -> bool:
         """Whether *statement* returns a row (and for a change: commits it)."""

@@ -96,6 +96,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # See check_ours.
         f"PRAGMA application_id = {APPLICATION_ID:d}",
     ),
+    (
+        # Bounces and complaints, one row per (report, recipient); the report's
+        # fingerprint keeps a report imported twice from counting twice.
+        """
+        CREATE TABLE bounces (
+            id INTEGER PRIMARY KEY,
+            series TEXT NOT NULL,
+            email TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('hard', 'soft', 'complaint')),
+            status TEXT NOT NULL DEFAULT '',
+            diagnostic TEXT NOT NULL DEFAULT '',
+            message_id TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT '',
+            fingerprint TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            UNIQUE (series, fingerprint, email)
+        )
+        """,
+        "CREATE INDEX bounces_email ON bounces (series, email)",
+        # A bounce names the Message-ID of the mail it returns.
+        "CREATE INDEX deliveries_message_id ON deliveries (message_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_HEADER = b"SQLite format 3\x00"

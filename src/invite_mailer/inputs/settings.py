@@ -384,6 +384,16 @@ def dkim_key_bits(path: Path) -> int:
     return bits
 
 
+class BouncesSettings(_Section):
+    soft_limit: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="soft bounces (a full mailbox, a temporary failure given up on) after "
+        "which an address gets no more mail of the series",
+    )
+
+
 class NotifySettings(_Section):
     organiser_summary: bool = True
 
@@ -417,3 +427,4 @@ class Settings(BaseSettings):
     notify: NotifySettings = NotifySettings()
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     dkim: DkimSettings = DkimSettings()
+    bounces: BouncesSettings = BouncesSettings()

@@ -1,0 +1,149 @@
+"""The ledger's statements for bounces and complaints, run on its thread.
+
+One report is recorded in one transaction: its rows, and the suppression it
+causes. A hard bounce and a complaint suppress the address for the series at
+once; soft bounces do when their count reaches the limit. Suppression is an
+opt-out with the reason as its source, so every pass, ``status`` and
+``optout list`` already honour it, and ``optout remove`` undoes it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+
+from invite_mailer.delivery.bounces import Bounce, BounceKind, Report
+from invite_mailer.delivery.ledger_sql import iso
+
+__all__ = ["BounceRecord", "Recorded", "bounce_rows", "record_report"]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What one bounce of a report did."""
+
+    bounce: Bounce
+    email: str  # the recipient it was attributed to ('' when it is none of ours)
+    new: bool  # False: this report was recorded before
+    suppressed: bool  # the address is suppressed now (by this or an earlier report)
+    soft_count: int = 0
+
+
+@dataclass(frozen=True)
+class BounceRecord:
+    """One recorded bounce, for ``bounces list`` and ``status``."""
+
+    email: str
+    kind: BounceKind
+    status: str
+    diagnostic: str
+    message_id: str
+    source: str
+    received_at: datetime
+
+
+def _attributed(db: sqlite3.Connection, series: str, bounce: Bounce, message_id: str) -> str:
+    """The recipient of ours *bounce* is about, or '' (not a mail of this series).
+
+    The address the report names, if it was mailed; else the recipient of the
+    mail whose Message-ID the report quotes (a forwarded address bounced).
+    """
+    known = db.execute(
+        "SELECT 1 FROM deliveries WHERE series = ? AND email = ? LIMIT 1", (series, bounce.email)
+    ).fetchone()
+    if known:
+        return bounce.email
+    if message_id:
+        row = db.execute(
+            "SELECT email FROM deliveries WHERE message_id = ? AND series = ? LIMIT 1",
+            (message_id, series),
+        ).fetchone()
+        if row:
+            return str(row[0])
+    return ""
+
+
+def record_report(
+    db: sqlite3.Connection,
+    series: str,
+    report: Report,
+    *,
+    fingerprint: str,
+    source: str,
+    now: datetime,
+    soft_limit: int,
+) -> list[Recorded]:
+    """Record every bounce of *report* and suppress what it calls for, in one transaction."""
+    results = []
+    stamp = iso(now)
+    message_id = report.message_id or ""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for bounce in report.bounces:
+            email = _attributed(db, series, bounce, message_id)
+            if not email:
+                results.append(Recorded(bounce, "", new=False, suppressed=False))
+                continue
+            new = bool(
+                db.execute(
+                    "INSERT INTO bounces (series, email, kind, status, diagnostic, message_id, "
+                    "source, fingerprint, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (series, fingerprint, email) DO NOTHING RETURNING id",
+                    (
+                        series,
+                        email,
+                        bounce.kind.value,
+                        bounce.status,
+                        bounce.diagnostic,
+                        message_id,
+                        source,
+                        fingerprint,
+                        stamp,
+                    ),
+                ).fetchall()
+            )
+            softs = db.execute(
+                "SELECT count(*) FROM bounces WHERE series = ? AND email = ? AND kind = 'soft'",
+                (series, email),
+            ).fetchone()[0]
+            reason = _reason(bounce, softs, soft_limit)
+            if reason:
+                db.execute(
+                    "INSERT INTO optouts (series, email, source, created_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (series, email) DO NOTHING",
+                    (series, email, reason, stamp),
+                )
+            suppressed = db.execute(
+                "SELECT 1 FROM optouts WHERE series = ? AND email = ?", (series, email)
+            ).fetchone()
+            results.append(Recorded(bounce, email, new, bool(suppressed), softs))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _reason(bounce: Bounce, softs: int, soft_limit: int) -> str:
+    """The opt-out source that suppresses the address, or '' (not yet)."""
+    if bounce.kind is BounceKind.COMPLAINT:
+        return "complaint (spam report)"
+    if bounce.kind is BounceKind.HARD:
+        return f"bounce {bounce.status}".strip() if bounce.status else "bounce"
+    if softs >= soft_limit:
+        return f"{softs} soft bounces"
+    return ""
+
+
+def bounce_rows(db: sqlite3.Connection, series: str) -> list[BounceRecord]:
+    rows = db.execute(
+        "SELECT email, kind, status, diagnostic, message_id, source, received_at "
+        "FROM bounces WHERE series = ? ORDER BY received_at, id",
+        (series,),
+    ).fetchall()
+    return [
+        BounceRecord(r[0], BounceKind(r[1]), r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6]))
+        for r in rows
+    ]

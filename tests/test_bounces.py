@@ -1,0 +1,251 @@
+"""Bounces and complaints: reading the reports, recording them, suppressing addresses.
+
+The reports in ``tests/data/bounces`` follow the documented formats of
+Postfix (RFC 3464 with its X-Postfix fields), Microsoft 365 / Exchange
+Online, Gmail, Exim's plain text (X-Failed-Recipients) and an ARF feedback
+report (RFC 5965), plus a delay warning and an out-of-office reply that must
+not count. The end-to-end tests send the shipped invitation as a user would
+(``send-due`` on the outbox), turn those reports into bounces of the mails
+that went out, and import them with the command line from a Maildir, an mbox
+file and single files.
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import pytest
+
+from invite_mailer.delivery.bounces import BounceKind, clean, read_report
+from support.cli import invoke
+
+DATA = Path(__file__).parent / "data" / "bounces"
+INVITATION = "2024-10-24T10:05"
+REMINDER = "2024-11-13T14:05"  # the reminders for 14.11.2024 are open
+
+
+@pytest.mark.parametrize(
+    ("name", "email", "kind", "status", "said", "original"),
+    [
+        (
+            "postfix-unknown-user.eml",
+            "alt.adresse@example.com",
+            BounceKind.HARD,
+            "5.1.1",
+            "User unknown in virtual mailbox table",
+            "<invitation.3f2a9c@example.org>",
+        ),
+        (
+            "exchange-online-not-found.eml",
+            "ehemalig@stadt.example.com",
+            BounceKind.HARD,
+            "5.1.10",
+            "RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+            "<invitation.77aa01@example.org>",
+        ),
+        (
+            "gmail-no-such-user.eml",
+            "gibtsnicht@gmail.example",
+            BounceKind.HARD,
+            "5.1.1",
+            "The email account that you tried to reach does not exist.",
+            "<invitation.55bb02@example.org>",
+        ),
+        (
+            "gmail-over-quota.eml",
+            "voll@gmail.example",
+            BounceKind.SOFT,
+            "5.2.2",
+            "inbox is out of storage space",
+            "<reminder.verwaltung.99cc03@example.org>",
+        ),
+        (
+            "exim-plain-text.eml",
+            "weg@kommune.example",
+            BounceKind.HARD,
+            "5.1.1",
+            "Recipient address rejected: User unknown",
+            None,
+        ),
+        (
+            "complaint-arf.eml",
+            "beschwerde@mail.example.net",
+            BounceKind.COMPLAINT,
+            "",
+            "feedback report: abuse",
+            "<invitation.88dd05@example.org>",
+        ),
+    ],
+)
+def test_reports_name_the_recipient_the_kind_and_the_servers_words(
+    name: str, email: str, kind: BounceKind, status: str, said: str, original: str | None
+) -> None:
+    report = read_report((DATA / name).read_bytes())
+    assert [(b.email, b.kind, b.status) for b in report.bounces] == [(email, kind, status)]
+    assert said in report.bounces[0].diagnostic
+    assert report.message_id == original
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("postfix-delayed.eml", "delay warning"),
+        ("out-of-office.eml", "no bounce or complaint"),
+    ],
+)
+def test_warnings_and_replies_are_no_bounces(name: str, why: str) -> None:
+    report = read_report((DATA / name).read_bytes())
+    assert report.bounces == ()
+    assert why in report.ignored
+
+
+def test_report_text_becomes_one_printable_line() -> None:
+    hostile = "550 5.1.1 [bold]x[/bold]\r\nBcc: victim@example.org\x1b[31m" + "y" * 500
+    line = clean(hostile)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert len(line) == 300 and line.endswith("…")
+    data = (DATA / "postfix-unknown-user.eml").read_bytes()
+    data = data.replace(
+        b"Recipient address\n    rejected", b"Recipient\x07 \x1b[2Jaddress\n rejected"
+    )
+    (bounce,) = read_report(data).bounces
+    assert "\x07" not in bounce.diagnostic and "\x1b" not in bounce.diagnostic
+
+
+# --- end to end ----------------------------------------------------------------------
+
+
+def sent_invitations(project: Path) -> dict[str, str]:
+    """send-due of the invitation on the outbox: recipient -> Message-ID."""
+    result = invoke(["send-due", "--now", INVITATION])
+    assert result.exit_code == 0, result.output
+    sent = {}
+    for eml in (project / "outbox").glob("*.eml"):
+        message = message_from_bytes(eml.read_bytes(), policy=policy.default)
+        if "Einladung" in str(message["Subject"]):
+            sent[message["To"].addresses[0].addr_spec.lower()] = str(message["Message-ID"])
+    assert len(sent) >= 8
+    return sent
+
+
+def bounce_of(name: str, reported: str, to: str, message_id: str) -> bytes:
+    """The report *name*, about the mail *message_id* to *to*, naming *reported* as failed."""
+    template = (DATA / name).read_bytes()
+    report = read_report(template)
+    data = template.replace(report.bounces[0].email.encode(), reported.encode())
+    if report.message_id:
+        data = data.replace(report.message_id.encode(), message_id.encode())
+    return data.replace(b"To: Alt Adresse", b"To: " + to.encode(), 1)
+
+
+def maildir_with(path: Path, messages: list[bytes]) -> mailbox.Maildir:
+    box = mailbox.Maildir(path, create=True)
+    for data in messages:
+        box.add(mailbox.MaildirMessage(data))
+    return box
+
+
+def json_of(*args: str) -> dict[str, object]:
+    result = invoke([*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data: dict[str, object] = json.loads(result.output)
+    return data
+
+
+def test_a_hard_bounce_stops_all_further_mail_to_the_address(project: Path) -> None:
+    sent = sent_invitations(project)
+    jana = "jana.mueller@example.org"  # registered for every date
+    box = maildir_with(
+        project / "Maildir",
+        [
+            bounce_of("postfix-unknown-user.eml", jana, jana, sent[jana]),
+            (DATA / "out-of-office.eml").read_bytes(),
+            (DATA / "postfix-delayed.eml").read_bytes(),
+        ],
+    )
+    result = invoke(["bounces", "import", "Maildir"])
+    assert result.exit_code == 0, result.output
+    assert f"{jana}: hard bounce 5.1.1, suppressed" in result.output
+    assert result.output.count("ignored") == 2
+    assert "3 message(s) read; 1 address(es) newly suppressed" in result.output
+    # Never lost: every message is still there, read and flagged as seen.
+    assert len(box) == 3 and not list((project / "Maildir" / "new").iterdir())
+    assert all("S" in box.get_message(key).get_flags() for key in box.keys())
+
+    listed = json_of("bounces", "list")["bounces"]
+    assert isinstance(listed, list) and len(listed) == 1
+    assert listed[0]["email"] == jana and listed[0]["kind"] == "hard"
+    assert "User unknown" in listed[0]["diagnostic"]
+    assert listed[0]["message_id"] == sent[jana]
+    assert json_of("status")["bounces"] == listed
+    optouts = json_of("optout", "list")["optouts"]
+    assert {"email": jana, "source": "bounce 5.1.1"}.items() <= optouts[0].items()  # type: ignore[index]
+
+    # The reminder the next day goes to everyone registered but her.
+    before = set((project / "outbox").glob("*.eml"))
+    result = invoke(["send-due", "--now", REMINDER])
+    assert result.exit_code == 0, result.output
+    reminded = {
+        message_from_bytes(p.read_bytes(), policy=policy.default)["To"].addresses[0].addr_spec
+        for p in set((project / "outbox").glob("*.eml")) - before
+    }
+    assert reminded and jana not in {r.lower() for r in reminded}
+
+    # Importing the same Maildir again records nothing twice.
+    again = invoke(["bounces", "import", "Maildir"])
+    assert "(already recorded)" in again.output
+    assert "0 address(es) newly suppressed" in again.output
+    assert len(json_of("bounces", "list")["bounces"]) == 1  # type: ignore[arg-type]
+
+
+def test_soft_bounces_count_up_to_the_limit_and_complaints_opt_out(project: Path) -> None:
+    with (project / "config" / "settings.toml").open("a", encoding="utf-8") as file:
+        file.write("\n[bounces]\nsoft_limit = 2\n")
+    sent = sent_invitations(project)
+    thomas, alex = "thomas.schmidt@example.org", "alex.meyer@example.org"
+    full = bounce_of("gmail-over-quota.eml", thomas, thomas, sent.get(thomas, ""))
+    first = project / "soft-1.eml"
+    first.write_bytes(full)
+    result = invoke(["bounces", "import", str(first)])
+    assert f"{thomas}: soft bounce 5.2.2, 1 soft so far" in result.output
+    second = project / "soft-2.eml"
+    second.write_bytes(full.replace(b"Date: Thu, 13 Nov", b"Date: Fri, 14 Nov"))
+    result = invoke(["bounces", "import", str(second)])
+    assert f"{thomas}: soft bounce 5.2.2, suppressed" in result.output
+
+    mbox = mailbox.mbox(project / "complaints.mbox")
+    mbox.add(bounce_of("complaint-arf.eml", alex, alex, sent[alex]))
+    mbox.close()
+    result = invoke(["bounces", "import", "complaints.mbox"])
+    assert f"{alex}: complaint, suppressed" in result.output
+    sources = {e["email"]: e["source"] for e in json_of("optout", "list")["optouts"]}  # type: ignore[union-attr]
+    assert sources[thomas] == "2 soft bounces"
+    assert sources[alex] == "complaint (spam report)"
+
+
+def test_bounces_are_attributed_through_the_message_id_or_ignored(project: Path) -> None:
+    sent = sent_invitations(project)
+    jana = "jana.mueller@example.org"
+    forwarded = project / "forwarded.eml"
+    # Her mail was forwarded; the address behind it bounced.
+    forwarded.write_bytes(
+        bounce_of("exchange-online-not-found.eml", "weiter@example.net", jana, sent[jana])
+    )
+    stranger = project / "stranger.eml"
+    stranger.write_bytes((DATA / "exim-plain-text.eml").read_bytes())
+    result = invoke(["bounces", "import", str(forwarded), str(stranger)])
+    assert result.exit_code == 0, result.output
+    assert f"{jana}: hard bounce 5.1.10, suppressed" in result.output
+    assert "ignored, not a recipient of this series: weg@kommune.example" in result.output
+    (recorded,) = json_of("bounces", "list")["bounces"]  # type: ignore[misc]
+    assert recorded["email"] == jana
+
+
+def test_a_folder_that_is_not_a_maildir_is_a_clear_error(project: Path) -> None:
+    (project / "reports").mkdir()
+    result = invoke(["bounces", "import", "reports"])
+    assert result.exit_code == 1
+    assert "not a Maildir" in result.output
