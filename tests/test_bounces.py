@@ -151,7 +151,7 @@ def maildir_with(path: Path, messages: list[bytes]) -> mailbox.Maildir:
 def json_of(*args: str) -> dict[str, object]:
     result = invoke([*args, "--json"])
     assert result.exit_code == 0, result.output
-    data: dict[str, object] = json.loads(result.output)
+    data: dict[str, object] = json.loads(result.stdout)
     return data
 
 

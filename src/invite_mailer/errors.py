@@ -175,6 +175,21 @@ class SenderRefused(PermanentFailure):
     """
 
 
+class QuotaReached(TemporaryFailure):
+    """A quota of the relay (per hour, per day) allows no further mail for now.
+
+    Not a failure of any mail: nothing was handed over. The pass stops
+    cleanly and the rest goes out after *reopens_at* (Unix time, seconds),
+    when the oldest send of the full window has left it.
+    """
+
+    def __init__(self, setting: str, limit: int, reopens_at: float) -> None:
+        super().__init__(f"{setting} = {limit} reached")
+        self.setting = setting
+        self.limit = limit
+        self.reopens_at = reopens_at
+
+
 class UncertainFailure(TemporaryFailure):
     """The message data was sent, but no answer came: it may have been delivered."""
 

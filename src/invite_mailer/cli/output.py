@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -235,6 +235,13 @@ def send_due_json(outcome: SendDueResult, now: datetime) -> dict[str, Any]:
         "sender_refused": result.sender_refused,
         "stopped_early": outcome.stopped_by,
         "given_back": outcome.given_back if outcome.stopped_by else 0,
+        "quota_reached": None
+        if result.quota is None
+        else {
+            "setting": result.quota.setting,
+            "limit": result.quota.limit,
+            "reopens_at": datetime.fromtimestamp(result.quota.reopens_at, UTC).isoformat(),
+        },
         "mailings": {
             mid: {str(k): v for k, v in r.counts.items()} for mid, r in result.mailings.items()
         },
@@ -256,6 +263,12 @@ def send_due_line(outcome: SendDueResult, now: datetime, series: Series) -> str:
     line = f"{sent} sent{reports}, {failed} failed, {retry} to retry later → {outcome.destination}"
     if not result.mailings:
         line = f"nothing due at {local(now, series)}; {line}"
+    if result.quota is not None:
+        reopens = local(datetime.fromtimestamp(result.quota.reopens_at, UTC), series)
+        line += (
+            f"; {result.quota}: the rest waits until {reopens} "
+            "(the next send-due or the daemon sends it then)"
+        )
     return line
 
 

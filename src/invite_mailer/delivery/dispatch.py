@@ -42,7 +42,7 @@ from invite_mailer.delivery.ledger import (
     release,
 )
 from invite_mailer.delivery.results import MailingResult, Outcome, PassResult, ProgressCallback
-from invite_mailer.delivery.senders import Item, SenderPool
+from invite_mailer.delivery.senders import Item, SenderPool, by_priority, log_counts, log_start
 from invite_mailer.delivery.summaries import send_summaries
 from invite_mailer.delivery.transport import Transport
 from invite_mailer.delivery.window import LedgerWindow, default_size
@@ -51,6 +51,7 @@ from invite_mailer.errors import (
     InviteMailerError,
     LedgerError,
     PermanentFailure,
+    QuotaReached,
     SenderRefused,
     SetupFailure,
     TemporaryFailure,
@@ -128,6 +129,7 @@ class Dispatcher:
         self._issued: set[str] = set()
         self._wires: WirePipeline | None = None
         self._window: LedgerWindow | None = None
+        self._senders: SenderPool | None = None  # of the pass running
         # What a worker's current send has handed over (see Handover).
         self._handovers: dict[asyncio.Task[object], Handover] = {}
         # An error that stops the whole pass (the setup or the ledger).
@@ -177,16 +179,18 @@ class Dispatcher:
             sequences=self._sequences,
             clock=senders.now,
         )
-        _log_start(result, items)
+        log_start(result, items)
         self._window = window = LedgerWindow(self.ledger, self.max_in_flight)
+        self._senders = senders
         try:
             await senders.run()
         finally:
+            self._senders = None
             if self._wires is not None:
                 await self._wires.aclose()
                 self._wires = None
             await self._close_window(window)
-        _log_counts(result)
+        log_counts(result)
         if self._halted is not None:
             # The reason is the error itself, reported once by whoever runs the pass.
             log.warning("delivery pass stopped after %d sent", result.total(Outcome.SENT))
@@ -249,7 +253,19 @@ class Dispatcher:
                 # Backoff keeps growing across passes while a relay stays down.
                 tried = view.attempts(mailing.ledger_kind, mailing.event, key)
                 items.append(Item(mailing, key, attempt=tried + 1))
-        return result, items
+        return result, by_priority(items)
+
+    def _quota_reached(self, result: PassResult, exc: QuotaReached) -> None:
+        """Stop the pass cleanly: the relay's quota takes no more mail until it reopens."""
+        if result.quota is None:
+            result.quota = exc
+            log.info(
+                "%s: no more mail until %s; the rest waits",
+                exc,
+                datetime.fromtimestamp(exc.reopens_at, UTC).isoformat(timespec="seconds"),
+            )
+        if self._senders is not None:
+            self._senders.drain()
 
     def _halt(self, exc: InviteMailerError) -> None:
         """Stop the pass for a reason no single mail is at fault for; reported once."""
@@ -328,6 +344,13 @@ class Dispatcher:
     ) -> tuple[Outcome, float | None]:
         """Claim, send and record one composed mail."""
         key, message, window = mail.key, mail.wire, self._ledger_window()
+        check_quota = getattr(self.transport, "check_quota", None)
+        try:
+            if check_quota is not None:
+                check_quota()  # a full hour or day: no claim, nothing to give back
+        except QuotaReached as exc:
+            self._quota_reached(result, exc)
+            return Outcome.SKIPPED, None
         # A one-click opt-out can arrive while a long, rate-limited pass runs:
         # the claim checks it in the same transaction, just before the send.
         claim = Claim(key, message.message_id, now, mail.version, unless_opted_out=True)
@@ -336,6 +359,11 @@ class Dispatcher:
         sender = self.config.settings.sender.from_address.addr_spec
         try:
             answer = await self.transport.send(message, sender=sender, recipients=[mail.email])
+        except QuotaReached as exc:
+            # Another sender took the last place: nothing left, the mail waits.
+            window.finish(release(key, now))
+            self._quota_reached(result, exc)
+            return Outcome.SKIPPED, None
         except SetupFailure as exc:
             # TLS, login or the outbox folder: nothing left, no mail is at fault.
             window.finish(release(key, now))
@@ -460,29 +488,3 @@ class Dispatcher:
         base = min(limits.retry_initial_seconds * 2.0 ** (attempt - 1), limits.retry_max_seconds)
         # Full jitter in the upper half keeps parallel workers from retrying in lockstep.
         return base * random.uniform(0.5, 1.0)
-
-
-def _log_start(result: PassResult, items: list[Item]) -> None:
-    for mailing_id in result.mailings:
-        todo = sum(1 for i in items if i.mailing.id == mailing_id)
-        if todo:
-            log.info(
-                "mailing %s: sending to %d recipient(s)",
-                mailing_id,
-                todo,
-                extra={"mailing": mailing_id, "recipients": todo},
-            )
-
-
-def _log_counts(result: PassResult) -> None:
-    for mailing_id, mailing_result in result.mailings.items():
-        counts = mailing_result.counts
-        if counts[Outcome.SENT] or counts[Outcome.FAILED] or counts[Outcome.RETRY]:
-            log.info(
-                "mailing %s: %d sent, %d failed, %d to retry",
-                mailing_id,
-                counts[Outcome.SENT],
-                counts[Outcome.FAILED],
-                counts[Outcome.RETRY],
-                extra={"mailing": mailing_id, **{str(k): v for k, v in counts.items()}},
-            )

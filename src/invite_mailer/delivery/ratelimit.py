@@ -36,6 +36,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
+from invite_mailer.errors import QuotaReached
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
@@ -68,6 +70,8 @@ class RateLimiter:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         wall_clock: Clock = time.time,
+        max_wait: float | None = None,
+        setting: str = "smtp.rate_per_minute",
     ) -> None:
         if limit < 0:
             raise ValueError("limit must be 0 (no limit) or positive")
@@ -75,10 +79,14 @@ class RateLimiter:
             raise ValueError("window must be positive")
         self.limit = limit
         self.window = window
+        # A wait longer than this raises QuotaReached instead (None: wait).
+        self.max_wait = max_wait
+        self.setting = setting
         self._clock = clock
         self._sleep = sleep
         self._wall_clock = wall_clock
-        self._journal: SendJournal | None = None
+        self._journal: SendJournal | None = None  # where our sends are recorded
+        self._shared: SendJournal | None = None  # whose sends are counted
         self._recording: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._ended: deque[float] = deque()  # end times, oldest first
@@ -86,9 +94,12 @@ class RateLimiter:
         # Waiters queue on the lock, so they get their slots in arrival order.
         self._lock = asyncio.Lock()
 
-    async def share(self, journal: SendJournal) -> None:
-        """Count the sends *journal* recorded in the last window, and record ours there."""
-        if self.limit == 0 or journal is self._journal:
+    async def share(self, journal: SendJournal, *, record: bool = True) -> None:
+        """Count the sends *journal* recorded in the last window, and (*record*) ours there.
+
+        Of several limiters counting the same sends only one records them.
+        """
+        if self.limit == 0 or journal is self._shared:
             return
         async with self._lock:
             wall, now = self._wall_clock(), self._clock()
@@ -97,7 +108,9 @@ class RateLimiter:
             # the "future" (the clock was set back) counts as ending now.
             ends = sorted(now - max(wall - at, 0.0) for at in recorded)
             self._ended = deque(sorted([*self._ended, *ends]))
-            self._journal = journal
+            self._shared = journal
+            if record:
+                self._journal = journal
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -144,6 +157,27 @@ class RateLimiter:
         async with self.slot():
             pass
 
+    def check(self) -> None:
+        """Raise QuotaReached when a send now would have to wait past ``max_wait``."""
+        if self.limit == 0 or self.max_wait is None:
+            return
+        now = self._clock()
+        while self._ended and self._ended[0] + self.window <= now:
+            self._ended.popleft()
+        self._too_long(now)
+
+    def _too_long(self, now: float) -> None:
+        if self.max_wait is None or self._in_flight + len(self._ended) < self.limit:
+            return
+        # Full: the window reopens when enough ends have left it for one more.
+        surplus = self._in_flight + len(self._ended) - self.limit
+        if surplus < len(self._ended):
+            wait = self._ended[surplus] + self.window - now
+        else:  # all places in flight: at least a window from now
+            wait = self.window
+        if wait > self.max_wait:
+            raise QuotaReached(self.setting, self.limit, self._wall_clock() + wait)
+
     async def _reserve(self) -> None:
         async with self._lock:
             while True:
@@ -154,6 +188,7 @@ class RateLimiter:
                     self._ended.popleft()  # can no longer share a window with us
                 if self._in_flight + len(self._ended) < self.limit:
                     break
+                self._too_long(now)
                 if self._ended:
                     # At least a microsecond: a clock that lands a rounding
                     # error short of the moment must still move on.
@@ -162,3 +197,74 @@ class RateLimiter:
                     self._one_ended.clear()
                     await self._one_ended.wait()
             self._in_flight += 1
+
+
+class Quotas:
+    """A relay's limits per minute, hour and day, each held like :class:`RateLimiter`.
+
+    A send takes a place in every window, the longest first, so that a full
+    day is noticed before a minute's place is taken. The per-minute limit
+    waits (at most a minute); a longer window that would make a send wait
+    more than *max_wait* raises :class:`QuotaReached`, and the pass stops
+    cleanly instead of sleeping for hours.
+    """
+
+    WINDOWS = (("smtp.rate_per_day", 86400.0), ("smtp.rate_per_hour", 3600.0))
+
+    def __init__(
+        self,
+        per_minute: int,
+        per_hour: int = 0,
+        per_day: int = 0,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        wall_clock: Clock = time.time,
+        max_wait: float = 60.0,
+    ) -> None:
+        self.limiters = [
+            RateLimiter(
+                limit,
+                window,
+                clock=clock,
+                sleep=sleep,
+                wall_clock=wall_clock,
+                max_wait=max_wait,
+                setting=setting,
+            )
+            for (setting, window), limit in zip(self.WINDOWS, (per_day, per_hour), strict=True)
+            if limit
+        ]
+        if per_minute:
+            self.limiters.append(
+                RateLimiter(per_minute, 60.0, clock=clock, sleep=sleep, wall_clock=wall_clock)
+            )
+
+    def __bool__(self) -> bool:
+        return bool(self.limiters)
+
+    async def share(self, journal: SendJournal) -> None:
+        """Count the sends of *journal*'s longest window in each; record ours once."""
+        for number, limiter in enumerate(self.limiters):
+            await limiter.share(journal, record=number == 0)
+
+    def check(self) -> None:
+        """Raise QuotaReached when a send now would have to wait for a long window."""
+        for limiter in self.limiters:
+            limiter.check()
+
+    async def acquire(self) -> None:
+        """Wait for a place for a send that takes no time (its start is its end)."""
+        async with self.slot():
+            pass
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for limiter in self.limiters:
+                await stack.enter_async_context(limiter.slot())
+            yield
+
+    async def flush(self) -> None:
+        for limiter in self.limiters:
+            await limiter.flush()

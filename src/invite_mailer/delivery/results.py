@@ -9,6 +9,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from invite_mailer.core.plan import Mailing
+from invite_mailer.errors import QuotaReached
 
 __all__ = ["MailingResult", "Outcome", "PassResult", "ProgressCallback"]
 
@@ -36,6 +37,7 @@ class PassResult:
     stopped: bool = False
     sender_refused: str | None = None  # the relay's answer when it refused our sender
     reports_sent: int = 0  # summaries to the organiser
+    quota: QuotaReached | None = None  # the relay's quota stopped the pass
 
     def total(self, outcome: Outcome) -> int:
         return sum(r.counts[outcome] for r in self.mailings.values())

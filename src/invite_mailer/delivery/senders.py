@@ -19,7 +19,7 @@ from invite_mailer.delivery.handover import Handover
 from invite_mailer.delivery.results import Outcome, PassResult, ProgressCallback
 from invite_mailer.errors import InviteMailerError, LedgerError
 
-__all__ = ["Deliver", "Item", "SenderPool"]
+__all__ = ["PRIORITY", "Deliver", "Item", "SenderPool", "by_priority", "log_counts", "log_start"]
 
 # Logged as the dispatcher, whose pass this runs.
 log = logging.getLogger("invite_mailer.delivery.dispatch")
@@ -81,6 +81,7 @@ class SenderPool:
         self._finished = asyncio.Event()
         self._delayed: set[asyncio.Task[object]] = set()
         self._busy: set[asyncio.Task[object]] = set()  # senders with a mail in hand
+        self._draining = False
 
     def now(self) -> datetime:
         """The pass's start time plus the time elapsed on *clock*."""
@@ -104,6 +105,14 @@ class SenderPool:
             for waiter in pending:
                 waiter.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def drain(self) -> None:
+        """Take no further mail: the senders finish the mails in hand, the rest stays
+        for a later pass (a relay's quota is full). Not a stop: nothing is cut off."""
+        self._draining = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._done_one()
 
     async def _wind_down(self) -> None:
         # Let sends whose data is out finish and be recorded; the others
@@ -164,7 +173,7 @@ class SenderPool:
 
     async def _requeue_later(self, item: Item, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self.stop.is_set():
+        if self.stop.is_set() or self._draining:
             self._done_one()
         else:
             self._queue.put_nowait(item)
@@ -173,3 +182,47 @@ class SenderPool:
         self._remaining -= 1
         if self._remaining == 0:
             self._finished.set()
+
+
+#: The order in which a pass sends its mails: changes to a date, then what
+#: concerns the next date, then follow-ups, then the invitation backlog.
+PRIORITY = {
+    "update": 0,
+    "cancellation": 0,
+    "reminder": 1,
+    "confirmation": 1,
+    "followup": 2,
+    "invitation": 3,
+}
+
+
+def by_priority(items: list[Item]) -> list[Item]:
+    """*items* with what is time-critical first, plan order kept within (a tight
+    quota then holds back the invitation backlog, not tomorrow's reminder)."""
+    return sorted(items, key=lambda item: PRIORITY.get(str(item.mailing.kind), 2))
+
+
+def log_start(result: PassResult, items: list[Item]) -> None:
+    for mailing_id in result.mailings:
+        todo = sum(1 for i in items if i.mailing.id == mailing_id)
+        if todo:
+            log.info(
+                "mailing %s: sending to %d recipient(s)",
+                mailing_id,
+                todo,
+                extra={"mailing": mailing_id, "recipients": todo},
+            )
+
+
+def log_counts(result: PassResult) -> None:
+    for mailing_id, mailing_result in result.mailings.items():
+        counts = mailing_result.counts
+        if counts[Outcome.SENT] or counts[Outcome.FAILED] or counts[Outcome.RETRY]:
+            log.info(
+                "mailing %s: %d sent, %d failed, %d to retry",
+                mailing_id,
+                counts[Outcome.SENT],
+                counts[Outcome.FAILED],
+                counts[Outcome.RETRY],
+                extra={"mailing": mailing_id, **{str(k): v for k, v in counts.items()}},
+            )

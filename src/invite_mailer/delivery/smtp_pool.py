@@ -32,7 +32,7 @@ from aiosmtplib import (
 )
 
 from invite_mailer.delivery.answers import cause_of, failure_from_response, plain, response_text
-from invite_mailer.delivery.ratelimit import RateLimiter
+from invite_mailer.delivery.ratelimit import Quotas, RateLimiter
 from invite_mailer.delivery.smtp_transaction import Phase, Transaction, exchange
 from invite_mailer.errors import (
     PermanentFailure,
@@ -113,7 +113,9 @@ def tls_context(settings: SmtpSettings) -> ssl.SSLContext:
 class SmtpPool:
     """Up to ``max_connections`` clients to one relay, shared by concurrent senders."""
 
-    def __init__(self, settings: SmtpSettings, *, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self, settings: SmtpSettings, *, limiter: RateLimiter | Quotas | None = None
+    ) -> None:
         self.settings = settings
         self.limiter = limiter
         self.connections_opened = 0

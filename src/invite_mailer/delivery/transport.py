@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from invite_mailer.delivery.handover import Handover, mark_handover, track_handover
-from invite_mailer.delivery.ratelimit import RateLimiter, SendJournal
+from invite_mailer.delivery.ratelimit import Quotas, RateLimiter, SendJournal
 from invite_mailer.delivery.smtp_pool import SmtpPool
 from invite_mailer.errors import SetupFailure, UncertainFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportKind
@@ -179,19 +179,25 @@ class SmtpTransport:
         self,
         settings: SmtpSettings,
         *,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | Quotas | None = None,
         signer: DkimSigner | None = None,
     ) -> None:
         self.settings = settings
         self.signer = signer
-        if limiter is None and settings.rate_per_minute:
-            limiter = RateLimiter(settings.rate_per_minute)
+        if limiter is None:
+            quotas = Quotas(settings.rate_per_minute, settings.rate_per_hour, settings.rate_per_day)
+            limiter = quotas if quotas else None
         self.limiter = limiter
         self._pool: SmtpPool | None = None
 
     @property
     def connections_opened(self) -> int:
         return self._pool.connections_opened if self._pool is not None else 0
+
+    def check_quota(self) -> None:
+        """Raise QuotaReached when an hour's or a day's quota allows no mail for now."""
+        if isinstance(self.limiter, Quotas):
+            self.limiter.check()
 
     async def share_rate_limit(self, journal: SendJournal) -> None:
         """Count the rate limit in *journal* (the ledger) too, across processes."""

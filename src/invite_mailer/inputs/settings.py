@@ -121,6 +121,22 @@ class TransportSettings(_Section):
     outbox_dir: Path = Path("outbox")
 
 
+class RelayPreset(StrEnum):
+    """Relays whose documented sending limits ``smtp.preset`` fills in."""
+
+    # Microsoft 365 / Exchange Online: 30 messages per minute, 10,000
+    # recipients per day per mailbox (Exchange Online limits, sending limits).
+    EXCHANGE_ONLINE = "exchange-online"
+    # Google Workspace (Gmail): 2,000 messages per day per user.
+    GOOGLE_WORKSPACE = "google-workspace"
+
+
+PRESETS: dict[RelayPreset, dict[str, int]] = {
+    RelayPreset.EXCHANGE_ONLINE: {"rate_per_minute": 30, "rate_per_day": 10_000},
+    RelayPreset.GOOGLE_WORKSPACE: {"rate_per_day": 2_000},
+}
+
+
 class SmtpSettings(_Section):
     host: str = "localhost"
     port: int = Field(587, ge=1, le=65535)
@@ -129,7 +145,12 @@ class SmtpSettings(_Section):
     password: SecretStr = SecretStr("")
     timeout: float = Field(30, gt=0)
     max_connections: int = Field(4, ge=1, le=64)
-    rate_per_minute: int = Field(0, ge=0)
+    rate_per_minute: int = Field(0, ge=0, description="mails in any 60 s; 0 = no limit")
+    rate_per_hour: int = Field(0, ge=0, description="mails in any 60 minutes; 0 = no limit")
+    rate_per_day: int = Field(0, ge=0, description="recipients in any 24 hours; 0 = no limit")
+    preset: RelayPreset | None = Field(
+        None, description="fills in the documented limits of a known relay; set ones win"
+    )
     verify_certificates: bool = True
     ca_file: Path | None = None
     local_hostname: str | None = None
@@ -141,6 +162,17 @@ class SmtpSettings(_Section):
         description="send username and password over a connection without TLS "
         '(security = "none"); only for a trusted relay on this host or network',
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_limits(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            try:
+                limits = PRESETS[RelayPreset(data["preset"])]
+            except ValueError:
+                return data  # the field's own check names the choices
+            data = {**limits, **data}
+        return data
 
     @field_validator("host", "username", "local_hostname")
     @classmethod
