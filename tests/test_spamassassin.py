@@ -32,6 +32,7 @@ NAMES = [
     "followup-attachment",
     "followup-absent",
     "update",
+    "update-link",
     "cancellation",
 ]
 
