@@ -231,7 +231,9 @@ def test_subjects_lead_with_the_kind_and_the_date(tmp_path: Path) -> None:
     )
     assert subjects["update-date/allianzen"].startswith("Neues Datum: 28.11.2024, 14:00–16:00 Uhr")
     assert subjects["update-title/allianzen"].startswith("Neues Thema: 28.11.2024")
-    assert subjects["update-link/allianzen"].startswith("Neuer Zugangslink: 28.11.2024")
+    assert subjects["update-link/verwaltung"] == (
+        "Neuer Zugangslink: 14.11.2024 – Verwaltung transformieren"
+    )
     assert subjects["update-all/allianzen"].startswith("Geänderter Termin: 28.11.2024")
 
 
