@@ -13,7 +13,17 @@ from invite_mailer.inputs import typeset
     [
         ("Frau", "Dr.", "Jana", "Müller", "Sehr geehrte Frau Dr. Müller,"),
         ("Herr", "", "Thomas", "Schmidt", "Sehr geehrter Herr Schmidt,"),
-        ("Frau", "Prof. Dr.", "Sabine", "Groß", "Sehr geehrte Frau Prof. Dr. Groß,"),
+        # only the highest title (DIN 5008): "Prof. Dr." is "Prof."
+        ("Frau", "Prof. Dr.", "Sabine", "Groß", "Sehr geehrte Frau Prof. Groß,"),
+        ("Herr", "Dr. Dr.", "Jürgen", "Weiß", "Sehr geehrter Herr Dr. Weiß,"),
+        ("Herr", "Dr. rer. nat.", "Jürgen", "Weiß", "Sehr geehrter Herr Dr. Weiß,"),
+        ("Herr", "Dr.-Ing.", "Jürgen", "Weiß", "Sehr geehrter Herr Dr. Weiß,"),
+        ("Frau", "apl. Prof. Dr.-Ing. habil.", "Sabine", "Groß", "Sehr geehrte Frau Prof. Groß,"),
+        ("Frau", "Prof. Dr. Dr. h. c. mult.", "Sabine", "Groß", "Sehr geehrte Frau Prof. Groß,"),
+        ("Frau", "PD Dr.", "Jana", "Müller", "Sehr geehrte Frau Dr. Müller,"),
+        ("", "Prof. Dr.", "Kim", "Schäfer", "Guten Tag Prof. Kim Schäfer,"),
+        # a title the rules do not know stays as written
+        ("Herr", "Senator", "Björn", "Östreich", "Sehr geehrter Herr Senator Östreich,"),
         ("Herr", "Prof.", "Björn", "Östreich", "Sehr geehrter Herr Prof. Östreich,"),
         ("Herr", "Dr.", "Jürgen", "Weiß", "Sehr geehrter Herr Dr. Weiß,"),
         ("Frau", "", "Özlem", "Yılmaz", "Sehr geehrte Frau Yılmaz,"),

@@ -212,7 +212,9 @@ def test_replaying_the_series_sends_every_mail_once(project: Path, smtp_server: 
         )
         for mail in got:
             if mail.event:
-                assert TITLES[mail.event] in mail.subject, (moment, mail.subject)
+                # Subjects shorten a title to its part before the dash.
+                short = TITLES[mail.event].split(" – ")[0]
+                assert short in mail.subject, (moment, mail.subject)
         expect.delivered |= wanted
         invitation_sent_to |= {m.to for m in got if m.kind == "invitation"}
         # The organiser hears once about each mailing, when it first went out.

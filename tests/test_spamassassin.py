@@ -35,6 +35,7 @@ NAMES = [
     "followup-attachment",
     "followup-absent",
     "update",
+    "update-link",
     "cancellation",
 ]
 

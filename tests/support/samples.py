@@ -8,6 +8,7 @@ date only links its slides and recording.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +33,11 @@ PDF = (
     b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
 )
 PDF_NAME = "protokoll-verwaltung.pdf"
+
+# A join link as video services hand them out: long, without a place to break.
+LONG_OLD_LINK = (
+    "https://konferenz.example.org/j/0123456789?pwd=aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"
+)
 
 FIRST_DATE = "      entlasten – Erfahrungen aus den Projekten und Diskussion.\n    materials: []\n"
 SECOND_DATE = "      Auftraggeberinnen und Impulsgeberinnen.\n    materials: []\n"
@@ -76,6 +82,22 @@ def sample_project(target: Path) -> Path:
     return config
 
 
+def second_series(config: Path, *, genus: str | None = "m") -> Path:
+    """Turn the series under *config* into "Klimadialog Kommunen", a masculine
+    title (``title_genus: m``; *genus* None leaves the key out). Returns *config*."""
+    path = config / "series.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert "title: Online-Transferreihe\n" in text, "the shipped series.yaml changed"
+    text = re.sub(r"^title_genus: .*\n", "", text, flags=re.M)
+    genus_line = f"title_genus: {genus}\n" if genus is not None else ""
+    text = text.replace(
+        "title: Online-Transferreihe\n", f"title: Klimadialog Kommunen\n{genus_line}"
+    )
+    text = text.replace("In der Online-Transferreihe", "Im Klimadialog Kommunen")
+    path.write_text(text, encoding="utf-8")
+    return config
+
+
 def load_sample_config(config_dir: Path) -> Config:
     """The config under *config_dir* with the shipped settings only."""
     with shipped_environment():
@@ -104,6 +126,7 @@ def sample_mails(
         "start": first.starts_at.replace(hour=10).isoformat(),
         "end": first.ends_at.replace(hour=12).isoformat(),
     }
+    relinked = {**first.fingerprint(), "join_url": LONG_OLD_LINK}
     changed = datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN)
 
     def make(
@@ -146,5 +169,13 @@ def sample_mails(
             attended=False,
         ),
         make("update", Kind.UPDATE, first, changed, sequences={first.id: 1}, previous=moved),
+        make(
+            "update-link",
+            Kind.UPDATE,
+            first,
+            changed,
+            sequences={first.id: 2},
+            previous=relinked,
+        ),
         make("cancellation", Kind.CANCELLATION, first, changed, sequences={first.id: 1}),
     ]

@@ -32,6 +32,28 @@ _DEGREES = re.compile(
     r"^(dipl\S*|mag|ma|msc|meng|mba|mpa|llm|ba|bsc|beng|bed|med|staatsexamen)$",
 )
 
+# Words of a professorship ("Prof.", "apl. Prof.", "Jun.-Prof.", "em.") and of a
+# doctorate ("Dr.", "Dr.-Ing.", "Dr. rer. nat.", "Dr. h. c.", "PD"), written as in
+# _DEGREES: lower-case, without dots, spaces and hyphens.
+_QUALIFIERS = frozenset(
+    {"apl", "jun", "em", "emer", "pd", "priv", "doz", "privdoz", "habil", "hc", "h", "c", "mult"}
+    | {"rer", "nat", "pol", "phil", "med", "jur", "iur", "oec", "ing", "theol", "paed", "soc"}
+    | {"agr", "dent", "vet", "sc", "techn", "rernat", "rerpol", "meddent", "medvet", "hcmult"}
+)
+
+
+def _norm(word: str) -> str:
+    return re.sub(r"[.\s-]", "", word).lower()
+
+
+def _is_professor(word: str) -> bool:
+    return "prof" in _norm(word)
+
+
+def _is_doctor(word: str) -> bool:
+    return _norm(word).startswith("dr")
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -42,18 +64,42 @@ def clean(text: str) -> str:
 
 
 def salutation_title(titel: str) -> str:
-    """The part of an academic title that belongs in a salutation.
+    """The academic title that belongs in a salutation: only the highest one.
 
-    "Prof. Dr." and "Dr." are kept as written; degrees such as "Dipl.-Ing." or
-    "M.A." are dropped ("Sehr geehrter Herr Dipl.-Ing. Schmidt" is not German
-    usage). Anything else (e.g. "Prof.") is kept.
+    German usage (DIN 5008 and the common correspondence guides) names one
+    title in a salutation: "Prof. Dr." becomes "Prof.", "Dr. Dr." or
+    "Dr. rer. nat." becomes "Dr."; degrees such as "Dipl.-Ing." or "M.A." are
+    dropped ("Sehr geehrter Herr Dipl.-Ing. Schmidt" is not German usage).
+    A title this function does not know (e.g. "Senator") is kept as written.
+
+    >>> salutation_title("Prof. Dr.")
+    'Prof.'
+    >>> salutation_title("Dr. Dr. h. c.")
+    'Dr.'
+    >>> salutation_title("Dipl.-Ing.")
+    ''
     """
-    kept = [
+    words = [
         word
         for word in clean(titel).split(" ")
         if word and not _DEGREES.match(re.sub(r"[.\s-]", "", word).lower())
     ]
-    return " ".join(kept)
+    highest = next(
+        (
+            title
+            for title, test in (("Prof.", _is_professor), ("Dr.", _is_doctor))
+            if any(test(word) for word in words)
+        ),
+        None,
+    )
+    if highest is None:
+        return " ".join(words)
+    rest = [
+        word
+        for word in words
+        if not (_is_professor(word) or _is_doctor(word) or _norm(word) in _QUALIFIERS)
+    ]
+    return " ".join([highest, *rest])
 
 
 def salutation(anrede: str, titel: str, vorname: str, nachname: str) -> str:
@@ -65,6 +111,8 @@ def salutation(anrede: str, titel: str, vorname: str, nachname: str) -> str:
     'Sehr geehrter Herr Schmidt,'
     >>> salutation("", "", "Alex", "Meyer")
     'Guten Tag Alex Meyer,'
+    >>> salutation("Frau", "Prof. Dr.", "Sabine", "Groß")
+    'Sehr geehrte Frau Prof. Groß,'
     >>> salutation("", "", "", "")
     'Sehr geehrte Damen und Herren,'
 
@@ -89,6 +137,12 @@ def full_name(titel: str, vorname: str, nachname: str) -> str:
     if not (clean(vorname) or clean(nachname)):
         return ""
     return " ".join(part for part in (clean(titel), clean(vorname), clean(nachname)) if part)
+
+
+def display_name(titel: str, vorname: str, nachname: str, organisation: str) -> str:
+    """The name a mail is addressed to: the person ("Dr. Jana Müller"), else the
+    organisation ("Projektbüro Kreislaufregion"), else empty."""
+    return full_name(titel, vorname, nachname) or clean(organisation)
 
 
 def date_long(day: date) -> str:
@@ -137,3 +191,47 @@ def relative_day(day: date, today: date) -> str:
     if delta == 2:
         return "übermorgen"
     return f"am {date_long(day)}"
+
+
+# --- the series' name in a sentence --------------------------------------------------
+
+GENERA = ("f", "m", "n", "pl")
+
+# Definite articles by grammatical gender: nominative, accusative, dative.
+_ARTICLES = {
+    "f": ("die", "die", "der"),
+    "m": ("der", "den", "dem"),
+    "n": ("das", "das", "dem"),
+    "pl": ("die", "die", "den"),
+}
+# "zu" and "von" with the dative article, contracted where German contracts them.
+_ZU = {"f": "zur", "m": "zum", "n": "zum", "pl": "zu den"}
+_VON = {"f": "von der", "m": "vom", "n": "vom", "pl": "von den"}
+
+
+def title_phrases(title: str, genus: str | None) -> dict[str, str]:
+    """The series' *title* with its article in the cases the templates need.
+
+    *genus* is ``title_genus`` of ``series.yaml``: "f" (die Online-Transferreihe),
+    "m" (der Klimadialog Kommunen), "n" (das Forum Stadt) or "pl" (die
+    Kommunalwerkstätten). Without one, the title is named as "Reihe „…“", which
+    is grammatical for every title:
+
+    >>> title_phrases("Klimadialog Kommunen", "m")["zu"]
+    'zum Klimadialog Kommunen'
+    >>> title_phrases("Klimadialog Kommunen", None)["zu"]
+    'zur Reihe „Klimadialog Kommunen“'
+
+    The genitive is left out on purpose: masculine and neuter names need an
+    ending there ("des Klimadialogs"), which no rule can add to any title.
+    """
+    noun = title if genus is not None else f"Reihe „{title}“"
+    gender = genus or "f"
+    nominative, accusative, dative = _ARTICLES[gender]
+    return {
+        "nominativ": f"{nominative} {noun}",
+        "akkusativ": f"{accusative} {noun}",
+        "dativ": f"{dative} {noun}",
+        "zu": f"{_ZU[gender]} {noun}",
+        "von": f"{_VON[gender]} {noun}",
+    }

@@ -219,6 +219,8 @@ def add_filters(env: jinja2.Environment) -> None:
     env.filters["heading"] = typeset.heading
     env.filters["typeset"] = typeset.typeset
     env.filters["zahlwort"] = typeset.number_word
+    env.filters["shorten"] = typeset.shorten
+    env.filters["nobreak"] = typeset.nobreak
     env.globals["lipsum"] = bounded_lipsum
     for name, func in list(env.filters.items()):
         plain, size = _GROWING.get(name, (func, _GROWING_HELPERS.get(name)))

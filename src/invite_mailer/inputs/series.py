@@ -54,6 +54,15 @@ class Kind(StrEnum):
     CANCELLATION = "cancellation"
 
 
+class Genus(StrEnum):
+    """The grammatical gender of the series' title, for its article in mails."""
+
+    FEMININE = "f"
+    MASCULINE = "m"
+    NEUTER = "n"
+    PLURAL = "pl"
+
+
 class Audience(StrEnum):
     ALL = "all"
     REGISTERED = "registered"
@@ -199,6 +208,8 @@ class Series(_Model):
 
     id: Slug
     title: Title
+    # None: mails name the title as "Reihe „…“", right for any title.
+    title_genus: Genus | None = None
     subtitle: Line = ""
     organiser: Organiser
     timezone: Annotated[str, Field(max_length=100)] = "Europe/Berlin"
@@ -318,6 +329,11 @@ _FIELD_HINTS: dict[str, str] = {
     "join_url": "write a complete link starting with https://",
     "registration_url": "write a complete link starting with https://",
     "url": "write a complete link starting with https://",
+    "title_genus": (
+        "write the gender of the title's noun: f (die Online-Transferreihe), "
+        "m (der Klimadialog Kommunen), n (das Forum Stadt) or pl (die Kommunalwerkstätten); "
+        "leave it out to have mails say 'Reihe „…“'"
+    ),
 }
 
 

@@ -42,10 +42,48 @@ def paragraphs(text: str) -> tuple[str, ...]:
 @lru_cache(maxsize=4096)
 def typeset(text: str) -> Markup:
     """HTML-escaped text where no line starts with a dash: "und -verwaltung"
-    stays together and "–" sticks to the word before it."""
+    stays together and "–" sticks to the word before it.
+
+    Both with a no-break space, not ``white-space: nowrap``, which Outlook
+    for Windows ignores (browsers do not break after a hyphen that follows a
+    no-break space)."""
     escaped = str(escape(" ".join(str(text).split())))
-    escaped = re.sub(r"(\S+ -\w+)", r'<span style="white-space: nowrap;">\1</span>', escaped)
+    escaped = re.sub(r"(\S) (-\w)", "\\1&nbsp;\\2", escaped)
     return Markup(escaped.replace(" –", "&nbsp;–"))
+
+
+@lru_cache(maxsize=4096)
+def nobreak(text: str) -> Markup:
+    """HTML-escaped text kept on one line where it can be ("14. November 2024",
+    "14:00–16:00 Uhr"): its spaces become no-break spaces. Unlike
+    ``white-space: nowrap`` this works in Outlook for Windows too."""
+    return Markup(str(escape(" ".join(str(text).split()))).replace(" ", "&nbsp;"))
+
+
+# Where a long title may be cut: before a dash that starts its second half.
+_TITLE_PARTS = re.compile(r" [–—-] ")
+
+
+@lru_cache(maxsize=4096)
+def shorten(text: str, width: int = 40) -> str:
+    """*text* in at most *width* characters, for subjects.
+
+    A title that fits stays whole. A longer one loses the part after its
+    first dash ("Verwaltung transformieren – Effizienz steigern" →
+    "Verwaltung transformieren"); if that is still too long, it is cut at a
+    word and ends with "…".
+    """
+    text = " ".join(str(text).split())
+    width = max(int(width), 8)
+    if len(text) <= width:
+        return text
+    head = _TITLE_PARTS.split(text, maxsplit=1)[0]
+    if len(head) <= width:
+        return head
+    cut = head[: width - 1]
+    if " " in cut:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:–-") + "…"
 
 
 @lru_cache(maxsize=4096)

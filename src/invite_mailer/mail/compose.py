@@ -18,8 +18,8 @@ Variables every template can use
     "Sehr geehrter Herr Schmidt,", "Guten Tag Alex Meyer,",
     "Sehr geehrte Damen und Herren,".
 ``series``
-    ``title``, ``subtitle``, ``description``, ``audience``,
-    ``registration_url``, ``privacy_url``, ``imprint``, ``id`` and
+    ``title`` (with its article: ``title_zu``, ``title_von``, ...), ``subtitle``,
+    ``description``, ``audience``, ``registration_url``, ``privacy_url``, ``imprint``, ``id`` and
     ``organiser`` (``organiser.name``, ``organiser.email``).
 ``events``
     All dates that are not cancelled, in order. Each has ``id``, ``title``,
@@ -57,7 +57,8 @@ Variables every template can use
 Filters: ``paragraphs`` (text -> list of paragraphs, line breaks inside a
 paragraph joined), ``wrap`` (plain text wrapped at 72 characters, paragraphs
 kept), ``heading`` (plain-text heading, underlined), ``typeset`` (HTML:
-escaped, no line break before a dash), ``zahlwort`` (4 -> "vier").
+escaped, no line break before a dash), ``nobreak`` (HTML: no-break spaces),
+``shorten`` (a title cut to a length, for subjects), ``zahlwort`` (4 -> "vier").
 
 The plain-text part is tidied after rendering: lines longer than 72
 characters are wrapped (URLs never broken), trailing blanks and repeated blank

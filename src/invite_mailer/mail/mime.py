@@ -222,12 +222,14 @@ def set_boundaries(msg: EmailMessage) -> None:
 def recipient_parts(contact: Contact) -> tuple[str, str]:
     """The display name and the address of the To header, not yet parsed.
 
+    The display name is the person's name, or for a contact without one the
+    organisation ("Projektbüro Kreislaufregion <info@example.com>").
     german.clean removes line breaks so hostile data cannot split the header
     even if the loader missed it. An international domain is written in its
     ASCII form (RFC 2047 forbids encoded words inside an address).
     """
     return (
-        german.full_name(contact.titel, contact.vorname, contact.nachname),
+        german.display_name(contact.titel, contact.vorname, contact.nachname, contact.organisation),
         header_address(german.clean(contact.email)),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,14 @@ class SeriesView(View):
     privacy_url: str | None
     imprint: str
     organiser: OrganiserView
+    # The title with its article (core.german.title_phrases): "zur
+    # Online-Transferreihe", "zum Klimadialog Kommunen", "zur Reihe „…“".
+    title_genus: str | None
+    title_nominativ: str
+    title_akkusativ: str
+    title_dativ: str
+    title_zu: str
+    title_von: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,17 @@ class Change(View):
     label: str
     old: str
     new: str
+    # For a subject that leads with what changed: "Neue Uhrzeit", "Neues Thema".
+    headline: str = "Geänderter Termin"
+    # The old value cut at its dashes, so a strike-through can leave each
+    # dash visible ("14:00–16:00" struck through whole reads "14:00 16:00").
+    old_parts: tuple[str, ...] = ()
+    # The values are links: in HTML they may break anywhere to fit a phone.
+    link: bool = False
+
+
+def _dash_parts(text: str) -> tuple[str, ...]:
+    return tuple(re.split("[–—]", text))
 
 
 def event_view(event: Event, files: Mapping[str, File], ics_filename: str) -> EventView:
@@ -95,6 +115,8 @@ def event_view(event: Event, files: Mapping[str, File], ics_filename: str) -> Ev
 
 def series_view(series: Series) -> SeriesView:
     """What templates see of the series."""
+    genus = str(series.title_genus) if series.title_genus is not None else None
+    phrases = german.title_phrases(series.title, genus)
     return SeriesView(
         id=series.id,
         title=series.title,
@@ -105,6 +127,12 @@ def series_view(series: Series) -> SeriesView:
         privacy_url=str(series.privacy_url) if series.privacy_url else None,
         imprint=series.imprint.strip(),
         organiser=OrganiserView(series.organiser.name, str(series.organiser.email)),
+        title_genus=genus,
+        title_nominativ=phrases["nominativ"],
+        title_akkusativ=phrases["akkusativ"],
+        title_dativ=phrases["dativ"],
+        title_zu=phrases["zu"],
+        title_von=phrases["von"],
     )
 
 
@@ -138,12 +166,25 @@ def changes(previous: Mapping[str, str], event: Event) -> tuple[Change, ...]:
         end = datetime.fromisoformat(fingerprint["end"])
         return f"{german.date_long(start.date())}, {german.time_range(start.time(), end.time())}"
 
+    def change(label: str, headline: str, old: str, new: str, *, link: bool = False) -> None:
+        changes.append(Change(label, old, new, headline, _dash_parts(old), link))
+
     if (previous.get("start"), previous.get("end")) != (current["start"], current["end"]):
-        changes.append(Change("Datum und Uhrzeit", when(previous), when(current)))
+        same_day = previous.get("start", "")[:10] == current["start"][:10]
+        change(
+            "Datum und Uhrzeit",
+            "Neue Uhrzeit" if same_day else "Neues Datum",
+            when(previous),
+            when(current),
+        )
     if previous.get("title") != current["title"]:
-        changes.append(Change("Thema", previous.get("title", ""), current["title"]))
+        change("Thema", "Neues Thema", previous.get("title", ""), current["title"])
     if previous.get("join_url") != current["join_url"]:
-        changes.append(
-            Change("Zugangslink", previous.get("join_url") or "–", current["join_url"] or "–")
+        change(
+            "Zugangslink",
+            "Neuer Zugangslink",
+            previous.get("join_url") or "–",
+            current["join_url"] or "–",
+            link=True,
         )
     return tuple(changes)
