@@ -11,13 +11,18 @@ import asyncio
 import bisect
 import json
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
+from invite_mailer.core.forecast import forecast
+from invite_mailer.core.plan import Mailing, MailingState
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.delivery.ratelimit import Quotas
 from invite_mailer.errors import QuotaReached
+from invite_mailer.inputs.series import Kind
 from invite_mailer.inputs.settings import SmtpSettings
 from support.cli import invoke
 from support.mails import mails
@@ -165,3 +170,73 @@ def test_when_the_quota_is_tight_the_reminder_goes_before_the_invitation_backlog
     assert data["sent"] == 2, (data, len(smtp_server.received) - before)
     kinds = [mail.kind for mail in mails(smtp_server.received[before:])]
     assert kinds == ["reminder", "reminder"]
+
+
+# --- the forecast ----------------------------------------------------------------------
+
+BERLIN = ZoneInfo("Europe/Berlin")
+NOW = datetime(2024, 10, 24, 10, 5, tzinfo=BERLIN)
+
+
+def mailing(kind: Kind, event: str, due: datetime, deadline: datetime, n: int) -> Mailing:
+    keys = tuple(f"k{i}@example.org" for i in range(n))
+    state = MailingState.OPEN if due <= NOW else MailingState.SCHEDULED
+    return Mailing(kind, event, due, deadline, state, keys, keys)
+
+
+DAY = timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("quota", "deadline", "last", "unreached"),
+    [
+        ([(5, 86400.0)], NOW + 21 * DAY, NOW + 2 * DAY, 0),  # 5 + 5 + 2 over three days
+        ([(5, 86400.0)], NOW + DAY + timedelta(hours=1), NOW + DAY, 2),  # the window ends first
+        ([(30, 60.0), (10_000, 86400.0)], NOW + DAY, NOW, 0),  # 12 of 30 a minute: at once
+        ([(4, 60.0)], NOW + DAY, NOW + 2 * timedelta(minutes=1), 0),
+    ],
+)
+def test_forecast_of_one_mailing(
+    quota: list[tuple[int, float]], deadline: datetime, last: datetime, unreached: int
+) -> None:
+    invitation = mailing(Kind.INVITATION, "", NOW, deadline, 12)
+    (finish,) = forecast([invitation], quota, [], NOW).values()
+    assert (finish.last_send, finish.unreached) == (last, unreached)
+
+
+def test_forecast_counts_earlier_sends_and_puts_the_reminder_first() -> None:
+    invitation = mailing(Kind.INVITATION, "", NOW, NOW + 21 * DAY, 12)
+    due = NOW + DAY + timedelta(hours=2)
+    reminder = mailing(Kind.REMINDER, "verwaltung", due, due + DAY, 3)
+    earlier = [NOW - timedelta(hours=1)] * 2  # two sends an hour ago
+    finishes = forecast([invitation, reminder], [(5, 86400.0)], earlier, NOW)
+    # 3 invitations now (2 places are taken); 2 more when those reopen (+23 h), 3 at
+    # +1 day. The reminder, due at +1 day 2 h, takes the next 2 places (+2 days -1 h)
+    # and 1 of the 3 at +2 days; the last 2 invitations go at +3 days -1 h.
+    utc = NOW.astimezone(UTC)
+    assert finishes[reminder.id].last_send == utc + 2 * DAY
+    assert finishes[invitation.id].last_send == utc + 3 * DAY - timedelta(hours=1)
+    assert forecast([invitation], [], [], NOW) == {}
+
+
+def test_plan_shows_when_the_invitation_finishes_under_the_quota(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    env = smtp_env(smtp_server.port, smtp__rate_per_day=5, notify__organiser_summary="false")
+    assert send_due(env, "2024-10-24T10:05")["sent"] == 5
+    result = invoke(["plan", "--now", "2024-10-24T10:05", "--json"], env)
+    assert result.exit_code == 0, result.output
+    (invitation,) = [m for m in json.loads(result.stdout)["mailings"] if m["kind"] == "invitation"]
+    last = datetime.fromisoformat(invitation["forecast"]["last_send"])
+    assert abs(last - (NOW + 2 * DAY)) < timedelta(minutes=1)
+    assert invitation["forecast"]["unreached"] == 0
+    table = invoke(["plan", "--now", "2024-10-24T10:05"], env)
+    assert "last mail (quota)" in table.output and "26.10.2024" in table.output
+
+
+def test_validate_warns_when_a_window_closes_before_the_quota_allows(project: Path) -> None:
+    env = smtp_env(2525, smtp__rate_per_day=1)
+    result = invoke(["validate"], env)
+    assert result.exit_code == 0, result.output
+    assert "the reminder mailing (reminder:verwaltung) reaches only 1 of" in result.output
+    assert "1 per day" in result.output

@@ -77,11 +77,11 @@ def plan_command(
     """The timeline: every mailing with due time, deadline, state and counts."""
     config = load(config_dir, templates)
     now = now_of(now_text, config)
-    mailings = asyncio.run(commands.current_plan(config, now))
+    report = asyncio.run(commands.current_plan(config, now))
     if as_json:
-        print_json(output.plan_json(mailings, config.series, now))
+        print_json(output.plan_json(report.mailings, config.series, now, report.finishes))
     else:
-        out.print(output.plan_table(mailings, config.series, now))
+        out.print(output.plan_table(report.mailings, config.series, now, report.finishes))
 
 
 @cli.command()

@@ -21,7 +21,7 @@ from typing import Any
 from rich.table import Table
 
 from invite_mailer.cli.optouts import OptOutFiles
-from invite_mailer.cli.output import bounce_json, cell, local
+from invite_mailer.cli.output import cell, local
 from invite_mailer.delivery.bounce_sql import BounceRecord, Recorded
 from invite_mailer.delivery.bounces import MAX_REPORT_BYTES, read_report
 from invite_mailer.delivery.ledger import Ledger
@@ -180,7 +180,7 @@ def bounces_json(series: Series, records: list[BounceRecord]) -> dict[str, objec
 
 
 def bounce_records_json(records: list[BounceRecord]) -> list[dict[str, Any]]:
-    return [bounce_json(r) for r in records]
+    return [r.to_json() for r in records]
 
 
 def bounces_table(series: Series, records: list[BounceRecord]) -> Table:

@@ -11,13 +11,16 @@ import contextlib
 import hashlib
 import re
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
 from invite_mailer.cli.advisories import advisories
+from invite_mailer.cli.forecasts import quota_warnings, quotas_of
+from invite_mailer.core.forecast import Finish, forecast
 from invite_mailer.core.plan import (
     EmptyLedger,
     Mailing,
@@ -159,7 +162,7 @@ def validate(config: Config) -> ValidationReport:
     if problems:
         raise ConfigError(problems.values())
     report.dkim = _checked_signer(config, wires)
-    report.advisories = advisories(config)
+    report.advisories = [*advisories(config), *quota_warnings(config)]
     return report
 
 
@@ -195,13 +198,27 @@ async def open_ledger(config: Config, *, create: bool = True) -> AsyncIterator[L
         yield ledger
 
 
-async def current_plan(config: Config, now: datetime) -> list[Mailing]:
+@dataclass(frozen=True)
+class PlanReport:
+    mailings: list[Mailing]
+    finishes: dict[str, Finish]  # under the relay's quotas; {} without any
+
+
+async def current_plan(config: Config, now: datetime) -> PlanReport:
     async with open_ledger(config, create=False) as ledger:
         if ledger is None:
-            return plan(PlanInput.of(config), EmptyLedger(), now)
+            mailings = plan(PlanInput.of(config), EmptyLedger(), now)
+            return PlanReport(mailings, forecast(mailings, quotas_of(config), [], now))
         optouts = await ledger.optouts(config.series.id)
         view = await ledger.view(config.series.id)
-        return plan(PlanInput.of(config, optouts), view, now)
+        mailings = plan(PlanInput.of(config, optouts), view, now)
+        # The record of sends is in wall-clock time; a replayed --now sees it
+        # as the same time before *now*.
+        wall = time.time()
+        sent = [
+            now + timedelta(seconds=at - wall) for at in await ledger.recent_sends(wall - 86400)
+        ]
+        return PlanReport(mailings, forecast(mailings, quotas_of(config), sent, now))
 
 
 @dataclass

@@ -27,8 +27,8 @@ from rich.text import Text
 
 from invite_mailer.cli.commands import SendDueResult, Status, ValidationReport
 from invite_mailer.cli.optouts import OptOutEntry, OptOutFiles, Removal
+from invite_mailer.core.forecast import Finish
 from invite_mailer.core.plan import Mailing, MailingState
-from invite_mailer.delivery.bounce_sql import BounceRecord
 from invite_mailer.delivery.dispatch import Outcome, ProgressCallback
 from invite_mailer.delivery.ledger import Delivery
 from invite_mailer.errors import Problem
@@ -134,16 +134,24 @@ def state_cell(state: MailingState) -> Text:
     return cell(str(state), STATE_STYLES[state])
 
 
-def plan_table(mailings: Sequence[Mailing], series: Series, now: datetime) -> Table:
+def plan_table(
+    mailings: Sequence[Mailing],
+    series: Series,
+    now: datetime,
+    finishes: Mapping[str, Finish] | None = None,
+) -> Table:
     table = Table(
         title=cell(f"{series.title} — plan at {local(now, series)} ({series.timezone})"),
         title_justify="left",
     )
-    for column in ("kind", "event", "due", "deadline", "state", "recipients", "sent"):
+    columns = ["kind", "event", "due", "deadline", "state", "recipients", "sent"]
+    if finishes:
+        columns.append("last mail (quota)")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("recipients", "sent") else "left")
     table.add_column("note")
     for m in mailings:
-        table.add_row(
+        row = [
             cell(str(m.kind)),
             cell(event_label(m, series)),
             cell(local(m.due, series)),
@@ -151,8 +159,17 @@ def plan_table(mailings: Sequence[Mailing], series: Series, now: datetime) -> Ta
             state_cell(m.state),
             cell(str(len(m.audience))),
             cell(str(m.sent) + (f" (+{m.failed} failed)" if m.failed else "")),
-            cell(m.note),
-        )
+        ]
+        note = m.note
+        if finishes:
+            finish = finishes.get(m.id)
+            last = finish.last_send if finish is not None else None
+            row.append(cell(local(last, series) if last is not None else ""))
+            if finish is not None and finish.unreached:
+                late = f"{finish.unreached} recipient(s) not reached before the deadline"
+                row[-1] = cell(row[-1].plain, "red")
+                note = f"{note}; {late}" if note else late
+        table.add_row(*row, cell(note))
     return table
 
 
@@ -213,12 +230,28 @@ def deliveries_table(title: str, deliveries: Sequence[Delivery], series: Series)
 # --- whole answers of commands -------------------------------------------------------
 
 
-def plan_json(mailings: Sequence[Mailing], series: Series, now: datetime) -> dict[str, Any]:
+def plan_json(
+    mailings: Sequence[Mailing],
+    series: Series,
+    now: datetime,
+    finishes: Mapping[str, Finish] | None = None,
+) -> dict[str, Any]:
+    finishes = finishes or {}
+    listed = []
+    for m in mailings:
+        data = mailing_json(m)
+        finish = finishes.get(m.id)
+        if finish is not None:
+            data["forecast"] = {
+                "last_send": finish.last_send.isoformat() if finish.last_send else None,
+                "unreached": finish.unreached,
+            }
+        listed.append(data)
     return {
         "series": series.id,
         "now": now.isoformat(),
         "timezone": series.timezone,
-        "mailings": [mailing_json(m) for m in mailings],
+        "mailings": listed,
     }
 
 
@@ -281,20 +314,8 @@ def status_json(status: Status, now: datetime, *, only_failed: bool) -> dict[str
     if not only_failed:
         data["mailings"] = [mailing_json(m) for m in status.mailings]
         data["retrying"] = [delivery_json(d) for d in status.retrying]
-        data["bounces"] = [bounce_json(b) for b in status.bounces]
+        data["bounces"] = [b.to_json() for b in status.bounces]
     return data
-
-
-def bounce_json(record: BounceRecord) -> dict[str, Any]:
-    return {
-        "email": record.email,
-        "kind": str(record.kind),
-        "status": record.status,
-        "diagnostic": record.diagnostic,
-        "message_id": record.message_id or None,
-        "source": record.source,
-        "received_at": record.received_at.isoformat(),
-    }
 
 
 def retrying_by_mailing(retrying: Sequence[Delivery]) -> dict[str, int]:

@@ -42,6 +42,17 @@ class BounceRecord:
     source: str
     received_at: datetime
 
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "email": self.email,
+            "kind": str(self.kind),
+            "status": self.status,
+            "diagnostic": self.diagnostic,
+            "message_id": self.message_id or None,
+            "source": self.source,
+            "received_at": self.received_at.isoformat(),
+        }
+
 
 def _attributed(db: sqlite3.Connection, series: str, bounce: Bounce, message_id: str) -> str:
     """The recipient of ours *bounce* is about, or '' (not a mail of this series).

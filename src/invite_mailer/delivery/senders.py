@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from invite_mailer.core.forecast import priority
 from invite_mailer.core.plan import Mailing
 from invite_mailer.delivery.handover import Handover
 from invite_mailer.delivery.results import Outcome, PassResult, ProgressCallback
 from invite_mailer.errors import InviteMailerError, LedgerError
 
-__all__ = ["PRIORITY", "Deliver", "Item", "SenderPool", "by_priority", "log_counts", "log_start"]
+__all__ = ["Deliver", "Item", "SenderPool", "by_priority", "log_counts", "log_start"]
 
 # Logged as the dispatcher, whose pass this runs.
 log = logging.getLogger("invite_mailer.delivery.dispatch")
@@ -184,22 +185,10 @@ class SenderPool:
             self._finished.set()
 
 
-#: The order in which a pass sends its mails: changes to a date, then what
-#: concerns the next date, then follow-ups, then the invitation backlog.
-PRIORITY = {
-    "update": 0,
-    "cancellation": 0,
-    "reminder": 1,
-    "confirmation": 1,
-    "followup": 2,
-    "invitation": 3,
-}
-
-
 def by_priority(items: list[Item]) -> list[Item]:
     """*items* with what is time-critical first, plan order kept within (a tight
     quota then holds back the invitation backlog, not tomorrow's reminder)."""
-    return sorted(items, key=lambda item: PRIORITY.get(str(item.mailing.kind), 2))
+    return sorted(items, key=lambda item: priority(item.mailing.kind))
 
 
 def log_start(result: PassResult, items: list[Item]) -> None:

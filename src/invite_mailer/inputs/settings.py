@@ -163,6 +163,12 @@ class SmtpSettings(_Section):
         '(security = "none"); only for a trusted relay on this host or network',
     )
 
+    @property
+    def quotas(self) -> list[tuple[int, float]]:
+        """The limits set, as (mails, window in seconds)."""
+        windows = ((self.rate_per_minute, 60.0), (self.rate_per_hour, 3600.0))
+        return [(n, w) for n, w in (*windows, (self.rate_per_day, 86400.0)) if n]
+
     @model_validator(mode="before")
     @classmethod
     def _preset_limits(cls, data: Any) -> Any:
