@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 from invite_mailer.delivery.bounces import BounceKind, clean, read_report
+from support.bounces import DATA, bounce_of, sent_invitations
 from support.cli import invoke
 
-DATA = Path(__file__).parent / "data" / "bounces"
-INVITATION = "2024-10-24T10:05"
 REMINDER = "2024-11-13T14:05"  # the reminders for 14.11.2024 are open
 
 
@@ -116,29 +115,6 @@ def test_report_text_becomes_one_printable_line() -> None:
 
 
 # --- end to end ----------------------------------------------------------------------
-
-
-def sent_invitations(project: Path) -> dict[str, str]:
-    """send-due of the invitation on the outbox: recipient -> Message-ID."""
-    result = invoke(["send-due", "--now", INVITATION])
-    assert result.exit_code == 0, result.output
-    sent = {}
-    for eml in (project / "outbox").glob("*.eml"):
-        message = message_from_bytes(eml.read_bytes(), policy=policy.default)
-        if "Einladung" in str(message["Subject"]):
-            sent[message["To"].addresses[0].addr_spec.lower()] = str(message["Message-ID"])
-    assert len(sent) >= 8
-    return sent
-
-
-def bounce_of(name: str, reported: str, to: str, message_id: str) -> bytes:
-    """The report *name*, about the mail *message_id* to *to*, naming *reported* as failed."""
-    template = (DATA / name).read_bytes()
-    report = read_report(template)
-    data = template.replace(report.bounces[0].email.encode(), reported.encode())
-    if report.message_id:
-        data = data.replace(report.message_id.encode(), message_id.encode())
-    return data.replace(b"To: Alt Adresse", b"To: " + to.encode(), 1)
 
 
 def maildir_with(path: Path, messages: list[bytes]) -> mailbox.Maildir:

@@ -124,7 +124,8 @@ def test_sigkill_mid_run_loses_nothing_and_resends_only_the_mails_in_flight(
 ) -> None:
     everyone = {f"person{n:04d}@example.org" for n in range(CONTACTS)}
     smtp_server.behaviour.data_delay = 0.003
-    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS)
+    # A composing worker on (the default is none): it must not outlive the kill.
+    env = smtp_env(smtp_server.port, smtp__max_connections=CONNECTIONS, limits__compose_workers=1)
     kill_after = random.Random(20241114).randint(200, CONTACTS - 400)
 
     process = start_process(["send-due", "--now", NOW], env, project, stderr=project / "first.log")

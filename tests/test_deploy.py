@@ -32,7 +32,11 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 UNIT = ROOT / "deploy" / "invite-mailer.service"
 OPERATIONS = ROOT / "docs" / "operations.md"
-SECRETS = ["INVITE_MAILER_SMTP__PASSWORD", "INVITE_MAILER_UNSUBSCRIBE__SECRET"]
+SECRETS = [
+    "INVITE_MAILER_SMTP__PASSWORD",
+    "INVITE_MAILER_UNSUBSCRIBE__SECRET",
+    "INVITE_MAILER_IMAP__PASSWORD",
+]
 ENV_NAME = re.compile(r"\bINVITE_MAILER_[A-Z0-9_]+")
 
 

@@ -363,6 +363,24 @@ def bounces_import(paths: tuple[Path, ...], config_dir: Path, as_json: bool) -> 
             echo(line)
 
 
+@bounces.command("fetch")
+@config_only
+@with_json
+@handle_errors
+def bounces_fetch(config_dir: Path, as_json: bool) -> None:
+    """Read the [imap] bounce mailbox once (the daemon polls it every imap.poll_seconds)."""
+    from invite_mailer.cli import bounce_reports as reports
+    from invite_mailer.cli import optouts
+
+    files = optouts.load(config_dir)
+    result = asyncio.run(reports.fetch_reports(files, now=datetime.now(UTC)))
+    if as_json:
+        print_json(reports.import_json(result))
+    else:
+        for line in reports.import_lines(result):
+            echo(line)
+
+
 @bounces.command("list")
 @config_only
 @with_json

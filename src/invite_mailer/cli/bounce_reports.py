@@ -10,10 +10,8 @@ and mbox files are only read. A report read twice counts once.
 
 from __future__ import annotations
 
-import hashlib
 import mailbox
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,33 +20,25 @@ from rich.table import Table
 
 from invite_mailer.cli.optouts import OptOutFiles
 from invite_mailer.cli.output import cell, local
-from invite_mailer.delivery.bounce_sql import BounceRecord, Recorded
-from invite_mailer.delivery.bounces import MAX_REPORT_BYTES, read_report
+from invite_mailer.delivery.bounce_intake import Intake
+from invite_mailer.delivery.bounce_sql import BounceRecord
+from invite_mailer.delivery.bounces import MAX_REPORT_BYTES
+from invite_mailer.delivery.imap_poll import poll
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.series import Series
+from invite_mailer.inputs.settings import SETTINGS_FILE
 
 __all__ = [
-    "ImportResult",
     "bounce_records_json",
     "bounces_json",
     "bounces_table",
     "import_json",
     "import_lines",
+    "fetch_reports",
     "import_reports",
     "recorded_bounces",
 ]
-
-
-@dataclass
-class ImportResult:
-    read: int = 0  # messages read
-    recorded: list[Recorded] = field(default_factory=list)
-    ignored: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
-
-    @property
-    def suppressed(self) -> list[str]:
-        return sorted({r.email for r in self.recorded if r.new and r.suppressed})
 
 
 def _messages(path: Path) -> Iterator[tuple[str, bytes, mailbox.Maildir | None, str]]:
@@ -96,34 +86,32 @@ def _mark_read(box: mailbox.Maildir, key: str) -> None:
 
 async def import_reports(
     files: OptOutFiles, paths: list[Path], *, now: datetime, soft_limit: int
-) -> ImportResult:
+) -> Intake:
     """Read every report at *paths* into the ledger."""
-    result = ImportResult()
-    series = files.series.id
     async with Ledger.open(files.ledger_path) as ledger:
+        intake = Intake(ledger, files.series.id, soft_limit)
         for path in paths:
             for where, data, box, key in _messages(path):
-                result.read += 1
-                report = read_report(data)
-                if not report.bounces:
-                    result.ignored.append((where, report.ignored))
-                else:
-                    recorded = await ledger.record_report(
-                        series,
-                        report,
-                        fingerprint=hashlib.sha256(data).hexdigest(),
-                        source=where,
-                        now=now,
-                        soft_limit=soft_limit,
-                    )
-                    result.recorded.extend(r for r in recorded if r.email)
-                    strangers = [r.bounce.email for r in recorded if not r.email]
-                    if strangers:
-                        why = f"not a recipient of this series: {', '.join(strangers)}"
-                        result.ignored.append((where, why))
+                await intake.take(where, data, now)
                 if box is not None:
                     _mark_read(box, key)
-    return result
+    return intake
+
+
+async def fetch_reports(files: OptOutFiles, *, now: datetime) -> Intake:
+    """Read what is new in the ``[imap]`` mailbox into the ledger."""
+    settings = files.settings
+    if not settings.imap.enabled:
+        raise ConfigError.single(
+            files.optout_file.parent / SETTINGS_FILE,
+            "no bounce mailbox is set up (imap.host is empty)",
+            hint="set [imap] host, username and folder in settings.toml and the password in "
+            "INVITE_MAILER_IMAP__PASSWORD; or read files with: invite-mailer bounces import",
+        )
+    async with Ledger.open(files.ledger_path) as ledger:
+        intake = Intake(ledger, files.series.id, settings.bounces.soft_limit)
+        await poll(settings.imap, intake, now)
+    return intake
 
 
 async def recorded_bounces(files: OptOutFiles) -> list[BounceRecord]:
@@ -136,7 +124,7 @@ async def recorded_bounces(files: OptOutFiles) -> list[BounceRecord]:
 # --- what the commands print ------------------------------------------------------------
 
 
-def import_lines(result: ImportResult) -> list[str]:
+def import_lines(result: Intake) -> list[str]:
     lines = []
     for r in result.recorded:
         b = r.bounce
@@ -154,7 +142,7 @@ def import_lines(result: ImportResult) -> list[str]:
     return lines
 
 
-def import_json(result: ImportResult) -> dict[str, object]:
+def import_json(result: Intake) -> dict[str, object]:
     return {
         "read": result.read,
         "recorded": [

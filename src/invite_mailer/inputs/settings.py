@@ -432,6 +432,35 @@ class BouncesSettings(_Section):
     )
 
 
+class ImapSettings(_Section):
+    """The mailbox bounces and complaints arrive in; polled by the daemon when ``host`` is set."""
+
+    host: str = ""
+    port: int = Field(993, ge=1, le=65535)
+    security: Security = Security.TLS
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    folder: str = "INBOX"
+    processed_folder: str = Field(
+        "", description="move read reports there; empty: flag them as seen where they are"
+    )
+    poll_seconds: int = Field(300, ge=30, le=86400)
+    timeout: float = Field(30, gt=0)
+    verify_certificates: bool = True
+
+    @field_validator("host", "username", "folder", "processed_folder")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        _no_control(value)
+        if '"' in value or "\\" in value:
+            raise ValueError("must not contain double quotes or backslashes")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
 class NotifySettings(_Section):
     organiser_summary: bool = True
 
@@ -466,3 +495,4 @@ class Settings(BaseSettings):
     unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
     dkim: DkimSettings = DkimSettings()
     bounces: BouncesSettings = BouncesSettings()
+    imap: ImapSettings = ImapSettings()

@@ -32,7 +32,7 @@ from invite_mailer.inputs.yamlfile import read_config_file
 __all__ = ["MAX_SETTINGS_BYTES", "load_settings", "settings_warnings"]
 
 
-_SECRET_KEYS = {("smtp", "password"), ("unsubscribe", "secret")}
+_SECRET_KEYS = {("smtp", "password"), ("unsubscribe", "secret"), ("imap", "password")}
 
 
 def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> Settings:
