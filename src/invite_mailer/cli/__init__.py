@@ -25,6 +25,7 @@ from invite_mailer.cli.options import (
     with_now,
 )
 from invite_mailer.cli.output import echo, err, out, print_json, say, warn
+from invite_mailer.delivery.bounce_intake import Intake
 from invite_mailer.delivery.dispatch import Outcome
 from invite_mailer.errors import (
     EXIT_FAILED,
@@ -356,11 +357,7 @@ def bounces_import(paths: tuple[Path, ...], config_dir: Path, as_json: bool) -> 
     result = asyncio.run(
         reports.import_reports(files, list(paths), now=datetime.now(UTC), soft_limit=limit)
     )
-    if as_json:
-        print_json(reports.import_json(result))
-    else:
-        for line in reports.import_lines(result):
-            echo(line)
+    _print_intake(result, as_json)
 
 
 @bounces.command("fetch")
@@ -373,7 +370,12 @@ def bounces_fetch(config_dir: Path, as_json: bool) -> None:
     from invite_mailer.cli import optouts
 
     files = optouts.load(config_dir)
-    result = asyncio.run(reports.fetch_reports(files, now=datetime.now(UTC)))
+    _print_intake(asyncio.run(reports.fetch_reports(files, now=datetime.now(UTC))), as_json)
+
+
+def _print_intake(result: Intake, as_json: bool) -> None:
+    from invite_mailer.cli import bounce_reports as reports
+
     if as_json:
         print_json(reports.import_json(result))
     else:
