@@ -398,8 +398,10 @@ def test_the_shipped_templates_are_compilable(project: Path) -> None:
     assert shapes.analysis.slots == {
         "contact.email",
         "contact.organisation",
+        "register_links",
         "salutation",
         "unsubscribe_url",
+        "withdraw_links",
     }
 
 

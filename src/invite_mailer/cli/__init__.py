@@ -78,10 +78,12 @@ def plan_command(
     config = load(config_dir, templates)
     now = now_of(now_text, config)
     mailings = asyncio.run(commands.current_plan(config, now))
+    registered = asyncio.run(commands.registered_counts(config))
     if as_json:
-        print_json(output.plan_json(mailings, config.series, now))
+        print_json(output.plan_json(mailings, config.series, now, registered))
     else:
         out.print(output.plan_table(mailings, config.series, now))
+        echo(output.registered_caption(registered, config.series))
 
 
 @cli.command()
@@ -192,6 +194,7 @@ def status(
         if not only_failed:
             retrying = output.retrying_by_mailing(result.retrying)
             out.print(output.status_table(result.mailings, retrying, config.series))
+            echo(output.registered_caption(result.registered, config.series))
         if result.failed:
             out.print(output.deliveries_table("Failed (not retried)", result.failed, config.series))
         elif only_failed:
@@ -325,6 +328,97 @@ def optout_remove(address: str, config_dir: Path) -> None:
     # Still blocked by the file: what was asked for did not happen.
     say(err, label, message)
     sys.exit(EXIT_INVALID)
+
+
+# --- registrations -----------------------------------------------------------------------
+
+
+@cli.group("registrations")
+def registrations_group() -> None:
+    """Who is registered for which date: list, add, remove."""
+
+
+@registrations_group.command("list")
+@click.option("--event", "event_id", metavar="ID", help="Only this date.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV (;) on standard output.")
+@click.option(
+    "--xlsx",
+    "xlsx",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write an Excel workbook.",
+)
+@common
+@with_json
+@handle_errors
+def registrations_list(
+    event_id: str | None,
+    as_csv: bool,
+    xlsx: Path | None,
+    config_dir: Path,
+    templates: Path | None,
+    as_json: bool,
+) -> None:
+    """The contact list's registrations merged with links and CLI, with source and time."""
+    from invite_mailer.cli import registrations as regs
+
+    if sum((as_json, as_csv, xlsx is not None)) > 1:
+        raise click.UsageError("choose one of --json, --csv and --xlsx")
+    config = load(config_dir, templates)
+    found = asyncio.run(regs.entries(config, event_id))
+    if as_json:
+        print_json({"series": config.series.id, "registrations": [e.json() for e in found]})
+    elif as_csv:
+        click.echo(regs.as_csv(found), nl=False)
+    elif xlsx is not None:
+        with commands.writing(xlsx, "--xlsx"):
+            regs.write_xlsx(found, xlsx)
+        echo(f"{len(found)} registration(s) written to {xlsx}")
+    else:
+        out.print(output.registrations_table(found, config.series))
+
+
+@registrations_group.command("add")
+@click.argument("email", metavar="EMAIL")
+@click.option("--event", "event_id", metavar="ID", required=True, help="The date.")
+@common
+@with_now
+@handle_errors
+def registrations_add(
+    email: str, event_id: str, config_dir: Path, templates: Path | None, now_text: str | None
+) -> None:
+    """Register a contact for a date (recorded in the state database, source "cli")."""
+    from invite_mailer.cli import registrations as regs
+
+    config = load(config_dir, templates)
+    contact, changed = asyncio.run(regs.add(config, email, event_id, now_of(now_text, config)))
+    if changed:
+        echo(
+            f"{contact.email}: registered for {event_id}; the confirmation goes out with the "
+            "next delivery pass (a running daemon checks every minute)"
+        )
+    else:
+        echo(f"{contact.email}: was already registered for {event_id}")
+
+
+@registrations_group.command("remove")
+@click.argument("email", metavar="EMAIL")
+@click.option("--event", "event_id", metavar="ID", required=True, help="The date.")
+@common
+@with_now
+@handle_errors
+def registrations_remove(
+    email: str, event_id: str, config_dir: Path, templates: Path | None, now_text: str | None
+) -> None:
+    """Withdraw a registration (outweighs the contact list's anmeldungen)."""
+    from invite_mailer.cli import registrations as regs
+
+    config = load(config_dir, templates)
+    contact, changed = asyncio.run(regs.remove(config, email, event_id, now_of(now_text, config)))
+    if changed:
+        echo(f"{contact.email}: registration for {event_id} withdrawn; no reminder for it")
+    else:
+        echo(f"{contact.email}: was not registered for {event_id} (nothing changed)")
 
 
 # --- rehearsal ---------------------------------------------------------------------------

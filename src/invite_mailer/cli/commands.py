@@ -28,6 +28,7 @@ from invite_mailer.core.plan import (
     request_for,
     sequences_of,
 )
+from invite_mailer.core.registrations import with_registrations
 from invite_mailer.delivery.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
 from invite_mailer.delivery.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
 from invite_mailer.delivery.transport import make_transport
@@ -178,7 +179,8 @@ async def current_plan(config: Config, now: datetime) -> list[Mailing]:
             return plan(PlanInput.of(config), EmptyLedger(), now)
         optouts = await ledger.optouts(config.series.id)
         view = await ledger.view(config.series.id)
-        return plan(PlanInput.of(config, optouts), view, now)
+        merged = with_registrations(config, view.registrations())
+        return plan(PlanInput.of(merged, optouts), view, now)
 
 
 @dataclass
@@ -187,17 +189,36 @@ class Status:
     failed: list[Delivery]
     uncertain: list[Delivery]
     retrying: list[Delivery]
+    registered: dict[str, int] = field(default_factory=dict)  # per date
+
+
+def registered_per_date(config: Config) -> dict[str, int]:
+    """How many contacts are registered for each date (with the ledger's merged in)."""
+    return {
+        e.id: sum(1 for c in config.contacts.contacts if c.is_registered(e.id))
+        for e in config.series.events
+    }
+
+
+async def registered_counts(config: Config) -> dict[str, int]:
+    """:func:`registered_per_date` with the ledger's registrations, if there is a ledger."""
+    async with open_ledger(config, create=False) as ledger:
+        if ledger is not None:
+            config = with_registrations(config, await ledger.registrations(config.series.id))
+    return registered_per_date(config)
 
 
 async def status(config: Config, now: datetime) -> Status:
     async with open_ledger(config, create=False) as ledger:
         if ledger is None:
-            return Status(plan(PlanInput.of(config), EmptyLedger(), now), [], [], [])
+            mailings = plan(PlanInput.of(config), EmptyLedger(), now)
+            return Status(mailings, [], [], [], registered_per_date(config))
         optouts = await ledger.optouts(config.series.id)
         view = await ledger.view(config.series.id)
         series_id = config.series.id
+        merged = with_registrations(config, view.registrations())
         return Status(
-            mailings=plan(PlanInput.of(config, optouts), view, now),
+            mailings=plan(PlanInput.of(merged, optouts), view, now),
             failed=await ledger.deliveries(series_id, states=[DeliveryState.FAILED]),
             uncertain=await ledger.deliveries(
                 series_id, states=[DeliveryState.UNCERTAIN, DeliveryState.SENDING]
@@ -207,6 +228,7 @@ async def status(config: Config, now: datetime) -> Status:
                 for d in await ledger.deliveries(series_id, states=[DeliveryState.PENDING])
                 if d.attempts > 0
             ],
+            registered=registered_per_date(merged),
         )
 
 
@@ -282,6 +304,8 @@ def preview(
     """
     event = pick_event(config, kind, event_id)
     written = []
+    if view is not None:
+        config = with_registrations(config, view.registrations())
     sequences = sequences_of(config.series, view)
     builder = WireComposer(Composer.from_config(config))  # the builder send-due uses
     for contact in pick_contacts(config, kind, event, email):
@@ -293,6 +317,7 @@ def preview(
             attendance=config.attendance,
             ledger=view,
             sequences=sequences,
+            series=config.series,
         )
         wire = builder.wire_for(request)
         stem = safe_name(str(kind), event.id if event else "", contact.key)

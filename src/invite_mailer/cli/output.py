@@ -27,6 +27,7 @@ from rich.text import Text
 
 from invite_mailer.cli.commands import SendDueResult, Status, ValidationReport
 from invite_mailer.cli.optouts import OptOutEntry, OptOutFiles, Removal
+from invite_mailer.cli.registrations import Entry as RegistrationEntry
 from invite_mailer.core.plan import Mailing, MailingState
 from invite_mailer.delivery.dispatch import Outcome, ProgressCallback
 from invite_mailer.delivery.ledger import Delivery
@@ -155,6 +156,27 @@ def plan_table(mailings: Sequence[Mailing], series: Series, now: datetime) -> Ta
     return table
 
 
+def registered_caption(registered: Mapping[str, int], series: Series) -> str:
+    """ "registered: verwaltung 5, kreislaufwirtschaft 4, ..." for the tables' captions."""
+    parts = [f"{e.id} {registered.get(e.id, 0)}" for e in series.events if not e.cancelled]
+    return "registered: " + ", ".join(parts)
+
+
+def registrations_table(found: Sequence[RegistrationEntry], series: Series) -> Table:
+    table = Table(
+        title=cell(f"{series.title} — registrations ({len(found)})"), title_justify="left"
+    )
+    for column in ("date", "event", "address", "name", "source", "since"):
+        table.add_column(column)
+    for e in found:
+        since = local(e.registered_at, series) if e.registered_at else "(contact list)"
+        for_date = series.event(e.event).date
+        table.add_row(
+            *(cell(t) for t in (f"{for_date:%d.%m.%Y}", e.event, e.email, e.name, e.source, since))
+        )
+    return table
+
+
 def status_table(
     mailings: Sequence[Mailing],
     pending_retry: Mapping[str, int],
@@ -212,12 +234,18 @@ def deliveries_table(title: str, deliveries: Sequence[Delivery], series: Series)
 # --- whole answers of commands -------------------------------------------------------
 
 
-def plan_json(mailings: Sequence[Mailing], series: Series, now: datetime) -> dict[str, Any]:
+def plan_json(
+    mailings: Sequence[Mailing],
+    series: Series,
+    now: datetime,
+    registered: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
     return {
         "series": series.id,
         "now": now.isoformat(),
         "timezone": series.timezone,
         "mailings": [mailing_json(m) for m in mailings],
+        "registered": {e.id: (registered or {}).get(e.id, 0) for e in series.events},
     }
 
 
@@ -267,6 +295,7 @@ def status_json(status: Status, now: datetime, *, only_failed: bool) -> dict[str
     if not only_failed:
         data["mailings"] = [mailing_json(m) for m in status.mailings]
         data["retrying"] = [delivery_json(d) for d in status.retrying]
+        data["registered"] = dict(status.registered)
     return data
 
 

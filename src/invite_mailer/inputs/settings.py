@@ -177,6 +177,9 @@ class SenderSettings(_Section):
     reply_to: str = ""
     unsubscribe_mailto: str = ""
     unsubscribe_url: str = ""
+    # The https base of the daemon's web app for registration links
+    # (registration.mode = "links"): <web_url>/anmeldung/<token>, /absage/<token>.
+    web_url: str = ""
 
     @field_validator("address", "reply_to", "unsubscribe_mailto")
     @classmethod
@@ -185,14 +188,15 @@ class SenderSettings(_Section):
             _single_address(value, named=info.field_name == "address")
         return value
 
-    @field_validator("unsubscribe_url")
+    @field_validator("unsubscribe_url", "web_url")
     @classmethod
-    def _https(cls, value: str) -> str:
+    def _https(cls, value: str, info: ValidationInfo) -> str:
         _no_control(value)
         if not value:
             return value
         if not value.startswith("https://"):
-            raise ValueError("the one-click unsubscribe URL must start with https://")
+            what = "one-click unsubscribe" if info.field_name == "unsubscribe_url" else "web app"
+            raise ValueError(f"the {what} URL must start with https://")
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises for a port that is no number
