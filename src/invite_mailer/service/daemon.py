@@ -461,11 +461,12 @@ async def _run(config: Config, *, config_dir: Path, templates_dir: Path | None) 
             loop.add_signal_handler(signal.SIGHUP, daemon.request_reload, "SIGHUP")
             web = None
             try:
-                # The one-click unsubscribe endpoint, when unsubscribe.serve is set.
+                now, on_change = daemon.now, daemon.registration_changed
                 web = await start_unsubscribe(
                     config,
                     series=lambda: daemon.config.series,
-                    on_registration=daemon.registration_changed,
+                    on_registration=on_change,
+                    clock=now,
                 )
                 await daemon.serve()
             finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from starlette.requests import Request
@@ -39,26 +39,23 @@ log = logging.getLogger("invite_mailer.service.web")
 Clock = Callable[[], datetime]
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass(frozen=True)
 class RegistrationPages:
     """The routes ``/anmeldung/{token}`` and ``/absage/{token}`` for one series.
 
     *series* returns the series as currently loaded (the daemon reloads it);
     *on_change* is called after a registration or withdrawal was recorded,
-    so the daemon can confirm it without waiting for its next sweep.
+    so the daemon can confirm it without waiting for its next sweep; *clock*
+    is the time registrations are recorded at (the daemon's clock).
     """
 
     series_id: str
     secret: str
     ledger_path: Path
     series: Callable[[], Series]
+    clock: Clock
     on_change: Callable[[], None] | None = None
     contact_address: str = ""
-    clock: Clock = _utc_now
 
     async def register(self, request: Request) -> Response:
         """``GET /anmeldung/{token}`` asks, ``POST`` registers."""

@@ -167,6 +167,7 @@ def create_app(
     contact_address: str = "",
     series: Callable[[], Series] | None = None,
     on_registration: Callable[[], None] | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> Starlette:
     """The unsubscribe web app for one series.
 
@@ -178,7 +179,8 @@ def create_app(
     make the pages friendlier; both are optional. With *series* (the series
     as loaded now) the registration links are served too, see
     :mod:`~invite_mailer.service.registration_web`; *on_registration* is
-    called after each change they record.
+    called after each change they record; *clock* gives their time
+    (default: the system clock).
     """
     pages = UnsubscribePages(
         series_id,
@@ -197,6 +199,7 @@ def create_app(
             series,
             on_change=on_registration,
             contact_address=contact_address,
+            clock=clock or (lambda: datetime.now(UTC)),
         )
         routes += [
             Route(f"/{REGISTER}/{{token}}", links.register, methods=["GET", "POST"]),
@@ -290,11 +293,13 @@ async def start_unsubscribe(
     *,
     series: Callable[[], Series] | None = None,
     on_registration: Callable[[], None] | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> RunningServer | None:
     """Start the endpoint when ``unsubscribe.serve`` is set (``None`` otherwise).
 
     With ``registration.mode: links`` it serves the registration links too,
-    for the series *series* returns (default: the one of *config*).
+    for the series *series* returns (default: the one of *config*), at the
+    time *clock* gives (the daemon's).
     """
     settings = config.settings
     if not settings.unsubscribe.serve:
@@ -319,6 +324,7 @@ async def start_unsubscribe(
         contact_address=contact,
         series=(series or (lambda: config.series)) if config.series.registration.links else None,
         on_registration=on_registration,
+        clock=clock,
     )
     bind = settings.unsubscribe
     running = await start_server(app, bind.bind_host, bind.bind_port)
