@@ -33,6 +33,8 @@ from invite_mailer.core.tokens import (
 )
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.inputs.config import load_config
+from invite_mailer.inputs.series import Kind
+from invite_mailer.mail.compose import Composer
 from invite_mailer.service.server import start_server
 from invite_mailer.service.web import create_app
 from support.cli import invoke
@@ -313,3 +315,28 @@ class _EmptyView:
 
     def confirmed(self, email: str) -> frozenset[str]:
         return frozenset()
+
+
+def test_the_cancellation_speaks_to_each_recipient(project: Path) -> None:
+    config = load_config(project / "config")
+    composer = Composer.from_config(config)
+    event = config.series.event("allianzen")
+    now = datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN)
+    texts = {}
+    for address in (JANA, BJOERN):
+        contact = config.contacts.by_key(address)
+        assert contact is not None
+        message = composer.compose(
+            Kind.CANCELLATION, contact, event=event, now=now, sequences={event.id: 1}
+        )
+        part = message.get_body(("plain",))
+        assert part is not None
+        texts[address] = " ".join(str(part.get_content()).split())
+    assert "Eine Erinnerung zu diesem Termin erhalten Sie nicht mehr." in texts[JANA]
+    assert "Erinnerung" not in texts[BJOERN]  # never registered: no reminder to stop
+    sentence = (
+        "Der nächste Termin der Reihe, „Kommunen und Forschung – Mehrwerte nutzen“, findet wie "
+        "geplant am Donnerstag, 5. Dezember 2024, von 14:00 bis 16:00 Uhr statt."
+    )
+    assert sentence + " Dafür sind Sie angemeldet." in texts[JANA]
+    assert sentence in texts[BJOERN] and "Dafür sind Sie angemeldet" not in texts[BJOERN]

@@ -453,10 +453,13 @@ def calendar_dates(request: MailRequest, series: Series) -> list[Event]:
 
     The invitation carries every active date, or with registration links
     only those the contact is registered for (the others come with their
-    confirmation); a confirmation its dates; every other kind its date.
+    confirmation); a confirmation its dates; a follow-up none; every other
+    kind its date.
     """
     if request.kind == Kind.CONFIRMATION:
         return [series.event(d) for d in request.dates]
+    if request.kind == Kind.FOLLOWUP:
+        return []
     if request.event is not None:
         return [request.event]
     dates = series.active_events
