@@ -340,3 +340,30 @@ def test_the_cancellation_speaks_to_each_recipient(project: Path) -> None:
     )
     assert sentence + " Dafür sind Sie angemeldet." in texts[JANA]
     assert sentence in texts[BJOERN] and "Dafür sind Sie angemeldet" not in texts[BJOERN]
+
+
+def test_the_contact_list_decides_its_own_rows_links_and_withdrawals_decide_theirs(
+    project: Path,
+) -> None:
+    config = load_config(project / "config")
+    at = datetime(2024, 10, 25, 9, 0, tzinfo=BERLIN)
+    rows = {
+        # The list registered Thomas for verwaltung and allianzen (shipped contacts.csv).
+        "thomas.schmidt@example.org": {
+            "verwaltung": Registration("verwaltung", "thomas.schmidt@example.org", "csv", at),
+            "forschung": Registration("forschung", "thomas.schmidt@example.org", "csv", at),
+            "allianzen": Registration(
+                "allianzen", "thomas.schmidt@example.org", "csv", at, withdrawn_at=at
+            ),
+        },
+        BJOERN: {"forschung": Registration("forschung", BJOERN, "link", at)},
+    }
+    merged = with_registrations(config, rows)
+    thomas = merged.contacts.by_key("thomas.schmidt@example.org")
+    bjoern = merged.contacts.by_key(BJOERN)
+    assert thomas is not None and bjoern is not None
+    # forschung: a CSV row the list no longer has; allianzen: withdrawn by link.
+    assert thomas.registrations == frozenset({"verwaltung"})
+    assert bjoern.registrations == frozenset({"forschung"})
+    # Contacts without rows are the very same objects.
+    assert merged.contacts.by_key(JANA) is config.contacts.by_key(JANA)

@@ -13,7 +13,7 @@ import csv
 import io
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +75,18 @@ async def entries(config: Config, event_id: str | None = None) -> list[Entry]:
         for contact in merged.contacts:
             if contact.is_registered(event.id):
                 row = rows.get(contact.key, {}).get(event.id)
-                found.append(_entry(contact, event, row))
+                found.append(_entry(contact, event, row, config.series.zone))
     return found
 
 
-def _entry(contact: Contact, event: Event, row: Registration | None) -> Entry:
+def _entry(contact: Contact, event: Event, row: Registration | None, zone: tzinfo) -> Entry:
     name = " ".join(p for p in (contact.titel, contact.vorname, contact.nachname) if p)
     return Entry(
         email=contact.email,
         event=event.id,
         date=event.date.isoformat(),
         source=row.source if row is not None else SOURCE_CSV,
-        registered_at=row.registered_at if row is not None else None,
+        registered_at=row.registered_at.astimezone(zone) if row is not None else None,
         name=name,
         organisation=contact.organisation,
     )

@@ -92,14 +92,15 @@ def merged_contacts(
         if not rows:
             result.append(contact)
             continue
-        dates = set(every if contact.registered_all else contact.registrations)
+        own = every if contact.registered_all else contact.registrations
+        dates = set(own)
         for event_id, row in rows.items():
-            if row.active:
-                dates.add(event_id)
-            else:
+            if not row.active:
                 dates.discard(event_id)
-        if contact.registered_all and every <= dates:
-            result.append(contact)
+            elif row.source != SOURCE_CSV:  # a CSV row counts while the list has it
+                dates.add(event_id)
+        if dates == own:
+            result.append(contact)  # nothing changed: the same object, no copy
         else:
             result.append(replace(contact, registrations=frozenset(dates), registered_all=False))
     return tuple(result)

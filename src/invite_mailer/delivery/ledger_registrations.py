@@ -38,10 +38,20 @@ def _row(row: tuple[str, str, str, str, str | None, str, int]) -> Registration:
     )
 
 
-def registrations_of(db: sqlite3.Connection, series: str) -> dict[str, dict[str, Registration]]:
-    """email -> event -> registration, for every row of *series*."""
+# What a plan needs: rows that change who is registered (links, CLI,
+# withdrawals) or still want a confirmation. The contact list's baseline rows
+# (the bulk of a big list) change neither and are left out of the view.
+_PLANNED = "AND (source != 'csv' OR withdrawn_at IS NOT NULL OR confirm = 1)"
+
+
+def registrations_of(
+    db: sqlite3.Connection, series: str, *, planned_only: bool = False
+) -> dict[str, dict[str, Registration]]:
+    """email -> event -> registration, for every row of *series* (with
+    *planned_only*, the rows a plan needs)."""
     rows = db.execute(
-        f"SELECT {_COLUMNS} FROM registrations WHERE series = ? ORDER BY registered_at",
+        f"SELECT {_COLUMNS} FROM registrations WHERE series = ? "
+        f"{_PLANNED if planned_only else ''} ORDER BY registered_at",
         (series,),
     )
     found: dict[str, dict[str, Registration]] = {}
@@ -54,7 +64,8 @@ def registrations_of(db: sqlite3.Connection, series: str) -> dict[str, dict[str,
 def register(
     db: sqlite3.Connection, series: str, event: str, email: str, source: str, now: datetime
 ) -> bool:
-    """Register *email* for *event*; False when that registration was active already."""
+    """Register *email* for *event*; False when that registration was active already
+    (a contact-list registration confirmed by a link or the CLI then takes that source)."""
     address = email.strip().lower()
     stamp = _iso(now)
     db.execute("BEGIN IMMEDIATE")
@@ -74,6 +85,13 @@ def register(
                 "UPDATE registrations SET source = ?, registered_at = ?, withdrawn_at = NULL, "
                 "withdrawn_by = '', confirm = 1 WHERE series = ? AND event = ? AND email = ?",
                 (source, stamp, series, event, address),
+            )
+        elif source != SOURCE_CSV:
+            # The person (or the organiser) said so: it no longer hangs on the list.
+            db.execute(
+                "UPDATE registrations SET source = ? WHERE series = ? AND event = ? "
+                "AND email = ? AND source = ?",
+                (source, series, event, address, SOURCE_CSV),
             )
         db.execute("COMMIT")
     except BaseException:

@@ -261,7 +261,7 @@ def view_of(db: sqlite3.Connection, series: str) -> LedgerView:
         MappingProxyType({key: MappingProxyType(value) for key, value in seen.items()}),
         MappingProxyType(date_histories(db, series)),
         MappingProxyType(attempts_made),
-        MappingProxyType(registrations_of(db, series)),
+        MappingProxyType(registrations_of(db, series, planned_only=True)),
         MappingProxyType({email: frozenset(dates) for email, dates in confirmed.items()}),
     )
 
