@@ -367,3 +367,20 @@ def test_the_contact_list_decides_its_own_rows_links_and_withdrawals_decide_thei
     assert bjoern.registrations == frozenset({"forschung"})
     # Contacts without rows are the very same objects.
     assert merged.contacts.by_key(JANA) is config.contacts.by_key(JANA)
+
+
+def test_the_organisers_summary_counts_registrations_per_date(project: Path) -> None:
+    ok("registrations", "add", BJOERN, "--event", "forschung", "--now", "2024-10-24T09:00")
+    ok("send-due", "--now", INVITED)
+    reports = []
+    for path in sorted((project / "outbox").glob("summary.*.eml")):
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        part = message.get_body(("plain",))
+        assert part is not None
+        reports.append(str(part.get_content()))
+    [report] = reports
+    assert "Anmeldungen (Stand jetzt):" in report
+    # The shipped list registers five for forschung; Björn by the CLI makes six.
+    assert "05.12.2024 Kommunen und Forschung – Mehrwerte nutzen: 6" in report
+    assert "14.11.2024 Verwaltung transformieren – Effizienz steigern: 5" in report
