@@ -101,7 +101,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # csv, cli) and when; a withdrawal keeps the row, so it wins over a
         # contact list that still names the person. confirm = 0 for what the
         # contact list held when the ledger first read it (nobody is told
-        # about those again). registration_imports marks that first reading.
+        # about those again). registration_imports marks that first reading,
+        # and the digest of the list's registrations read last.
         """
         CREATE TABLE registrations (
             series TEXT NOT NULL,
@@ -118,7 +119,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """
         CREATE TABLE registration_imports (
             series TEXT PRIMARY KEY,
-            first_at TEXT NOT NULL
+            first_at TEXT NOT NULL,
+            digest TEXT NOT NULL DEFAULT ''
         )
         """,
     ),

@@ -7,6 +7,7 @@ that still names the person does not register them again.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -128,42 +129,49 @@ def observe_csv(
     """Record the contact list's registrations the ledger does not have yet; how many.
 
     The first reading of a series is its baseline: those rows need no
-    confirmation. Every later one is a new registration, made at *now*.
+    confirmation. Every later one is a new registration, made at *now*. A
+    list whose registrations did not change since the last reading (its
+    digest) costs one lookup; a changed one is inserted row by row without
+    reading the table.
     """
-    have = {
-        (event, email)
-        for event, email in db.execute(
-            "SELECT event, email FROM registrations WHERE series = ?", (series,)
-        )
-    }
-    new = [
-        (event, email)
-        for email, dates in listed.items()
-        for event in dates
-        if (event, email) not in have
-    ]
-    first = (
-        db.execute("SELECT 1 FROM registration_imports WHERE series = ?", (series,)).fetchone()
-        is None
-    )
-    if not new and not first:
+    digest = _digest(listed)
+    row = db.execute(
+        "SELECT digest FROM registration_imports WHERE series = ?", (series,)
+    ).fetchone()
+    if row is not None and row[0] == digest:
         return 0
+    first = row is None
     stamp = _iso(now)
+    confirm = 0 if first else 1
     db.execute("BEGIN IMMEDIATE")
     try:
-        if first:
-            db.execute(
-                "INSERT OR IGNORE INTO registration_imports (series, first_at) VALUES (?, ?)",
-                (series, stamp),
-            )
+        db.execute(
+            "INSERT INTO registration_imports (series, first_at, digest) VALUES (?, ?, ?) "
+            "ON CONFLICT (series) DO UPDATE SET digest = excluded.digest",
+            (series, stamp, digest),
+        )
+        before = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO registrations "
             "(series, event, email, source, registered_at, confirm) VALUES (?, ?, ?, ?, ?, ?)",
-            [(series, event, email, SOURCE_CSV, stamp, 0 if first else 1) for event, email in new],
+            (
+                (series, event, email, SOURCE_CSV, stamp, confirm)
+                for email, dates in listed.items()
+                for event in sorted(dates)
+            ),
         )
+        added = db.total_changes - before
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return len(new)
+    return added
+
+
+def _digest(listed: Mapping[str, frozenset[str]]) -> str:
+    """A fingerprint of the list's registrations (in the list's order)."""
+    digest = hashlib.sha256()
+    for email, dates in listed.items():
+        digest.update(f"{email}:{','.join(sorted(dates))}\n".encode())
+    return digest.hexdigest()
