@@ -110,10 +110,13 @@ def merged_contacts(
 
 def with_registrations(config: Config, registrations: Registrations) -> Config:
     """*config* whose contacts carry the ledger's registrations (the same object
-    when the ledger has none)."""
+    when they change nobody's)."""
     if not registrations:
         return config
-    contacts = merged_contacts(config.contacts.contacts, config.series, registrations)
+    original = config.contacts.contacts
+    contacts = merged_contacts(original, config.series, registrations)
+    if all(new is old for new, old in zip(contacts, original, strict=True)):
+        return config
     listed = ContactList(contacts, config.contacts.warnings, config.contacts.source)
     return replace(config, contacts=listed)
 
