@@ -384,3 +384,24 @@ def test_the_organisers_summary_counts_registrations_per_date(project: Path) -> 
     # The shipped list registers five for forschung; Björn by the CLI makes six.
     assert "05.12.2024 Kommunen und Forschung – Mehrwerte nutzen: 6" in report
     assert "14.11.2024 Verwaltung transformieren – Effizienz steigern: 5" in report
+
+
+def test_the_join_link_can_wait_for_the_reminder(project: Path) -> None:
+    series = project / "config" / "series.yaml"
+    series.write_text(
+        series.read_text(encoding="utf-8").replace(
+            "  updates:    {grace: 10 minutes}",
+            "  updates:    {grace: 10 minutes}\n  confirmation: {join_link: false}",
+        ),
+        encoding="utf-8",
+    )
+    output = ok("preview", "confirmation", "--event", "allianzen", "--contact", JANA)
+    [eml] = [Path(line) for line in output.split() if line.endswith(".eml")]
+    message = email.message_from_bytes((project / eml).read_bytes(), policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    for kind in ("plain", "html"):
+        part = message.get_body((kind,))
+        assert part is not None
+        body = part.get_content()
+        assert "https://example.org/transferreihe/allianzen" not in body, kind
+        assert "Den Zugangslink senden wir Ihnen mit der Erinnerung vor dem Termin." in body
