@@ -15,7 +15,9 @@ import base64
 import email
 import email.policy
 import json
+import os
 import re
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,15 +31,20 @@ import httpx
 import icalendar
 import pytest
 
+from invite_mailer.core.plan import PlanInput, plan
+from invite_mailer.core.registrations import with_registrations
 from invite_mailer.core.tokens import REGISTER, WITHDRAW, make_link_token
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.delivery.transport import make_transport
 from invite_mailer.inputs.config import load_config
-from invite_mailer.service.daemon import Daemon
+from invite_mailer.service.daemon import Daemon, run_daemon
 from invite_mailer.service.server import RunningServer
 from invite_mailer.service.web import start_unsubscribe
 from support.cli import run_process
+from support.contacts import write_contacts
+from support.project import copy_project
 from support.smtp import SmtpServer, smtp_env
+from test_daemon_clock import series_text
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SERIES = "transferreihe-2024"
@@ -334,3 +341,79 @@ async def test_a_registration_added_to_the_contact_list_gets_one_confirmation(
             f"{SERIES}-allianzen@example.org"
         ]
         assert run.kinds().count("confirmation") == 1
+
+
+@pytest.mark.slow
+async def test_invite_mailer_run_serves_the_links_on_its_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run`` as an operator starts it: the web app is wired to the daemon.
+
+    The series lies years ahead of the wall clock, so a link registers now;
+    the link's pass records it and plans the confirmation.
+    """
+    copy_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("INVITE_MAILER_")]:
+        monkeypatch.delenv(name)
+    text = series_text().replace(
+        "registration_url: https://example.org/probe/anmeldung\n",
+        "registration_url: https://example.org/probe/anmeldung\nregistration:\n  mode: links\n",
+    )
+    (tmp_path / "config" / "series.yaml").write_text(text, encoding="utf-8")
+    write_contacts(
+        tmp_path / "config" / "contacts.csv",
+        [
+            ("anna.alt@example.org", "Frau", "Anna", "Alt", ""),
+            ("bernd.berg@example.org", "", "Bernd", "Berg", ""),
+        ],
+    )
+    port = free_port()
+    for name, value in {
+        "INVITE_MAILER_UNSUBSCRIBE__SECRET": SECRET,
+        "INVITE_MAILER_UNSUBSCRIBE__SERVE": "true",
+        "INVITE_MAILER_UNSUBSCRIBE__BIND_PORT": str(port),
+        "INVITE_MAILER_SENDER__WEB_URL": WEB_URL,
+    }.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(tmp_path / "config")
+    daemon = asyncio.create_task(
+        run_daemon(config, config_dir=tmp_path / "config", templates_dir=None)
+    )
+    base = f"http://127.0.0.1:{port}"
+    token = make_link_token(SECRET, REGISTER, "uhr-probe", "anna.alt@example.org", "zweiter")
+    ledger_path = tmp_path / "state" / "invite-mailer.db"
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(500):
+                if daemon.done():
+                    daemon.result()
+                try:
+                    if (await client.get(f"{base}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.02)
+            page = await client.get(f"{base}/anmeldung/{token}")
+            assert page.status_code == 200 and "Zweiter Termin" in page.text
+            answer = await client.post(f"{base}/anmeldung/{token}", data={"bestaetigt": "ja"})
+            assert answer.status_code == 200 and "angemeldet" in answer.text
+        confirmation = None
+        for _ in range(200):  # the link's pass runs at once, in the daemon's loop
+            async with Ledger.open(ledger_path) as ledger:
+                view = await ledger.view("uhr-probe")
+            config_now = load_config(tmp_path / "config")
+            mailings = plan(
+                PlanInput.of(with_registrations(config_now, view.registrations())),
+                view,
+                datetime.now(BERLIN),
+            )
+            confirmation = next((m for m in mailings if m.kind == "confirmation"), None)
+            if confirmation is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert view.registrations_of("anna.alt@example.org")["zweiter"].source == "link"
+        assert confirmation is not None and confirmation.event == "zweiter"
+    finally:
+        if not daemon.done():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(daemon, 30) == 0
