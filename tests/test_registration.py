@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import openpyxl
+import pytest
 
 from invite_mailer.core.plan import MailingState, PlanInput, plan
 from invite_mailer.core.registrations import Registration, with_registrations
@@ -405,3 +406,23 @@ def test_the_join_link_can_wait_for_the_reminder(project: Path) -> None:
         body = part.get_content()
         assert "https://example.org/transferreihe/allianzen" not in body, kind
         assert "Den Zugangslink senden wir Ihnen mit der Erinnerung vor dem Termin." in body
+
+
+def test_validate_warns_when_nothing_here_answers_the_links(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    series = project / "config" / "series.yaml"
+    series.write_text(
+        series.read_text(encoding="utf-8").replace(
+            "privacy_url:", "registration:\n  mode: links\nprivacy_url:"
+        ),
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("INVITE_MAILER_SENDER__WEB_URL", "https://example.org/reihe")
+    monkeypatch.setenv("INVITE_MAILER_UNSUBSCRIBE__SECRET", SECRET)
+    warned = invoke(["validate"])
+    assert warned.exit_code == 0, warned.output
+    assert "does not answer the registration links" in warned.output
+    monkeypatch.setenv("INVITE_MAILER_UNSUBSCRIBE__SERVE", "true")
+    quiet = invoke(["validate"])
+    assert quiet.exit_code == 0 and "registration links" not in quiet.output
