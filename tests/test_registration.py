@@ -426,3 +426,28 @@ def test_validate_warns_when_nothing_here_answers_the_links(
     monkeypatch.setenv("INVITE_MAILER_UNSUBSCRIBE__SERVE", "true")
     quiet = invoke(["validate"])
     assert quiet.exit_code == 0 and "registration links" not in quiet.output
+
+
+async def test_an_opted_out_address_registering_is_told_that_no_mail_follows(
+    project: Path,
+) -> None:
+    ledger_path = project / "state" / "invite-mailer.db"
+    config = load_config(project / "config")
+    now = datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN)
+    async with Ledger.open(ledger_path) as ledger:
+        await ledger.add_optout(SERIES, LENA, source="cli", now=now)
+    app = create_app(SERIES, SECRET, ledger_path, series=lambda: config.series, clock=lambda: now)
+    server = await start_server(app, "127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            token = make_link_token(SECRET, REGISTER, SERIES, LENA, "forschung")
+            page = await client.post(f"{server.url}/anmeldung/{token}")
+            assert page.status_code == 200
+            assert "abgemeldet" in page.text and "in den nächsten Minuten" not in page.text
+            token = make_link_token(SECRET, REGISTER, SERIES, BJOERN, "forschung")
+            page = await client.post(f"{server.url}/anmeldung/{token}")
+            assert "in den nächsten Minuten" in page.text
+    finally:
+        await server.stop()
+    rows = await _rows(ledger_path)
+    assert rows[LENA]["forschung"].source == "link" and rows[BJOERN]["forschung"].active

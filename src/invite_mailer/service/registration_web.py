@@ -99,6 +99,9 @@ class RegistrationPages:
                     changed = await ledger.register(
                         self.series_id, event.id, address, source=SOURCE_LINK, now=now
                     )
+                    # Opted out: registered all the same, but no mail will follow.
+                    blocked = await ledger.is_opted_out(self.series_id, address)
+                    context = {**context, "opted_out": "ja" if blocked else ""}
                 else:
                     changed = await ledger.withdraw(
                         self.series_id, event.id, address, by=SOURCE_LINK, now=now
