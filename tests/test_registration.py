@@ -451,3 +451,18 @@ async def test_an_opted_out_address_registering_is_told_that_no_mail_follows(
         await server.stop()
     rows = await _rows(ledger_path)
     assert rows[LENA]["forschung"].source == "link" and rows[BJOERN]["forschung"].active
+
+
+def test_a_link_registration_of_an_address_taken_off_the_list_is_still_listed(
+    project: Path,
+) -> None:
+    ok("registrations", "add", BJOERN, "--event", "allianzen", "--now", "2024-10-25T09:00")
+    contacts = project / "config" / "contacts.csv"
+    text = contacts.read_text(encoding="utf-8")
+    contacts.write_text(
+        "\n".join(line for line in text.splitlines() if not line.startswith(BJOERN)) + "\n",
+        encoding="utf-8",
+    )
+    data = json.loads(ok("registrations", "list", "--json", "--event", "allianzen"))
+    [row] = [r for r in data["registrations"] if r["email"] == BJOERN]
+    assert row["source"] == "cli" and row["organisation"] == "(nicht mehr in der Kontaktliste)"

@@ -76,6 +76,15 @@ async def entries(config: Config, event_id: str | None = None) -> list[Entry]:
             if contact.is_registered(event.id):
                 row = rows.get(contact.key, {}).get(event.id)
                 found.append(_entry(contact, event, row, config.series.zone))
+        # Registered by link or CLI, then taken off the contact list: still
+        # registered (nobody mails them), listed so the organiser sees them.
+        for email, by_date in rows.items():
+            row = by_date.get(event.id)
+            if row is None or not row.active or row.source == SOURCE_CSV:
+                continue
+            if config.contacts.by_key(email) is None:
+                gone = Contact(email=email, organisation="(nicht mehr in der Kontaktliste)")
+                found.append(_entry(gone, event, row, config.series.zone))
     return found
 
 
