@@ -271,3 +271,73 @@ def test_preview_update_shows_what_changed(project: Path) -> None:
     assert isinstance(message, EmailMessage)
     assert "bisher: Donnerstag, 28. November 2024, 14:00–16:00 Uhr" in text_of(message)
     assert int(vevent(calendar(message))["SEQUENCE"]) == 1
+
+
+def inline_calendar(message: EmailMessage) -> tuple[str, icalendar.Calendar]:
+    """The iTIP part inside multipart/alternative: its method parameter and content."""
+    (alternative,) = [p for p in message.walk() if p.get_content_type() == "multipart/alternative"]
+    parts = [p for p in alternative.iter_parts() if p.get_content_type() == "text/calendar"]
+    assert len(parts) == 1, [p.get_content_type() for p in alternative.iter_parts()]
+    assert parts[0].get_content_disposition() is None  # inline, not an attachment
+    data = parts[0].get_payload(decode=True)
+    assert isinstance(data, bytes)
+    return str(parts[0].get_param("method")), icalendar.Calendar.from_ical(data)
+
+
+@pytest.mark.slow
+def test_with_links_updates_go_to_those_whose_mail_carried_the_date_inline_and_attached(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INVITE_MAILER_SENDER__WEB_URL", "https://example.org/reihe")
+    monkeypatch.setenv("INVITE_MAILER_UNSUBSCRIBE__SECRET", "links-secret-0123456789")
+    edit(project, "privacy_url:", "registration:\n  mode: links\nprivacy_url:")
+    outbox = invitations_out(project)
+    run(
+        "registrations",
+        "add",
+        "bjoern.oestreich@example.org",
+        "--event",
+        "allianzen",
+        "--now",
+        "2024-10-25T09:00",
+    )
+    run("send-due", "--now", "2024-10-25T09:01")
+    [confirmation] = outbox.new()
+    first = vevent(calendar(confirmation))
+
+    edit(project, *MOVE_ALLIANZEN)
+    run("send-due", "--now", "2024-11-01T09:00")
+    run("send-due", "--now", "2024-11-01T09:11")
+    updates = outbox.new()
+    # The invitation carried allianzen's file only to those registered for it
+    # (the contact list's), the confirmation to Björn: exactly they are told.
+    registered = {
+        "jana.mueller@example.org",
+        "thomas.schmidt@example.org",
+        "juergen.weiss@example.org",
+        "oezlem.yilmaz@example.org",
+        "klaus-dieter.fuchs@example.org",
+        "bjoern.oestreich@example.org",
+    }
+    assert kinds(updates) == {"update": len(registered)}
+    assert {m["To"].addresses[0].addr_spec for m in updates} == registered
+    for message in updates:
+        method, inline = inline_calendar(message)
+        assert method == "REQUEST" and inline["METHOD"] == "REQUEST"
+        entry = vevent(inline)
+        assert entry["UID"] == first["UID"]
+        assert int(entry["SEQUENCE"]) > int(first["SEQUENCE"])
+        # The same file as the attachment.
+        assert vevent(calendar(message))["UID"] == entry["UID"]
+        assert int(vevent(calendar(message))["SEQUENCE"]) == int(entry["SEQUENCE"])
+
+    # Cancelled: the same people, CANCEL inline and attached, SEQUENCE raised again.
+    edit(project, "allianzen\n    title:", "allianzen\n    cancelled: true\n    title:")
+    run("send-due", "--now", "2024-11-02T09:00")
+    run("send-due", "--now", "2024-11-02T09:11")
+    cancellations = outbox.new()
+    assert kinds(cancellations) == {"cancellation": len(registered)}
+    for message in cancellations:
+        method, inline = inline_calendar(message)
+        assert method == "CANCEL" and inline["METHOD"] == "CANCEL"
+        assert int(vevent(inline)["SEQUENCE"]) > int(entry["SEQUENCE"])

@@ -42,6 +42,7 @@ NOW = {
     Kind.FOLLOWUP: datetime(2024, 11, 15, 10, 0, tzinfo=BERLIN),
     Kind.UPDATE: datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN),
     Kind.CANCELLATION: datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN),
+    Kind.CONFIRMATION: datetime(2024, 10, 28, 9, 30, tzinfo=BERLIN),
 }
 EVENT = {
     Kind.INVITATION: None,
@@ -49,6 +50,7 @@ EVENT = {
     Kind.FOLLOWUP: "verwaltung",
     Kind.UPDATE: "verwaltung",
     Kind.CANCELLATION: "verwaltung",
+    Kind.CONFIRMATION: "verwaltung",
 }
 
 FRAU = Contact(
@@ -330,7 +332,8 @@ def test_invitation_mentions_registrations(composer: Composer, series: Series) -
 
 
 def test_html_is_outlook_friendly(composer: Composer, series: Series) -> None:
-    _, _, parsed = compose(composer, series, Kind.INVITATION, FRAU)
+    # HERR has dates left to register for, so his invitation has the button.
+    _, _, parsed = compose(composer, series, Kind.INVITATION, HERR)
     page = body(parsed, "html")
     assert '<html lang="de"' in page
     assert '<meta charset="utf-8">' in page
@@ -796,6 +799,7 @@ def test_a_new_kind_needs_only_templates(
         "followup",
         "update",
         "cancellation",
+        "confirmation",
         "announcement",
     }
     msg = composer.compose("announcement", FRAU, event=series.events[0], now=NOW[Kind.REMINDER])

@@ -52,6 +52,7 @@ NOW = {
     Kind.FOLLOWUP: datetime(2024, 11, 15, 10, 0, 59, tzinfo=BERLIN),
     Kind.UPDATE: datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN),
     Kind.CANCELLATION: datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN),
+    Kind.CONFIRMATION: datetime(2024, 10, 28, 9, 30, 41, tzinfo=BERLIN),
 }
 
 FIRST = ["Jana", "Jürgen", "Sören", "Änne", "Özlem", "Zoë", "Hans-Peter", "Marie-Luise", "Łukasz"]
@@ -196,6 +197,7 @@ CASES = [
     pytest.param(Kind.FOLLOWUP, "allianzen", None, id="followup-no-attachments"),
     pytest.param(Kind.UPDATE, "verwaltung", None, id="update"),
     pytest.param(Kind.CANCELLATION, "verwaltung", None, id="cancellation"),
+    pytest.param(Kind.CONFIRMATION, "allianzen", None, id="confirmation"),
 ]
 
 

@@ -52,6 +52,12 @@ class Ledger:
     def date(self, event: str) -> None:
         return None
 
+    def registrations_of(self, email: str) -> Mapping[str, object]:
+        return {}
+
+    def confirmed(self, email: str) -> frozenset[str]:
+        return frozenset()
+
 
 def by_id(mailings: list, mailing_id: str):  # type: ignore[no-untyped-def]
     return next(m for m in mailings if m.id == mailing_id)

@@ -53,6 +53,18 @@ def contacts(project: Path) -> int:
     return len(list(csv.DictReader(text.splitlines(), delimiter=";")))
 
 
+def registered_contacts(project: Path) -> list[str]:
+    """Contacts registered for any date, and each one's first date, in contact order."""
+    text = (project / "config" / "contacts.csv").read_text(encoding="utf-8-sig")
+    firsts = []
+    for row in csv.DictReader(text.splitlines(), delimiter=";"):
+        wanted = {part.strip() for part in row["anmeldungen"].split(",") if part.strip()}
+        dates = EVENTS if "alle" in wanted else [e for e in EVENTS if e in wanted]
+        if dates:
+            firsts.append(dates[0])
+    return firsts
+
+
 class _Links(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -85,6 +97,9 @@ def test_shipped_series_counts(project: Path) -> None:
     assert data["mails"] == {
         "invitation": contacts(project),  # one per contact
         "reminder": sum(per_date.values()),  # one per registration
+        # The contact list's registrations count as new: one confirmation per
+        # registered contact, for all their dates at once.
+        "confirmation": len(registered_contacts(project)),
     }
     # No materials are listed yet: every follow-up waits, and nothing goes out.
     assert data["waiting_for_materials"] == [f"followup:{event}" for event in EVENTS]
@@ -237,5 +252,7 @@ def test_overview_renders_in_chromium_without_errors(project: Path, tmp_path: Pa
     for event in EVENTS:
         assert f'id="reminder-{event}"' in dom and f'id="followup-{event}"' in dom
     assert 'id="invitation-series"' in dom
-    assert len(re.findall(r'<section class="mailing"', dom)) == 9
+    # Nine mailings of the rules, and the confirmations filed under each first date.
+    confirmations = len(set(registered_contacts(project)))
+    assert len(re.findall(r'<section class="mailing"', dom)) == 9 + confirmations
     assert "Verwaltung transformieren – Effizienz steigern" in dom

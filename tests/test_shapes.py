@@ -23,6 +23,7 @@ import jinja2
 import pytest
 
 from invite_mailer.core.plan import MailRequest
+from invite_mailer.core.tokens import REGISTER, make_link_token
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind
@@ -398,8 +399,10 @@ def test_the_shipped_templates_are_compilable(project: Path) -> None:
     assert shapes.analysis.slots == {
         "contact.email",
         "contact.organisation",
+        "register_links",
         "salutation",
         "unsubscribe_url",
+        "withdraw_links",
     }
 
 
@@ -452,3 +455,104 @@ def test_tidy_line_is_tidy_text_line_by_line() -> None:
             lines.append(indent + body + rng.choice(["", " ", "  "]))
         text = "\n".join(lines)
         assert tidy_text(text) == tidy_join([tidy_line(line) for line in lines]), text
+
+
+# --- registration links and confirmations ----------------------------------------------
+
+LINKS_SECRET = "links-s3cr3t-s3cr3t-s3cr3t"
+NOW_CONFIRMATION = datetime(2024, 10, 28, 9, 30, 41, tzinfo=BERLIN)
+LINK_CASES: list[tuple[Kind, str | None, tuple[str, ...]]] = [
+    (Kind.INVITATION, None, ()),
+    (Kind.REMINDER, "allianzen", ()),
+    (Kind.CONFIRMATION, "verwaltung", ("verwaltung",)),
+    (Kind.CONFIRMATION, "kreislaufwirtschaft", ("kreislaufwirtschaft", "allianzen", "forschung")),
+]
+
+
+@pytest.fixture(scope="module")
+def links_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = make_project(tmp_path_factory.mktemp("links"))
+    replace_in(
+        config / "series.yaml",
+        "privacy_url:",
+        "registration:\n  mode: links\nprivacy_url:",
+    )
+    return config
+
+
+def load_links(config: Path, *, link: bool) -> Config:
+    with shipped_environment(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INVITE_MAILER_SENDER__WEB_URL", "https://example.org/reihe?a=1&b")
+        mp.setenv("INVITE_MAILER_UNSUBSCRIBE__SECRET", LINKS_SECRET)
+        if link:
+            mp.setenv("INVITE_MAILER_SENDER__UNSUBSCRIBE_URL", "https://example.org/abmelden")
+        return load_config(config, config.parent / "templates", env_file=None)
+
+
+def assert_links_identical(config: Config, people: list[Contact]) -> WireComposer:
+    """Invitation, reminder and confirmations (one date, several) with per-date links."""
+    composer = Composer.from_config(config)
+    wires = WireComposer(composer)
+    for kind, event_id, dates in LINK_CASES:
+        event = config.series.event(event_id) if event_id else None
+        now = NOW_CONFIRMATION if kind is Kind.CONFIRMATION else NOW[kind]
+        for person in people:
+            request = MailRequest(str(kind), person, event, now, dates=dates)
+            got = outcome(lambda r=request: wires.wire_for(r))  # type: ignore[misc]
+            assert got == outcome(lambda r=request: reference(composer, r)), (kind, person)
+    return wires
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["mailto-only", "one-click"])
+def test_registration_links_and_confirmations_are_identical(
+    links_project: Path, link: bool
+) -> None:
+    people = contacts(8, seed=5)
+    wires = assert_links_identical(load_links(links_project, link=link), people)
+    assert not [n for n in wires.notes if "differs" in n]
+    # The per-date links are slots: the shapes serve (nearly) everyone.
+    assert wires.counts["shape"] >= len(LINK_CASES) * (len(people) - len(ODD_NAMES))
+
+
+@pytest.mark.slow
+def test_registration_links_and_confirmations_for_many_are_identical(links_project: Path) -> None:
+    people = contacts(120, seed=7)
+    wires = assert_links_identical(load_links(links_project, link=True), people)
+    assert not [n for n in wires.notes if "differs" in n]
+    assert wires.counts["shape"] >= len(LINK_CASES) * (len(people) - len(ODD_NAMES))
+
+
+def test_confirmations_without_links_are_identical(project: Path) -> None:
+    people = contacts(6, seed=9)
+    composer = Composer.from_config(load(project))
+    wires = WireComposer(composer)
+    for _kind, event_id, dates in LINK_CASES[2:]:
+        event = composer.series.event(str(event_id))
+        for person in people:
+            request = MailRequest(
+                str(Kind.CONFIRMATION), person, event, NOW_CONFIRMATION, dates=dates
+            )
+            assert outcome(lambda r=request: wires.wire_for(r)) == outcome(  # type: ignore[misc]
+                lambda r=request: reference(composer, r)  # type: ignore[misc]
+            )
+    assert wires.counts["shape"] >= 2 * (len(people) - len(ODD_NAMES))
+
+
+def test_each_recipient_gets_their_own_signed_links(links_project: Path) -> None:
+    config = load_links(links_project, link=False)
+    wires = WireComposer(Composer.from_config(config))
+    people = [
+        Contact(email=f"person{n}@example.org", vorname="Eva", nachname=f"Probe{n}")
+        for n in range(4)
+    ]
+    for person in people:
+        request = MailRequest(str(Kind.INVITATION), person, None, NOW[Kind.INVITATION])
+        text = mime.parse(wires.wire_for(request)).get_body(("plain",))
+        assert text is not None
+        body = text.get_content()
+        for event_id in EVENTS:
+            token = make_link_token(
+                LINKS_SECRET, REGISTER, config.series.id, person.email, event_id
+            )
+            assert f"/anmeldung/{token}" in body
+    assert wires.counts["shape"] >= 3  # all but the first from one compiled shape

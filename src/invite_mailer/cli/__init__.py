@@ -12,7 +12,8 @@ import click
 
 from invite_mailer import __version__
 from invite_mailer.cli import advisories as advice
-from invite_mailer.cli import commands, output
+from invite_mailer.cli import commands, optout_output, output
+from invite_mailer.cli.bounce_commands import bounces
 from invite_mailer.cli.options import (
     common,
     config_only,
@@ -25,7 +26,6 @@ from invite_mailer.cli.options import (
     with_now,
 )
 from invite_mailer.cli.output import echo, err, out, print_json, say, warn
-from invite_mailer.delivery.bounce_intake import Intake
 from invite_mailer.delivery.dispatch import Outcome
 from invite_mailer.errors import (
     EXIT_FAILED,
@@ -79,10 +79,13 @@ def plan_command(
     config = load(config_dir, templates)
     now = now_of(now_text, config)
     report = asyncio.run(commands.current_plan(config, now))
+    registered = asyncio.run(commands.registered_counts(config))
+    finishes = report.finishes
     if as_json:
-        print_json(output.plan_json(report.mailings, config.series, now, report.finishes))
+        print_json(output.plan_json(report.mailings, config.series, now, registered, finishes))
     else:
-        out.print(output.plan_table(report.mailings, config.series, now, report.finishes))
+        out.print(output.plan_table(report.mailings, config.series, now, finishes))
+        echo(output.registered_caption(registered, config.series))
 
 
 @cli.command()
@@ -193,6 +196,7 @@ def status(
         if not only_failed:
             retrying = output.retrying_by_mailing(result.retrying)
             out.print(output.status_table(result.mailings, retrying, config.series))
+            echo(output.registered_caption(result.registered, config.series))
         if result.failed:
             out.print(output.deliveries_table("Failed (not retried)", result.failed, config.series))
         elif only_failed:
@@ -282,11 +286,11 @@ def optout_list(config_dir: Path, as_json: bool) -> None:
     files = optouts.load(config_dir)
     entries = asyncio.run(optouts.entries(files))
     if as_json:
-        print_json(output.optouts_json(files, entries))
+        print_json(optout_output.optouts_json(files, entries))
     elif not entries:
         echo(f"No opt-outs for {files.series.id}.")
     else:
-        out.print(output.optouts_table(files, entries))
+        out.print(optout_output.optouts_table(files, entries))
 
 
 @optout.command("add")
@@ -323,7 +327,7 @@ def optout_remove(address: str, config_dir: Path) -> None:
     key = address.strip().lower()
     line = optouts.file_lines(files.optout_file).get(key)
     where = str(files.optout_file) + (f", line {line}" if line else "")
-    label, message = output.removal_answer(key, outcome, where)
+    label, message = optout_output.removal_answer(key, outcome, where)
     if label is None:
         echo(message)
         return
@@ -332,74 +336,95 @@ def optout_remove(address: str, config_dir: Path) -> None:
     sys.exit(EXIT_INVALID)
 
 
-# --- bounces -----------------------------------------------------------------------------
+# --- registrations -----------------------------------------------------------------------
 
 
-@cli.group()
-def bounces() -> None:
-    """Bounces and complaints: import reports, list what was recorded."""
+@cli.group("registrations")
+def registrations_group() -> None:
+    """Who is registered for which date: list, add, remove."""
 
 
-@bounces.command("import")
-@click.argument(
-    "paths", nargs=-1, required=True, metavar="PATH...", type=click.Path(path_type=Path)
+@registrations_group.command("list")
+@click.option("--event", "event_id", metavar="ID", help="Only this date.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV (;) on standard output.")
+@click.option(
+    "--xlsx",
+    "xlsx",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write an Excel workbook.",
 )
-@config_only
+@common
 @with_json
 @handle_errors
-def bounces_import(paths: tuple[Path, ...], config_dir: Path, as_json: bool) -> None:
-    """Read bounce and complaint reports (.eml files, mbox files, Maildir folders)."""
-    from invite_mailer.cli import bounce_reports as reports
-    from invite_mailer.cli import optouts
+def registrations_list(
+    event_id: str | None,
+    as_csv: bool,
+    xlsx: Path | None,
+    config_dir: Path,
+    templates: Path | None,
+    as_json: bool,
+) -> None:
+    """The contact list's registrations merged with links and CLI, with source and time."""
+    from invite_mailer.cli import registrations as regs
 
-    files = optouts.load(config_dir)
-    limit = files.settings.bounces.soft_limit
-    result = asyncio.run(
-        reports.import_reports(files, list(paths), now=datetime.now(UTC), soft_limit=limit)
-    )
-    _print_intake(result, as_json)
-
-
-@bounces.command("fetch")
-@config_only
-@with_json
-@handle_errors
-def bounces_fetch(config_dir: Path, as_json: bool) -> None:
-    """Read the [imap] bounce mailbox once (the daemon polls it every imap.poll_seconds)."""
-    from invite_mailer.cli import bounce_reports as reports
-    from invite_mailer.cli import optouts
-
-    files = optouts.load(config_dir)
-    _print_intake(asyncio.run(reports.fetch_reports(files, now=datetime.now(UTC))), as_json)
-
-
-def _print_intake(result: Intake, as_json: bool) -> None:
-    from invite_mailer.cli import bounce_reports as reports
-
+    if sum((as_json, as_csv, xlsx is not None)) > 1:
+        raise click.UsageError("choose one of --json, --csv and --xlsx")
+    config = load(config_dir, templates)
+    found = asyncio.run(regs.entries(config, event_id))
     if as_json:
-        print_json(reports.import_json(result))
+        print_json({"series": config.series.id, "registrations": [e.json() for e in found]})
+    elif as_csv:
+        click.echo(regs.as_csv(found), nl=False)
+    elif xlsx is not None:
+        with commands.writing(xlsx, "--xlsx"):
+            regs.write_xlsx(found, xlsx)
+        echo(f"{len(found)} registration(s) written to {xlsx}")
     else:
-        for line in reports.import_lines(result):
-            echo(line)
+        out.print(output.registrations_table(found, config.series))
 
 
-@bounces.command("list")
-@config_only
-@with_json
+@registrations_group.command("add")
+@click.argument("email", metavar="EMAIL")
+@click.option("--event", "event_id", metavar="ID", required=True, help="The date.")
+@common
+@with_now
 @handle_errors
-def bounces_list(config_dir: Path, as_json: bool) -> None:
-    """Every recorded bounce and complaint, with the server's answer."""
-    from invite_mailer.cli import bounce_reports as reports
-    from invite_mailer.cli import optouts
+def registrations_add(
+    email: str, event_id: str, config_dir: Path, templates: Path | None, now_text: str | None
+) -> None:
+    """Register a contact for a date (recorded in the state database, source "cli")."""
+    from invite_mailer.cli import registrations as regs
 
-    files = optouts.load(config_dir)
-    records = asyncio.run(reports.recorded_bounces(files))
-    if as_json:
-        print_json(reports.bounces_json(files.series, records))
-    elif not records:
-        echo(f"No bounces or complaints recorded for {files.series.id}.")
+    config = load(config_dir, templates)
+    contact, changed = asyncio.run(regs.add(config, email, event_id, now_of(now_text, config)))
+    if changed:
+        echo(
+            f"{contact.email}: registered for {event_id}; the confirmation goes out with the "
+            "next delivery pass (a running daemon checks every minute)"
+        )
     else:
-        out.print(reports.bounces_table(files.series, records))
+        echo(f"{contact.email}: was already registered for {event_id}")
+
+
+@registrations_group.command("remove")
+@click.argument("email", metavar="EMAIL")
+@click.option("--event", "event_id", metavar="ID", required=True, help="The date.")
+@common
+@with_now
+@handle_errors
+def registrations_remove(
+    email: str, event_id: str, config_dir: Path, templates: Path | None, now_text: str | None
+) -> None:
+    """Withdraw a registration (outweighs the contact list's anmeldungen)."""
+    from invite_mailer.cli import registrations as regs
+
+    config = load(config_dir, templates)
+    contact, changed = asyncio.run(regs.remove(config, email, event_id, now_of(now_text, config)))
+    if changed:
+        echo(f"{contact.email}: registration for {event_id} withdrawn; no reminder for it")
+    else:
+        echo(f"{contact.email}: was not registered for {event_id} (nothing changed)")
 
 
 # --- rehearsal ---------------------------------------------------------------------------
@@ -432,6 +457,9 @@ def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: b
         return
     for line in output.rehearsal_lines(result):
         echo(line)
+
+
+cli.add_command(bounces)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,22 @@ def advisories(config: Config) -> list[Problem]:
     Warnings only: nothing is sent wrong because of them, so the exit code
     stays 0. ``validate`` and ``rehearse`` print them.
     """
-    return [*_example_sender(config), *_closed_windows(config)]
+    return [*_example_sender(config), *_closed_windows(config), *_unserved_links(config)]
+
+
+def _unserved_links(config: Config) -> list[Problem]:
+    """Registration links in every invitation, but no web app here to answer them."""
+    if not config.series.registration.links or config.settings.unsubscribe.serve:
+        return []
+    return [
+        Problem(
+            config.config_dir / SETTINGS_FILE,
+            'registration.mode is "links", but unsubscribe.serve is false here: the '
+            "daemon on this machine does not answer the registration links",
+            hint="set serve = true in [unsubscribe] (INVITE_MAILER_UNSUBSCRIBE__SERVE=true) "
+            "where invite-mailer run runs, behind the address in [sender] web_url",
+        )
+    ]
 
 
 def _example_sender(config: Config) -> list[Problem]:

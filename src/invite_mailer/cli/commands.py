@@ -31,6 +31,7 @@ from invite_mailer.core.plan import (
     request_for,
     sequences_of,
 )
+from invite_mailer.core.registrations import with_registrations
 from invite_mailer.delivery.bounce_sql import BounceRecord
 from invite_mailer.delivery.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
 from invite_mailer.delivery.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
@@ -45,7 +46,7 @@ from invite_mailer.mail.checks import validate_change_kinds, validate_sample
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
 from invite_mailer.mail.mime import header_address
-from invite_mailer.mail.signing import DkimSigner
+from invite_mailer.mail.signing import DkimSigner, checked_signer
 from invite_mailer.service.health import check_heartbeat, heartbeat_path
 
 # What --now may be: far enough out for any real series, near enough that every
@@ -161,28 +162,9 @@ def validate(config: Config) -> ValidationReport:
             problems.setdefault(str(problem), problem)
     if problems:
         raise ConfigError(problems.values())
-    report.dkim = _checked_signer(config, wires)
+    report.dkim = checked_signer(config, wires)
     report.advisories = [*advisories(config), *quota_warnings(config)]
     return report
-
-
-def _checked_signer(config: Config, wires: WireComposer) -> DkimSigner | None:
-    """The DKIM signer, once a signed sample verifies against its own public key."""
-    signer = DkimSigner.from_settings(config.settings)
-    if signer is None:
-        return None
-    series = config.series
-    sample = Contact(email=f"probe@{signer.domain}", vorname="Jana", nachname="Müller")
-    request = request_for(
-        Kind.INVITATION, None, sample, series.first_start, attendance=config.attendance
-    )
-    if not signer.verifies(signer.sign(wires.wire_for(request))):
-        raise ConfigError.single(
-            config.settings.dkim.key_file,
-            "a mail signed with this DKIM key does not verify against its public key",
-            hint="make a new key: openssl genrsa -out dkim.pem 2048",
-        )
-    return signer
 
 
 # --- plan and status ---------------------------------------------------------------
@@ -211,7 +193,8 @@ async def current_plan(config: Config, now: datetime) -> PlanReport:
             return PlanReport(mailings, forecast(mailings, quotas_of(config), [], now))
         optouts = await ledger.optouts(config.series.id)
         view = await ledger.view(config.series.id)
-        mailings = plan(PlanInput.of(config, optouts), view, now)
+        merged = with_registrations(config, view.registrations())
+        mailings = plan(PlanInput.of(merged, optouts), view, now)
         # The record of sends is in wall-clock time; a replayed --now sees it
         # as the same time before *now*.
         wall = time.time()
@@ -227,23 +210,43 @@ class Status:
     failed: list[Delivery]
     uncertain: list[Delivery]
     retrying: list[Delivery]
+    registered: dict[str, int] = field(default_factory=dict)  # per date
     bounces: list[BounceRecord] = field(default_factory=list)
+
+
+def registered_per_date(config: Config) -> dict[str, int]:
+    """How many contacts are registered for each date (with the ledger's merged in)."""
+    return {
+        e.id: sum(1 for c in config.contacts.contacts if c.is_registered(e.id))
+        for e in config.series.events
+    }
+
+
+async def registered_counts(config: Config) -> dict[str, int]:
+    """:func:`registered_per_date` with the ledger's registrations, if there is a ledger."""
+    async with open_ledger(config, create=False) as ledger:
+        if ledger is not None:
+            config = with_registrations(config, await ledger.registrations(config.series.id))
+    return registered_per_date(config)
 
 
 async def status(config: Config, now: datetime) -> Status:
     async with open_ledger(config, create=False) as ledger:
         if ledger is None:
-            return Status(plan(PlanInput.of(config), EmptyLedger(), now), [], [], [])
+            mailings = plan(PlanInput.of(config), EmptyLedger(), now)
+            return Status(mailings, [], [], [], registered_per_date(config))
         optouts = await ledger.optouts(config.series.id)
         view = await ledger.view(config.series.id)
         series_id = config.series.id
+        merged = with_registrations(config, view.registrations())
         return Status(
-            mailings=plan(PlanInput.of(config, optouts), view, now),
+            mailings=plan(PlanInput.of(merged, optouts), view, now),
             failed=await ledger.deliveries(series_id, states=[DeliveryState.FAILED]),
             uncertain=await ledger.deliveries(
                 series_id, states=[DeliveryState.UNCERTAIN, DeliveryState.SENDING]
             ),
             retrying=await ledger.deliveries(series_id, states=[DeliveryState.PENDING], tried=True),
+            registered=registered_per_date(merged),
             bounces=await ledger.bounces(series_id),
         )
 
@@ -320,6 +323,8 @@ def preview(
     """
     event = pick_event(config, kind, event_id)
     written = []
+    if view is not None:
+        config = with_registrations(config, view.registrations())
     sequences = sequences_of(config.series, view)
     builder = WireComposer(Composer.from_config(config))  # the builder send-due uses
     signer = DkimSigner.from_settings(config.settings)  # and the transports' signature
@@ -332,6 +337,7 @@ def preview(
             attendance=config.attendance,
             ledger=view,
             sequences=sequences,
+            series=config.series,
         )
         wire = builder.wire_for(request)
         if signer is not None:

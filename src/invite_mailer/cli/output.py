@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from invite_mailer.cli.commands import SendDueResult, Status, ValidationReport
-from invite_mailer.cli.optouts import OptOutEntry, OptOutFiles, Removal
+from invite_mailer.cli.registrations import Entry as RegistrationEntry
 from invite_mailer.core.forecast import Finish
 from invite_mailer.core.plan import Mailing, MailingState
 from invite_mailer.delivery.dispatch import Outcome, ProgressCallback
@@ -173,6 +173,27 @@ def plan_table(
     return table
 
 
+def registered_caption(registered: Mapping[str, int], series: Series) -> str:
+    """ "registered: verwaltung 5, kreislaufwirtschaft 4, ..." for the tables' captions."""
+    parts = [f"{e.id} {registered.get(e.id, 0)}" for e in series.events if not e.cancelled]
+    return "registered: " + ", ".join(parts)
+
+
+def registrations_table(found: Sequence[RegistrationEntry], series: Series) -> Table:
+    table = Table(
+        title=cell(f"{series.title} — registrations ({len(found)})"), title_justify="left"
+    )
+    for column in ("date", "event", "address", "name", "source", "since"):
+        table.add_column(column)
+    for e in found:
+        since = local(e.registered_at, series) if e.registered_at else "(contact list)"
+        for_date = series.event(e.event).date
+        table.add_row(
+            *(cell(t) for t in (f"{for_date:%d.%m.%Y}", e.event, e.email, e.name, e.source, since))
+        )
+    return table
+
+
 def status_table(
     mailings: Sequence[Mailing],
     pending_retry: Mapping[str, int],
@@ -234,6 +255,7 @@ def plan_json(
     mailings: Sequence[Mailing],
     series: Series,
     now: datetime,
+    registered: Mapping[str, int] | None = None,
     finishes: Mapping[str, Finish] | None = None,
 ) -> dict[str, Any]:
     finishes = finishes or {}
@@ -252,6 +274,7 @@ def plan_json(
         "now": now.isoformat(),
         "timezone": series.timezone,
         "mailings": listed,
+        "registered": {e.id: (registered or {}).get(e.id, 0) for e in series.events},
     }
 
 
@@ -315,6 +338,7 @@ def status_json(status: Status, now: datetime, *, only_failed: bool) -> dict[str
         data["mailings"] = [mailing_json(m) for m in status.mailings]
         data["retrying"] = [delivery_json(d) for d in status.retrying]
         data["bounces"] = [b.to_json() for b in status.bounces]
+        data["registered"] = dict(status.registered)
     return data
 
 
@@ -325,38 +349,6 @@ def retrying_by_mailing(retrying: Sequence[Delivery]) -> dict[str, int]:
         mailing_id = f"{d.kind}:{d.event or 'series'}"
         counts[mailing_id] = counts.get(mailing_id, 0) + 1
     return counts
-
-
-def optouts_json(files: OptOutFiles, entries: Sequence[OptOutEntry]) -> dict[str, Any]:
-    return {
-        "series": files.series.id,
-        "addresses": len({e.email for e in entries}),
-        "optouts": [
-            {
-                "email": e.email,
-                "stored_in": e.stored_in,
-                "source": e.source,
-                "created_at": e.created_at.isoformat() if e.created_at else None,
-                "line": e.line,
-            }
-            for e in entries
-        ],
-    }
-
-
-def optouts_table(files: OptOutFiles, entries: Sequence[OptOutEntry]) -> Table:
-    table = Table(
-        title=cell(f"Opt-outs of {files.series.id} ({len({e.email for e in entries})} addresses)")
-    )
-    for column in ("address", "stored in", "source", "since"):
-        table.add_column(column)
-    for entry in entries:
-        where = "state database"
-        if entry.stored_in == "file":
-            where = str(files.optout_file) + (f", line {entry.line}" if entry.line else "")
-        since = local(entry.created_at, files.series) if entry.created_at else ""
-        table.add_row(*(cell(text) for text in (entry.email, where, entry.source, since)))
-    return table
 
 
 # --- printing ---------------------------------------------------------------------------
@@ -470,20 +462,3 @@ def validation_line(report: ValidationReport) -> Text:
         )
         line.append(signer.dns_record())
     return line
-
-
-def removal_answer(key: str, outcome: Removal, where: str) -> tuple[str | None, str]:
-    """``optout remove``: the label for stderr (``None``: all is well, stdout) and the message."""
-    if outcome is Removal.REMOVED:
-        return None, f"{key}: opt-out removed; this address gets mail again."
-    if outcome is Removal.NOT_FOUND:
-        return None, f"{key} was not opted out; nothing to do."
-    if outcome is Removal.ONLY_IN_FILE:
-        return "error:", (
-            f"{key} is not in the state database but listed in {where}; "
-            "to allow mail to it again, delete that line from the file."
-        )
-    return "warning:", (
-        f"{key}: removed from the state database, but it is also "
-        f"listed in {where} and stays blocked; delete that line from the file too."
-    )

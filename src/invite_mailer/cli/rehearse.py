@@ -4,7 +4,9 @@ The rehearsal walks the timeline from the first due time to the last and, at
 each due moment, runs a real delivery pass (the same :class:`Dispatcher` as
 ``send-due`` and ``run``) with the outbox transport into ``<out>/mails/``,
 against a throw-away ledger inside ``<out>``. Nothing reaches a relay and the
-real ledger is only read (for its opt-outs). A follow-up is sent only if its
+real ledger is only read (for its opt-outs). The contact list's
+registrations are taken as new ones, so every registered contact's
+confirmation is in the rehearsal too. A follow-up is sent only if its
 date lists materials, exactly as it would be; otherwise the overview shows it
 as waiting, with a preview of its text.
 
@@ -242,6 +244,9 @@ async def _play(
         start = min((due for _, _, due, _ in mailing_times(series)), default=series.first_start)
         for email_key in sorted(optouts - config.optouts):
             await ledger.add_optout(series.id, email_key, source="rehearsal", now=start)
+        # An empty first reading: the contact list's registrations count as new,
+        # so the rehearsal shows their confirmations (as for registrations by link).
+        await ledger.observe_registrations(series.id, {}, start)
         final, waited = await _walk(virtual, ledger, recorder, start)
         deliveries = await ledger.deliveries(series.id)
 

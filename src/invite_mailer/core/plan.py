@@ -15,6 +15,11 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Protocol
 
+from invite_mailer.core.registrations import (
+    Registration,
+    confirmation_dates,
+    confirmation_groups,
+)
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Audience, Event, Kind, Series
@@ -64,6 +69,14 @@ class LedgerSnapshot(Protocol):
         """The versions of a date observed so far."""
         ...
 
+    def registrations_of(self, email: str) -> Mapping[str, Registration]:
+        """Per address: date -> the ledger's registration row."""
+        ...
+
+    def confirmed(self, email: str) -> frozenset[str]:
+        """The dates a confirmation to *email* has covered."""
+        ...
+
 
 class EmptyLedger:
     """A ledger that holds nothing (before the first send, or for ``validate``)."""
@@ -76,6 +89,12 @@ class EmptyLedger:
 
     def date(self, event: str) -> DateVersions | None:
         return None
+
+    def registrations_of(self, email: str) -> Mapping[str, Registration]:
+        return {}
+
+    def confirmed(self, email: str) -> frozenset[str]:
+        return frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +170,8 @@ def audience_of(
     for ``attended`` goes to attendees only.
     """
     rules = series.mailings
+    if kind is Kind.CONFIRMATION and event is not None:
+        return [c for c in contacts if c.is_registered(event.id)]
     if kind is Kind.INVITATION:
         assert rules.invitation is not None
         audience = rules.invitation.audience
@@ -205,6 +226,43 @@ def plan(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mailing
         )
     if series.mailings.updates.enabled:
         mailings.extend(_changes(data, ledger, now))
+    if series.mailings.confirmation.enabled:
+        mailings.extend(_confirmations(data, ledger, now))
+    return mailings
+
+
+def _confirmations(data: PlanInput, ledger: LedgerSnapshot, now: datetime) -> list[Mailing]:
+    """Anmeldebestätigungen, filed under the first date of each person's batch
+    (see :func:`~invite_mailer.core.registrations.confirmation_groups`)."""
+    series = data.series
+    groups = confirmation_groups(series, data.contacts, ledger, data.optouts, now)
+    mailings = []
+    for event in series.active_events:
+        waiting = groups.get(event.id, [])
+        states = ledger.states(str(Kind.CONFIRMATION), event.id)
+        if not waiting and not states:
+            continue
+        waiting = [(key, ready) for key, ready in waiting if states.get(key) not in DONE_STATES]
+        outstanding = tuple(key for key, ready in waiting if ready <= now)
+        due = min((ready for _, ready in waiting), default=now)
+        state = MailingState.OPEN if outstanding else MailingState.SCHEDULED
+        if not waiting:
+            state = MailingState.DONE
+        mailings.append(
+            Mailing(
+                kind=Kind.CONFIRMATION,
+                event=event.id,
+                due=min(due, event.starts_at),
+                deadline=event.starts_at,
+                state=state,
+                audience=tuple(dict.fromkeys([*states, *(key for key, _ in waiting)])),
+                outstanding=outstanding,
+                sent=sum(1 for value in states.values() if value == "sent"),
+                failed=sum(1 for value in states.values() if value == "failed"),
+                uncertain=sum(1 for k in outstanding if states.get(k) == "uncertain"),
+                note=f"{len(waiting) - len(outstanding)} waiting" if waiting else "",
+            )
+        )
     return mailings
 
 
@@ -348,6 +406,7 @@ class MailRequest:
     attended: bool | None = None
     sequences: Mapping[str, int] = field(default_factory=lambda: _NO_SEQUENCES)
     previous: Mapping[str, str] | None = None
+    dates: tuple[str, ...] = ()  # a confirmation: the dates it confirms
 
 
 def request_for(
@@ -359,15 +418,23 @@ def request_for(
     attendance: Mapping[str, frozenset[str]],
     ledger: LedgerSnapshot | None = None,
     sequences: Mapping[str, int] | None = None,
+    series: Series | None = None,
 ) -> MailRequest:
     """The mail *contact* gets of *kind* about *event* at *now*.
 
     Attendance comes from the attendance lists; with the *ledger*, an
-    update describes what changed since the version the contact saw last.
+    update describes what changed since the version the contact saw last,
+    and a confirmation (with the *series*) covers the person's batch of
+    new registrations.
     """
     previous = None
+    dates: tuple[str, ...] = ()
     if kind == Kind.UPDATE:
         previous = previous_version(ledger, event, contact)
+    elif kind == Kind.CONFIRMATION and event is not None:
+        dates = (event.id,)
+        if series is not None:
+            dates = confirmation_dates(series, contact, ledger, event, now)
     return MailRequest(
         kind=str(kind),
         contact=contact,
@@ -376,7 +443,29 @@ def request_for(
         attended=attended(attendance, event, contact),
         sequences=_NO_SEQUENCES if sequences is None else sequences,
         previous=previous,
+        dates=dates,
     )
+
+
+def calendar_dates(request: MailRequest, series: Series) -> list[Event]:
+    """The dates whose calendar files the mail of *request* carries, and so
+    the dates a recipient's calendar knows from it (updates go to them).
+
+    The invitation carries every active date, or with registration links
+    only those the contact is registered for (the others come with their
+    confirmation); a confirmation its dates; a follow-up none; every other
+    kind its date.
+    """
+    if request.kind == Kind.CONFIRMATION:
+        return [series.event(d) for d in request.dates]
+    if request.kind == Kind.FOLLOWUP:
+        return []
+    if request.event is not None:
+        return [request.event]
+    dates = series.active_events
+    if series.registration.links:
+        dates = [e for e in dates if request.contact.is_registered(e.id)]
+    return dates
 
 
 def attended(

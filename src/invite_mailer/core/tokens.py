@@ -1,4 +1,4 @@
-"""Unsubscribe tokens for the one-click link.
+"""Signed tokens: the one-click unsubscribe link, and registration links per date.
 
 A token is ``base64url(email) + "." + base64url(mac)``, where *mac* is the
 first 18 bytes of HMAC-SHA256(secret, "<series id>\\n<email>") and *email* is
@@ -61,6 +61,63 @@ def verify_token(secret: str, series_id: str, token: str) -> str | None:
     if not hmac.compare_digest(mac, _mac(secret, series_id, address)):
         return None
     return address
+
+
+# --- registration links ------------------------------------------------------------------
+
+REGISTER = "anmeldung"
+WITHDRAW = "absage"
+LINK_ACTIONS = (REGISTER, WITHDRAW)
+
+
+def _link_mac(secret: str, action: str, series_id: str, email: str, event_id: str) -> bytes:
+    # Four lines, where an unsubscribe MAC signs two: no token of one kind
+    # verifies as the other, nor as another action, date or series.
+    message = f"{action}\n{series_id}\n{email}\n{event_id}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).digest()[:MAC_BYTES]
+
+
+def make_link_token(secret: str, action: str, series_id: str, email: str, event_id: str) -> str:
+    """The token of a registration (or withdrawal) link: bound to series, contact and date.
+
+    ``base64url(email) + "." + base64url(event id) + "." + base64url(mac)``.
+    """
+    if not secret:
+        raise ValueError("a registration link needs a secret")
+    if action not in LINK_ACTIONS:
+        raise ValueError(f"unknown link action {action!r}")
+    address = email.strip().lower()
+    mac = _link_mac(secret, action, series_id, address, event_id)
+    return ".".join(_b64encode(part) for part in (address.encode(), event_id.encode(), mac))
+
+
+def verify_link_token(
+    secret: str, action: str, series_id: str, token: str
+) -> tuple[str, str] | None:
+    """(address, event id) of a valid link token, else ``None`` (forged, truncated,
+    altered, another action or another series); compared in constant time."""
+    if not secret or action not in LINK_ACTIONS or token.count(".") != 2:
+        return None
+    parts = token.split(".")
+    try:
+        address = _b64decode(parts[0]).decode("utf-8")
+        event_id = _b64decode(parts[1]).decode("utf-8")
+        mac = _b64decode(parts[2])
+    except (binascii.Error, ValueError):
+        return None
+    if not address or address != address.lower() or not event_id:
+        return None
+    canonical = [_b64encode(address.encode()), _b64encode(event_id.encode()), _b64encode(mac)]
+    if canonical != parts:
+        return None
+    if not hmac.compare_digest(mac, _link_mac(secret, action, series_id, address, event_id)):
+        return None
+    return address, event_id
+
+
+def link_url(base_url: str, action: str, token: str) -> str:
+    """``<base_url>/anmeldung/<token>`` or ``<base_url>/absage/<token>``."""
+    return f"{base_url.rstrip('/')}/{action}/{token}"
 
 
 def unsubscribe_url(base_url: str, token: str) -> str:

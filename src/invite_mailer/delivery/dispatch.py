@@ -26,10 +26,12 @@ from invite_mailer.core.plan import (
     Mailing,
     MailRequest,
     PlanInput,
+    calendar_dates,
     plan,
     request_for,
     sequences_of,
 )
+from invite_mailer.core.registrations import csv_registrations, with_registrations
 from invite_mailer.delivery.handover import Handover, track_handover
 from invite_mailer.delivery.ledger import (
     Claim,
@@ -225,8 +227,13 @@ class Dispatcher:
         await self.ledger.observe_dates(
             series.id, {e.id: (e.version, e.fingerprint()) for e in series.events}, now
         )
+        # Registrations new in the contact list are recorded with this pass's
+        # time, and everyone's registrations (link, CLI) merged in for the pass.
+        listed = csv_registrations(self.config.contacts, series)
+        await self.ledger.observe_registrations(series.id, listed, now)
         view = await self.ledger.view(series.id)
         self._view = view
+        self.config = with_registrations(self.config, view.registrations())
         self._sequences = sequences_of(series, view)
         self._issued = set()
         self._halted = None
@@ -314,7 +321,6 @@ class Dispatcher:
             return None
         event = config.series.event(mailing.event) if mailing.event else None
         key = DeliveryKey(config.series.id, mailing.ledger_kind, mailing.event, contact.key)
-        described = [event] if event is not None else config.series.active_events
         request = request_for(
             mailing.kind,
             event,
@@ -323,7 +329,9 @@ class Dispatcher:
             attendance=config.attendance,
             ledger=self._view,
             sequences=self._sequences,
+            series=config.series,
         )
+        described = calendar_dates(request, config.series)
         try:
             message = await self._compose(request)
         except ConfigError as exc:

@@ -31,7 +31,9 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
+from invite_mailer.core.registrations import Registration
 from invite_mailer.delivery import bounce_sql
+from invite_mailer.delivery import ledger_registrations as regs
 from invite_mailer.delivery import ledger_sql as sql
 from invite_mailer.delivery.bounce_sql import BounceRecord, Recorded
 from invite_mailer.delivery.bounces import Report
@@ -294,6 +296,32 @@ class Ledger:
         for kind, event, state, count in rows:
             result.setdefault((kind, event), Counter())[sql.STATES[state]] = count
         return result
+
+    # -- registrations -----------------------------------------------------------
+
+    async def register(
+        self, series: str, event: str, email: str, *, source: str, now: datetime
+    ) -> bool:
+        """Register *email* for *event* (idempotent); False if it was registered already."""
+        return await self._thread.call(
+            lambda db: regs.register(db, series, event, email, source, now)
+        )
+
+    async def withdraw(
+        self, series: str, event: str, email: str, *, by: str, now: datetime
+    ) -> bool:
+        """Withdraw *email* from *event* (idempotent); False if it was withdrawn already."""
+        return await self._thread.call(lambda db: regs.withdraw(db, series, event, email, by, now))
+
+    async def observe_registrations(
+        self, series: str, listed: Mapping[str, frozenset[str]], now: datetime
+    ) -> int:
+        """Record the contact list's registrations not known yet (at *now*); how many."""
+        return await self._thread.call(lambda db: regs.observe_csv(db, series, listed, now))
+
+    async def registrations(self, series: str) -> dict[str, dict[str, Registration]]:
+        """email -> date -> registration row, for *series*."""
+        return await self._thread.call(lambda db: regs.registrations_of(db, series))
 
     # -- opt-outs --------------------------------------------------------------
 

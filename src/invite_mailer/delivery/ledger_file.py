@@ -97,6 +97,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"PRAGMA application_id = {APPLICATION_ID:d}",
     ),
     (
+        # Registrations per (date, address), with where they came from (link,
+        # csv, cli) and when; a withdrawal keeps the row, so it wins over a
+        # contact list that still names the person. confirm = 0 for what the
+        # contact list held when the ledger first read it (nobody is told
+        # about those again). registration_imports marks that first reading,
+        # and the digest of the list's registrations read last.
+        """
+        CREATE TABLE registrations (
+            series TEXT NOT NULL,
+            event TEXT NOT NULL,
+            email TEXT NOT NULL,
+            source TEXT NOT NULL,
+            registered_at TEXT NOT NULL,
+            withdrawn_at TEXT,
+            withdrawn_by TEXT NOT NULL DEFAULT '',
+            confirm INTEGER NOT NULL DEFAULT 1,
+            PRIMARY KEY (series, event, email)
+        )
+        """,
+        """
+        CREATE TABLE registration_imports (
+            series TEXT PRIMARY KEY,
+            first_at TEXT NOT NULL,
+            digest TEXT NOT NULL DEFAULT ''
+        )
+        """,
+    ),
+    (
         # Bounces and complaints, one row per (report, recipient); the report's
         # fingerprint keeps a report imported twice from counting twice.
         """

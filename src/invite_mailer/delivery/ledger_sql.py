@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from invite_mailer.delivery.ledger_registrations import registrations_of
 from invite_mailer.delivery.records import (
     DateHistory,
     Delivery,
@@ -44,6 +45,11 @@ __all__ = [
 ]
 
 STATES = {state.value: state for state in DeliveryState}
+
+# The ledger kind of confirmations, and the states after which the dates a
+# confirmation described count as confirmed.
+CONFIRMATION = "confirmation"
+_SETTLED = frozenset({DeliveryState.SENT.value, DeliveryState.FAILED.value})
 
 COLUMNS = (
     "series, kind, event, email, state, attempts, last_response, message_id, "
@@ -230,7 +236,10 @@ def view_of(db: sqlite3.Connection, series: str) -> LedgerView:
     seen: dict[str, dict[str, str]] = {}
     parsed: dict[str, dict[str, str]] = {}
     attempts_made: dict[tuple[str, str, str], int] = {}
+    confirmed: dict[str, set[str]] = {}
     for kind, event, email, state, next_attempt_at, version, attempts in rows:
+        if kind == CONFIRMATION and state in _SETTLED:
+            confirmed.setdefault(email, set()).update(parse_version(version) or (event,))
         mailing = states.get((kind, event))
         if mailing is None:
             mailing = states[(kind, event)] = {}
@@ -252,6 +261,8 @@ def view_of(db: sqlite3.Connection, series: str) -> LedgerView:
         MappingProxyType({key: MappingProxyType(value) for key, value in seen.items()}),
         MappingProxyType(date_histories(db, series)),
         MappingProxyType(attempts_made),
+        MappingProxyType(registrations_of(db, series, planned_only=True)),
+        MappingProxyType({email: frozenset(dates) for email, dates in confirmed.items()}),
     )
 
 

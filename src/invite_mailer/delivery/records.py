@@ -12,6 +12,8 @@ from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
 
+from invite_mailer.core.registrations import Registration
+
 __all__ = [
     "DateHistory",
     "Delivery",
@@ -71,6 +73,7 @@ class Delivery:
 
 _EMPTY_STATES: Mapping[str, DeliveryState] = MappingProxyType({})
 _EMPTY_SEEN: Mapping[str, str] = MappingProxyType({})
+_EMPTY_ROWS: Mapping[str, Registration] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,10 @@ class LedgerView:
     _seen: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
     _dates: Mapping[str, DateHistory] = field(default_factory=dict, repr=False)
     _attempts: Mapping[tuple[str, str, str], int] = field(default_factory=dict, repr=False)
+    _registrations: Mapping[str, Mapping[str, Registration]] = field(
+        default_factory=dict, repr=False
+    )
+    _confirmed: Mapping[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def empty(cls, series: str) -> LedgerView:
@@ -109,6 +116,18 @@ class LedgerView:
     def date(self, event: str) -> DateHistory | None:
         """What the ledger knows about the versions of one date."""
         return self._dates.get(event)
+
+    def registrations(self) -> Mapping[str, Mapping[str, Registration]]:
+        """email -> date -> the ledger's registration row."""
+        return self._registrations
+
+    def registrations_of(self, email: str) -> Mapping[str, Registration]:
+        """date -> the ledger's registration rows of one address."""
+        return self._registrations.get(email.lower(), _EMPTY_ROWS)
+
+    def confirmed(self, email: str) -> frozenset[str]:
+        """The dates a confirmation sent to *email* (or refused for good) covered."""
+        return self._confirmed.get(email.lower(), frozenset())
 
 
 @dataclass(frozen=True)

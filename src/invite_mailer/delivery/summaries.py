@@ -15,6 +15,7 @@ from invite_mailer.delivery.results import Outcome, PassResult
 from invite_mailer.delivery.transport import Transport
 from invite_mailer.errors import PermanentFailure, TemporaryFailure
 from invite_mailer.inputs.config import Config
+from invite_mailer.inputs.series import Kind
 from invite_mailer.mail import mime
 from invite_mailer.mail.summary import compose_summary
 
@@ -39,6 +40,8 @@ async def send_summaries(
         return
     organiser = str(config.series.organiser.email).lower()
     for mailing in mailings:
+        if mailing.kind is Kind.CONFIRMATION:
+            continue  # a few mails at a time, all the series long: not worth a report each
         done = after_pass(mailing, result)
         if done is None:
             continue

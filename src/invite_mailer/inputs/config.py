@@ -77,6 +77,7 @@ def load_config(
     materials: dict[str, tuple[File, ...]] = {}
     if settings is not None and series is not None:
         materials = load_mail_files(settings, series, config_dir, problems)
+        check_links(settings, series, config_dir, problems)
     problems.raise_if_any()
     assert settings is not None and series is not None and contacts is not None
     return Config(
@@ -127,6 +128,29 @@ def _check_times(config_dir: Path, series: Series) -> None:
             f"a mailing time of the series cannot be computed: {exc}",
             hint="check the dates (years 1970 to 9000) and the durations of the mailings",
         ) from None
+
+
+def check_links(
+    settings: Settings, series: Series, config_dir: Path, problems: ProblemCollector
+) -> None:
+    """Registration links need the web app's public address and the secret that signs them."""
+    if not series.registration.links:
+        return
+    if not settings.sender.web_url:
+        problems.add(
+            config_dir / SETTINGS_FILE,
+            'registration.mode is "links" in series.yaml, but [sender] web_url is not set: '
+            "the mails would carry no registration links",
+            hint='set web_url = "https://..." in [sender] to the public address of the '
+            "daemon's web app (unsubscribe.serve), or use registration.mode: external",
+        )
+    if not settings.unsubscribe.secret.get_secret_value():
+        problems.add(
+            config_dir / SETTINGS_FILE,
+            'registration.mode is "links" in series.yaml, but the secret that signs the '
+            "links is empty",
+            hint="set INVITE_MAILER_UNSUBSCRIBE__SECRET in the environment or in .env",
+        )
 
 
 def check_header_values(

@@ -52,6 +52,14 @@ class Kind(StrEnum):
     FOLLOWUP = "followup"
     UPDATE = "update"
     CANCELLATION = "cancellation"
+    CONFIRMATION = "confirmation"
+
+
+class RegistrationMode(StrEnum):
+    """How registrations reach invite-mailer (``registration.mode``)."""
+
+    EXTERNAL = "external"  # the organiser's own form; the contact list's anmeldungen
+    LINKS = "links"  # personal signed links per date, served by the daemon's web app
 
 
 class Genus(StrEnum):
@@ -196,11 +204,36 @@ class UpdateRule(_Model):
     enabled: bool = True
 
 
+class ConfirmationRule(_Model):
+    """The "Anmeldebestätigung" after a new registration.
+
+    It goes out once *quiet* has passed since the person's latest new
+    registration, so several registrations in quick succession give one
+    mail; *join_link* says whether it carries the join link (else the
+    reminder brings it).
+    """
+
+    quiet: Duration = Duration(seconds=30)
+    join_link: bool = True
+    enabled: bool = True
+
+
 class Mailings(_Model):
     invitation: InvitationRule | None = None
     reminder: ReminderRule = ReminderRule()
     followup: FollowupRule = FollowupRule()
     updates: UpdateRule = UpdateRule()
+    confirmation: ConfirmationRule = ConfirmationRule()
+
+
+class Registration(_Model):
+    """``registration:`` of series.yaml: how people register for the dates."""
+
+    mode: RegistrationMode = RegistrationMode.EXTERNAL
+
+    @property
+    def links(self) -> bool:
+        return self.mode is RegistrationMode.LINKS
 
 
 class Series(_Model):
@@ -214,6 +247,7 @@ class Series(_Model):
     organiser: Organiser
     timezone: Annotated[str, Field(max_length=100)] = "Europe/Berlin"
     registration_url: HttpUrl | None = None
+    registration: Registration = Registration()
     description: Annotated[str, long_text(20_000)] = ""
     audience: Annotated[str, long_text(5_000)] = ""
     imprint: Annotated[str, long_text(5_000)] = ""

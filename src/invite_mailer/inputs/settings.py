@@ -32,6 +32,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from invite_mailer.inputs.dkimkey import dkim_key_bits
+
 ENV_PREFIX = "INVITE_MAILER_"
 ENV_DELIMITER = "__"
 SETTINGS_FILE = "settings.toml"
@@ -215,6 +217,9 @@ class SenderSettings(_Section):
     reply_to: str = ""
     unsubscribe_mailto: str = ""
     unsubscribe_url: str = ""
+    # The https base of the daemon's web app for registration links
+    # (registration.mode = "links"): <web_url>/anmeldung/<token>, /absage/<token>.
+    web_url: str = ""
 
     @field_validator("address", "reply_to", "unsubscribe_mailto")
     @classmethod
@@ -223,14 +228,15 @@ class SenderSettings(_Section):
             _single_address(value, named=info.field_name == "address")
         return value
 
-    @field_validator("unsubscribe_url")
+    @field_validator("unsubscribe_url", "web_url")
     @classmethod
-    def _https(cls, value: str) -> str:
+    def _https(cls, value: str, info: ValidationInfo) -> str:
         _no_control(value)
         if not value:
             return value
         if not value.startswith("https://"):
-            raise ValueError("the one-click unsubscribe URL must start with https://")
+            what = "one-click unsubscribe" if info.field_name == "unsubscribe_url" else "web app"
+            raise ValueError(f"the {what} URL must start with https://")
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises for a port that is no number
@@ -318,15 +324,8 @@ DKIM_HEADERS = (
     "List-Unsubscribe-Post",
 )
 
-#: A private key is a few kilobytes; anything much larger is not one.
-MAX_DKIM_KEY_BYTES = 64 * 1024
-
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
-KEY_HINT = (
-    "point dkim.key_file at a PEM file with an RSA private key of 2048 bits, e.g. made "
-    "with: openssl genrsa -out dkim.pem 2048 (keep it readable for invite-mailer only)"
-)
 
 
 class DkimSettings(_Section):
@@ -381,45 +380,6 @@ class DkimSettings(_Section):
                 "or remove the selector to send unsigned"
             )
         return self
-
-
-def read_dkim_key(path: Path) -> bytes:
-    """The bytes of a DKIM key file: a regular, readable file of at most 64 KiB."""
-    try:
-        with path.open("rb") as file:
-            if not path.is_file():
-                raise InvalidSetting(f"the DKIM key {str(path)!r} is not a regular file", KEY_HINT)
-            data = file.read(MAX_DKIM_KEY_BYTES + 1)
-    except FileNotFoundError:
-        raise InvalidSetting(f"the DKIM key file {str(path)!r} does not exist", KEY_HINT) from None
-    except OSError as exc:
-        raise InvalidSetting(
-            f"the DKIM key file {str(path)!r} cannot be read ({exc.strerror})", KEY_HINT
-        ) from None
-    if len(data) > MAX_DKIM_KEY_BYTES:
-        raise InvalidSetting(f"the DKIM key file {str(path)!r} is larger than 64 KiB", KEY_HINT)
-    return data
-
-
-def dkim_key_bits(path: Path) -> int:
-    """The size in bits of the RSA private key in *path*, or the reason it is unusable."""
-    import dkim.crypto
-
-    data = read_dkim_key(path)
-    try:
-        key = dkim.crypto.parse_pem_private_key(data)
-    except Exception:  # UnparsableKeyError, or the ASN.1 parser on garbage
-        raise InvalidSetting(
-            f"the DKIM key file {str(path)!r} holds no RSA private key in PEM form", KEY_HINT
-        ) from None
-    bits = int(key["modulus"]).bit_length()
-    if bits < 1024:
-        raise InvalidSetting(
-            f"the DKIM key in {str(path)!r} has {bits} bits; receivers ignore keys below "
-            "1024 bits (RFC 8301)",
-            KEY_HINT,
-        )
-    return bits
 
 
 class BouncesSettings(_Section):

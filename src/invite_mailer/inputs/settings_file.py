@@ -18,14 +18,13 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
 
 from invite_mailer.errors import ConfigError, Problem
+from invite_mailer.inputs.dkimkey import KeyFileError, dkim_key_bits
 from invite_mailer.inputs.settings import (
     ENV_DELIMITER,
     ENV_PREFIX,
-    KEY_HINT,
     SETTINGS_FILE,
     InvalidSetting,
     Settings,
-    dkim_key_bits,
 )
 from invite_mailer.inputs.yamlfile import read_config_file
 
@@ -131,7 +130,7 @@ def _dkim_warnings(path: Path, text: str, settings: Settings) -> list[Problem]:
         )
     try:
         bits = dkim_key_bits(dkim.key_file)
-    except InvalidSetting:  # reported by the loader
+    except KeyFileError:  # reported by the loader
         return warnings
     if bits < 2048:
         warnings.append(
@@ -139,7 +138,6 @@ def _dkim_warnings(path: Path, text: str, settings: Settings) -> list[Problem]:
                 path,
                 f"the DKIM key has {bits} bits; 2048 is the common minimum today",
                 _find_line(text, "dkim", "key_file"),
-                KEY_HINT,
             )
         )
     return warnings
@@ -228,7 +226,7 @@ def _problems(path: Path, text: str, exc: ValidationError) -> list[Problem]:
                 message = f"{dotted}: {said}"
                 hint = f"fix it in the file or in the environment variable {env}"
             cause = (error.get("ctx") or {}).get("error")
-            if isinstance(cause, InvalidSetting):
+            if isinstance(cause, InvalidSetting | KeyFileError):
                 hint = f"{cause.hint}; {hint}"
         where = path
         line = _find_line(text, section, key) if text else None

@@ -43,6 +43,7 @@ for _names, _unit, _factor in (
     (("day", "days", "tag", "tage", "tagen", "d"), "days", 1),
     (("hour", "hours", "stunde", "stunden", "h"), "seconds", 3600),
     (("minute", "minutes", "minute", "minuten", "min", "m"), "seconds", 60),
+    (("second", "seconds", "sekunde", "sekunden", "sec", "s"), "seconds", 1),
 ):
     for _name in _names:
         _UNITS[_name] = (_unit, _factor)
@@ -80,7 +81,8 @@ class Duration(BaseModel):
         for amount, unit in parts:
             if unit not in _UNITS:
                 raise ValueError(
-                    f"unknown unit {unit!r} in {value!r}; use weeks, days, hours or minutes"
+                    f"unknown unit {unit!r} in {value!r}; "
+                    "use weeks, days, hours, minutes or seconds"
                 )
             kind, factor = _UNITS[unit]
             if kind == "days":
@@ -103,6 +105,9 @@ class Duration(BaseModel):
             parts.append(f"{hours} hour" + ("s" if hours != 1 else ""))
         if minutes:
             parts.append(f"{minutes} minute" + ("s" if minutes != 1 else ""))
+        if self.seconds % 60:
+            rest = self.seconds % 60
+            parts.append(f"{rest} second" + ("s" if rest != 1 else ""))
         return " ".join(parts) or "0 minutes"
 
 

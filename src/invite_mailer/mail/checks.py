@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from invite_mailer.core.plan import audience_of, mailing_times, request_for
+from invite_mailer.core.plan import MailRequest, audience_of, mailing_times, request_for
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.series import Kind
 from invite_mailer.mail import mime
@@ -33,7 +33,8 @@ def validate_sample(config: Config, composer: Composer | None = None) -> None:
 
 
 def validate_change_kinds(config: Config, now: datetime, composer: Composer | None = None) -> None:
-    """Updates and cancellations have templates too: render them once per date."""
+    """Updates, cancellations and confirmations have templates too: render them
+    once per date (a confirmation of all dates at once as well)."""
     composer = composer or Composer.from_config(config)
     contact = config.contacts.contacts[0]
     for event in config.series.events:
@@ -42,3 +43,9 @@ def validate_change_kinds(config: Config, now: datetime, composer: Composer | No
             Kind.UPDATE, contact, event=event, now=now, sequences={event.id: 1}, previous=previous
         )
         composer.compose(Kind.CANCELLATION, contact, event=event, now=now, sequences={event.id: 1})
+        if not event.cancelled:
+            composer.compose(Kind.CONFIRMATION, contact, event=event, now=now)
+    active = config.series.active_events
+    if len(active) > 1:
+        dates = tuple(e.id for e in active)
+        composer.render(MailRequest(Kind.CONFIRMATION, contact, active[0], now, dates=dates))

@@ -82,7 +82,7 @@ import css_inline
 from invite_mailer.core import german
 from invite_mailer.core.calendar import METHOD as CALENDAR_METHOD
 from invite_mailer.core.calendar import METHOD_CANCEL, METHOD_UPDATE, CalendarFiles
-from invite_mailer.core.plan import MailRequest
+from invite_mailer.core.plan import MailRequest, calendar_dates
 from invite_mailer.core.tokens import mailto_url, make_token, unsubscribe_url
 from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.inputs.config import Config, load_mail_files
@@ -95,17 +95,13 @@ from invite_mailer.inputs.typeset import tidy_text
 from invite_mailer.mail import mime
 from invite_mailer.mail.mime import RenderedMail
 from invite_mailer.mail.sizes import message_size, octet_counts
-from invite_mailer.mail.views import EventView, changes, event_view, series_view
+from invite_mailer.mail.views import EventView, changes, event_view, links_of, series_view
 
-# What each kind attaches. "series": one calendar file per active date;
-# "event": the date's calendar file. Kinds not listed attach nothing; the
-# update and cancellation kinds will add their entries (with their METHOD).
-_CALENDARS: dict[str, str] = {
-    Kind.INVITATION: "series",
-    Kind.REMINDER: "event",
-    Kind.UPDATE: "event",
-    Kind.CANCELLATION: "event",
-}
+# The kinds that attach calendar files, for the dates core.plan.calendar_dates
+# names (the others attach none).
+_CALENDARS: frozenset[str] = frozenset(
+    {Kind.INVITATION, Kind.REMINDER, Kind.UPDATE, Kind.CANCELLATION, Kind.CONFIRMATION}
+)
 # The iTIP method of each kind's calendar files (default PUBLISH).
 _METHODS: dict[str, str] = {Kind.UPDATE: METHOD_UPDATE, Kind.CANCELLATION: METHOD_CANCEL}
 _MATERIALS: frozenset[str] = frozenset({Kind.FOLLOWUP})
@@ -163,6 +159,8 @@ class Composer:
         )
         self._unsubscribe_mailto = mailto_url(self._unsubscribe_address, f"Abmeldung {series.id}")
         self._secret = settings.unsubscribe.secret.get_secret_value()
+        # Registration links: (secret, web app's address), when they are on.
+        self._links = (self._secret, settings.sender.web_url) if series.registration.links else None
         self._reply_to = mime.reply_to_address(settings.sender.reply_to)
         self._sender = settings.sender.from_address
         self._list_id = f"{series.title} <{series.id}.{self._domain}>"
@@ -247,6 +245,8 @@ class Composer:
         if (event is None) != (kind in SERIES_KINDS):
             need = "event=None" if kind in SERIES_KINDS else "the event it is about"
             raise ValueError(f"composing a {kind!r} mail needs {need}")
+        if kind == Kind.CONFIRMATION and not request.dates and event is not None:
+            request = replace(request, dates=(event.id,))  # a sample: the date alone
         now, zone = request.now, self._series.zone
         if now.tzinfo is not zone:  # already in the series' zone: nothing to change
             if now.tzinfo is None:
@@ -394,6 +394,9 @@ class Composer:
             "next_event": next_event,
             "relative_day": relative_day,
             "registered_events": tuple(e for e in self._active if contact.is_registered(e.id)),
+            "unregistered_events": tuple(
+                e for e in self._active if not contact.is_registered(e.id)
+            ),
             "registered": event is not None and contact.is_registered(event.id),
             "attended": request.attended,
             "attachments": tuple(f.filename for f in attachments),
@@ -407,6 +410,9 @@ class Composer:
                 if request.previous is not None and event is not None
                 else ()
             ),
+            "confirmed_events": tuple(self._events[d] for d in request.dates),
+            "join_link": self._series.mailings.confirmation.join_link,
+            **links_of(self._series, self._links, contact.email),
         }
 
     def _about(
@@ -437,6 +443,7 @@ class Composer:
         key = (
             request.kind,
             event.id if event is not None else "",
+            tuple(d.id for d in calendar_dates(request, self._series)),
             # The calendar files' DTSTAMP is the minute (see CalendarFiles.get).
             request.now.astimezone(UTC).replace(second=0, microsecond=0),
             tuple(sorted(request.sequences.items())),
@@ -456,17 +463,12 @@ class Composer:
             request.sequences,
         )
         files: list[File] = []
-        calendars = _CALENDARS.get(kind)
         method = _METHODS.get(kind, CALENDAR_METHOD)
         attendee = None
         if method != CALENDAR_METHOD:
             name = german.full_name("", contact.vorname, contact.nachname)
             attendee = (name, contact.email)
-        dates: list[Event] = []
-        if calendars == "series":
-            dates = self._series.active_events
-        elif calendars == "event" and event is not None:
-            dates = [event]
+        dates = calendar_dates(request, self._series) if kind in _CALENDARS else []
         for day in dates:
             files.append(
                 File(

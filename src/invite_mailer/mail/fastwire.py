@@ -62,10 +62,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FAST_KINDS", "WireComposer"]
 
-#: The kinds that go to a whole audience at once. Updates and cancellations
+#: The kinds that go to a whole audience at once (and the confirmation,
+#: whose shapes are few: its dates and the person's). Updates and cancellations
 #: carry a calendar file per recipient, summaries go to one person: for them
 #: the standard library is fast enough.
-FAST_KINDS: frozenset[str] = frozenset({Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP})
+FAST_KINDS: frozenset[str] = frozenset(
+    {Kind.INVITATION, Kind.REMINDER, Kind.FOLLOWUP, Kind.CONFIRMATION}
+)
 
 _SMTP = email_policy.SMTP
 # The slots of a skeleton's top-level header block.

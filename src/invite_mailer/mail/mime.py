@@ -381,6 +381,18 @@ def build(mail: RenderedMail) -> EmailMessage:
     # short, whatever the relay supports (no 8BITMIME needed).
     msg.set_content(mail.text, subtype="plain", charset="utf-8", cte="quoted-printable")
     msg.add_alternative(mail.html, subtype="html", charset="utf-8", cte="quoted-printable")
+    for file in mail.attachments:
+        if is_itip(file):
+            # Outlook/Exchange, Google and Thunderbird act on an iTIP message
+            # (update the entry, show the meeting bar) when its text/calendar
+            # part is an alternative of the body; the attachment stays for
+            # people who open the file themselves. See docs/calendar.md.
+            msg.add_alternative(
+                file.data,
+                maintype="text",
+                subtype="calendar",
+                params={"method": file.method, "charset": "UTF-8"},
+            )
     for part in msg.iter_parts():
         # add_alternative() gives the new part its own MIME-Version; only
         # the top level needs one.
@@ -395,6 +407,14 @@ def build(mail: RenderedMail) -> EmailMessage:
     # is the same bytes every time (mail.fastwire builds them directly).
     set_boundaries(msg)
     return msg
+
+
+def is_itip(file: File) -> bool:
+    """Whether *file* is an iTIP calendar message (REQUEST, CANCEL), not a plain PUBLISH."""
+    return (file.maintype, file.subtype) == ("text", "calendar") and file.method in (
+        "REQUEST",
+        "CANCEL",
+    )
 
 
 # One built part per file name: a calendar file rebuilt for a new minute

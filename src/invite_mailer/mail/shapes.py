@@ -44,7 +44,7 @@ from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.filling import Filled, Shape, qp_lines
 from invite_mailer.mail.mime import PLAIN_ADDRESS, RenderedMail
-from invite_mailer.mail.slots import Analysis, analyse
+from invite_mailer.mail.slots import SLOT_FAMILIES, Analysis, analyse
 from invite_mailer.mail.wireformat import split_lines
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,13 @@ class Shapes:
             if missing
             else analyse(templates.trees)
         )
-        self._slots = tuple(sorted(self.analysis.slots))
+        # A family of slots (register_links) is one slot per date of the series.
+        dates = [e.id for e in self.composer.series.events]
+        self._slots = tuple(
+            item
+            for slot in sorted(self.analysis.slots)
+            for item in ([f"{slot}[{d}]" for d in dates] if slot in SLOT_FAMILIES else [slot])
+        )
         self._sources = [_source(slot) for slot in self._slots]
         if self.analysis.reason is not None:
             self._note(
@@ -187,6 +193,9 @@ class Shapes:
                 value: object = contact.extra.get(name)
             elif where == "contact":
                 value = getattr(contact, name)
+            elif where == "family":
+                family, _, date = name.partition("[")
+                value = context[family].get(date[:-1], "")
             else:
                 value = context[name]
             if not safe_value(value):
@@ -209,6 +218,7 @@ class Shapes:
             context["relative_day"],
             tuple(attachments),
             tuple(sorted(request.sequences.items())),
+            request.dates,
             tuple(e.id for e in context["registered_events"]),
             context["registered"],
             request.attended,
@@ -228,9 +238,18 @@ class Shapes:
         marks = [f"{_OPEN}{n}&{_CLOSE}" if v else "" for n, v in enumerate(values)]
         marked = dict(context)
         marked["contact"] = self._marked_contact(request.contact, marks)
+        families: dict[str, dict[str, str]] = {name: {} for name in SLOT_FAMILIES}
         for n, slot in enumerate(self._slots):
-            if not slot.startswith("contact."):
+            where, name = self._sources[n]
+            if where == "family":
+                family, _, date = name.partition("[")
+                if marks[n]:  # only the dates with a link, as in the real mapping
+                    families[family][date[:-1]] = marks[n]
+            elif not slot.startswith("contact."):
                 marked[slot] = marks[n]
+        for family, links in families.items():
+            if family in marked:
+                marked[family] = MappingProxyType(links)
         composer = self.composer
         subject, text, html = composer.render_templates(request.kind, marked)
         shape = _cut_text(text) if _ANY_MARK.search(subject) is None else None
@@ -270,6 +289,8 @@ def _source(slot: str) -> tuple[str, str]:
         return "extra", slot[len("contact.extra[") : -1]
     if slot.startswith("contact."):
         return "contact", slot[len("contact.") :]
+    if slot.split("[", 1)[0] in SLOT_FAMILIES:
+        return "family", slot
     return "context", slot
 
 

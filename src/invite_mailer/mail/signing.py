@@ -16,11 +16,17 @@ from dataclasses import dataclass
 import dkim
 import dkim.crypto
 
+from invite_mailer.core.plan import request_for
 from invite_mailer.errors import ConfigError
-from invite_mailer.inputs.settings import Settings, dkim_key_bits, read_dkim_key
+from invite_mailer.inputs.config import Config
+from invite_mailer.inputs.contacts import Contact
+from invite_mailer.inputs.dkimkey import dkim_key_bits, read_dkim_key
+from invite_mailer.inputs.series import Kind
+from invite_mailer.inputs.settings import Settings
+from invite_mailer.mail.fastwire import WireComposer
 from invite_mailer.mail.mime import Wire
 
-__all__ = ["DkimSigner", "public_key_der"]
+__all__ = ["DkimSigner", "checked_signer", "public_key_der"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,25 @@ class DkimSigner:
             return record if asked == name else None
 
         return bool(dkim.verify(wire.data, dnsfunc=lookup))
+
+
+def checked_signer(config: Config, wires: WireComposer) -> DkimSigner | None:
+    """The DKIM signer, once a signed sample verifies against its own public key."""
+    signer = DkimSigner.from_settings(config.settings)
+    if signer is None:
+        return None
+    series = config.series
+    sample = Contact(email=f"probe@{signer.domain}", vorname="Jana", nachname="Müller")
+    request = request_for(
+        Kind.INVITATION, None, sample, series.first_start, attendance=config.attendance
+    )
+    if not signer.verifies(signer.sign(wires.wire_for(request))):
+        raise ConfigError.single(
+            config.settings.dkim.key_file,
+            "a mail signed with this DKIM key does not verify against its public key",
+            hint="make a new key: openssl genrsa -out dkim.pem 2048",
+        )
+    return signer
 
 
 def public_key_der(pem: bytes) -> bytes:

@@ -27,7 +27,13 @@ def octet_counts(text: str) -> tuple[int, int]:
 
 def message_size(text: tuple[int, int], html: tuple[int, int], attachments: Iterable[File]) -> int:
     """About the wire size of a mail whose parts have these :func:`octet_counts`."""
-    return _qp_size(text) + _qp_size(html) + sum(_base64_size(len(f.data)) for f in attachments)
+    return _qp_size(text) + _qp_size(html) + sum(_file_size(f) for f in attachments)
+
+
+def _file_size(file: File) -> int:
+    """An attachment; an iTIP calendar file goes out twice (inline and attached)."""
+    itip = (file.maintype, file.subtype) == ("text", "calendar") and file.method != "PUBLISH"
+    return _base64_size(len(file.data)) * (2 if itip else 1)
 
 
 def _qp_size(counts: tuple[int, int]) -> int:

@@ -24,14 +24,17 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
-__all__ = ["CONTACT_FIELDS", "SLOT_NAMES", "Analysis", "analyse", "slot_of"]
+__all__ = ["CONTACT_FIELDS", "SLOT_FAMILIES", "SLOT_NAMES", "Analysis", "analyse", "slot_of"]
 
 #: The contact's string fields templates may print as slots.
 CONTACT_FIELDS = frozenset({"anrede", "titel", "vorname", "nachname", "organisation", "email"})
 #: Per-recipient strings that are template variables of their own.
 SLOT_NAMES = frozenset({"salutation", "unsubscribe_url"})
+#: Per-recipient strings per date: ``register_links[event.id]`` is a slot
+#: (one per date of the series); the mapping itself only in a truthiness test.
+SLOT_FAMILIES = frozenset({"register_links", "withdraw_links"})
 # Names whose every appearance is per-recipient data.
-_RECIPIENT = SLOT_NAMES | {"contact"}
+_RECIPIENT = SLOT_NAMES | SLOT_FAMILIES | {"contact"}
 # Names that give a block's output as a value.
 _BLOCK_CALLS = frozenset({"self", "super"})
 # Constructs whose body output is captured and may be changed before it is
@@ -71,6 +74,9 @@ def slot_of(node: nodes.Node) -> str | None:
     """The slot *node* reads as a whole (``contact.email``, ``salutation``), or None."""
     if isinstance(node, nodes.Name) and node.ctx == "load" and node.name in SLOT_NAMES:
         return node.name
+    if isinstance(node, nodes.Getitem) and _is_family(node.node):
+        assert isinstance(node.node, nodes.Name)
+        return node.node.name
     if isinstance(node, nodes.Getattr) and _is_contact(node.node):
         return f"contact.{node.attr}" if node.attr in CONTACT_FIELDS else None
     if isinstance(node, nodes.Getitem):
@@ -84,6 +90,10 @@ def slot_of(node: nodes.Node) -> str | None:
     if isinstance(node, nodes.Getattr) and _is_extra(node.node):
         return f"contact.extra[{node.attr}]"
     return None
+
+
+def _is_family(node: nodes.Node) -> bool:
+    return isinstance(node, nodes.Name) and node.ctx == "load" and node.name in SLOT_FAMILIES
 
 
 def _is_contact(node: nodes.Node) -> bool:
@@ -160,6 +170,8 @@ def _output(node: nodes.Node, slots: set[str], *, captured: bool) -> None:
         raise _NotSafe(f"{_where(node)}: {slot} is printed where the output is captured")
     else:
         slots.add(slot)
+        if slot in SLOT_FAMILIES and isinstance(node, nodes.Getitem):
+            _visit(node.arg, slots, captured=captured)  # the date it picks: no recipient data
 
 
 def _test(node: nodes.Node, slots: set[str]) -> None:
@@ -167,6 +179,10 @@ def _test(node: nodes.Node, slots: set[str]) -> None:
     slot = slot_of(node)
     if slot is not None:
         slots.add(slot)
+        if slot in SLOT_FAMILIES and isinstance(node, nodes.Getitem):
+            _visit(node.arg, slots, captured=False)
+    elif isinstance(node, nodes.Name) and _is_family(node):
+        slots.add(node.name)  # {% if register_links %}: whether links are on
     elif isinstance(node, nodes.Not):
         _test(node.node, slots)
     elif isinstance(node, nodes.And | nodes.Or):

@@ -20,6 +20,7 @@ KIND_LABELS: dict[str, str] = {
     Kind.FOLLOWUP: "Nachbereitung",
     Kind.UPDATE: "Änderung",
     Kind.CANCELLATION: "Absage",
+    Kind.CONFIRMATION: "Anmeldebestätigung",
 }
 
 
@@ -45,6 +46,7 @@ def compose_summary(config: Config, mailing: Mailing, *, now: datetime) -> Email
         f"  Fehlgeschlagen:       {mailing.failed}",
         f"  Abgemeldet (gesperrt): {mailing.opted_out}",
         "",
+        *_registered(config, mailing),
     ]
     if mailing.failed:
         body += [
@@ -68,3 +70,14 @@ def compose_summary(config: Config, mailing: Mailing, *, now: datetime) -> Email
     message["Auto-Submitted"] = "auto-generated"
     message.set_content("\n".join(body) + "\n")
     return message
+
+
+def _registered(config: Config, mailing: Mailing) -> list[str]:
+    """How many are registered: for the mailing's date, or per date of the series."""
+    series = config.series
+    dates = [series.event(mailing.event)] if mailing.event else series.active_events
+    lines = ["Anmeldungen (Stand jetzt):"]
+    for event in dates:
+        count = sum(1 for c in config.contacts.contacts if c.is_registered(event.id))
+        lines.append(f"  {event.date:%d.%m.%Y} {german.clean(event.title)}: {count}")
+    return [*lines, ""]

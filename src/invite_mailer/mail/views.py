@@ -6,8 +6,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
+from typing import Any
 
 from invite_mailer.core import german
+from invite_mailer.core.tokens import REGISTER, WITHDRAW, link_url, make_link_token
 from invite_mailer.inputs.materials import File, size_text
 from invite_mailer.inputs.sandbox import View
 from invite_mailer.inputs.series import Event, Material, Series
@@ -188,3 +191,32 @@ def changes(previous: Mapping[str, str], event: Event) -> tuple[Change, ...]:
             link=True,
         )
     return tuple(changes)
+
+
+_NO_LINKS: Mapping[str, str] = MappingProxyType({})
+
+
+def links_of(series: Series, links: tuple[str, str] | None, email: str) -> dict[str, Any]:
+    """The registration links of one recipient, per active date (empty unless
+    ``registration.mode`` is links; *links* is the secret and the web app's URL).
+
+    ``register_links[event.id]`` registers, ``withdraw_links[event.id]``
+    withdraws; each link is signed for this series, address and date.
+    """
+    if links is None:
+        return {
+            "registration_links": False,
+            "register_links": _NO_LINKS,
+            "withdraw_links": _NO_LINKS,
+        }
+    secret, base = links
+    found: dict[str, dict[str, str]] = {REGISTER: {}, WITHDRAW: {}}
+    for event in series.active_events:
+        for action, urls in found.items():
+            token = make_link_token(secret, action, series.id, email, event.id)
+            urls[event.id] = link_url(base, action, token)
+    return {
+        "registration_links": True,
+        "register_links": MappingProxyType(found[REGISTER]),
+        "withdraw_links": MappingProxyType(found[WITHDRAW]),
+    }

@@ -338,7 +338,8 @@ def pipeline(
     for kind, event_id, key in mails if processes else ():
         contact = config.contacts.by_key(key)
         name = names.setdefault(kind, str(kind))
-        if contact is None or name not in FAST_KINDS:
+        # A confirmation's dates come from the ledger, which the workers lack.
+        if contact is None or name not in FAST_KINDS or name == Kind.CONFIRMATION:
             continue
         attended = None
         if event_id and event_id in config.attendance:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from invite_mailer.core.plan import Mailing, MailingState, PlanInput, plan
+from invite_mailer.core.registrations import with_registrations
 from invite_mailer.delivery.dispatch import Dispatcher, Outcome
 from invite_mailer.delivery.ledger import Ledger, state_lock
 from invite_mailer.delivery.transport import Transport, make_transport
@@ -40,6 +41,7 @@ from invite_mailer.errors import (
 )
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.mail.checks import validate_sample
+from invite_mailer.service import soon as wakeups
 from invite_mailer.service.health import heartbeat_path, write_heartbeat
 from invite_mailer.service.threads import in_thread
 from invite_mailer.service.watch import ConfigWatcher
@@ -110,7 +112,8 @@ async def plan_at(config: Config, ledger: Ledger, now: datetime) -> list[Mailing
     series_id = config.series.id
     optouts = await ledger.optouts(series_id)
     view = await ledger.view(series_id)
-    return plan(PlanInput.of(config, optouts), view, now)
+    merged = with_registrations(config, view.registrations())
+    return plan(PlanInput.of(merged, optouts), view, now)
 
 
 class RunState(StrEnum):
@@ -329,21 +332,14 @@ class Daemon:
             finally:
                 self._dispatcher = None
             self.failed_permanently += result.total(Outcome.FAILED)
-            self._warn_waiting(await plan_at(self.config, self.ledger, now), now)
+            mailings = await plan_at(self.config, self.ledger, now)
+            wakeups.warn_waiting(mailings, now, self._last_waiting_warning)
+            wakeups.wake_for_confirmations(self.scheduler, self.run_pass, mailings, now)
 
-    def _warn_waiting(self, mailings: list[Mailing], now: datetime) -> None:
-        for mailing in mailings:
-            if mailing.state is not MailingState.WAITING:
-                continue
-            last = self._last_waiting_warning.get(mailing.id)
-            if last is None or now - last >= timedelta(days=1):
-                self._last_waiting_warning[mailing.id] = now
-                log.warning(
-                    "mailing %s is waiting for materials: add them to series.yaml "
-                    "(it goes out as soon as they are listed; deadline %s)",
-                    mailing.id,
-                    mailing.deadline.isoformat(),
-                )
+    def registration_changed(self) -> None:
+        """A registration link was used: a pass now records it and plans its confirmation."""
+        if self.state is RunState.RUNNING:
+            wakeups.soon(self.scheduler, self.run_pass, wakeups.REGISTRATION_JOB, 0.0)
 
     # --- reloading -------------------------------------------------------------
 
@@ -465,8 +461,13 @@ async def _run(config: Config, *, config_dir: Path, templates_dir: Path | None) 
             loop.add_signal_handler(signal.SIGHUP, daemon.request_reload, "SIGHUP")
             web = None
             try:
-                # The one-click unsubscribe endpoint, when unsubscribe.serve is set.
-                web = await start_unsubscribe(config)
+                now, on_change = daemon.now, daemon.registration_changed
+                web = await start_unsubscribe(
+                    config,
+                    series=lambda: daemon.config.series,
+                    on_registration=on_change,
+                    clock=now,
+                )
                 await daemon.serve()
             finally:
                 if web is not None:

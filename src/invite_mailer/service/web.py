@@ -16,91 +16,46 @@ honoured from the next pass on without touching ``config/``.
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
 
-import jinja2
-from markupsafe import Markup
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from invite_mailer.core.tokens import verify_token
+from invite_mailer.core.tokens import REGISTER, WITHDRAW, verify_token
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.errors import ConfigError, InviteMailerError
 from invite_mailer.inputs.addresses import load_address_list
 from invite_mailer.inputs.config import OPTOUT_FILE, Config
+from invite_mailer.inputs.series import Series
+from invite_mailer.service.registration_web import RegistrationPages
 from invite_mailer.service.server import MAX_HEADER_BYTES, RunningServer, start_server
+from invite_mailer.service.webpages import (
+    MAX_TOKEN_CHARS,
+    mask_address,
+    page,
+    read_body,
+)
 
 __all__ = ["UnsubscribePages", "create_app", "mask_address", "start_unsubscribe"]
 
 log = logging.getLogger("invite_mailer.service.web")
-
-MAX_BODY_BYTES = 64 * 1024
-"""A one-click body is 26 bytes; anything this large is not a mail program."""
-
-MAX_TOKEN_CHARS = 512
-"""A token for the longest possible address (254 characters) has 365."""
 
 MAX_TARGET_BYTES = 2048
 """Longest request line target (path and query) that is looked at."""
 
 SOURCE_ONE_CLICK = "one-click"
 SOURCE_WEB_FORM = "web form"
-
-# Every page is self-contained: no scripts, no external resources, no framing.
-_SECURITY_HEADERS = {
-    "Cache-Control": "no-store",
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "X-Robots-Tag": "noindex, nofollow",
-}
-
-
-def _escape(value: Any) -> Any:
-    """The standard library's escaping (``&quot;``, ``&#x27;``), as the pages always had.
-
-    Autoescape stays on behind it: whatever this leaves as text is escaped anyway.
-    """
-    if isinstance(value, str) and not isinstance(value, Markup):
-        return Markup(html.escape(value))
-    return value
-
-
-_PAGES = jinja2.Environment(
-    loader=jinja2.PackageLoader("invite_mailer.service", "pages"),
-    autoescape=True,
-    finalize=_escape,
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-)
-
-
-def mask_address(address: str) -> str:
-    """``jana.mueller@example.org`` -> ``j***@example.org``: recognisable, not readable."""
-    local, _, domain = address.rpartition("@")
-    if not local:
-        return "***"
-    return f"{local[0]}***@{domain}"
-
-
-def _page(name: str, status_code: int = 200, **context: str) -> HTMLResponse:
-    document = _PAGES.get_template(f"{name}.html.j2").render(**context)
-    return HTMLResponse(document, status_code=status_code, headers=_SECURITY_HEADERS)
 
 
 def _is_one_click(content_type: str, body: bytes) -> bool:
@@ -113,22 +68,6 @@ def _is_one_click(content_type: str, body: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return fields.get("List-Unsubscribe") == ["One-Click"]
-
-
-async def _read_body(request: Request) -> bytes | Response:
-    """The request body, or the answer to give when there is none worth reading."""
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return PlainTextResponse("request body too large", status_code=413)
-    except ClientDisconnect:
-        # Gone before its body was complete (a closed tab, a scanner, a flood):
-        # nobody asked for anything and nobody reads an answer.
-        log.debug("unsubscribe: the client left before sending its whole request")
-        return Response(status_code=400)
-    return bytes(body)
 
 
 @dataclass(frozen=True)
@@ -159,10 +98,10 @@ class UnsubscribePages:
             )
         address = self._address_of(token, logged=request.method == "POST")
         if address is None:
-            return _page("invalid", 400, contact_address=self.contact_address)
+            return page("invalid", 400, contact_address=self.contact_address)
         if request.method != "POST":  # GET and HEAD only look
             return await self._confirmation(address)
-        body = await _read_body(request)
+        body = await read_body(request)
         if isinstance(body, Response):
             return body
         content_type = request.headers.get("content-type", "")
@@ -182,8 +121,8 @@ class UnsubscribePages:
     async def _confirmation(self, address: str) -> Response:
         shown = mask_address(address)
         if await self._already_opted_out(address):
-            return _page("already", address=shown, about=self.about)
-        return _page("confirm", address=shown, about=self.about)
+            return page("already", address=shown, about=self.about)
+        return page("confirm", address=shown, about=self.about)
 
     async def _already_opted_out(self, address: str) -> bool:
         if self.listed is not None:
@@ -207,7 +146,7 @@ class UnsubscribePages:
             log.error(
                 "unsubscribe: cannot record the opt-out of %s: %s", mask_address(address), exc
             )
-            return _page("unavailable", 503)
+            return page("unavailable", 503)
         if added:
             log.info(
                 "unsubscribe: %s opted out (%s)",
@@ -215,7 +154,7 @@ class UnsubscribePages:
                 source,
                 extra={"series": self.series_id, "source": source},
             )
-        return _page("done", address=mask_address(address), about=self.about)
+        return page("done", address=mask_address(address), about=self.about)
 
 
 def create_app(
@@ -226,6 +165,9 @@ def create_app(
     optout_file: Path | None = None,
     series_title: str = "",
     contact_address: str = "",
+    series: Callable[[], Series] | None = None,
+    on_registration: Callable[[], None] | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> Starlette:
     """The unsubscribe web app for one series.
 
@@ -234,7 +176,11 @@ def create_app(
     tokens (forged, truncated, another series) get 400 and change nothing.
     *optout_file* (``config/optout.txt``) only lets the page say that an
     address is already blocked there. *series_title* and *contact_address*
-    make the pages friendlier; both are optional.
+    make the pages friendlier; both are optional. With *series* (the series
+    as loaded now) the registration links are served too, see
+    :mod:`~invite_mailer.service.registration_web`; *on_registration* is
+    called after each change they record; *clock* gives their time
+    (default: the system clock).
     """
     pages = UnsubscribePages(
         series_id,
@@ -244,12 +190,23 @@ def create_app(
         series_title=series_title,
         contact_address=contact_address,
     )
-    app = Starlette(
-        routes=[
-            Route("/healthz", pages.healthz, methods=["GET"]),
-            Route("/{token}", pages.unsubscribe, methods=["GET", "POST"]),
+    routes = [Route("/healthz", pages.healthz, methods=["GET"])]
+    if series is not None:
+        links = RegistrationPages(
+            series_id,
+            secret,
+            Path(ledger_path),
+            series,
+            on_change=on_registration,
+            contact_address=contact_address,
+            clock=clock or (lambda: datetime.now(UTC)),
+        )
+        routes += [
+            Route(f"/{REGISTER}/{{token}}", links.register, methods=["GET", "POST"]),
+            Route(f"/{WITHDRAW}/{{token}}", links.withdraw, methods=["GET", "POST"]),
         ]
-    )
+    routes.append(Route("/{token}", pages.unsubscribe, methods=["GET", "POST"]))
+    app = Starlette(routes=routes)
     app.add_middleware(_RequestGuard)
     return app
 
@@ -331,8 +288,19 @@ class _RequestGuard:
         await response(scope, receive, send)
 
 
-async def start_unsubscribe(config: Config) -> RunningServer | None:
-    """Start the endpoint when ``unsubscribe.serve`` is set (``None`` otherwise)."""
+async def start_unsubscribe(
+    config: Config,
+    *,
+    series: Callable[[], Series] | None = None,
+    on_registration: Callable[[], None] | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> RunningServer | None:
+    """Start the endpoint when ``unsubscribe.serve`` is set (``None`` otherwise).
+
+    With ``registration.mode: links`` it serves the registration links too,
+    for the series *series* returns (default: the one of *config*), at the
+    time *clock* gives (the daemon's).
+    """
     settings = config.settings
     if not settings.unsubscribe.serve:
         return None
@@ -354,6 +322,9 @@ async def start_unsubscribe(config: Config) -> RunningServer | None:
         optout_file=config.config_dir / OPTOUT_FILE,
         series_title=config.series.title,
         contact_address=contact,
+        series=(series or (lambda: config.series)) if config.series.registration.links else None,
+        on_registration=on_registration,
+        clock=clock,
     )
     bind = settings.unsubscribe
     running = await start_server(app, bind.bind_host, bind.bind_port)

@@ -1,0 +1,75 @@
+"""Wake-ups of the daemon between its planned jobs, and the warnings of a pass.
+
+Jobs for mailings are planned at their due time (see ``Daemon.reschedule``).
+Some things become due between plans: a confirmation waits a quiet period
+after a registration, which arrives at any moment. :func:`soon` wakes the
+daemon after a delay measured on its own clock, so a daemon on virtual time
+is never woken in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from invite_mailer.core.plan import Mailing, MailingState
+from invite_mailer.inputs.series import Kind
+
+__all__ = ["REGISTRATION_JOB", "soon", "wake_for_confirmations", "warn_waiting"]
+
+log = logging.getLogger("invite_mailer.service.daemon")
+
+REGISTRATION_JOB = "registration"
+"""The pass that records a registration made by link."""
+
+
+def soon(
+    scheduler: AsyncIOScheduler,
+    run: Callable[[], Awaitable[None]],
+    job_id: str,
+    delay: float,
+) -> None:
+    """Run *run* once, *delay* seconds from now (a moment later, so it is due then)."""
+    at = datetime.now(scheduler.timezone) + timedelta(seconds=max(0.0, delay) + 0.5)
+    scheduler.add_job(
+        run,
+        DateTrigger(run_date=at),
+        id=job_id,
+        replace_existing=True,
+        coalesce=True,
+        misfire_grace_time=None,
+    )
+
+
+def wake_for_confirmations(
+    scheduler: AsyncIOScheduler,
+    run: Callable[[], Awaitable[None]],
+    mailings: list[Mailing],
+    now: datetime,
+) -> None:
+    """A wake-up when each waiting confirmation's quiet period is over."""
+    for mailing in mailings:
+        if mailing.kind is Kind.CONFIRMATION and mailing.state is MailingState.SCHEDULED:
+            soon(scheduler, run, mailing.id, (mailing.due - now).total_seconds())
+
+
+def warn_waiting(
+    mailings: list[Mailing], now: datetime, last: MutableMapping[str, datetime]
+) -> None:
+    """Once a day per mailing: the follow-up waits for its materials."""
+    for mailing in mailings:
+        if mailing.state is not MailingState.WAITING:
+            continue
+        previous = last.get(mailing.id)
+        if previous is None or now - previous >= timedelta(days=1):
+            last[mailing.id] = now
+            log.warning(
+                "mailing %s is waiting for materials: add them to series.yaml "
+                "(it goes out as soon as they are listed; deadline %s)",
+                mailing.id,
+                mailing.deadline.isoformat(),
+            )
