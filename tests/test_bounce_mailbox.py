@@ -8,16 +8,24 @@ out-of-office reply, are put into the mailbox with IMAP APPEND; then
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
 
+from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.transport import make_transport
+from invite_mailer.inputs.config import load_config
+from invite_mailer.service.daemon import BOUNCES_JOB, Daemon
 from support.bounces import DATA, bounce_of, sent_invitations
 from support.cli import invoke
 from support.dovecot import Dovecot, running_dovecot
+from support.mails import mails
+from support.smtp import SmtpServer, smtp_env
 
 pytestmark = pytest.mark.system
 
@@ -102,3 +110,49 @@ def test_fetch_without_a_mailbox_says_how_to_set_one_up(project: Path) -> None:
     result = invoke(["bounces", "fetch"])
     assert result.exit_code == 1
     assert "imap.host is empty" in result.output
+
+
+async def test_the_daemon_polls_the_mailbox_and_stops_mailing_the_bounced(
+    project: Path, dovecot: Dovecot, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon as ``invite-mailer run`` sets it up, on a clock of its own."""
+    for name, value in {**dovecot.settings_env(), **smtp_env(smtp_server.port)}.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(project / "config")
+    invitation = datetime(2024, 10, 24, 10, 5, tzinfo=config.series.zone)
+    moment = [invitation]
+    async with (
+        Ledger.open(project / "state" / "invite-mailer.db") as ledger,
+        make_transport(config.settings) as transport,
+    ):
+        daemon = Daemon(
+            config,
+            ledger,
+            transport,
+            config_dir=project / "config",
+            templates_dir=None,
+            clock=lambda: moment[0],
+            sweep_seconds=3600,
+        )
+        task = asyncio.create_task(daemon.serve())
+        try:
+            async with asyncio.timeout(60):
+                await daemon.caught_up.wait()
+            jobs = {job.id: job for job in daemon.scheduler.get_jobs()}
+            assert BOUNCES_JOB in jobs  # every imap.poll_seconds
+            sent = {m.to: m for m in mails(smtp_server.received) if m.kind == "invitation"}
+            assert JANA in sent
+            dovecot.append(
+                "INBOX", bounce_of("postfix-unknown-user.eml", JANA, JANA, sent[JANA].message_id)
+            )
+            await daemon.poll_bounces()  # the job's own call
+            moment[0] = datetime(2024, 11, 13, 14, 5, tzinfo=config.series.zone)
+            before = len(smtp_server.received)
+            await daemon.run_pass()
+        finally:
+            daemon.request_stop()
+            async with asyncio.timeout(30):
+                await task
+    reminded = {m.to for m in mails(smtp_server.received[before:]) if m.kind == "reminder"}
+    assert reminded and JANA not in reminded
+    assert all(b"\\Seen" in flags for flags, _ in dovecot.folder("INBOX"))

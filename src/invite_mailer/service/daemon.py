@@ -24,7 +24,6 @@ from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from invite_mailer.core.plan import Mailing, MailingState, PlanInput, plan
 from invite_mailer.core.registrations import with_registrations
@@ -42,6 +41,7 @@ from invite_mailer.errors import (
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.mail.checks import validate_sample
 from invite_mailer.service import soon as wakeups
+from invite_mailer.service.bounce_poll import poll_mailbox
 from invite_mailer.service.health import heartbeat_path, write_heartbeat
 from invite_mailer.service.threads import in_thread
 from invite_mailer.service.watch import ConfigWatcher
@@ -62,6 +62,7 @@ log = logging.getLogger("invite_mailer.service.daemon")
 
 SWEEP_JOB = "sweep"
 HEARTBEAT_JOB = "heartbeat"
+BOUNCES_JOB = "bounces"  # reading the [imap] bounce mailbox
 HEARTBEAT_SECONDS = 30
 SWEEP_SECONDS = 60
 STOP_TIMEOUT = 30.0
@@ -210,27 +211,14 @@ class Daemon:
             )
 
     def _start_scheduler(self) -> None:
-        zone = self.config.series.zone
+        zone, imap = self.config.series.zone, self.config.settings.imap
         self.scheduler.start()
-        self.scheduler.add_job(
-            self.run_pass,
-            IntervalTrigger(seconds=self.sweep_seconds, timezone=zone),
-            id=SWEEP_JOB,
-            replace_existing=True,
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
+        wakeups.every(self.scheduler, self.run_pass, SWEEP_JOB, self.sweep_seconds, zone)
         # The heartbeat has its own timer: a long catch-up pass (a slow relay)
         # must not make a busy daemon look dead.
-        self.scheduler.add_job(
-            self.beat,
-            IntervalTrigger(seconds=HEARTBEAT_SECONDS, timezone=zone),
-            id=HEARTBEAT_JOB,
-            replace_existing=True,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
+        wakeups.every(self.scheduler, self.beat, HEARTBEAT_JOB, HEARTBEAT_SECONDS, zone)
+        if imap.enabled:
+            wakeups.every(self.scheduler, self.poll_bounces, BOUNCES_JOB, imap.poll_seconds, zone)
 
     def beat(self) -> None:
         """Tell ``invite-mailer health`` that this daemon is alive."""
@@ -307,7 +295,7 @@ class Daemon:
                 misfire_grace_time=window,
             )
         for job in self.scheduler.get_jobs():
-            if job.id not in (SWEEP_JOB, HEARTBEAT_JOB) and job.id not in wanted:
+            if job.id not in (SWEEP_JOB, HEARTBEAT_JOB, BOUNCES_JOB) and job.id not in wanted:
                 job.remove()
         log.info("scheduled %d mailing(s)", len(wanted))
 
@@ -335,6 +323,12 @@ class Daemon:
             mailings = await plan_at(self.config, self.ledger, now)
             wakeups.warn_waiting(mailings, now, self._last_waiting_warning)
             wakeups.wake_for_confirmations(self.scheduler, self.run_pass, mailings, now)
+            wakeups.wake_for_quota(self.scheduler, self.run_pass, result.quota)
+
+    async def poll_bounces(self) -> None:
+        """Read the bounce mailbox; what it suppresses counts from the next pass."""
+        if self.state is RunState.RUNNING:
+            await poll_mailbox(self.config, self.ledger, self.now())
 
     def registration_changed(self) -> None:
         """A registration link was used: a pass now records it and plans its confirmation."""

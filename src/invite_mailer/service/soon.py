@@ -10,21 +10,62 @@ is never woken in a loop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 from invite_mailer.core.plan import Mailing, MailingState
+from invite_mailer.errors import QuotaReached
 from invite_mailer.inputs.series import Kind
 
-__all__ = ["REGISTRATION_JOB", "soon", "wake_for_confirmations", "warn_waiting"]
+__all__ = [
+    "QUOTA_JOB",
+    "REGISTRATION_JOB",
+    "every",
+    "soon",
+    "wake_for_confirmations",
+    "wake_for_quota",
+    "warn_waiting",
+]
 
 log = logging.getLogger("invite_mailer.service.daemon")
 
 REGISTRATION_JOB = "registration"
 """The pass that records a registration made by link."""
+QUOTA_JOB = "quota"
+"""The pass when the relay's quota reopens."""
+
+
+def every(
+    scheduler: AsyncIOScheduler,
+    run: Callable[[], Awaitable[None]] | Callable[[], None],
+    job_id: str,
+    seconds: float,
+    zone: tzinfo,
+) -> None:
+    """Run *run* every *seconds*; a run never overlaps the one before."""
+    scheduler.add_job(
+        run,
+        IntervalTrigger(seconds=seconds, timezone=zone),
+        id=job_id,
+        replace_existing=True,
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=None,
+    )
+
+
+def wake_for_quota(
+    scheduler: AsyncIOScheduler, run: Callable[[], Awaitable[None]], quota: QuotaReached | None
+) -> None:
+    """A pass when a full hour's or day's quota reopens (the sweep would come within a
+    minute; this is on time)."""
+    if quota is not None:
+        soon(scheduler, run, QUOTA_JOB, quota.reopens_at - time.time())
 
 
 def soon(
