@@ -76,7 +76,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                 part = sample.message.get_body(("html",))
                 assert part is not None
                 found[f"{series}/{sample.name}/{contact.email}"] = part.get_content()
-    assert len(found) == 2 * 2 * 8
+    assert len(found) == 2 * 2 * 10
     return found
 
 

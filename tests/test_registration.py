@@ -151,7 +151,8 @@ def test_cli_registrations_are_confirmed_once_in_one_mail_after_the_quiet_period
 
     ok("send-due", "--now", "2024-10-25T09:00:51")
     [mail] = mails_of(project, "confirmation", BJOERN)
-    assert mail["Subject"] == "Anmeldebestätigung: zwei Termine der Online-Transferreihe"
+    # Subjects lead with the kind and the date, and need no article for the title.
+    assert mail["Subject"] == "Anmeldebestätigung: zwei Termine ab Do., 14.11.2024"
     attached = [p.get_filename() for p in mail.iter_attachments()]
     assert attached == [f"{SERIES}-verwaltung.ics", f"{SERIES}-allianzen.ics"]
     # Never twice: the next passes send no more confirmations.

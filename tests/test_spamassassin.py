@@ -37,6 +37,8 @@ NAMES = [
     "update",
     "update-link",
     "cancellation",
+    "confirmation",
+    "confirmation-several",
 ]
 
 

@@ -16,9 +16,11 @@ from email.message import EmailMessage
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from invite_mailer.core.plan import MailRequest
 from invite_mailer.inputs.config import Config, load_config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Event, Kind
+from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from support.project import copy_project, shipped_environment
 
@@ -150,6 +152,12 @@ def sample_mails(
         )
         return Sample(name, str(kind), message, name == "followup-attachment")
 
+    def confirm(name: str, event: Event, dates: tuple[str, ...]) -> Sample:
+        # The Anmeldebestätigung of the *dates* just registered, *event* the first of them.
+        at = datetime(2024, 10, 28, 9, 30, tzinfo=BERLIN)
+        request = MailRequest(str(Kind.CONFIRMATION), contact, event, at, dates=dates)
+        return Sample(name, str(Kind.CONFIRMATION), mime.build(composer.render(request)), False)
+
     return [
         make("invitation", Kind.INVITATION, None, datetime(2024, 10, 24, 10, 0, tzinfo=BERLIN)),
         make("reminder", Kind.REMINDER, first, datetime(2024, 11, 13, 14, 0, tzinfo=BERLIN)),
@@ -178,4 +186,6 @@ def sample_mails(
             previous=relinked,
         ),
         make("cancellation", Kind.CANCELLATION, first, changed, sequences={first.id: 1}),
+        confirm("confirmation", first, (first.id,)),
+        confirm("confirmation-several", second, tuple(e.id for e in config.series.events[1:])),
     ]
