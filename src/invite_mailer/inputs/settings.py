@@ -305,7 +305,7 @@ class LimitsSettings(_Section):
         ge=0,
         le=16,
         description="processes composing mails ahead of the senders in large passes (each "
-        "about 60 MB); 0: compose in the sending process, which renders each mail shape once",
+        "about 70 MB); 0: compose in the sending process, which renders each mail shape once",
     )
 
 

@@ -1,7 +1,7 @@
 """Composing ahead: the mails of a delivery pass built in further processes.
 
 Off by default (``limits.compose_workers = 0``): rendering each mail shape
-once made composing cheap, and a worker costs some 60 MB for what speed it
+once made composing cheap, and a worker costs some 70 MB for what speed it
 adds (measured in ``docs/benchmarks.md``). When it is
 on, :class:`WirePipeline` runs a
 :class:`~invite_mailer.mail.fastwire.WireComposer` in worker processes,
