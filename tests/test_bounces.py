@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import mailbox
+import re
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from invite_mailer.delivery.bounces import BounceKind, clean, read_report
 from support.bounces import DATA, bounce_of, sent_invitations
 from support.cli import invoke
+from support.smtp import SmtpServer, smtp_env
 
 REMINDER = "2024-11-13T14:05"  # the reminders for 14.11.2024 are open
 
@@ -225,3 +227,63 @@ def test_a_folder_that_is_not_a_maildir_is_a_clear_error(project: Path) -> None:
     result = invoke(["bounces", "import", "reports"])
     assert result.exit_code == 1
     assert "not a Maildir" in result.output
+
+
+# --- per-recipient return paths (VERP) ----------------------------------------------
+
+SECRET = "a-long-random-secret-for-the-tests-only"
+
+
+def test_every_mail_has_its_own_return_path_and_its_bounce_names_the_recipient(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    env = smtp_env(
+        smtp_server.port,
+        bounces__return_path="bounces+{token}@example.org",
+        unsubscribe__secret=SECRET,
+        notify__organiser_summary="false",
+    )
+    assert invoke(["send-due", "--now", "2024-10-24T10:05"], env).exit_code == 0
+    senders = {r.rcpt_tos[0].lower(): r.mail_from for r in smtp_server.received}
+    assert len(senders) == 12 and len(set(senders.values())) == 12
+    assert all(re.fullmatch(r"bounces\+[a-z2-7]{16}@example\.org", s) for s in senders.values())
+    # The headers are the sender's: the return path lives in the envelope only.
+    assert all(
+        b"From: KomKomIn Transferreihe <transferreihe@example.org>" in r.data
+        for r in smtp_server.received
+    )
+    assert not any(b"bounces+" in r.data for r in smtp_server.received)
+
+    # An Exim bounce about a forwarding address and without the original's
+    # Message-ID: only the address it came back to tells whose mail it was.
+    jana = "jana.mueller@example.org"
+    data = (DATA / "exim-plain-text.eml").read_bytes()
+    data = data.replace(b"To: transferreihe@example.org", f"To: {senders[jana]}".encode(), 1)
+    report = project / "exim.eml"
+    report.write_bytes(data)
+    result = invoke(["bounces", "import", str(report)], env)
+    assert result.exit_code == 0, result.output
+    assert f"{jana}: hard bounce 5.1.1, suppressed" in result.output
+    # A token that is no recipient's is no one's.
+    forged = data.replace(senders[jana].encode(), b"bounces+aaaaaaaaaaaaaaaa@example.org")
+    report.write_bytes(forged)
+    assert (
+        "not a recipient of this series" in invoke(["bounces", "import", str(report)], env).output
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("bounces@example.org", "with {token} once before the @"),
+        ("bounces+{token}{token}@example.org", "with {token} once before the @"),
+        ("b@{token}.example.org", "with {token} once before the @"),
+        ("bounces+{token}@", "with {token} once before the @"),
+    ],
+)
+def test_a_return_path_without_its_token_is_a_clear_error(
+    project: Path, value: str, said: str
+) -> None:
+    result = invoke(["validate"], {"INVITE_MAILER_BOUNCES__RETURN_PATH": value})
+    assert result.exit_code == 1, result.output
+    assert said in result.output

@@ -25,6 +25,7 @@ from invite_mailer.delivery.bounce_sql import BounceRecord
 from invite_mailer.delivery.bounces import MAX_REPORT_BYTES
 from invite_mailer.delivery.imap_poll import poll
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.return_path import ReturnPaths
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.series import Series
 from invite_mailer.inputs.settings import SETTINGS_FILE
@@ -89,7 +90,8 @@ async def import_reports(
 ) -> Intake:
     """Read every report at *paths* into the ledger."""
     async with Ledger.open(files.ledger_path) as ledger:
-        intake = Intake(ledger, files.series.id, soft_limit)
+        paths_back = ReturnPaths(files.settings, files.series.id)
+        intake = Intake(ledger, files.series.id, soft_limit, paths_back)
         for path in paths:
             for where, data, box, key in _messages(path):
                 await intake.take(where, data, now)
@@ -109,7 +111,8 @@ async def fetch_reports(files: OptOutFiles, *, now: datetime) -> Intake:
             "INVITE_MAILER_IMAP__PASSWORD; or read files with: invite-mailer bounces import",
         )
     async with Ledger.open(files.ledger_path) as ledger:
-        intake = Intake(ledger, files.series.id, settings.bounces.soft_limit)
+        paths_back = ReturnPaths(settings, files.series.id)
+        intake = Intake(ledger, files.series.id, settings.bounces.soft_limit, paths_back)
         await poll(settings.imap, intake, now)
     return intake
 

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Iterable
 from urllib.parse import quote
 
 MAC_BYTES = 18
@@ -128,3 +129,27 @@ def unsubscribe_url(base_url: str, token: str) -> str:
 def mailto_url(address: str, subject: str) -> str:
     """``mailto:address?subject=...`` with the subject percent-encoded (RFC 6068)."""
     return f"mailto:{address}?subject={quote(subject, safe='')}"
+
+
+# --- return paths (VERP) ------------------------------------------------------------
+
+BOUNCE_TOKEN_BYTES = 10  # 16 base32 characters: fits any local part
+
+
+def bounce_token(secret: str, series_id: str, email: str) -> str:
+    """The token in a recipient's return path: lower-case base32 of a MAC, no address.
+
+    Bounces come back to it, so it must survive relays that fold the local
+    part's case; it names nobody to a reader, and only this series' secret
+    maps it back (:func:`bounce_tokens`).
+    """
+    if not secret:
+        raise ValueError("a return path token needs a secret")
+    message = f"bounce\n{series_id}\n{email.strip().lower()}".encode()
+    mac = hmac.new(secret.encode(), message, hashlib.sha256).digest()[:BOUNCE_TOKEN_BYTES]
+    return base64.b32encode(mac).decode("ascii").lower()
+
+
+def bounce_tokens(secret: str, series_id: str, emails: Iterable[str]) -> dict[str, str]:
+    """token -> address, for telling from a return path whose bounce it is."""
+    return {bounce_token(secret, series_id, email): email for email in emails}

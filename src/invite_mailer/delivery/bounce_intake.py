@@ -9,12 +9,13 @@ fingerprint is the SHA-256 of its bytes).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from invite_mailer.delivery.bounce_sql import Recorded
 from invite_mailer.delivery.bounces import read_report
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.return_path import ReturnPaths
 
 __all__ = ["Intake"]
 
@@ -26,6 +27,7 @@ class Intake:
     ledger: Ledger
     series: str
     soft_limit: int
+    return_paths: ReturnPaths | None = None  # with bounces.return_path set
     read: int = 0  # messages read
     recorded: list[Recorded] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
@@ -38,6 +40,10 @@ class Intake:
         """Record the bounces and complaints of the message *data* found at *where*."""
         self.read += 1
         report = read_report(data)
+        token = self.return_paths.token_in(report.delivered_to) if self.return_paths else None
+        if token is not None and self.return_paths is not None:
+            known = await self.ledger.recipients(self.series)
+            report = replace(report, returned_to=self.return_paths.recipient(token, known) or "")
         if not report.bounces:
             self.ignored.append((where, report.ignored))
             return

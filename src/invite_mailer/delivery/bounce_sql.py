@@ -54,12 +54,16 @@ class BounceRecord:
         }
 
 
-def _attributed(db: sqlite3.Connection, series: str, bounce: Bounce, message_id: str) -> str:
+def _attributed(db: sqlite3.Connection, series: str, bounce: Bounce, report: Report) -> str:
     """The recipient of ours *bounce* is about, or '' (not a mail of this series).
 
-    The address the report names, if it was mailed; else the recipient of the
-    mail whose Message-ID the report quotes (a forwarded address bounced).
+    The recipient whose return path the report came back to; else the address
+    the report names, if it was mailed; else the recipient of the mail whose
+    Message-ID the report quotes (a forwarded address bounced).
     """
+    if report.returned_to:
+        return report.returned_to
+    message_id = report.message_id or ""
     known = db.execute(
         "SELECT 1 FROM deliveries WHERE series = ? AND email = ? LIMIT 1", (series, bounce.email)
     ).fetchone()
@@ -92,7 +96,7 @@ def record_report(
     db.execute("BEGIN IMMEDIATE")
     try:
         for bounce in report.bounces:
-            email = _attributed(db, series, bounce, message_id)
+            email = _attributed(db, series, bounce, report)
             if not email:
                 results.append(Recorded(bounce, "", new=False, suppressed=False))
                 continue

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email import message_from_bytes, policy
 from email.message import EmailMessage, Message
 from email.utils import getaddresses, parseaddr
@@ -66,6 +66,10 @@ class Report:
     bounces: tuple[Bounce, ...]
     message_id: str | None  # of the original mail, when the report quotes it
     ignored: str = ""  # why nothing in it counts (a delay warning, not a report)
+    # Where the report was delivered (To, Delivered-To, X-Original-To, Envelope-To):
+    # with per-recipient return paths, that names whose mail came back.
+    delivered_to: tuple[str, ...] = ()
+    returned_to: str = ""  # the recipient the return path names, once resolved
 
 
 def read_report(data: bytes) -> Report:
@@ -74,6 +78,19 @@ def read_report(data: bytes) -> Report:
         return Report((), None, f"larger than {MAX_REPORT_BYTES // 2**20} MB")
     message = message_from_bytes(data, policy=policy.default)
     assert isinstance(message, EmailMessage)
+    report = _read(message)
+    return replace(report, delivered_to=_delivered_to(message))
+
+
+_DELIVERY_HEADERS = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to", "to")
+
+
+def _delivered_to(message: Message) -> tuple[str, ...]:
+    values = [str(v) for name in _DELIVERY_HEADERS for v in message.get_all(name, [])]
+    return tuple(dict.fromkeys(a.lower() for _, a in getaddresses(values) if "@" in a))
+
+
+def _read(message: EmailMessage) -> Report:
     report_type = message.get_param("report-type", "", header="content-type")
     original = _original_message_id(message)
     if message.get_content_type() == "multipart/report":

@@ -44,6 +44,7 @@ from invite_mailer.delivery.ledger import (
     release,
 )
 from invite_mailer.delivery.results import MailingResult, Outcome, PassResult, ProgressCallback
+from invite_mailer.delivery.return_path import envelope_sender
 from invite_mailer.delivery.senders import Item, SenderPool, by_priority, log_counts, log_start
 from invite_mailer.delivery.summaries import send_summaries
 from invite_mailer.delivery.transport import Transport
@@ -364,7 +365,7 @@ class Dispatcher:
         claim = Claim(key, message.message_id, now, mail.version, unless_opted_out=True)
         if not await window.claim(claim):
             return Outcome.SKIPPED, None
-        sender = self.config.settings.sender.from_address.addr_spec
+        sender = envelope_sender(self.config.settings, self.config.series.id, mail.email)
         try:
             answer = await self.transport.send(message, sender=sender, recipients=[mail.email])
         except QuotaReached as exc:

@@ -385,6 +385,12 @@ class Ledger:
             )
         )
 
+    async def recipients(self, series: str) -> list[str]:
+        """Every address this series has mailed (or tried to)."""
+        statement = "SELECT DISTINCT email FROM deliveries WHERE series = ?"
+        rows = await self._thread.call(lambda db: db.execute(statement, (series,)).fetchall())
+        return [row[0] for row in rows]
+
     async def bounces(self, series: str) -> list[BounceRecord]:
         """Every recorded bounce and complaint of *series*, oldest first."""
         return await self._thread.call(lambda db: bounce_sql.bounce_rows(db, series))

@@ -390,6 +390,31 @@ class BouncesSettings(_Section):
         description="soft bounces (a full mailbox, a temporary failure given up on) after "
         "which an address gets no more mail of the series",
     )
+    return_path: str = Field(
+        "",
+        description="envelope sender with {token}, e.g. bounces+{token}@example.org: each "
+        "recipient's bounces name them (VERP); signed with the unsubscribe secret",
+    )
+
+    @field_validator("return_path")
+    @classmethod
+    def _verp(cls, value: str) -> str:
+        if not value:
+            return value
+        local, at, domain = value.rpartition("@")
+        if local.count("{token}") != 1 or "{token}" in domain or not domain:
+            raise InvalidSetting(
+                f"must be an address with {{token}} once before the @, got {value!r}",
+                'write it like "bounces+{token}@example.org"',
+            )
+        probe = value.replace("{token}", "t" * 16)
+        if len(probe.partition("@")[0]) > 64:
+            raise InvalidSetting(
+                f"the part before the @ would be longer than 64 characters: {value!r}",
+                'keep it short, like "bounces+{token}@example.org"',
+            )
+        _single_address(probe, named=False)
+        return value
 
 
 class ImapSettings(_Section):

@@ -107,6 +107,16 @@ def settings_warnings(config_dir: Path, settings: Settings) -> list[Problem]:
                 f"set the environment variable {secret_env}",
             )
         )
+    if settings.bounces.return_path and not has_secret:
+        warnings.append(
+            Problem(
+                path,
+                "bounces.return_path is set, but the unsubscribe secret is empty: its tokens "
+                "cannot be signed, so mails go out with the sender's address as return path",
+                _find_line(text, "bounces", "return_path"),
+                f"set the environment variable {secret_env}",
+            )
+        )
     warnings.extend(_dkim_warnings(path, text, settings))
     return warnings
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from invite_mailer.delivery.bounce_intake import Intake
 from invite_mailer.delivery.imap_poll import poll
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.return_path import ReturnPaths
 from invite_mailer.errors import InviteMailerError
 from invite_mailer.inputs.config import Config
 
@@ -20,7 +21,8 @@ async def poll_mailbox(config: Config, ledger: Ledger, now: datetime) -> Intake 
     """Read what is new in the mailbox into *ledger*; a failure is logged, and the
     next poll tries again (the messages stay unread)."""
     settings = config.settings
-    intake = Intake(ledger, config.series.id, settings.bounces.soft_limit)
+    paths_back = ReturnPaths(settings, config.series.id)
+    intake = Intake(ledger, config.series.id, settings.bounces.soft_limit, paths_back)
     try:
         await poll(settings.imap, intake, now)
     except InviteMailerError as exc:
