@@ -27,6 +27,7 @@ from invite_mailer.delivery.transport import OutboxTransport
 from invite_mailer.inputs.config import load_config
 from invite_mailer.service.daemon import HEARTBEAT_JOB, SWEEP_JOB, Daemon, RunState, plan_at
 from invite_mailer.service.health import check_heartbeat, heartbeat_path
+from support.clock import FakeClock
 from support.contacts import write_contacts
 from support.mails import ORGANISER
 from support.project import clean_environ, copy_project
@@ -81,20 +82,6 @@ def series_text(*, materials: bool = False, second_date: str = "2031-03-12") -> 
     if materials:
         text = text.replace("    materials: []\n", MATERIALS, 1)
     return text
-
-
-class FakeClock:
-    """A clock that stands still until a test moves it."""
-
-    def __init__(self, moment: datetime) -> None:
-        self.moment = moment
-
-    def __call__(self) -> datetime:
-        return self.moment
-
-    def set(self, moment: datetime) -> None:
-        assert moment >= self.moment, "the fake clock only moves forward"
-        self.moment = moment
 
 
 @pytest.fixture

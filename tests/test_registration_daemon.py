@@ -41,6 +41,7 @@ from invite_mailer.service.daemon import Daemon, run_daemon
 from invite_mailer.service.server import RunningServer
 from invite_mailer.service.web import start_unsubscribe
 from support.cli import run_process
+from support.clock import FakeClock
 from support.contacts import write_contacts
 from support.project import copy_project
 from support.smtp import SmtpServer, smtp_env
@@ -53,18 +54,6 @@ WEB_URL = "https://example.org/transferreihe"
 BJOERN = "bjoern.oestreich@example.org"  # in the shipped contacts, registered for nothing
 INVITATION_DUE = datetime(2024, 10, 24, 10, 5, tzinfo=BERLIN)
 LINK = re.compile(re.escape(WEB_URL) + r"/(anmeldung|absage)/([A-Za-z0-9_.-]+)")
-
-
-class FakeClock:
-    def __init__(self, moment: datetime) -> None:
-        self.moment = moment
-
-    def __call__(self) -> datetime:
-        return self.moment
-
-    def move(self, by: timedelta) -> datetime:
-        self.moment += by
-        return self.moment
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
+from invite_mailer.cli import registrations
 from invite_mailer.cli.advisories import advisories
 from invite_mailer.cli.forecasts import quota_warnings, quotas_of
 from invite_mailer.core.forecast import Finish, forecast
@@ -269,12 +270,7 @@ def pick_event(config: Config, kind: Kind, event_id: str | None) -> Event | None
         return None
     if event_id is None:
         return config.series.events[0]
-    try:
-        return config.series.event(event_id)
-    except KeyError as exc:
-        raise ConfigError.single(
-            None, str(exc.args[0]), hint="pass --event with one of those ids"
-        ) from None
+    return registrations.pick(config, event_id)
 
 
 async def snapshot(config: Config) -> LedgerView | None:
