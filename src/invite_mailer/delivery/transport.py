@@ -104,6 +104,13 @@ class OutboxTransport:
             await asyncio.shield(write)
         except asyncio.CancelledError:
             await asyncio.wait([write])
+            if not write.cancelled() and write.exception() is None:
+                # Stopped while the file was being written, and it is there: the
+                # mail has gone out, and saying so beats leaving it uncertain.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                return f"250 written to {path}"
             if not write.cancelled() and write.exception() is not None:
                 # Retrieved, or asyncio logs it with a traceback when the task
                 # is collected; the mail is pending again either way.
