@@ -42,8 +42,9 @@ class Intake:
         report = read_report(data)
         token = self.return_paths.token_in(report.delivered_to) if self.return_paths else None
         if token is not None and self.return_paths is not None:
-            known = await self.ledger.recipients(self.series)
-            report = replace(report, returned_to=self.return_paths.recipient(token, known) or "")
+            if not self.return_paths.learned:  # one read of the recipients per intake
+                self.return_paths.learn(await self.ledger.recipients(self.series))
+            report = replace(report, returned_to=self.return_paths.recipient(token) or "")
         if not report.bounces:
             self.ignored.append((where, report.ignored))
             return

@@ -54,8 +54,15 @@ class ReturnPaths:
                 return found.group(1).lower()
         return None
 
-    def recipient(self, token: str, known: Iterable[str]) -> str | None:
-        """Whose return path *token* is, among the *known* recipients of the series."""
-        if self._tokens is None:
-            self._tokens = bounce_tokens(self.secret, self.series_id, known)
-        return self._tokens.get(token)
+    @property
+    def learned(self) -> bool:
+        """Whether the recipients' tokens are known (see :meth:`learn`)."""
+        return self._tokens is not None
+
+    def learn(self, known: Iterable[str]) -> None:
+        """The tokens of the *known* recipients of the series, computed once."""
+        self._tokens = bounce_tokens(self.secret, self.series_id, known)
+
+    def recipient(self, token: str) -> str | None:
+        """Whose return path *token* is, among the recipients learned."""
+        return (self._tokens or {}).get(token)
