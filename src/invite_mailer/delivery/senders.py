@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from invite_mailer.core.forecast import priority
 from invite_mailer.core.plan import Mailing
+from invite_mailer.delivery.cancellation import raise_lost_cancellation
 from invite_mailer.delivery.handover import Handover
 from invite_mailer.delivery.results import Outcome, PassResult, ProgressCallback
 from invite_mailer.errors import InviteMailerError, LedgerError
@@ -144,6 +145,9 @@ class SenderPool:
             finally:
                 self._busy.discard(me)
             self._record(item, outcome, delay)
+            # A stop that came with the relay's answer: this mail is recorded,
+            # the next one is not taken.
+            raise_lost_cancellation()
 
     async def _attempt(self, item: Item) -> tuple[Outcome, float | None]:
         try:

@@ -32,6 +32,7 @@ from aiosmtplib import (
 )
 
 from invite_mailer.delivery.answers import cause_of, failure_from_response, plain, response_text
+from invite_mailer.delivery.cancellation import raise_lost_cancellation
 from invite_mailer.delivery.ratelimit import Quotas, RateLimiter
 from invite_mailer.delivery.smtp_transaction import Phase, Transaction, exchange
 from invite_mailer.errors import (
@@ -159,6 +160,9 @@ class SmtpPool:
         reused = connection.is_open
         if not reused:
             await self._connect(connection)
+        # Nothing has left yet: a stop that came with the relay's greeting
+        # gives the mail back here instead of waiting for a rate-limit slot.
+        raise_lost_cancellation()
         if self.limiter is None:
             return await self._send_once(connection, sender, recipients, data, reused=reused)
         # The slot counts from the relay's answer: see ratelimit.
