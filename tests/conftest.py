@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from support.postgres import fresh_schema
 from support.project import use_project
 from support.smtp import SmtpServer, make_server
 
@@ -51,3 +52,13 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tests see exactly the shipped settings.
     """
     return use_project(tmp_path, monkeypatch)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """Where a ledger test opens its ledger: an SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield tmp_path / "state" / "ledger.db"
+        return
+    with fresh_schema() as url:
+        yield url

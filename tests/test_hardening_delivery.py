@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from invite_mailer.inputs.settings import SmtpSettings
 from invite_mailer.mail import mime
 from invite_mailer.mail.mime import Wire
 from support.cli import invoke, start_process, status_json, wait_for
-from support.project import clean_environ
+from support.project import clean_environ, series_due_now
 from support.smtp import SmtpServer, smtp_env
 
 NOW = "2024-10-24T10:05"
@@ -736,19 +736,6 @@ async def test_the_end_of_a_send_does_not_wait_for_the_journal() -> None:
     release.set()
     await limiter.flush()
     assert recorded == [1_700_000_000.0]
-
-
-# Next year's November always lies ahead.
-FUTURE_SERIES_YEAR = str(datetime.now(BERLIN).year + 1)
-
-
-def series_due_now(project: Path) -> None:
-    """The shipped series moved into the future, its invitation due an hour ago."""
-    path = project / "config" / "series.yaml"
-    text = path.read_text(encoding="utf-8").replace("2024-1", f"{FUTURE_SERIES_YEAR}-1")
-    an_hour_ago = (datetime.now(BERLIN) - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M")
-    text = text.replace(f'send_at: "{FUTURE_SERIES_YEAR}-10-24 10:00"', f'send_at: "{an_hour_ago}"')
-    path.write_text(text, encoding="utf-8")
 
 
 def add_contacts(project: Path, count: int) -> list[str]:

@@ -27,6 +27,7 @@ from invite_mailer.delivery.ledger import (
     state_lock,
 )
 from invite_mailer.errors import InviteMailerError, LockedError
+from support.postgres import query
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NOW = datetime(2024, 10, 24, 10, 5, tzinfo=BERLIN)
@@ -66,8 +67,8 @@ def test_key_compares_addresses_case_insensitively() -> None:
     assert key(" Anna@Example.ORG") == key("anna@example.org")
 
 
-async def test_claim_then_sent(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_claim_then_sent(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.claim(key(), "<1@example.org>", NOW, version="v1")
         claimed = await ledger.get(key())
         assert claimed is not None
@@ -95,8 +96,8 @@ async def test_claim_then_sent(db_path: Path) -> None:
         assert sent.updated_at is not None and sent.updated_at.tzinfo is not None
 
 
-async def test_failed_is_final(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_failed_is_final(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.claim(key(), "<1@x>", NOW)
         await ledger.mark_failed(key(), "550 5.1.1 User unknown", NOW)
         assert not await ledger.claim(key(), "<2@x>", NOW + timedelta(days=1))
@@ -105,9 +106,11 @@ async def test_failed_is_final(db_path: Path) -> None:
         assert failed.last_response == "550 5.1.1 User unknown"
 
 
-async def test_retry_goes_back_to_pending_and_can_be_claimed_again(db_path: Path) -> None:
+async def test_retry_goes_back_to_pending_and_can_be_claimed_again(
+    ledger_target: Path | str,
+) -> None:
     later = NOW + timedelta(minutes=5)
-    async with Ledger.open(db_path) as ledger:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.claim(key(), "<1@x>", NOW)
         await ledger.mark_retry(key(), "451 4.3.0 try later", NOW, later)
         pending = await ledger.get(key())
@@ -122,8 +125,8 @@ async def test_retry_goes_back_to_pending_and_can_be_claimed_again(db_path: Path
         assert again.last_attempt_at == later
 
 
-async def test_only_claimed_deliveries_can_be_marked(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_only_claimed_deliveries_can_be_marked(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         with pytest.raises(LedgerError, match="no such delivery"):
             await ledger.mark_sent(key(), "250 ok", NOW)
         assert await ledger.claim(key(), "<1@x>", NOW)
@@ -132,8 +135,8 @@ async def test_only_claimed_deliveries_can_be_marked(db_path: Path) -> None:
             await ledger.mark_failed(key(), "550 no", NOW)
 
 
-async def test_release_undoes_a_claim(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_release_undoes_a_claim(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.claim(key(), "<1@x>", NOW)
         await ledger.release(key(), NOW)
         released = await ledger.get(key())
@@ -141,8 +144,8 @@ async def test_release_undoes_a_claim(db_path: Path) -> None:
         assert await ledger.claim(key(), "<1@x>", NOW)
 
 
-async def test_uncertain_after_a_lost_answer(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_uncertain_after_a_lost_answer(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.claim(key(), "<1@x>", NOW)
         await ledger.mark_uncertain(key(), "no answer after DATA", NOW, NOW + timedelta(hours=1))
         uncertain = await ledger.get(key())
@@ -151,13 +154,13 @@ async def test_uncertain_after_a_lost_answer(db_path: Path) -> None:
         assert await ledger.claim(key(), uncertain.message_id, NOW + timedelta(hours=1))
 
 
-async def test_recover_turns_sending_into_uncertain(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_recover_turns_sending_into_uncertain(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.claim(key("a@x.org"), "<a@x>", NOW)
         assert await ledger.claim(key("b@x.org"), "<b@x>", NOW)
         await ledger.mark_sent(key("b@x.org"), "250 ok", NOW)
         # ... and the process dies here.
-    async with Ledger.open(db_path) as ledger:
+    async with Ledger.open(ledger_target) as ledger:
         recovered = await ledger.recover(NOW + timedelta(minutes=1))
         assert [(d.email, d.state) for d in recovered] == [("a@x.org", UNCERTAIN)]
         assert await ledger.recover(NOW) == []
@@ -171,7 +174,7 @@ async def test_recover_turns_sending_into_uncertain(db_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_claim_survives_sigkill(db_path: Path) -> None:
+def test_a_claim_survives_sigkill(ledger_target: Path | str) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio, os, signal
@@ -179,7 +182,7 @@ def test_a_claim_survives_sigkill(db_path: Path) -> None:
         from invite_mailer.delivery.ledger import DeliveryKey, Ledger
 
         async def main():
-            async with Ledger.open({str(db_path)!r}) as ledger:
+            async with Ledger.open({str(ledger_target)!r}) as ledger:
                 now = datetime.now(UTC)
                 await ledger.claim(DeliveryKey("s", "invitation", "", "a@x.org"), "<a@x>", now)
                 await ledger.claim(DeliveryKey("s", "invitation", "", "b@x.org"), "<b@x>", now)
@@ -191,15 +194,13 @@ def test_a_claim_survives_sigkill(db_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
-    with sqlite3.connect(db_path) as raw:
-        rows = raw.execute("SELECT email, state FROM deliveries ORDER BY email").fetchall()
-    raw.close()
+    rows = query(ledger_target, "SELECT email, state FROM deliveries ORDER BY email")
     assert rows == [("a@x.org", "sending"), ("b@x.org", "sent")]
 
 
-async def test_view_is_an_immutable_snapshot(db_path: Path) -> None:
+async def test_view_is_an_immutable_snapshot(ledger_target: Path | str) -> None:
     retry_at = NOW + timedelta(minutes=10)
-    async with Ledger.open(db_path) as ledger:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.claim(key("a@x.org"), "<a@x>", NOW)
         await ledger.mark_sent(key("a@x.org"), "250", NOW)
         assert await ledger.claim(key("b@x.org"), "<b@x>", NOW)
@@ -242,8 +243,8 @@ async def test_view_of_100000_rows_is_quick(db_path: Path) -> None:
     assert took < 2.0, f"view() took {took:.2f} s"
 
 
-async def test_counts_and_deliveries(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_counts_and_deliveries(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         for email in ("a@x.org", "b@x.org", "c@x.org"):
             assert await ledger.claim(key(email), f"<{email}>", NOW)
         await ledger.mark_sent(key("a@x.org"), "250", NOW)
@@ -282,14 +283,14 @@ async def test_deliveries_tried_leaves_out_rows_never_attempted(db_path: Path) -
         assert [(d.email, d.attempts) for d in tried] == [("a@x.org", 1)]
 
 
-async def test_naive_times_are_refused(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_naive_times_are_refused(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         with pytest.raises(ValueError, match="aware"):
             await ledger.claim(key(), "<1@x>", datetime(2024, 10, 24, 10, 5))
 
 
-async def test_optouts(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_optouts(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         assert await ledger.optouts(SERIES) == frozenset()
         assert await ledger.add_optout(SERIES, "Anna@Example.org", source="one-click", now=NOW)
         assert not await ledger.add_optout(SERIES, "anna@example.org", source="mail", now=NOW)
@@ -363,32 +364,32 @@ async def test_a_file_that_is_no_database_is_refused(db_path: Path) -> None:
 # -- the process lock -----------------------------------------------------------------
 
 
-def test_lock_blocks_a_second_holder_in_this_process(db_path: Path) -> None:
-    with state_lock(db_path):
+def test_lock_blocks_a_second_holder_in_this_process(ledger_target: Path | str) -> None:
+    with state_lock(ledger_target):
         with pytest.raises(LockedError, match=r"another invite-mailer \(send-due or run\)") as e:
-            with state_lock(db_path):
+            with state_lock(ledger_target):
                 pass
         assert f"process {os.getpid()}" in str(e.value)
-    with state_lock(db_path):  # released on exit
+    with state_lock(ledger_target):  # released on exit
         pass
 
 
 @pytest.mark.slow
-def test_lock_blocks_another_process(db_path: Path) -> None:
+def test_lock_blocks_another_process(ledger_target: Path | str) -> None:
     script = textwrap.dedent(
         f"""
         import sys
         from invite_mailer.errors import LockedError
         from invite_mailer.delivery.ledger import state_lock
         try:
-            with state_lock({str(db_path)!r}):
+            with state_lock({str(ledger_target)!r}):
                 sys.exit(0)
         except LockedError as exc:
             print(exc)
             sys.exit(3)
         """
     )
-    with state_lock(db_path):
+    with state_lock(ledger_target):
         held = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30)
     assert held.returncode == 3
     assert b"another invite-mailer" in held.stdout
@@ -400,10 +401,10 @@ def test_lock_blocks_another_process(db_path: Path) -> None:
 
 
 @pytest.mark.slow
-async def test_one_commit_per_state_change_is_fast_enough(db_path: Path) -> None:
+async def test_one_commit_per_state_change_is_fast_enough(tmp_path: Path) -> None:
     pairs = 2_000
     now = datetime(2024, 10, 24, 8, 0, tzinfo=UTC)
-    async with Ledger.open(db_path) as ledger:
+    async with Ledger.open(tmp_path / "ledger.db") as ledger:
         started = time.perf_counter()
         for n in range(pairs):
             mail = key(f"person{n}@example.org")

@@ -14,6 +14,7 @@ import pytest
 from invite_mailer.delivery.ledger import Claim, DeliveryKey, DeliveryState, Finish, Ledger
 from invite_mailer.delivery.window import LedgerWindow, default_size
 from invite_mailer.errors import LedgerError
+from support.postgres import query
 
 SERIES = "transferreihe-2024"
 NOW = datetime(2024, 10, 24, 8, 5, tzinfo=UTC)
@@ -28,12 +29,9 @@ def claim(n: int, *, unless_opted_out: bool = True) -> Claim:
     return Claim(key(n), f"<{n}@example.org>", NOW, unless_opted_out=unless_opted_out)
 
 
-def states_on_disk(path: Path) -> dict[str, str]:
+def states_on_disk(path: Path | str) -> dict[str, str]:
     """What another process sees: only committed rows."""
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT email, state FROM deliveries").fetchall()
-    db.close()
-    return dict(rows)
+    return dict(query(path, "SELECT email, state FROM deliveries"))
 
 
 @pytest.fixture
@@ -41,22 +39,22 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "ledger.db"
 
 
-async def test_a_claim_is_committed_before_it_returns(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger, LedgerWindow(ledger, 4) as window:
+async def test_a_claim_is_committed_before_it_returns(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger, LedgerWindow(ledger, 4) as window:
         assert await window.claim(claim(1))
-        assert states_on_disk(db_path) == {"person0001@example.org": "sending"}
+        assert states_on_disk(ledger_target) == {"person0001@example.org": "sending"}
         assert window.holds(key(1)) and window.in_flight == 1
         window.finish(Finish(key(1), SENT, "250 ok", NOW))
         assert not window.holds(key(1))
     # Leaving the window commits the queued outcome.
-    assert states_on_disk(db_path) == {"person0001@example.org": "sent"}
+    assert states_on_disk(ledger_target) == {"person0001@example.org": "sent"}
 
 
-async def test_senders_wait_while_the_window_is_full(db_path: Path) -> None:
+async def test_senders_wait_while_the_window_is_full(ledger_target: Path | str) -> None:
     size, senders, mails_each = 3, 8, 25
     peak = 0
 
-    async with Ledger.open(db_path) as ledger, LedgerWindow(ledger, size) as window:
+    async with Ledger.open(ledger_target) as ledger, LedgerWindow(ledger, size) as window:
 
         async def sender(first: int) -> None:
             nonlocal peak
@@ -64,7 +62,7 @@ async def test_senders_wait_while_the_window_is_full(db_path: Path) -> None:
                 assert await window.claim(claim(n))
                 # What a crash now would leave in doubt: every claim on disk
                 # without its outcome.
-                on_disk = states_on_disk(db_path)
+                on_disk = states_on_disk(ledger_target)
                 peak = max(peak, sum(1 for s in on_disk.values() if s == "sending"))
                 await asyncio.sleep(0)  # the relay's answer
                 window.finish(Finish(key(n), SENT, "250 ok", NOW))
@@ -72,7 +70,7 @@ async def test_senders_wait_while_the_window_is_full(db_path: Path) -> None:
         await asyncio.gather(*(sender(i * mails_each) for i in range(senders)))
         assert window.peak == size  # the window was used, and never overran
     assert 1 <= peak <= size
-    final = states_on_disk(db_path)
+    final = states_on_disk(ledger_target)
     assert len(final) == senders * mails_each and set(final.values()) == {"sent"}
     # Claims and outcomes shared commits: far fewer batches than writes.
     assert window.batches < senders * mails_each
@@ -91,8 +89,10 @@ async def test_outcomes_and_claims_of_many_senders_share_commits(db_path: Path) 
     assert set(states_on_disk(db_path).values()) == {"sent"}
 
 
-async def test_an_opted_out_address_is_not_claimed_and_holds_no_place(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger:
+async def test_an_opted_out_address_is_not_claimed_and_holds_no_place(
+    ledger_target: Path | str,
+) -> None:
+    async with Ledger.open(ledger_target) as ledger:
         await ledger.add_optout(SERIES, key(1).email, source="one-click", now=NOW)
         async with LedgerWindow(ledger, 1) as window:
             assert not await window.claim(claim(1))
@@ -102,11 +102,11 @@ async def test_an_opted_out_address_is_not_claimed_and_holds_no_place(db_path: P
             window.finish(Finish(key(2), SENT, "250 ok", NOW))
             assert await window.claim(claim(1, unless_opted_out=False))
             window.finish(Finish(key(1), SENT, "250 ok", NOW))
-    assert states_on_disk(db_path) == {key(1).email: "sent", key(2).email: "sent"}
+    assert states_on_disk(ledger_target) == {key(1).email: "sent", key(2).email: "sent"}
 
 
-async def test_a_delivery_sent_or_in_flight_is_not_claimed_twice(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger, LedgerWindow(ledger, 4) as window:
+async def test_a_delivery_sent_or_in_flight_is_not_claimed_twice(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger, LedgerWindow(ledger, 4) as window:
         first, second = await asyncio.gather(window.claim(claim(1)), window.claim(claim(1)))
         assert sorted([first, second]) == [False, True]
         assert window.in_flight == 1
@@ -114,9 +114,11 @@ async def test_a_delivery_sent_or_in_flight_is_not_claimed_twice(db_path: Path) 
         assert not await window.claim(claim(1))
 
 
-async def test_a_retry_and_its_next_claim_in_one_batch_keep_their_order(db_path: Path) -> None:
+async def test_a_retry_and_its_next_claim_in_one_batch_keep_their_order(
+    ledger_target: Path | str,
+) -> None:
     later = NOW + timedelta(seconds=30)
-    async with Ledger.open(db_path) as ledger, LedgerWindow(ledger, 4) as window:
+    async with Ledger.open(ledger_target) as ledger, LedgerWindow(ledger, 4) as window:
         assert await window.claim(claim(1))
         window.finish(Finish(key(1), DeliveryState.PENDING, "451 try later", NOW, later))
         # Queued behind the outcome: the claim sees the row pending again.
@@ -126,8 +128,8 @@ async def test_a_retry_and_its_next_claim_in_one_batch_keep_their_order(db_path:
     assert row is not None and row.attempts == 2
 
 
-async def test_an_outcome_for_a_mail_not_claimed_here_is_refused(db_path: Path) -> None:
-    async with Ledger.open(db_path) as ledger, LedgerWindow(ledger, 4) as window:
+async def test_an_outcome_for_a_mail_not_claimed_here_is_refused(ledger_target: Path | str) -> None:
+    async with Ledger.open(ledger_target) as ledger, LedgerWindow(ledger, 4) as window:
         with pytest.raises(LedgerError, match="not claimed"):
             window.finish(Finish(key(1), SENT, "250 ok", NOW))
         with pytest.raises(ValueError, match="aware"):
@@ -161,9 +163,9 @@ def test_the_default_window_is_twice_the_connections() -> None:
 
 
 async def test_a_window_smaller_than_the_senders_still_lets_every_mail_through(
-    db_path: Path,
+    ledger_target: Path | str,
 ) -> None:
-    async with Ledger.open(db_path) as ledger, LedgerWindow(ledger, 1) as window:
+    async with Ledger.open(ledger_target) as ledger, LedgerWindow(ledger, 1) as window:
 
         async def sender(first: int) -> None:
             for n in range(first, first + 10):
@@ -174,7 +176,7 @@ async def test_a_window_smaller_than_the_senders_still_lets_every_mail_through(
 
         await asyncio.wait_for(asyncio.gather(*(sender(i * 10) for i in range(4))), timeout=30)
         assert window.peak == 1
-    assert len(states_on_disk(db_path)) == 40
+    assert len(states_on_disk(ledger_target)) == 40
 
 
 class BrokenLedger(Ledger):
@@ -184,8 +186,10 @@ class BrokenLedger(Ledger):
         raise RuntimeError("a bug")
 
 
-async def test_a_bug_in_a_batch_stops_the_claims_instead_of_hanging_them(db_path: Path) -> None:
-    async with BrokenLedger.open(db_path) as ledger:
+async def test_a_bug_in_a_batch_stops_the_claims_instead_of_hanging_them(
+    ledger_target: Path | str,
+) -> None:
+    async with BrokenLedger.open(ledger_target) as ledger:
         window = LedgerWindow(ledger, 4)
         with pytest.raises(LedgerError, match="a bug"):
             await asyncio.wait_for(window.claim(claim(1)), timeout=10)
@@ -193,4 +197,4 @@ async def test_a_bug_in_a_batch_stops_the_claims_instead_of_hanging_them(db_path
         with pytest.raises(LedgerError):
             await window.claim(claim(2))
         await window.aclose()  # nothing queued: nothing to try again
-    assert states_on_disk(db_path) == {}
+    assert states_on_disk(ledger_target) == {}

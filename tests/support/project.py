@@ -11,8 +11,10 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:
     import pytest
@@ -72,3 +74,17 @@ def keep_only_first_event(config: Path) -> None:
     first = text.index("  - id: ")
     second = text.index("  - id: ", first + 1)
     path.write_text(text[:second] + text[text.index("mailings:") :], encoding="utf-8")
+
+
+BERLIN = ZoneInfo("Europe/Berlin")
+# Next year's November always lies ahead.
+FUTURE_SERIES_YEAR = str(datetime.now(BERLIN).year + 1)
+
+
+def series_due_now(project: Path) -> None:
+    """The shipped series moved into the future, its invitation due an hour ago."""
+    path = project / "config" / "series.yaml"
+    text = path.read_text(encoding="utf-8").replace("2024-1", f"{FUTURE_SERIES_YEAR}-1")
+    an_hour_ago = (datetime.now(BERLIN) - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M")
+    text = text.replace(f'send_at: "{FUTURE_SERIES_YEAR}-10-24 10:00"', f'send_at: "{an_hour_ago}"')
+    path.write_text(text, encoding="utf-8")

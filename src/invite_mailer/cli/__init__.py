@@ -14,6 +14,7 @@ from invite_mailer import __version__
 from invite_mailer.cli import advisories as advice
 from invite_mailer.cli import commands, optout_output, output
 from invite_mailer.cli.bounce_commands import bounces
+from invite_mailer.cli.migrate import migrate
 from invite_mailer.cli.options import (
     common,
     config_only,
@@ -460,6 +461,7 @@ def rehearse(out_dir: Path, config_dir: Path, templates: Path | None, as_json: b
 
 
 cli.add_command(bounces)
+cli.add_command(migrate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from invite_mailer.delivery.bounce_sql import BounceRecord
 from invite_mailer.delivery.bounces import MAX_REPORT_BYTES
 from invite_mailer.delivery.imap_poll import poll
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.ledger_open import ledger_exists
 from invite_mailer.delivery.return_path import ReturnPaths
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.series import Series
@@ -118,7 +119,7 @@ async def fetch_reports(files: OptOutFiles, *, now: datetime) -> Intake:
 
 
 async def recorded_bounces(files: OptOutFiles) -> list[BounceRecord]:
-    if not files.ledger_path.exists():
+    if not ledger_exists(files.ledger_path):
         return []
     async with Ledger.open(files.ledger_path) as ledger:
         return await ledger.bounces(files.series.id)

@@ -35,7 +35,15 @@ from invite_mailer.core.plan import (
 from invite_mailer.core.registrations import with_registrations
 from invite_mailer.delivery.bounce_sql import BounceRecord
 from invite_mailer.delivery.dispatch import Dispatcher, Outcome, PassResult, ProgressCallback
-from invite_mailer.delivery.ledger import Delivery, DeliveryState, Ledger, LedgerView, state_lock
+from invite_mailer.delivery.ledger import (
+    Delivery,
+    DeliveryState,
+    Ledger,
+    LedgerView,
+    open_sending,
+    state_lock,
+)
+from invite_mailer.delivery.ledger_open import ledger_exists
 from invite_mailer.delivery.transport import make_transport
 from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.inputs.config import Config
@@ -173,11 +181,11 @@ def validate(config: Config) -> ValidationReport:
 
 @contextlib.asynccontextmanager
 async def open_ledger(config: Config, *, create: bool = True) -> AsyncIterator[Ledger | None]:
-    path = config.settings.state.path
-    if not create and not path.exists():
+    target = config.settings.state.target
+    if not create and not ledger_exists(target):
         yield None
         return
-    async with Ledger.open(path) as ledger:
+    async with Ledger.open(target) as ledger:
         yield ledger
 
 
@@ -402,6 +410,10 @@ def destination(config: Config) -> str:
 
 @contextlib.contextmanager
 def locked(config: Config) -> Iterator[None]:
+    """With SQLite, the lock that lets one process send; PostgreSQL needs none."""
+    if config.settings.state.is_postgresql:
+        yield
+        return
     path = config.settings.state.path
     with contextlib.ExitStack() as stack:
         try:
@@ -427,7 +439,7 @@ async def send_due(
     """
     composer = Composer.from_config(config)
     validate_sample(config, composer)
-    async with Ledger.open(config.settings.state.path) as ledger:
+    async with open_sending(config.settings.state, "send-due") as ledger:
         recovered = await ledger.recover(now)
         async with make_transport(config.settings) as transport:
             dispatcher = Dispatcher(

@@ -21,6 +21,7 @@ from pathlib import Path
 from email_validator import EmailNotValidError, validate_email
 
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.ledger_open import ledger_exists
 from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.inputs.addresses import address_lines, load_address_list
 from invite_mailer.inputs.config import OPTOUT_FILE
@@ -52,8 +53,8 @@ class OptOutFiles:
     optout_file: Path
 
     @property
-    def ledger_path(self) -> Path:
-        return self.settings.state.path
+    def ledger_path(self) -> Path | str:
+        return self.settings.state.target
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def file_lines(path: Path) -> dict[str, int]:
 async def entries(files: OptOutFiles) -> list[OptOutEntry]:
     """Every opt-out: ledger entries (oldest first), then those of optout.txt."""
     result: list[OptOutEntry] = []
-    if files.ledger_path.exists():
+    if ledger_exists(files.ledger_path):
         async with Ledger.open(files.ledger_path) as ledger:
             for entry in await ledger.optout_entries(files.series.id):
                 result.append(OptOutEntry(entry.email, "ledger", entry.source, entry.created_at))
@@ -139,7 +140,7 @@ async def remove(files: OptOutFiles, address: str) -> Removal:
     """Unblock *address* in the ledger; optout.txt is the organisers' file and not edited."""
     key = address.strip().lower()
     removed = False
-    if files.ledger_path.exists():
+    if ledger_exists(files.ledger_path):
         async with Ledger.open(files.ledger_path) as ledger:
             removed = await ledger.remove_optout(files.series.id, key)
     in_file = key in load_address_list(files.optout_file)

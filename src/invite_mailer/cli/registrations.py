@@ -24,6 +24,7 @@ from invite_mailer.core.registrations import (
     with_registrations,
 )
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.ledger_open import ledger_exists
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.contacts import Contact
@@ -58,10 +59,10 @@ class Entry:
 
 
 async def _rows(config: Config) -> dict[str, dict[str, Registration]]:
-    path = config.settings.state.path
-    if not path.exists():
+    target = config.settings.state.target
+    if not ledger_exists(target):
         return {}
-    async with Ledger.open(path) as ledger:
+    async with Ledger.open(target) as ledger:
         return await ledger.registrations(config.series.id)
 
 
@@ -136,7 +137,7 @@ async def add(config: Config, email: str, event_id: str, now: datetime) -> tuple
             f"the date {event.id!r} is cancelled: nobody can register for it",
             hint="pass --event with a date that takes place",
         )
-    async with Ledger.open(config.settings.state.path) as ledger:
+    async with Ledger.open(config.settings.state.target) as ledger:
         changed = await ledger.register(
             config.series.id, event.id, contact.key, source=SOURCE_CLI, now=now
         )
@@ -147,7 +148,7 @@ async def remove(config: Config, email: str, event_id: str, now: datetime) -> tu
     """Withdraw a contact's registration for a date; whether that changed anything."""
     event = pick(config, event_id)
     contact = _contact(config, email)
-    async with Ledger.open(config.settings.state.path) as ledger:
+    async with Ledger.open(config.settings.state.target) as ledger:
         changed = await ledger.withdraw(
             config.series.id, event.id, contact.key, by=SOURCE_CLI, now=now
         )

@@ -40,12 +40,14 @@ from invite_mailer.core import german
 from invite_mailer.core.plan import Mailing, MailingState, mailing_times, request_for
 from invite_mailer.delivery.dispatch import Dispatcher
 from invite_mailer.delivery.ledger import Delivery, Ledger
+from invite_mailer.delivery.ledger_open import ledger_exists
 from invite_mailer.delivery.transport import OutboxTransport, outbox_name
 from invite_mailer.errors import ConfigError
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Kind
-from invite_mailer.inputs.settings import StateSettings, TransportKind, TransportSettings
+from invite_mailer.inputs.settings import TransportKind, TransportSettings
+from invite_mailer.inputs.state_settings import StateSettings
 from invite_mailer.mail import mime
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
@@ -269,8 +271,8 @@ async def _play(
 async def _all_optouts(config: Config) -> set[str]:
     """``optout.txt`` and the opt-outs in the real ledger (one-click, optout add)."""
     optouts = set(config.optouts)
-    real = config.settings.state.path
-    if real.exists():
+    real = config.settings.state.target
+    if ledger_exists(real):
         async with Ledger.open(real) as ledger:
             optouts |= await ledger.optouts(config.series.id)
     return optouts

@@ -9,11 +9,12 @@ opt-out with the reason as its source, so every pass, ``status`` and
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
 from invite_mailer.delivery.bounces import Bounce, BounceKind, Report
+from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.ledger_pg import advisory_lock
 from invite_mailer.delivery.ledger_sql import iso
 
 __all__ = ["BounceRecord", "Recorded", "bounce_rows", "record_report"]
@@ -54,7 +55,19 @@ class BounceRecord:
         }
 
 
-def _attributed(db: sqlite3.Connection, series: str, bounce: Bounce, report: Report) -> str:
+def _insert(db: Database, row: tuple[str | None, ...]) -> bool:
+    """Insert one bounce row; False when this report was recorded for the address before."""
+    return bool(
+        db.execute(
+            "INSERT INTO bounces (series, email, kind, status, diagnostic, message_id, "
+            "source, fingerprint, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (series, fingerprint, email) DO NOTHING RETURNING id",
+            row,
+        ).fetchall()
+    )
+
+
+def _attributed(db: Database, series: str, bounce: Bounce, report: Report) -> str:
     """The recipient of ours *bounce* is about, or '' (not a mail of this series).
 
     The recipient whose return path the report came back to; else the address
@@ -80,7 +93,7 @@ def _attributed(db: sqlite3.Connection, series: str, bounce: Bounce, report: Rep
 
 
 def record_report(
-    db: sqlite3.Connection,
+    db: Database,
     series: str,
     report: Report,
     *,
@@ -95,29 +108,15 @@ def record_report(
     message_id = report.message_id or ""
     db.execute("BEGIN IMMEDIATE")
     try:
+        # Two nodes reading one mailbox: the soft bounces are counted once each.
+        advisory_lock(db, f"bounces:{series}")
         for bounce in report.bounces:
             email = _attributed(db, series, bounce, report)
             if not email:
                 results.append(Recorded(bounce, "", new=False, suppressed=False))
                 continue
-            new = bool(
-                db.execute(
-                    "INSERT INTO bounces (series, email, kind, status, diagnostic, message_id, "
-                    "source, fingerprint, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (series, fingerprint, email) DO NOTHING RETURNING id",
-                    (
-                        series,
-                        email,
-                        bounce.kind.value,
-                        bounce.status,
-                        bounce.diagnostic,
-                        message_id,
-                        source,
-                        fingerprint,
-                        stamp,
-                    ),
-                ).fetchall()
-            )
+            row = (series, email, bounce.kind.value, bounce.status, bounce.diagnostic)
+            new = _insert(db, (*row, message_id, source, fingerprint, stamp))
             softs = db.execute(
                 "SELECT count(*) FROM bounces WHERE series = ? AND email = ? AND kind = 'soft'",
                 (series, email),
@@ -152,7 +151,7 @@ def _reason(bounce: Bounce, softs: int, soft_limit: int) -> str:
     return ""
 
 
-def bounce_rows(db: sqlite3.Connection, series: str) -> list[BounceRecord]:
+def bounce_rows(db: Database, series: str) -> list[BounceRecord]:
     rows = db.execute(
         "SELECT email, kind, status, diagnostic, message_id, source, received_at "
         "FROM bounces WHERE series = ? ORDER BY received_at, id",

@@ -367,14 +367,15 @@ class Dispatcher:
             return Outcome.SKIPPED, None
         sender = envelope_sender(self.config.settings, self.config.series.id, mail.email)
         try:
+            self.ledger.check_lease()  # several nodes: is this mail still ours?
             answer = await self.transport.send(message, sender=sender, recipients=[mail.email])
         except QuotaReached as exc:
             # Another sender took the last place: nothing left, the mail waits.
             window.finish(release(key, now))
             self._quota_reached(result, exc)
             return Outcome.SKIPPED, None
-        except SetupFailure as exc:
-            # TLS, login or the outbox folder: nothing left, no mail is at fault.
+        except (SetupFailure, LedgerError) as exc:
+            # TLS, login, the outbox, a lost lease: nothing left, no mail at fault.
             window.finish(release(key, now))
             self._halt(exc)
             return Outcome.SKIPPED, None

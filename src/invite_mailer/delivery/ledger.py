@@ -1,4 +1,4 @@
-"""The delivery ledger: one row per (series, kind, event, recipient), in SQLite.
+"""The delivery ledger: one row per (series, kind, event, recipient), in SQLite or PostgreSQL.
 
 The ledger is the truth about what went out. A mail is sent only after its
 claim (the row as ``sending``) is committed; its outcome is committed after
@@ -15,21 +15,26 @@ may lose the last few commits. All statements run on the ledger's own thread
 (:mod:`~invite_mailer.delivery.ledger_thread`), with the standard library's
 ``sqlite3``.
 
-One process at a time may send: :func:`state_lock` takes an exclusive lock
-next to the database, and together with :meth:`Ledger.claim` that keeps two
-``send-due`` runs from ever sending the same mail twice.
+With SQLite one process at a time may send: :func:`state_lock` takes an
+exclusive lock next to the database, and together with :meth:`Ledger.claim`
+that keeps two ``send-due`` runs from ever sending the same mail twice. With
+PostgreSQL (:mod:`~invite_mailer.delivery.ledger_pg`) any number of nodes
+send from one ledger: a claim holds a lease that the node's heartbeat renews
+(:mod:`~invite_mailer.delivery.ledger_nodes`), and :meth:`Ledger.recover`
+takes back only the claims whose lease has run out.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import sqlite3
+import contextlib
+import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from invite_mailer.core.registrations import Registration
 from invite_mailer.delivery import bounce_sql
@@ -37,16 +42,10 @@ from invite_mailer.delivery import ledger_registrations as regs
 from invite_mailer.delivery import ledger_sql as sql
 from invite_mailer.delivery.bounce_sql import BounceRecord, Recorded
 from invite_mailer.delivery.bounces import Report
-from invite_mailer.delivery.ledger_file import (
-    SCHEMA_VERSION,
-    check_file,
-    check_ours,
-    connect,
-    create,
-    lock_path,
-    migrate,
-    state_lock,
-)
+from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.ledger_file import SCHEMA_VERSION, lock_path, state_lock
+from invite_mailer.delivery.ledger_nodes import NodeIdentity, NodeMembership, NodeRow
+from invite_mailer.delivery.ledger_open import opening
 from invite_mailer.delivery.ledger_sql import Claim, Finish
 from invite_mailer.delivery.ledger_thread import LedgerThread
 from invite_mailer.delivery.records import (
@@ -60,6 +59,7 @@ from invite_mailer.delivery.records import (
     parse_version,
 )
 from invite_mailer.errors import LedgerError
+from invite_mailer.inputs.state_settings import StateSettings
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -72,62 +72,88 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerView",
+    "NodeIdentity",
+    "NodeRow",
     "OptOut",
     "format_version",
     "lock_path",
+    "open_sending",
     "parse_version",
+    "sending_lock",
     "state_lock",
 ]
 
 # Sends older than this are forgotten.
 _SENDS_KEPT_SECONDS = 86400.0
 
-
-def _open_file(path: Path, lock_wait: float) -> sqlite3.Connection:
-    """Open (creating if needed) and migrate the database; runs on the ledger's thread."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.path.lexists(path):
-        create(path)
-    check_file(path)
-    db = connect(path, timeout=lock_wait)
-    try:
-        db.execute(f"PRAGMA busy_timeout = {int(lock_wait * 1000):d}")
-        # Before anything is written: never convert another program's database.
-        check_ours(db, path)
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")
-        migrate(db, path)
-    except BaseException:
-        db.close()
-        raise
-    return db
+log = logging.getLogger("invite_mailer.delivery.ledger")
 
 
-class Ledger:
+class Ledger(NodeMembership):
     """Async access to the state database. Open it with :meth:`Ledger.open`.
 
     Every method that changes a row commits before it returns and takes the
     time to record as *now* (aware): the ledger never reads the clock.
     """
 
-    def __init__(self, thread: LedgerThread, path: Path) -> None:
+    def __init__(
+        self,
+        thread: LedgerThread,
+        where: str,
+        *,
+        path: Path | None = None,
+        shared: bool = False,
+        node: NodeIdentity | None = None,
+        lease_seconds: float = 120.0,
+        heartbeat_seconds: float = 10.0,
+        clock: Any = time.time,
+    ) -> None:
         self._thread = thread
-        self.path = path
+        self.where = where  # the file or the database, for messages
+        self.path = path if path is not None else Path(where)
+        # PostgreSQL: other nodes may send from this ledger at the same time.
+        self.shared = shared
+        self.node = node
+        self.lease_seconds = lease_seconds
+        self._heartbeat_seconds = heartbeat_seconds
+        self._clock = clock
+        self._renewed_at = clock()
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path | str, *, lock_wait: float = 10.0) -> AsyncIterator[Ledger]:
-        """Open (creating if needed) and migrate the database at *path*.
+    async def open(
+        cls,
+        target: Path | str,
+        *,
+        lock_wait: float = 10.0,
+        node: NodeIdentity | None = None,
+        lease_seconds: float = 120.0,
+        heartbeat_seconds: float = 10.0,
+        clock: Any = time.time,
+    ) -> AsyncIterator[Ledger]:
+        """Open (creating if needed) the ledger at *target*: an SQLite file, or a
+        ``postgresql://`` URL.
 
-        A file that exists but is not an invite-mailer ledger is refused: taken
-        as a new, empty ledger it would have every mail sent again. *lock_wait*
-        is how many seconds to wait for another process's lock.
+        A database that exists but is not an invite-mailer ledger is refused:
+        taken as a new, empty ledger it would have every mail sent again.
+        *lock_wait* is how many seconds to wait for another process's lock.
+        With PostgreSQL, a *node* that sends beats every *heartbeat_seconds*
+        while the ledger is open, renewing the leases of its claims.
         """
-        path = Path(path)
-        thread = LedgerThread(path)
+        thread, where, opener, ledger_kwargs = opening(target, lock_wait)
         try:
-            await thread.start(functools.partial(_open_file, path, lock_wait))
-            yield cls(thread, path)
+            await thread.start(opener)
+            ledger = cls(
+                thread,
+                where,
+                node=node,
+                lease_seconds=lease_seconds,
+                heartbeat_seconds=heartbeat_seconds,
+                clock=clock,
+                **ledger_kwargs,
+            )
+            async with ledger._beating(heartbeat_seconds):
+                yield ledger
         finally:
             await thread.close()
 
@@ -136,7 +162,7 @@ class Ledger:
     async def recent_sends(self, since: float) -> list[float]:
         """Wall-clock times (Unix seconds) of the sends recorded at or after *since*."""
 
-        def work(db: sqlite3.Connection) -> list[float]:
+        def work(db: Database) -> list[float]:
             db.execute("DELETE FROM sends WHERE at < ?", (since - _SENDS_KEPT_SECONDS,))
             rows = db.execute("SELECT at FROM sends WHERE at >= ? ORDER BY at", (since,))
             return [float(row[0]) for row in rows]
@@ -150,16 +176,13 @@ class Ledger:
     # -- changing rows ---------------------------------------------------------
 
     async def recover(self, now: datetime) -> list[Delivery]:
-        """After a crash: every delivery left in ``sending`` becomes ``uncertain``."""
-        statement = f"""
-            UPDATE deliveries
-            SET state = '{DeliveryState.UNCERTAIN}', updated_at = ?,
-                last_response = 'interrupted while sending; the relay may have accepted it'
-            WHERE state = '{DeliveryState.SENDING}'
-            RETURNING {sql.COLUMNS}
+        """After a crash: every delivery left in ``sending`` becomes ``uncertain``.
+
+        With PostgreSQL only those whose lease has run out: the others belong
+        to nodes that are alive and still sending them.
         """
-        stamp = sql.iso(now)
-        rows = await self._thread.call(lambda db: db.execute(statement, (stamp,)).fetchall())
+        stamp, lease_before = sql.iso(now), self._clock() if self.shared else None
+        rows = await self._thread.call(lambda db: sql.recover_rows(db, stamp, lease_before))
         return sorted(
             (sql.delivery_of(row) for row in rows), key=lambda d: (d.kind, d.event, d.email)
         )
@@ -176,14 +199,16 @@ class Ledger:
         """
         claim = Claim(key, message_id, now, version)
         sql.iso(now)  # refuse a naive time here, in the caller's task
-        return await self._thread.call(lambda db: sql.claim_one(db, claim))
+        holder = self._holder()
+        return await self._thread.call(lambda db: sql.claim_one(db, claim, holder))
 
     async def apply(self, finishes: Sequence[Finish], claims: Sequence[Claim]) -> list[bool]:
         """Write outcomes, then claims, in one transaction; whether each claim holds.
 
         All or nothing: when it raises, nothing of the batch was written.
         """
-        return await self._thread.call(lambda db: sql.apply_batch(db, finishes, claims))
+        holder = self._holder()
+        return await self._thread.call(lambda db: sql.apply_batch(db, finishes, claims, holder))
 
     async def mark_sent(self, key: DeliveryKey, response: str, now: datetime) -> None:
         """The relay accepted the claimed delivery."""
@@ -263,27 +288,9 @@ class Ledger:
         *tried*: only rows with at least one attempt (a pending retry, not a
         mail nobody has tried yet).
         """
-        where = ["series = ?"]
-        params: list[str] = [series]
-        if states is not None:
-            if not states:
-                return []
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            params.extend(DeliveryState(state).value for state in states)
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
-        if event is not None:
-            where.append("event = ?")
-            params.append(event)
-        if tried:
-            where.append("attempts > 0")
-        statement = (
-            f"SELECT {sql.COLUMNS} FROM deliveries WHERE {' AND '.join(where)} "
-            "ORDER BY kind, event, email"
+        return await self._thread.call(
+            lambda db: sql.select_deliveries(db, series, states, kind, event, tried)
         )
-        rows = await self._thread.call(lambda db: db.execute(statement, params).fetchall())
-        return [sql.delivery_of(row) for row in rows]
 
     async def counts(self, series: str) -> dict[tuple[str, str], Counter[DeliveryState]]:
         """How many deliveries of each mailing ((kind, event)) are in each state."""
@@ -398,11 +405,30 @@ class Ledger:
     async def _exists(self, statement: str, params: tuple[str | None, ...]) -> bool:
         """Whether *statement* returns a row (and for a change: commits it)."""
 
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: Database) -> bool:
             # fetchall, not fetchone: a RETURNING statement is done only once stepped through.
             return bool(db.execute(statement, params).fetchall())
 
         return await self._thread.call(work)
+
+
+def sending_lock(state: StateSettings) -> AbstractContextManager[None]:
+    """SQLite: the lock that lets one process send. PostgreSQL: none, any number may."""
+    if state.is_postgresql:
+        return contextlib.nullcontext()
+    state.path.parent.mkdir(parents=True, exist_ok=True)
+    return state_lock(state.path)
+
+
+def open_sending(state: StateSettings, role: str) -> AbstractAsyncContextManager[Ledger]:
+    """The ledger of a process that sends (*role*: "daemon", "send-due"): a node that
+    beats, with PostgreSQL."""
+    return Ledger.open(
+        state.target,
+        node=NodeIdentity.here(role),
+        lease_seconds=state.lease_seconds,
+        heartbeat_seconds=state.heartbeat_seconds,
+    )
 
 
 def release(key: DeliveryKey, now: datetime, next_attempt_at: datetime | None = None) -> Finish:

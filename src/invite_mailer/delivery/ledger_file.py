@@ -146,6 +146,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A bounce names the Message-ID of the mail it returns.
         "CREATE INDEX deliveries_message_id ON deliveries (message_id)",
     ),
+    (
+        # Several nodes on one ledger (PostgreSQL): who holds a claimed mail and
+        # until when (Unix seconds) without a heartbeat; the nodes and their beats.
+        "ALTER TABLE deliveries ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE deliveries ADD COLUMN lease_until REAL",
+        "CREATE INDEX deliveries_claims ON deliveries (state, claimed_by)",
+        """
+        CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            beat_at REAL NOT NULL,
+            stopped_at REAL
+        )
+        """,
+        # The relay quotas of several nodes (see send_slots): a place per send,
+        # taken before it starts and ended when the relay has answered.
+        """
+        CREATE TABLE send_slots (
+            id INTEGER PRIMARY KEY,
+            node TEXT NOT NULL,
+            started REAL NOT NULL,
+            lease_until REAL NOT NULL,
+            ended REAL
+        )
+        """,
+        "CREATE INDEX send_slots_ended ON send_slots (ended)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_HEADER = b"SQLite format 3\x00"

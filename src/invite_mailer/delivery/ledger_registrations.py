@@ -8,11 +8,12 @@ that still names the person does not register them again.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from invite_mailer.core.registrations import SOURCE_CSV, Registration
+from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.ledger_pg import advisory_lock
 
 __all__ = ["observe_csv", "register", "registrations_of", "withdraw"]
 
@@ -46,7 +47,7 @@ _PLANNED = "AND (source != 'csv' OR withdrawn_at IS NOT NULL OR confirm = 1)"
 
 
 def registrations_of(
-    db: sqlite3.Connection, series: str, *, planned_only: bool = False
+    db: Database, series: str, *, planned_only: bool = False
 ) -> dict[str, dict[str, Registration]]:
     """email -> event -> registration, for every row of *series* (with
     *planned_only*, the rows a plan needs)."""
@@ -62,15 +63,14 @@ def registrations_of(
     return found
 
 
-def register(
-    db: sqlite3.Connection, series: str, event: str, email: str, source: str, now: datetime
-) -> bool:
+def register(db: Database, series: str, event: str, email: str, source: str, now: datetime) -> bool:
     """Register *email* for *event*; False when that registration was active already
     (a contact-list registration confirmed by a link or the CLI then takes that source)."""
     address = email.strip().lower()
     stamp = _iso(now)
     db.execute("BEGIN IMMEDIATE")
     try:
+        advisory_lock(db, f"registrations:{series}")
         row = db.execute(
             "SELECT withdrawn_at FROM registrations WHERE series = ? AND event = ? AND email = ?",
             (series, event, address),
@@ -102,9 +102,7 @@ def register(
     return row is None or row[0] is not None
 
 
-def withdraw(
-    db: sqlite3.Connection, series: str, event: str, email: str, by: str, now: datetime
-) -> bool:
+def withdraw(db: Database, series: str, event: str, email: str, by: str, now: datetime) -> bool:
     """Withdraw *email* from *event*; False when it was withdrawn already.
 
     Without a row (a registration only the contact list knows, or none at
@@ -117,14 +115,14 @@ def withdraw(
         "(series, event, email, source, registered_at, withdrawn_at, withdrawn_by) "
         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series, event, email) DO UPDATE SET "
         "withdrawn_at = excluded.withdrawn_at, withdrawn_by = excluded.withdrawn_by "
-        "WHERE withdrawn_at IS NULL RETURNING email",
+        "WHERE registrations.withdrawn_at IS NULL RETURNING email",
         (series, event, address, by, stamp, stamp, by),
     ).fetchall()
     return bool(changed)
 
 
 def observe_csv(
-    db: sqlite3.Connection, series: str, listed: Mapping[str, frozenset[str]], now: datetime
+    db: Database, series: str, listed: Mapping[str, frozenset[str]], now: datetime
 ) -> int:
     """Record the contact list's registrations the ledger does not have yet; how many.
 
@@ -135,38 +133,47 @@ def observe_csv(
     reading the table.
     """
     digest = _digest(listed)
-    row = db.execute(
-        "SELECT digest FROM registration_imports WHERE series = ?", (series,)
-    ).fetchone()
-    if row is not None and row[0] == digest:
+    if _digest_read(db, series) == (True, digest):
         return 0
-    first = row is None
-    stamp = _iso(now)
-    confirm = 0 if first else 1
     db.execute("BEGIN IMMEDIATE")
     try:
+        # Again under the lock: of two nodes reading a changed list, one records it.
+        advisory_lock(db, f"registrations:{series}")
+        known, last = _digest_read(db, series)
+        if last == digest:
+            db.execute("COMMIT")
+            return 0
+        stamp = _iso(now)
+        confirm = 1 if known else 0  # the first reading is the baseline
         db.execute(
             "INSERT INTO registration_imports (series, first_at, digest) VALUES (?, ?, ?) "
             "ON CONFLICT (series) DO UPDATE SET digest = excluded.digest",
             (series, stamp, digest),
         )
-        before = db.total_changes
-        db.executemany(
-            "INSERT OR IGNORE INTO registrations "
-            "(series, event, email, source, registered_at, confirm) VALUES (?, ?, ?, ?, ?, ?)",
+        added = db.executemany(
+            "INSERT INTO registrations "
+            "(series, event, email, source, registered_at, confirm) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (series, event, email) DO NOTHING",
             (
                 (series, event, email, SOURCE_CSV, stamp, confirm)
                 for email, dates in listed.items()
                 for event in sorted(dates)
             ),
-        )
-        added = db.total_changes - before
+        ).rowcount
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
     return added
+
+
+def _digest_read(db: Database, series: str) -> tuple[bool, str | None]:
+    """Whether the list of *series* was read before, and its digest then."""
+    row = db.execute(
+        "SELECT digest FROM registration_imports WHERE series = ?", (series,)
+    ).fetchone()
+    return (False, None) if row is None else (True, str(row[0]))
 
 
 def _digest(listed: Mapping[str, frozenset[str]]) -> str:

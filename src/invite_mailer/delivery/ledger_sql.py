@@ -1,6 +1,7 @@
 """The ledger's statements, run on its thread: rows in, records out.
 
-Every function here takes the open :class:`sqlite3.Connection` first and is
+Every function here takes the open connection first (SQLite's, or
+PostgreSQL's in the same shape: :mod:`~invite_mailer.delivery.database`) and is
 called through :class:`~invite_mailer.delivery.ledger_thread.LedgerThread`,
 never from the event loop. The batch functions write many rows in one
 transaction: the ledger's cost per mail is a share of one commit.
@@ -9,13 +10,14 @@ transaction: the ledger's cost per mail is a share of one commit.
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.ledger_pg import advisory_lock
 from invite_mailer.delivery.ledger_registrations import registrations_of
 from invite_mailer.delivery.records import (
     DateHistory,
@@ -29,6 +31,7 @@ from invite_mailer.errors import LedgerError
 
 __all__ = [
     "COLUMNS",
+    "Holder",
     "KEY",
     "STATES",
     "Claim",
@@ -41,6 +44,8 @@ __all__ = [
     "iso",
     "issue_sequence",
     "observe_dates",
+    "recover_rows",
+    "select_deliveries",
     "view_of",
 ]
 
@@ -59,18 +64,21 @@ KEY = "series = ? AND kind = ? AND event = ? AND email = ?"
 
 _CLAIM = f"""
     INSERT INTO deliveries (series, kind, event, email, state, attempts, message_id, version,
-                            first_attempt_at, last_attempt_at, updated_at)
-    VALUES (?, ?, ?, ?, 'sending', 1, ?, ?, ?, ?, ?)
+                            first_attempt_at, last_attempt_at, updated_at,
+                            claimed_by, lease_until)
+    VALUES (?, ?, ?, ?, 'sending', 1, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (series, kind, event, email) DO UPDATE SET
         state = 'sending',
-        attempts = attempts + 1,
+        attempts = deliveries.attempts + 1,
         message_id = excluded.message_id,
         version = excluded.version,
-        first_attempt_at = coalesce(first_attempt_at, excluded.first_attempt_at),
+        first_attempt_at = coalesce(deliveries.first_attempt_at, excluded.first_attempt_at),
         last_attempt_at = excluded.last_attempt_at,
         next_attempt_at = NULL,
-        updated_at = excluded.updated_at
-    WHERE state IN ('{DeliveryState.PENDING}', '{DeliveryState.UNCERTAIN}')
+        updated_at = excluded.updated_at,
+        claimed_by = excluded.claimed_by,
+        lease_until = excluded.lease_until
+    WHERE deliveries.state IN ('{DeliveryState.PENDING}', '{DeliveryState.UNCERTAIN}')
     RETURNING id
 """
 
@@ -160,45 +168,59 @@ class Finish:
         )
 
 
-def _claim(db: sqlite3.Connection, claim: Claim) -> bool:
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who claims: the node's id, and until when (Unix seconds) its claims hold
+    without a heartbeat. With SQLite only one process sends at a time."""
+
+    node: str = ""
+    lease_until: float | None = None
+
+
+def _claim(db: Database, claim: Claim, holder: Holder) -> bool:
     key = claim.key
     if claim.unless_opted_out and db.execute(_OPTED_OUT, (key.series, key.email)).fetchone():
         return False
     # fetchall: a RETURNING statement is complete (and in autocommit, committed)
     # only once stepped to its end.
-    return bool(db.execute(_CLAIM, claim.params()).fetchall())
+    params = (*claim.params(), holder.node, holder.lease_until)
+    return bool(db.execute(_CLAIM, params).fetchall())
 
 
-def claim_one(db: sqlite3.Connection, claim: Claim) -> bool:
+def claim_one(db: Database, claim: Claim, holder: Holder) -> bool:
     """Write one claim (autocommit); whether the caller may send."""
-    return _claim(db, claim)
+    return _claim(db, claim, holder)
 
 
-def finish_one(db: sqlite3.Connection, finish: Finish) -> None:
+def finish_one(db: Database, finish: Finish) -> None:
     """Write one outcome (autocommit); LedgerError when the row was not claimed."""
     if db.execute(_FINISH, finish.params()).rowcount != 1:
         _not_claimed(db, finish)
 
 
 def apply_batch(
-    db: sqlite3.Connection, finishes: Sequence[Finish], claims: Sequence[Claim]
+    db: Database, finishes: Sequence[Finish], claims: Sequence[Claim], holder: Holder
 ) -> list[bool]:
     """Write *finishes*, then *claims*, in one transaction; whether each claim holds.
 
     Outcomes first: a retry put back to ``pending`` may be claimed again in
     the same batch. All or nothing: on any error nothing of the batch is kept.
     """
+    # Every row in key order, an outcome before a claim of the same row: two
+    # nodes writing overlapping batches lock rows in the same order, so
+    # PostgreSQL never has to break a deadlock between them.
+    steps = sorted(
+        [(astuple_key(f.key), 0, n) for n, f in enumerate(finishes)]
+        + [(astuple_key(c.key), 1, n) for n, c in enumerate(claims)]
+    )
+    granted = [False] * len(claims)
     db.execute("BEGIN IMMEDIATE")
     try:
-        if finishes:
-            changed = db.executemany(_FINISH, [f.params() for f in finishes]).rowcount
-            if changed != len(finishes):
-                for finish in finishes:  # which one? (rare: a bug, so the cost is fine)
-                    current = _state_of(db, finish.key)
-                    if current is not DeliveryState.SENDING and finish.state is not current:
-                        _not_claimed(db, finish)
-                raise LedgerError(f"{changed} of {len(finishes)} outcomes could be recorded")
-        granted = [_claim(db, claim) for claim in claims]
+        for _, is_claim, n in steps:
+            if is_claim:
+                granted[n] = _claim(db, claims[n], holder)
+            elif db.execute(_FINISH, finishes[n].params()).rowcount != 1:
+                _not_claimed(db, finishes[n])
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -207,20 +229,24 @@ def apply_batch(
     return granted
 
 
-def _state_of(db: sqlite3.Connection, key: DeliveryKey) -> DeliveryState | None:
+def astuple_key(key: DeliveryKey) -> tuple[str, str, str, str]:
+    return (key.series, key.kind, key.event, key.email)
+
+
+def _state_of(db: Database, key: DeliveryKey) -> DeliveryState | None:
     row = db.execute(
         f"SELECT state FROM deliveries WHERE {KEY}", (key.series, key.kind, key.event, key.email)
     ).fetchone()
     return None if row is None else STATES[row[0]]
 
 
-def _not_claimed(db: sqlite3.Connection, finish: Finish) -> None:
+def _not_claimed(db: Database, finish: Finish) -> None:
     current = _state_of(db, finish.key)
     found = "no such delivery" if current is None else f"it is {current}"
     raise LedgerError(f"cannot mark {finish.key} as {finish.state}: it was not claimed ({found})")
 
 
-def view_of(db: sqlite3.Connection, series: str) -> LedgerView:
+def view_of(db: Database, series: str) -> LedgerView:
     """A snapshot of every delivery state of *series*, for the planner.
 
     The rows are streamed from the cursor, never held as a list: for a big
@@ -266,7 +292,7 @@ def view_of(db: sqlite3.Connection, series: str) -> LedgerView:
     )
 
 
-def date_histories(db: sqlite3.Connection, series: str) -> dict[str, DateHistory]:
+def date_histories(db: Database, series: str) -> dict[str, DateHistory]:
     """What the ledger knows about the versions of each date of *series*."""
     rows = db.execute(
         "SELECT event, version, details, observed_since, sequence FROM date_versions "
@@ -289,22 +315,22 @@ def date_histories(db: sqlite3.Connection, series: str) -> dict[str, DateHistory
 
 
 def observe_dates(
-    db: sqlite3.Connection,
+    db: Database,
     series: str,
     dates: Mapping[str, tuple[str, Mapping[str, str]]],
     now: datetime,
 ) -> None:
-    """Record the version each date has now (see Ledger.observe_dates), in one transaction."""
-    histories = date_histories(db, series)
-    changed = {
-        event: entry
-        for event, entry in dates.items()
-        if (history := histories.get(event)) is None or history.current != entry[0]
-    }
-    if not changed:
+    """Record the version each date has now (see Ledger.observe_dates), in one transaction.
+
+    Read again under the lock: two nodes that both saw an edit record it once,
+    and the second does not restart the grace period the first one began.
+    """
+    if not _changed_dates(db, series, dates):
         return
     db.execute("BEGIN IMMEDIATE")
     try:
+        advisory_lock(db, f"date_versions:{series}")
+        changed = _changed_dates(db, series, dates)
         for event, (version, details) in changed.items():
             db.execute(
                 "INSERT INTO date_versions (series, event, version, details, observed_since) "
@@ -319,7 +345,18 @@ def observe_dates(
         raise
 
 
-def issue_sequence(db: sqlite3.Connection, series: str, event: str, version: str) -> int:
+def _changed_dates(
+    db: Database, series: str, dates: Mapping[str, tuple[str, Mapping[str, str]]]
+) -> dict[str, tuple[str, Mapping[str, str]]]:
+    histories = date_histories(db, series)
+    return {
+        event: entry
+        for event, entry in dates.items()
+        if (history := histories.get(event)) is None or history.current != entry[0]
+    }
+
+
+def issue_sequence(db: Database, series: str, event: str, version: str) -> int:
     """The calendar SEQUENCE for mail describing *version*, recorded on first use."""
     history = date_histories(db, series).get(event)
     sequence = 0 if history is None else history.sequence_for(version)
@@ -329,3 +366,49 @@ def issue_sequence(db: sqlite3.Connection, series: str, event: str, version: str
             (sequence, series, event, version),
         )
     return sequence
+
+
+def recover_rows(db: Database, stamp: str | None, lease_before: float | None) -> list[Any]:
+    """Turn ``sending`` rows into ``uncertain`` (with *lease_before*: only those whose
+    lease ran out before then); the rows changed, as :data:`COLUMNS`."""
+    expired = "AND (lease_until IS NULL OR lease_until < ?)" if lease_before is not None else ""
+    statement = f"""
+        UPDATE deliveries
+        SET state = '{DeliveryState.UNCERTAIN}', updated_at = ?, claimed_by = '',
+            lease_until = NULL,
+            last_response = 'interrupted while sending; the relay may have accepted it'
+        WHERE state = '{DeliveryState.SENDING}' {expired}
+        RETURNING {COLUMNS}
+    """
+    params = (stamp,) if lease_before is None else (stamp, lease_before)
+    return db.execute(statement, params).fetchall()
+
+
+def select_deliveries(
+    db: Database,
+    series: str,
+    states: Collection[DeliveryState] | None,
+    kind: str | None,
+    event: str | None,
+    tried: bool,
+) -> list[Delivery]:
+    """Rows of *series*, optionally filtered (see Ledger.deliveries)."""
+    where = ["series = ?"]
+    params: list[str] = [series]
+    if states is not None:
+        if not states:
+            return []
+        where.append(f"state IN ({', '.join('?' * len(states))})")
+        params.extend(DeliveryState(state).value for state in states)
+    if kind is not None:
+        where.append("kind = ?")
+        params.append(kind)
+    if event is not None:
+        where.append("event = ?")
+        params.append(event)
+    if tried:
+        where.append("attempts > 0")
+    statement = (
+        f"SELECT {COLUMNS} FROM deliveries WHERE {' AND '.join(where)} ORDER BY kind, event, email"
+    )
+    return [delivery_of(row) for row in db.execute(statement, params).fetchall()]

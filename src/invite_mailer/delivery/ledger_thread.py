@@ -1,10 +1,10 @@
-"""The ledger's own thread: one SQLite connection, used by one thread only.
+"""The ledger's own thread: one database connection, used by one thread only.
 
 Every ledger call is one function run on this thread, so a call costs one
 hop from the event loop and back however many statements it runs, and the
 statements of one batch share one transaction. The standard library's
-``sqlite3`` releases the GIL while SQLite works, so the event loop keeps
-running meanwhile.
+``sqlite3`` and psycopg both release the GIL while the database works, so
+the event loop keeps running meanwhile.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
-from invite_mailer.delivery.ledger_file import ledger_error
+import psycopg
+
+from invite_mailer.delivery.database import Database
+from invite_mailer.errors import LedgerError
 
 __all__ = ["LedgerThread"]
 
@@ -24,14 +26,17 @@ _T = TypeVar("_T")
 
 
 class LedgerThread:
-    """Runs functions of one :class:`sqlite3.Connection` on one dedicated thread."""
+    """Runs functions of one connection on one dedicated thread.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    *error* says what a database or file error means, for the engine in use.
+    """
+
+    def __init__(self, error: Callable[[BaseException], LedgerError]) -> None:
+        self._error = error
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
-        self._db: sqlite3.Connection | None = None
+        self._db: Database | None = None
 
-    async def start(self, opener: Callable[[], sqlite3.Connection]) -> None:
+    async def start(self, opener: Callable[[], Database]) -> None:
         """Open the connection on the thread with *opener*."""
 
         def begin() -> None:
@@ -39,8 +44,8 @@ class LedgerThread:
 
         await self._submit(begin)
 
-    async def call(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``work(connection)`` on the thread; SQLite errors become LedgerError."""
+    async def call(self, work: Callable[[Database], _T]) -> _T:
+        """Run ``work(connection)`` on the thread; database errors become LedgerError."""
 
         def run() -> _T:
             assert self._db is not None, "the ledger is closed"
@@ -65,5 +70,5 @@ class LedgerThread:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, work)
-        except (OSError, sqlite3.Error) as exc:
-            raise ledger_error(self.path, exc) from exc
+        except (OSError, sqlite3.Error, psycopg.Error) as exc:
+            raise self._error(exc) from exc

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
+from invite_mailer.delivery.send_slots import Limit, Reservation
 from invite_mailer.errors import QuotaReached
 
 Clock = Callable[[], float]
@@ -239,17 +240,34 @@ class Quotas:
             self.limiters.append(
                 RateLimiter(per_minute, 60.0, clock=clock, sleep=sleep, wall_clock=wall_clock)
             )
+        self.max_wait = max_wait
+        self._sleep = sleep
+        self._wall_clock = wall_clock
+        # With several nodes (PostgreSQL): the places are taken in the ledger instead.
+        self._slots: SharedSlots | None = None
+        self._ending: set[asyncio.Task[None]] = set()
 
     def __bool__(self) -> bool:
         return bool(self.limiters)
 
     async def share(self, journal: SendJournal) -> None:
-        """Count the sends of *journal*'s longest window in each; record ours once."""
+        """Count the sends of *journal*'s longest window in each; record ours once.
+
+        A journal shared by several nodes (a PostgreSQL ledger) hands out the
+        places itself, so that all nodes together keep every limit.
+        """
+        shared = getattr(journal, "send_slots", None)
+        slots = shared() if callable(shared) else None
+        if slots is not None:
+            self._slots = slots
+            return
         for number, limiter in enumerate(self.limiters):
             await limiter.share(journal, record=number == 0)
 
     def check(self) -> None:
         """Raise QuotaReached when a send now would have to wait for a long window."""
+        if self._slots is not None:
+            return  # asked of the ledger when the place is taken (see _shared_slot)
         for limiter in self.limiters:
             limiter.check()
 
@@ -260,11 +278,78 @@ class Quotas:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
+        if self._slots is not None:
+            async with self._shared_slot(self._slots):
+                yield
+            return
         async with contextlib.AsyncExitStack() as stack:
             for limiter in self.limiters:
                 await stack.enter_async_context(limiter.slot())
             yield
 
+    @contextlib.asynccontextmanager
+    async def _shared_slot(self, slots: SharedSlots) -> AsyncIterator[None]:
+        limits = [Limit(lim.setting, lim.limit, lim.window) for lim in self.limiters]
+        while True:
+            reservation = await _settled(slots.reserve(limits), self._end_later, slots)
+            if reservation.slot is not None:
+                break
+            full = reservation.limit
+            assert full is not None
+            if full.window > 60.0 and reservation.wait > self.max_wait:
+                reopens = self._wall_clock() + reservation.wait
+                raise QuotaReached(full.setting, full.limit, reopens)
+            # Other nodes' sends end meanwhile too: look again within seconds.
+            await self._sleep(min(reservation.wait, _SHARED_POLL))
+        try:
+            yield
+        finally:
+            # In the background, as RateLimiter records its ends (see slot there).
+            self._end_later(slots, reservation.slot)
+
+    def _end_later(self, slots: SharedSlots, slot: int) -> None:
+        task = asyncio.get_running_loop().create_task(_end(slots, slot))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
     async def flush(self) -> None:
+        while self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
         for limiter in self.limiters:
             await limiter.flush()
+
+
+# How often a node waiting for a shared quota place looks again, at most.
+_SHARED_POLL = 2.0
+
+
+class SharedSlots(Protocol):
+    async def reserve(self, limits: Sequence[Limit]) -> Reservation: ...
+    async def end(self, slot: int) -> None: ...
+
+
+async def _settled(
+    reserving: Awaitable[Reservation],
+    end_later: Callable[[SharedSlots, int], None],
+    slots: SharedSlots,
+) -> Reservation:
+    """The reservation, also when the waiting sender is stopped meanwhile (then a
+    place that was taken is given back at once instead of when its lease ends)."""
+    task = asyncio.ensure_future(reserving)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            taken = task.result().slot
+            if taken is not None:
+                end_later(slots, taken)
+        raise
+
+
+async def _end(slots: SharedSlots, slot: int) -> None:
+    try:
+        await slots.end(slot)
+    except Exception as exc:
+        # Its lease ends it for the other nodes' count; the send itself is recorded.
+        log.warning("could not record the end of a send for the shared quota: %s", exc)

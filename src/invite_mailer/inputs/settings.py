@@ -19,8 +19,6 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationInfo,
@@ -33,6 +31,8 @@ from pydantic_settings import (
 )
 
 from invite_mailer.inputs.dkimkey import dkim_key_bits
+from invite_mailer.inputs.setting_base import InvalidSetting, Section, no_control
+from invite_mailer.inputs.state_settings import StateSettings
 
 ENV_PREFIX = "INVITE_MAILER_"
 ENV_DELIMITER = "__"
@@ -52,23 +52,6 @@ class Security(StrEnum):
 
 # Control characters end up in SMTP commands and mail headers, where a line
 # break starts a new command or header.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _no_control(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("contains a line break or another control character; write it on one line")
-    return value
-
-
-class InvalidSetting(ValueError):
-    """A setting's value is wrong in a way that deserves its own hint."""
-
-    def __init__(self, message: str, hint: str) -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
 _ONE_ADDRESS_HINT = (
     "one address only; put a display name with a comma in double quotes, "
     'e.g. "Team, KomKomIn" <name@example.org>'
@@ -88,7 +71,7 @@ def _single_address(value: str, *, named: bool) -> Address:
     because each misses some ways a second address hides in the text; a second
     one would silently become the sender or get every reply.
     """
-    _no_control(value)
+    no_control(value)
     example = '"Name <address@example.org>" or a plain address' if named else "name@example.org"
     # Typeshed's header classes lack what the parser gives them (.addresses, .defects).
     header: Any = _HEADERS("From", value)
@@ -114,11 +97,7 @@ def _single_address(value: str, *, named: bool) -> Address:
 _HEADERS = HeaderRegistry()
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TransportSettings(_Section):
+class TransportSettings(Section):
     kind: TransportKind = TransportKind.OUTBOX
     outbox_dir: Path = Path("outbox")
 
@@ -139,7 +118,7 @@ PRESETS: dict[RelayPreset, dict[str, int]] = {
 }
 
 
-class SmtpSettings(_Section):
+class SmtpSettings(Section):
     host: str = "localhost"
     port: int = Field(587, ge=1, le=65535)
     security: Security = Security.STARTTLS
@@ -185,7 +164,7 @@ class SmtpSettings(_Section):
     @field_validator("host", "username", "local_hostname")
     @classmethod
     def _one_line(cls, value: str | None) -> str | None:
-        return None if value is None else _no_control(value)
+        return None if value is None else no_control(value)
 
     @field_validator("ca_file")
     @classmethod
@@ -212,7 +191,7 @@ class SmtpSettings(_Section):
         return self
 
 
-class SenderSettings(_Section):
+class SenderSettings(Section):
     address: str = "KomKomIn Transferreihe <transferreihe@example.org>"
     reply_to: str = ""
     unsubscribe_mailto: str = ""
@@ -231,7 +210,7 @@ class SenderSettings(_Section):
     @field_validator("unsubscribe_url", "web_url")
     @classmethod
     def _https(cls, value: str, info: ValidationInfo) -> str:
-        _no_control(value)
+        no_control(value)
         if not value:
             return value
         if not value.startswith("https://"):
@@ -255,32 +234,7 @@ class SenderSettings(_Section):
         return self.from_address.domain or "localhost"
 
 
-class StateSettings(_Section):
-    url: str = "sqlite:///state/invite-mailer.db"
-
-    @field_validator("url")
-    @classmethod
-    def _sqlite(cls, value: str) -> str:
-        _no_control(value)
-        if not value.startswith("sqlite:///"):
-            raise ValueError('only SQLite is supported: use "sqlite:///path/to/file.db"')
-        path = value.removeprefix("sqlite:///")
-        # The ledger is what keeps a mail from going out twice: an in-memory or
-        # URI database would be empty at every run and send everything again.
-        if not path or path == ":memory:" or path.startswith("file:") or "?" in path:
-            raise InvalidSetting(
-                f"the state database must be a file path, got {value!r} "
-                "(no :memory:, no file: URI, no ?query)",
-                'use a file that lasts between runs: url = "sqlite:///state/invite-mailer.db"',
-            )
-        return value
-
-    @property
-    def path(self) -> Path:
-        return Path(self.url.removeprefix("sqlite:///"))
-
-
-class LimitsSettings(_Section):
+class LimitsSettings(Section):
     max_attachment_bytes: int = Field(5 * 1024 * 1024, ge=0)
     max_message_bytes: int = Field(
         10 * 1024 * 1024,
@@ -328,7 +282,7 @@ _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
 
 
-class DkimSettings(_Section):
+class DkimSettings(Section):
     """Signing with DKIM (RFC 6376); on when ``key_file`` is set."""
 
     selector: str = ""
@@ -382,7 +336,7 @@ class DkimSettings(_Section):
         return self
 
 
-class BouncesSettings(_Section):
+class BouncesSettings(Section):
     soft_limit: int = Field(
         3,
         ge=1,
@@ -417,7 +371,7 @@ class BouncesSettings(_Section):
         return value
 
 
-class ImapSettings(_Section):
+class ImapSettings(Section):
     """The mailbox bounces and complaints arrive in; polled by the daemon when ``host`` is set."""
 
     host: str = ""
@@ -436,7 +390,7 @@ class ImapSettings(_Section):
     @field_validator("host", "username", "folder", "processed_folder")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        _no_control(value)
+        no_control(value)
         if '"' in value or "\\" in value:
             raise ValueError("must not contain double quotes or backslashes")
         return value
@@ -446,11 +400,11 @@ class ImapSettings(_Section):
         return bool(self.host)
 
 
-class NotifySettings(_Section):
+class NotifySettings(Section):
     organiser_summary: bool = True
 
 
-class UnsubscribeSettings(_Section):
+class UnsubscribeSettings(Section):
     secret: SecretStr = SecretStr("")
     serve: bool = False
     bind_host: str = "127.0.0.1"

@@ -19,11 +19,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConf
 
 from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.inputs.dkimkey import KeyFileError, dkim_key_bits
+from invite_mailer.inputs.setting_base import InvalidSetting
 from invite_mailer.inputs.settings import (
     ENV_DELIMITER,
     ENV_PREFIX,
     SETTINGS_FILE,
-    InvalidSetting,
     Settings,
 )
 from invite_mailer.inputs.yamlfile import read_config_file

@@ -28,7 +28,7 @@ from apscheduler.triggers.date import DateTrigger
 from invite_mailer.core.plan import Mailing, MailingState, PlanInput, plan
 from invite_mailer.core.registrations import with_registrations
 from invite_mailer.delivery.dispatch import Dispatcher, Outcome
-from invite_mailer.delivery.ledger import Ledger, state_lock
+from invite_mailer.delivery.ledger import Ledger, open_sending, sending_lock
 from invite_mailer.delivery.transport import Transport, make_transport
 from invite_mailer.errors import (
     EXIT_INVALID,
@@ -63,6 +63,7 @@ log = logging.getLogger("invite_mailer.service.daemon")
 SWEEP_JOB = "sweep"
 HEARTBEAT_JOB = "heartbeat"
 BOUNCES_JOB = "bounces"  # reading the [imap] bounce mailbox
+KEPT_JOBS = (SWEEP_JOB, HEARTBEAT_JOB, BOUNCES_JOB)
 HEARTBEAT_SECONDS = 30
 SWEEP_SECONDS = 60
 STOP_TIMEOUT = 30.0
@@ -295,7 +296,7 @@ class Daemon:
                 misfire_grace_time=window,
             )
         for job in self.scheduler.get_jobs():
-            if job.id not in (SWEEP_JOB, HEARTBEAT_JOB, BOUNCES_JOB) and job.id not in wanted:
+            if job.id not in (*KEPT_JOBS, *wakeups.WAKE_UPS) and job.id not in wanted:
                 job.remove()
         log.info("scheduled %d mailing(s)", len(wanted))
 
@@ -309,6 +310,8 @@ class Daemon:
             now = self.now()
             self._dispatcher = Dispatcher(self.config, self.ledger, self.transport)
             try:
+                if self.ledger.shared:  # a dead node's claims, once their lease ran out
+                    await self._recover()
                 result = await self._dispatcher.run_pass(now)
             except InviteMailerError as exc:
                 # A known reason (the relay, the setup, the ledger): one line, no traceback.
@@ -324,6 +327,7 @@ class Daemon:
             wakeups.warn_waiting(mailings, now, self._last_waiting_warning)
             wakeups.wake_for_confirmations(self.scheduler, self.run_pass, mailings, now)
             wakeups.wake_for_quota(self.scheduler, self.run_pass, result.quota)
+            await wakeups.wake_for_leases(self.scheduler, self.run_pass, self.ledger)
 
     async def poll_bounces(self) -> None:
         """Read the bounce mailbox; what it suppresses counts from the next pass."""
@@ -442,11 +446,12 @@ async def run_daemon(config: Config, *, config_dir: Path, templates_dir: Path | 
 
 
 async def _run(config: Config, *, config_dir: Path, templates_dir: Path | None) -> int:
-    state_path = config.settings.state.path
-    state_path.parent.mkdir(parents=True, exist_ok=True)
     loop = asyncio.get_running_loop()
-    with state_lock(state_path):
-        async with Ledger.open(state_path) as ledger, make_transport(config.settings) as transport:
+    with sending_lock(config.settings.state):
+        async with (
+            open_sending(config.settings.state, "daemon") as ledger,
+            make_transport(config.settings) as transport,
+        ):
             daemon = Daemon(
                 config, ledger, transport, config_dir=config_dir, templates_dir=templates_dir
             )

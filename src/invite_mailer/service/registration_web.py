@@ -51,7 +51,7 @@ class RegistrationPages:
 
     series_id: str
     secret: str
-    ledger_path: Path
+    ledger_path: Path | str
     series: Callable[[], Series]
     clock: Clock
     on_change: Callable[[], None] | None = None

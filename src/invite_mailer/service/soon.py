@@ -19,11 +19,14 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from invite_mailer.core.plan import Mailing, MailingState
+from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.errors import QuotaReached
 from invite_mailer.inputs.series import Kind
 
 __all__ = [
+    "LEASE_JOB",
     "QUOTA_JOB",
+    "WAKE_UPS",
     "REGISTRATION_JOB",
     "every",
     "soon",
@@ -38,6 +41,10 @@ REGISTRATION_JOB = "registration"
 """The pass that records a registration made by link."""
 QUOTA_JOB = "quota"
 """The pass when the relay's quota reopens."""
+LEASE_JOB = "lease"
+"""The pass when another node's claim runs out (see wake_for_leases)."""
+WAKE_UPS = (REGISTRATION_JOB, QUOTA_JOB, LEASE_JOB)
+"""One-off passes: a reschedule after a reload keeps them."""
 
 
 def every(
@@ -66,6 +73,16 @@ def wake_for_quota(
     minute; this is on time)."""
     if quota is not None:
         soon(scheduler, run, QUOTA_JOB, quota.reopens_at - time.time())
+
+
+async def wake_for_leases(
+    scheduler: AsyncIOScheduler, run: Callable[[], Awaitable[None]], ledger: Ledger
+) -> None:
+    """On a shared ledger, a pass when a claim of another node runs out (it may have
+    died with it): its mails go out again then, not at the next sweep."""
+    lease_end = await ledger.next_lease_end() if ledger.shared else None
+    if lease_end is not None:
+        soon(scheduler, run, LEASE_JOB, lease_end - time.time())
 
 
 def soon(

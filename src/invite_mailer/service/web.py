@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from invite_mailer.core.tokens import REGISTER, WITHDRAW, verify_token
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.ledger_open import as_target, ledger_exists
 from invite_mailer.errors import ConfigError, InviteMailerError
 from invite_mailer.inputs.addresses import load_address_list
 from invite_mailer.inputs.config import OPTOUT_FILE, Config
@@ -76,7 +77,7 @@ class UnsubscribePages:
 
     series_id: str
     secret: str
-    ledger_path: Path
+    ledger_path: Path | str
     listed: _AddressListCache | None = None
     series_title: str = ""
     contact_address: str = ""
@@ -131,7 +132,7 @@ class UnsubscribePages:
                     return True
             except (ConfigError, OSError) as exc:
                 log.warning("cannot read %s: %s", self.listed.path, exc)
-        if not self.ledger_path.exists():
+        if not ledger_exists(self.ledger_path):
             return False
         async with Ledger.open(self.ledger_path) as ledger:
             return address in await ledger.optouts(self.series_id)
@@ -185,7 +186,7 @@ def create_app(
     pages = UnsubscribePages(
         series_id,
         secret,
-        Path(ledger_path),
+        as_target(ledger_path),
         listed=_AddressListCache(optout_file) if optout_file is not None else None,
         series_title=series_title,
         contact_address=contact_address,
@@ -195,7 +196,7 @@ def create_app(
         links = RegistrationPages(
             series_id,
             secret,
-            Path(ledger_path),
+            as_target(ledger_path),
             series,
             on_change=on_registration,
             contact_address=contact_address,
@@ -318,7 +319,7 @@ async def start_unsubscribe(
     app = create_app(
         config.series.id,
         secret,
-        settings.state.path,
+        settings.state.target,
         optout_file=config.config_dir / OPTOUT_FILE,
         series_title=config.series.title,
         contact_address=contact,

@@ -1,0 +1,66 @@
+"""A real PostgreSQL for the ledger tests: a fresh schema per test.
+
+The server is ``INVITE_MAILER_TEST_POSTGRESQL`` (default: 127.0.0.1:5432,
+database ``test``, trust authentication, as ``.ci/run`` sets it up). Every
+test gets its own schema (``search_path`` in the URL's ``options``), dropped
+afterwards, so tests never see each other's rows. Without a server the test
+is skipped, except under ``CI=true``, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+import pytest
+
+from invite_mailer.delivery.ledger_pg import PgDatabase
+
+SERVER = os.environ.get(
+    "INVITE_MAILER_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def require_postgres() -> None:
+    """Skip the calling test without a PostgreSQL server, or fail it under ``CI=true``."""
+    try:
+        with psycopg.connect(SERVER, connect_timeout=3):
+            return
+    except psycopg.Error as exc:
+        reason = f"no PostgreSQL at {SERVER}: {' '.join(str(exc).split())}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason} (.ci/run starts one)")
+    pytest.skip(reason)
+
+
+@contextmanager
+def fresh_schema() -> Iterator[str]:
+    """A URL whose tables live in a new, empty schema, dropped at the end."""
+    require_postgres()
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(SERVER, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in SERVER else "?"
+    url = f"{SERVER}{separator}options={quote(f'-csearch_path={schema}')}"
+    try:
+        yield url
+    finally:
+        with psycopg.connect(SERVER, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def query(target: Path | str, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run *statement* (``?`` placeholders) on the ledger at *target* outside invite-mailer."""
+    if isinstance(target, str):
+        with psycopg.connect(target, autocommit=True) as connection:
+            cursor = PgDatabase(connection).execute(statement, params)
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+    with sqlite3.connect(target) as db:
+        return [tuple(row) for row in db.execute(statement, params).fetchall()]
