@@ -3,9 +3,8 @@
 A private Postfix instance (:mod:`support.postfix`: its own config, queue and
 data directories in a temporary folder) listens on 127.0.0.1 and a free port
 and delivers every recipient of example.org into one local Maildir; it
-relays nothing. Every
-kind of mail goes through invite-mailer's SMTP transport, and the delivered
-file must end with exactly the bytes that were sent (Postfix only puts its
+relays nothing. Every kind of mail goes through invite-mailer's SMTP
+transport, and the delivered file must end with exactly the bytes that were sent (Postfix only puts its
 own trace headers in front: Return-Path, X-Original-To, Delivered-To,
 Received), so bodies, attachments and headers arrive intact, umlauts too.
 
