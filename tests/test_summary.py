@@ -14,6 +14,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 
+from invite_mailer.mail.summary import BounceNotes, SuppressedAddress, bounce_lines
 from support.bounces import bounce_of, sent_invitations
 from support.cli import invoke
 from support.contacts import write_generated
@@ -140,6 +141,7 @@ def test_the_summary_counts_the_bounces_and_names_the_suppressed(project: Path) 
     reports = outbox_reports(project)
     text = next(t for s, t in reports.items() if s.startswith("Versandbericht: Erinnerung"))
     assert "  Versendet:            4" in text  # five registered, one suppressed
+    assert "  Abgemeldet (gesperrt): 1" in text
     assert (
         "Unzustellbare E-Mails und Beschwerden der Reihe (bisher):\n"
         "  Dauerhaft unzustellbar:     1\n"
@@ -149,7 +151,9 @@ def test_the_summary_counts_the_bounces_and_names_the_suppressed(project: Path) 
     listed = text[text.index("Gesperrt (erhalten keine E-Mails dieser Reihe mehr):") :]
     lines = listed.splitlines()
     assert lines[1] == f"  {jana} – dauerhaft unzustellbar (5.1.1)"
-    assert "User unknown" in lines[2] and len(lines[2]) <= 4 + 100
+    # The server's words, cut short at a word.
+    assert lines[2].startswith(f"    smtp; 550 5.1.1 <{jana}>: Recipient address rejected: User")
+    assert lines[2].endswith(" virtual…") and len(lines[2]) <= 4 + 100
     assert thomas not in listed  # one soft bounce suppresses nobody
     assert "und" not in lines[3]
     assert "invite-mailer bounces list" in listed
@@ -175,3 +179,20 @@ def test_the_list_of_suppressed_addresses_is_bounded(project: Path) -> None:
     listed = text[text.index("Gesperrt") : text.index("Die vollständige Liste")]
     assert listed.count("dauerhaft unzustellbar (5.1.1)") == 20
     assert "  … und 3 weitere\n" in listed
+
+
+def test_the_words_of_a_bounce_stay_one_line_each() -> None:
+    """A report's address and diagnostic come from outside: no line breaks or
+    control characters get from them into the summary's text."""
+    hostile = SuppressedAddress(
+        "jana.mueller@example.org\r\nBcc: alle@example.com",
+        "hard",
+        "5.1.1\n",
+        "550 nein\r\n\r\nSubject: neu\x00\x1b[2J <b>fett</b>",
+    )
+    lines = bounce_lines(BounceNotes(1, 0, 0, 1, [hostile]))
+    assert not any(set(line) & {"\r", "\n", "\x00", "\x1b"} for line in lines)
+    assert "  jana.mueller@example.org Bcc: alle@example.com – dauerhaft unzustellbar (5.1.1)" in (
+        lines
+    )
+    assert "    550 nein Subject: neu[2J <b>fett</b>" in lines  # plain text: nothing to escape

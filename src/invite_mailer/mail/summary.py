@@ -249,7 +249,9 @@ def bounce_lines(notes: BounceNotes) -> list[str]:
             lines.append(f"  {german.clean(entry.email)} – {why}")
             diagnostic = german.clean(entry.diagnostic)
             if len(diagnostic) > DIAGNOSTIC_SHOWN:
-                diagnostic = diagnostic[: DIAGNOSTIC_SHOWN - 1].rstrip() + "…"
+                # Cut at a word: "User unknown in…", not "User unkn…".
+                cut = diagnostic[: DIAGNOSTIC_SHOWN - 1]
+                diagnostic = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip() + "…"
             if diagnostic:
                 lines.append(f"    {diagnostic}")
         more = notes.suppressed - len(notes.first)
