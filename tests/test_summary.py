@@ -137,11 +137,13 @@ def test_the_summary_counts_the_bounces_and_names_the_suppressed(project: Path) 
     soft.write_bytes(bounce_of("gmail-over-quota.eml", thomas, thomas, sent[thomas]))
     result = invoke(["bounces", "import", str(report), str(soft)])
     assert result.exit_code == 0, result.output
+    # Thomas opts out himself: opted out, yet suppressed by no bounce.
+    assert invoke(["optout", "add", thomas]).exit_code == 0
     assert invoke(["send-due", "--now", REMINDER]).exit_code == 0
     reports = outbox_reports(project)
     text = next(t for s, t in reports.items() if s.startswith("Versandbericht: Erinnerung"))
-    assert "  Versendet:            4" in text  # five registered, one suppressed
-    assert "  Abgemeldet (gesperrt): 1" in text
+    assert "  Versendet:            3" in text  # five registered, two opted out
+    assert "  Abgemeldet (gesperrt): 2" in text
     assert (
         "Unzustellbare E-Mails und Beschwerden der Reihe (bisher):\n"
         "  Dauerhaft unzustellbar:     1\n"
@@ -154,7 +156,7 @@ def test_the_summary_counts_the_bounces_and_names_the_suppressed(project: Path) 
     # The server's words, cut short at a word.
     assert lines[2].startswith(f"    smtp; 550 5.1.1 <{jana}>: Recipient address rejected: User")
     assert lines[2].endswith(" virtual…") and len(lines[2]) <= 4 + 100
-    assert thomas not in listed  # one soft bounce suppresses nobody
+    assert thomas not in listed  # his own opt-out; one soft bounce suppresses nobody
     assert "und" not in lines[3]
     assert "invite-mailer bounces list" in listed
 

@@ -150,6 +150,12 @@ def record_report(
     return results
 
 
+# The opt-outs _reason writes, as SQL on the optouts table aliased "o".
+_BY_BOUNCE = (
+    "(o.source LIKE 'bounce%' OR o.source LIKE 'complaint%' OR o.source LIKE '% soft bounces')"
+)
+
+
 def _reason(bounce: Bounce, softs: int, soft_limit: int) -> str:
     """The opt-out source that suppresses the address, or '' (not yet)."""
     if bounce.kind is BounceKind.COMPLAINT:
@@ -189,17 +195,17 @@ def bounce_overview(db: sqlite3.Connection, series: str, limit: int) -> BounceOv
         "SELECT kind, count(*) FROM bounces WHERE series = ? GROUP BY kind", (series,)
     ):
         counts[BounceKind(kind)] = int(count)
-    # An address suppressed by a bounce or complaint is one with an opt-out and
-    # a bounce row; an opt-out removed again (optout remove) is not listed.
+    # Suppressed by a bounce or complaint: a bounce row and the opt-out that
+    # _reason gave it (not one by link or reply, nor one removed again).
     suppressed = db.execute(
         "SELECT count(DISTINCT b.email) FROM bounces b JOIN optouts o "
-        "ON o.series = b.series AND o.email = b.email WHERE b.series = ?",
+        f"ON o.series = b.series AND o.email = b.email WHERE b.series = ? AND {_BY_BOUNCE}",
         (series,),
     ).fetchone()[0]
     rows = db.execute(
         "SELECT b.email, b.kind, b.status, b.diagnostic, b.message_id, b.source, b.received_at "
         "FROM bounces b JOIN optouts o ON o.series = b.series AND o.email = b.email "
-        "WHERE b.series = ? AND b.id = "
+        f"WHERE b.series = ? AND {_BY_BOUNCE} AND b.id = "
         "(SELECT max(id) FROM bounces WHERE series = b.series AND email = b.email) "
         "ORDER BY b.received_at, b.id LIMIT ?",
         (series, limit),
