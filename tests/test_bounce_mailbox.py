@@ -4,12 +4,18 @@ The shipped invitation goes out (``send-due`` on the outbox); bounces of it in
 the documented Postfix, Exchange Online and Gmail formats, and an
 out-of-office reply, are put into the mailbox with IMAP APPEND; then
 ``invite-mailer bounces fetch`` reads them as the daemon's poll does.
+
+And a report no one wrote by hand: the daemon sends through a private
+Postfix (:mod:`support.postfix`) that accepts a recipient it has no mailbox
+for, fails to deliver it and sends its own delivery status notification to
+the mail's VERP return path; that report goes into the mailbox as it came.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Iterator
 from datetime import datetime
 from email import message_from_bytes, policy
@@ -25,6 +31,7 @@ from support.bounces import DATA, bounce_of, sent_invitations
 from support.cli import invoke
 from support.dovecot import Dovecot, running_dovecot
 from support.mails import mails
+from support.postfix import Postfix, running_postfix
 from support.smtp import SmtpServer, smtp_env
 
 pytestmark = pytest.mark.system
@@ -156,3 +163,118 @@ async def test_the_daemon_polls_the_mailbox_and_stops_mailing_the_bounced(
     reminded = {m.to for m in mails(smtp_server.received[before:]) if m.kind == "reminder"}
     assert reminded and JANA not in reminded
     assert all(b"\\Seen" in flags for flags, _ in dovecot.folder("INBOX"))
+
+
+# --- a bounce that a real Postfix generates ------------------------------------------
+
+SECRET = "a-long-random-secret-for-the-tests-only"
+REMINDER = datetime(2024, 11, 13, 14, 5)  # the reminders for 14.11.2024 (Thomas is registered)
+
+
+def relay_that_knows_everyone_but(project: Path, unknown: str) -> dict[str, str]:
+    """A lookup table of the relay's mailboxes: every contact and the organiser but
+    *unknown* into ``inbox/``, the return path's mailbox into ``bounces/``."""
+    config = load_config(project / "config")
+    known = {c.email.lower() for c in config.contacts.contacts} - {unknown}
+    known.add(str(config.series.organiser.email).lower())
+    lines = [f"{address} inbox/" for address in sorted(known)]
+    # With recipient_delimiter = +, bounces+TOKEN@example.org is bounces@example.org's.
+    return {"mailboxes": "\n".join([*lines, "bounces@example.org bounces/"]) + "\n"}
+
+
+def kinds_in(messages: list[bytes]) -> list[tuple[str, str]]:
+    """(kind, recipient) of the mails in a Maildir of the relay."""
+    found = []
+    for data in messages:
+        message = message_from_bytes(data, policy=policy.default)
+        found.append((str(message["X-Invite-Mailer-Kind"] or "summary"), message["Delivered-To"]))
+    return found
+
+
+async def invitation_then_reminder(
+    project: Path, postfix: Postfix, dovecot: Dovecot
+) -> tuple[bytes, list[bytes]]:
+    """The daemon, as ``invite-mailer run`` sets it up, on a clock of its own: the
+    invitation through the relay, its bounce polled from the mailbox, then the
+    reminders. Returns the relay's report and what the relay delivered."""
+    config = load_config(project / "config")
+    moment = [datetime(2024, 10, 24, 10, 5, tzinfo=config.series.zone)]
+    async with (
+        Ledger.open(project / "state" / "invite-mailer.db") as ledger,
+        make_transport(config.settings) as transport,
+    ):
+        daemon = Daemon(
+            config,
+            ledger,
+            transport,
+            config_dir=project / "config",
+            templates_dir=None,
+            clock=lambda: moment[0],
+            sweep_seconds=3600,
+        )
+        task = asyncio.create_task(daemon.serve())
+        try:
+            async with asyncio.timeout(60):
+                await daemon.caught_up.wait()
+            # Eleven invitations and the summary arrive; Thomas's comes back.
+            await asyncio.to_thread(postfix.delivered, 12)
+            (dsn,) = await asyncio.to_thread(postfix.delivered, 1, mailbox="bounces")
+            dovecot.append("INBOX", dsn)  # exactly as the relay wrote it
+            await daemon.poll_bounces()  # the job's own call
+            moment[0] = REMINDER.replace(tzinfo=config.series.zone)
+            await daemon.run_pass()
+        finally:
+            daemon.request_stop()
+            async with asyncio.timeout(30):
+                await task
+    # Four reminders to the others registered and their summary: 17 in all.
+    return dsn, await asyncio.to_thread(postfix.delivered, 17)
+
+
+def test_a_dsn_from_a_real_postfix_stops_the_mail_to_an_unknown_recipient(
+    project: Path, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay takes the invitation for an address it has no mailbox for, then
+    sends its own delivery status notification to the VERP return path; that
+    very report, in the bounce mailbox, is what the daemon's poll reads."""
+    settings = {
+        "virtual_mailbox_domains": "example.org, example.com",
+        "virtual_mailbox_maps": "texthash:{config}/mailboxes",
+        # Accept at RCPT time, fail at delivery: the relay must write the report.
+        "smtpd_reject_unlisted_recipient": "no",
+        "recipient_delimiter": "+",
+    }
+    with running_postfix(settings, relay_that_knows_everyone_but(project, THOMAS)) as postfix:
+        env = {
+            **dovecot.settings_env(),
+            **smtp_env(
+                postfix.port,
+                bounces__return_path="bounces+{token}@example.org",
+                unsubscribe__secret=SECRET,
+            ),
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        dsn, delivered = asyncio.run(invitation_then_reminder(project, postfix, dovecot))
+        attempts = postfix.deliveries_to(THOMAS)
+    report = message_from_bytes(dsn, policy=policy.default)
+    assert report.get_content_type() == "multipart/report", dsn[:2000]
+    assert report.get_param("report-type") == "delivery-status"
+    assert str(report["To"]).startswith("bounces+")  # the VERP return path of the mail
+    reminded = {to for kind, to in kinds_in(delivered) if kind == "reminder"}
+    assert len(reminded) == 4 and THOMAS not in reminded
+    # One mail to Thomas, the invitation, and the relay bounced it.
+    with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
+        kinds = [r[0] for r in db.execute("SELECT kind FROM deliveries WHERE email = ?", (THOMAS,))]
+    db.close()
+    assert kinds == ["invitation"]
+    assert len(attempts) == 1 and "status=bounced" in attempts[0], attempts
+    assert all(b"\\Seen" in flags for flags, _ in dovecot.folder("INBOX"))
+
+    result = invoke(["bounces", "list", "--json"], env)
+    assert result.exit_code == 0, result.output
+    (bounce,) = json.loads(result.stdout)["bounces"]
+    assert bounce["email"] == THOMAS and bounce["kind"] == "hard"
+    assert bounce["status"] == "5.1.1"
+    # Postfix's own words, from its report's Diagnostic-Code.
+    assert bounce["diagnostic"] == f'X-Postfix; unknown user: "{THOMAS}"', bounce

@@ -1,7 +1,8 @@
 """What the relay's quotas mean for the series: warnings for ``validate``.
 
 ``plan`` shows when each mailing finishes (:func:`invite_mailer.core.forecast.forecast`
-from the ledger's record of sends); ``validate`` replays the series from
+from the ledger's record of sends, as the organiser's summary does through
+:mod:`invite_mailer.delivery.quota_forecast`); ``validate`` replays the series from
 before its first mailing with nothing sent and names every mailing whose
 window closes before the quotas let every recipient have it.
 """
@@ -12,19 +13,13 @@ from datetime import timedelta
 
 from invite_mailer.core.forecast import forecast
 from invite_mailer.core.plan import EmptyLedger, PlanInput, plan
+from invite_mailer.delivery.quota_forecast import quotas_of
 from invite_mailer.errors import Problem
 from invite_mailer.inputs.config import Config
-from invite_mailer.inputs.settings import SETTINGS_FILE, TransportKind
+from invite_mailer.inputs.settings import SETTINGS_FILE
 from invite_mailer.inputs.timeline import mailing_times
 
 __all__ = ["quota_text", "quota_warnings", "quotas_of"]
-
-
-def quotas_of(config: Config) -> list[tuple[int, float]]:
-    """The relay's quotas, when mail goes to a relay."""
-    if config.settings.transport.kind is not TransportKind.SMTP:
-        return []
-    return config.settings.smtp.quotas
 
 
 def quota_warnings(config: Config) -> list[Problem]:

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from invite_mailer.delivery.bounces import Bounce, BounceKind, Report
 from invite_mailer.delivery.database import Database
 from invite_mailer.delivery.ledger_pg import advisory_lock
 from invite_mailer.delivery.ledger_sql import iso
 
-__all__ = ["BounceRecord", "Recorded", "bounce_rows", "record_report"]
+__all__ = [
+    "BounceOverview",
+    "BounceRecord",
+    "Recorded",
+    "bounce_overview",
+    "bounce_rows",
+    "read_overview",
+    "record_report",
+]
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,12 @@ def record_report(
     return results
 
 
+# The opt-outs _reason writes, as SQL on the optouts table aliased "o".
+_BY_BOUNCE = (
+    "(o.source LIKE 'bounce%' OR o.source LIKE 'complaint%' OR o.source LIKE '% soft bounces')"
+)
+
+
 def _reason(bounce: Bounce, softs: int, soft_limit: int) -> str:
     """The opt-out source that suppresses the address, or '' (not yet)."""
     if bounce.kind is BounceKind.COMPLAINT:
@@ -161,3 +176,56 @@ def bounce_rows(db: Database, series: str) -> list[BounceRecord]:
         BounceRecord(r[0], BounceKind(r[1]), r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6]))
         for r in rows
     ]
+
+
+@dataclass(frozen=True)
+class BounceOverview:
+    """The series' bounces in brief, for the organiser's summary."""
+
+    counts: dict[BounceKind, int]  # recorded reports per kind
+    suppressed: int  # addresses a bounce or complaint suppressed
+    first: list[BounceRecord]  # the first *limit* of them, with their latest report
+
+
+def bounce_overview(db: sqlite3.Connection, series: str, limit: int) -> BounceOverview:
+    """Counted in SQL: however many bounces a series has, *limit* rows are read."""
+    counts = {kind: 0 for kind in BounceKind}
+    for kind, count in db.execute(
+        "SELECT kind, count(*) FROM bounces WHERE series = ? GROUP BY kind", (series,)
+    ):
+        counts[BounceKind(kind)] = int(count)
+    # Suppressed by a bounce or complaint: a bounce row and the opt-out that
+    # _reason gave it (not one by link or reply, nor one removed again).
+    suppressed = db.execute(
+        "SELECT count(DISTINCT b.email) FROM bounces b JOIN optouts o "
+        f"ON o.series = b.series AND o.email = b.email WHERE b.series = ? AND {_BY_BOUNCE}",
+        (series,),
+    ).fetchone()[0]
+    rows = db.execute(
+        "SELECT b.email, b.kind, b.status, b.diagnostic, b.message_id, b.source, b.received_at "
+        "FROM bounces b JOIN optouts o ON o.series = b.series AND o.email = b.email "
+        f"WHERE b.series = ? AND {_BY_BOUNCE} AND b.id = "
+        "(SELECT max(id) FROM bounces WHERE series = b.series AND email = b.email) "
+        "ORDER BY b.received_at, b.id LIMIT ?",
+        (series, limit),
+    ).fetchall()
+    first = [
+        BounceRecord(r[0], BounceKind(r[1]), r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6]))
+        for r in rows
+    ]
+    return BounceOverview(counts, int(suppressed), first)
+
+
+def read_overview(path: Path, series: str, limit: int) -> BounceOverview:
+    """:func:`bounce_overview` of the ledger at *path* on a read-only connection of its own.
+
+    For a caller beside an open :class:`~invite_mailer.delivery.ledger.Ledger`:
+    the file is in WAL mode, so this reads one consistent snapshot without
+    waiting for, or blocking, the ledger's own connection. Blocking: run it in
+    a thread.
+    """
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        return bounce_overview(db, series, limit)
+    finally:
+        db.close()

@@ -1,23 +1,36 @@
 """The organiser's summary after a pass: once per mailing, when it has gone out to everyone.
 
 Decided from the plan the pass started from and what the pass did, so that
-nothing of the ledger is read again but the few summary rows.
+nothing of the ledger is read again but the few summary rows. What a summary
+adds about the series (the quota's forecast for the mailings still to send,
+the bounces so far) is read once per pass, and only when a summary goes out:
+the sends of the last day and a few counted rows, never the whole ledger.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import asyncio
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from invite_mailer.core.plan import Mailing
+from invite_mailer.delivery import bounce_sql
+from invite_mailer.delivery.bounces import BounceKind
 from invite_mailer.delivery.ledger import DeliveryKey, DeliveryState, Ledger
+from invite_mailer.delivery.quota_forecast import finishes_now, quotas_of
 from invite_mailer.delivery.results import Outcome, PassResult
 from invite_mailer.delivery.transport import Transport
 from invite_mailer.errors import PermanentFailure, TemporaryFailure
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.series import Kind
 from invite_mailer.mail import mime
-from invite_mailer.mail.summary import compose_summary
+from invite_mailer.mail.summary import (
+    SUPPRESSED_SHOWN,
+    BounceNotes,
+    QuotaOutlook,
+    SuppressedAddress,
+    compose_summary,
+)
 
 __all__ = ["SUMMARY_KIND", "after_pass", "send_summaries"]
 
@@ -39,6 +52,7 @@ async def send_summaries(
     if not config.settings.notify.organiser_summary:
         return
     organiser = str(config.series.organiser.email).lower()
+    notes = _SeriesNotes(config, ledger, mailings, result, now)
     for mailing in mailings:
         if mailing.kind is Kind.CONFIRMATION:
             continue  # a few mails at a time, all the series long: not worth a report each
@@ -48,7 +62,7 @@ async def send_summaries(
         after, touched = done
         key = DeliveryKey(config.series.id, SUMMARY_KIND, mailing.id, organiser)
         if touched or await _still_due(ledger, key, after, now):
-            await _send(config, ledger, transport, key, after, result, now)
+            await _send(config, ledger, transport, key, after, result, now, notes)
 
 
 def after_pass(mailing: Mailing, result: PassResult) -> tuple[Mailing, bool] | None:
@@ -97,8 +111,10 @@ async def _send(
     mailing: Mailing,
     result: PassResult,
     now: datetime,
+    notes: _SeriesNotes,
 ) -> None:
-    message = compose_summary(config, mailing, now=now)
+    outlook, bounces = await notes.read()
+    message = compose_summary(config, mailing, now=now, outlook=outlook, bounces=bounces)
     if not await ledger.claim(key, str(message["Message-ID"]), now):
         return
     sender = config.settings.sender.from_address.addr_spec
@@ -113,3 +129,53 @@ async def _send(
     else:
         await ledger.mark_sent(key, answer, now)
         result.reports_sent += 1
+
+
+@dataclass
+class _SeriesNotes:
+    """What every summary of one pass tells about the series, read on first use."""
+
+    config: Config
+    ledger: Ledger
+    mailings: list[Mailing]
+    result: PassResult
+    now: datetime
+    _read: tuple[QuotaOutlook | None, BounceNotes] | None = field(default=None, init=False)
+
+    async def read(self) -> tuple[QuotaOutlook | None, BounceNotes]:
+        if self._read is None:
+            self._read = (await self._outlook(), await self._bounces())
+        return self._read
+
+    async def _outlook(self) -> QuotaOutlook | None:
+        quotas = quotas_of(self.config)
+        if not quotas:
+            return None
+        # The plan of the pass, less what the pass sent: who is left is all
+        # the forecast needs (how many), not who.
+        left = [_rest(m, self.result) for m in self.mailings]
+        finishes = await finishes_now(self.config, self.ledger, left, self.now)
+        return QuotaOutlook(quotas, [(m, finishes[m.id]) for m in left if m.id in finishes])
+
+    async def _bounces(self) -> BounceNotes:
+        overview = await asyncio.to_thread(
+            bounce_sql.read_overview, self.ledger.path, self.config.series.id, SUPPRESSED_SHOWN
+        )
+        return BounceNotes(
+            hard=overview.counts[BounceKind.HARD],
+            soft=overview.counts[BounceKind.SOFT],
+            complaints=overview.counts[BounceKind.COMPLAINT],
+            suppressed=overview.suppressed,
+            first=[
+                SuppressedAddress(r.email, str(r.kind), r.status, r.diagnostic)
+                for r in overview.first
+            ],
+        )
+
+
+def _rest(mailing: Mailing, result: PassResult) -> Mailing:
+    counts = result.mailings.get(mailing.id)
+    if counts is None:
+        return mailing
+    done = counts.counts[Outcome.SENT] + counts.counts[Outcome.FAILED]
+    return replace(mailing, outstanding=mailing.outstanding[done:])
