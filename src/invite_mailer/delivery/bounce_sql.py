@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from invite_mailer.delivery.bounces import Bounce, BounceKind, Report
 from invite_mailer.delivery.database import Database
@@ -24,7 +23,6 @@ __all__ = [
     "Recorded",
     "bounce_overview",
     "bounce_rows",
-    "read_overview",
     "record_report",
 ]
 
@@ -187,7 +185,7 @@ class BounceOverview:
     first: list[BounceRecord]  # the first *limit* of them, with their latest report
 
 
-def bounce_overview(db: sqlite3.Connection, series: str, limit: int) -> BounceOverview:
+def bounce_overview(db: Database, series: str, limit: int) -> BounceOverview:
     """Counted in SQL: however many bounces a series has, *limit* rows are read."""
     counts = {kind: 0 for kind in BounceKind}
     for kind, count in db.execute(
@@ -214,18 +212,3 @@ def bounce_overview(db: sqlite3.Connection, series: str, limit: int) -> BounceOv
         for r in rows
     ]
     return BounceOverview(counts, int(suppressed), first)
-
-
-def read_overview(path: Path, series: str, limit: int) -> BounceOverview:
-    """:func:`bounce_overview` of the ledger at *path* on a read-only connection of its own.
-
-    For a caller beside an open :class:`~invite_mailer.delivery.ledger.Ledger`:
-    the file is in WAL mode, so this reads one consistent snapshot without
-    waiting for, or blocking, the ledger's own connection. Blocking: run it in
-    a thread.
-    """
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
-    try:
-        return bounce_overview(db, series, limit)
-    finally:
-        db.close()

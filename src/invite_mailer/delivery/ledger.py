@@ -40,7 +40,7 @@ from invite_mailer.core.registrations import Registration
 from invite_mailer.delivery import bounce_sql
 from invite_mailer.delivery import ledger_registrations as regs
 from invite_mailer.delivery import ledger_sql as sql
-from invite_mailer.delivery.bounce_sql import BounceRecord, Recorded
+from invite_mailer.delivery.bounce_sql import BounceOverview, BounceRecord, Recorded
 from invite_mailer.delivery.bounces import Report
 from invite_mailer.delivery.database import Database
 from invite_mailer.delivery.ledger_file import SCHEMA_VERSION, lock_path, state_lock
@@ -397,6 +397,10 @@ class Ledger(NodeMembership):
         statement = "SELECT DISTINCT email FROM deliveries WHERE series = ?"
         rows = await self._thread.call(lambda db: db.execute(statement, (series,)).fetchall())
         return [row[0] for row in rows]
+
+    async def bounce_overview(self, series: str, limit: int) -> BounceOverview:
+        """The bounces of *series* counted, and the first *limit* addresses they suppressed."""
+        return await self._thread.call(lambda db: bounce_sql.bounce_overview(db, series, limit))
 
     async def bounces(self, series: str) -> list[BounceRecord]:
         """Every recorded bounce and complaint of *series*, oldest first."""

@@ -9,12 +9,10 @@ the sends of the last day and a few counted rows, never the whole ledger.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from invite_mailer.core.plan import Mailing
-from invite_mailer.delivery import bounce_sql
 from invite_mailer.delivery.bounces import BounceKind
 from invite_mailer.delivery.ledger import DeliveryKey, DeliveryState, Ledger
 from invite_mailer.delivery.quota_forecast import finishes_now, quotas_of
@@ -158,9 +156,7 @@ class _SeriesNotes:
         return QuotaOutlook(quotas, [(m, finishes[m.id]) for m in left if m.id in finishes])
 
     async def _bounces(self) -> BounceNotes:
-        overview = await asyncio.to_thread(
-            bounce_sql.read_overview, self.ledger.path, self.config.series.id, SUPPRESSED_SHOWN
-        )
+        overview = await self.ledger.bounce_overview(self.config.series.id, SUPPRESSED_SHOWN)
         return BounceNotes(
             hard=overview.counts[BounceKind.HARD],
             soft=overview.counts[BounceKind.SOFT],
