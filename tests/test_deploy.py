@@ -569,6 +569,33 @@ def test_compose_published_host_ports_never_collide(profile: str | None) -> None
     assert taken, "the default setup publishes the endpoint and Mailpit"
 
 
+def documented_override() -> dict[str, Any]:
+    """The docker-compose.override.yml that docs/operations.md builds, its blocks merged."""
+    text = OPERATIONS.read_text(encoding="utf-8")
+    section = text.split("### The compose profile `ha`", 1)[1].split("\n### ", 1)[0]
+    services: dict[str, Any] = {}
+    for block in re.findall(r"```yaml\n(.*?)```", section, re.DOTALL):
+        services.update(yaml.safe_load(block)["services"])
+    return services
+
+
+def test_the_documented_override_keeps_the_single_host_daemon_out_of_the_profile() -> None:
+    override = documented_override()
+    services = compose()["services"]
+    for name, changes in override.items():
+        services[name] = {**services.get(name, {}), **changes}
+    started = {name for name, s in services.items() if in_profile(s, HA)}
+    # `docker compose --profile ha up -d` with the override: the shared ledger only.
+    assert "invite-mailer" not in started
+    assert started >= {"postgres", "migrate", HA_DAEMON}
+    for name in started:
+        assert started_with(name, services) <= started, name
+    taken = [port for name in started for port in host_ports(services[name])]
+    assert len(taken) == len(set(taken)), taken
+    # The proxy takes over the address the single-host daemon published.
+    assert ("127.0.0.1", 8080) in taken
+
+
 # --- systemd unit ----------------------------------------------------------------------
 
 
