@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -377,6 +378,222 @@ def test_compose_points_the_daemon_at_mailpit(
 def test_compose_health_check_calls_invite_mailer_health() -> None:
     check = compose()["services"]["invite-mailer"]["healthcheck"]
     assert check["test"] == ["CMD", "invite-mailer", "health"]
+
+
+# --- docker-compose.yml, profile "ha": several daemons on one PostgreSQL ledger --------
+
+HA = "ha"
+HA_DAEMON = "invite-mailer-ha"
+
+
+def in_profile(service: dict[str, Any], profile: str | None) -> bool:
+    """Whether *service* is started by ``docker compose [--profile PROFILE] up``."""
+    profiles = service.get("profiles")
+    return not profiles or (profile is not None and profile in profiles)
+
+
+def depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> options, for the list and the mapping syntax."""
+    deps = service.get("depends_on", {})
+    if isinstance(deps, list):
+        return {name: {"condition": "service_started"} for name in deps}
+    return dict(deps)
+
+
+def started_with(name: str, services: dict[str, Any]) -> set[str]:
+    """*name* and everything ``docker compose up NAME`` starts for it."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(depends_on(services[current]))
+    return seen
+
+
+def raw_environment(service: dict[str, Any]) -> dict[str, str]:
+    """The environment as written, ``${...}`` left alone."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def replicas(service: dict[str, Any]) -> int:
+    return int(service.get("deploy", {}).get("replicas", service.get("scale", 1)))
+
+
+def published(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host address, host port or range) of each published port; "" = all addresses."""
+    result = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            if "published" in port:
+                result.append((str(port.get("host_ip", "")), str(port["published"])))
+            continue
+        mapping = str(port).split("/", 1)[0]
+        host, _, _container = mapping.rpartition(":")
+        if host:  # a bare container port gets a random host port: no collision
+            address, _, host_port = host.rpartition(":")
+            result.append((address, host_port))
+    return result
+
+
+def ledger_url() -> str:
+    return compose_environment(compose()["services"][HA_DAEMON])["INVITE_MAILER_STATE__URL"]
+
+
+def test_compose_ha_profile_holds_postgres_migrate_and_the_daemons() -> None:
+    services = compose()["services"]
+    ha_only = {name for name, s in services.items() if not in_profile(s, None)}
+    assert ha_only == {"postgres", "migrate", HA_DAEMON}
+    for name in ha_only:
+        assert services[name]["profiles"] == [HA], name
+
+
+def test_compose_default_profile_is_unchanged_and_stands_alone() -> None:
+    data = compose()
+    services = data["services"]
+    default = {name for name, s in services.items() if in_profile(s, None)}
+    assert default == {"invite-mailer", "mailpit"}
+    for name in default:
+        # `docker compose up` without a profile may not need an ha service.
+        assert started_with(name, services) <= default, name
+    app = services["invite-mailer"]
+    assert replicas(app) == 1
+    assert compose_environment(app)["INVITE_MAILER_STATE__URL"].startswith("sqlite:///")
+    assert mounts(app)["/app/state"] == ("state", "rw")
+    assert published(app) == [("127.0.0.1", "8080")]
+    assert "PGPASSWORD" not in raw_environment(app)
+
+
+def test_compose_postgres_is_pinned_healthchecked_and_not_published() -> None:
+    data = compose()
+    postgres = data["services"]["postgres"]
+    # A major version, never latest: a new major cannot read the data directory.
+    assert re.fullmatch(r"postgres:1[4-9](\.\d+)?-alpine(\d+\.\d+)?", postgres["image"])
+    check = postgres["healthcheck"]
+    assert check["test"][0] in ("CMD", "CMD-SHELL") and "pg_isready" in " ".join(check["test"])
+    assert not postgres.get("ports"), "PostgreSQL is for the services of this file only"
+    volumes = mounts(postgres)
+    source, mode = volumes["/var/lib/postgresql/data"]
+    assert source in data["volumes"] and source != "state" and mode == "rw"
+    env = raw_environment(postgres)
+    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD(:?-)?\}", env["POSTGRES_PASSWORD"])
+    assert postgres["cap_drop"] == ["ALL"]
+    assert postgres["security_opt"] == ["no-new-privileges:true"]
+
+
+def test_compose_ha_ledger_url_names_the_postgres_service_without_a_password() -> None:
+    postgres = compose_environment(compose()["services"]["postgres"])
+    url = urlsplit(ledger_url())
+    assert url.scheme == "postgresql"
+    assert url.password is None and ":" not in url.netloc.split("@")[0]
+    assert "password" not in {key.lower() for key in parse_qs(url.query)}
+    assert (url.hostname, url.port) == ("postgres", 5432)
+    assert url.username == postgres["POSTGRES_USER"]
+    assert url.path == "/" + postgres["POSTGRES_DB"]
+
+
+def test_compose_migrate_runs_once_before_the_daemons() -> None:
+    services = compose()["services"]
+    migrate = services["migrate"]
+    assert migrate["command"] == ["migrate"]
+    assert migrate["restart"] == "no"
+    assert depends_on(migrate)["postgres"]["condition"] == "service_healthy"
+    assert migrate["image"] == services["invite-mailer"]["image"]
+    env = raw_environment(migrate)
+    assert compose_environment(migrate)["INVITE_MAILER_STATE__URL"] == ledger_url()
+    assert env["PGPASSWORD"] == raw_environment(services["postgres"])["POSTGRES_PASSWORD"]
+    # It can read the single-host ledger, to move it (migrate --from sqlite:///...).
+    assert mounts(migrate)["/app/state"] == ("state", "rw")
+
+
+def test_compose_ha_daemons_are_two_replicas_after_migrate() -> None:
+    services = compose()["services"]
+    daemon = services[HA_DAEMON]
+    assert replicas(daemon) == 2
+    assert depends_on(daemon)["migrate"]["condition"] == "service_completed_successfully"
+    env = raw_environment(daemon)
+    assert env["PGPASSWORD"] == raw_environment(services["postgres"])["POSTGRES_PASSWORD"]
+    # One name for both replicas would make one node id out of two nodes.
+    assert "container_name" not in daemon and "hostname" not in daemon
+    # The SQLite ledger is not theirs: sharing it would only invite confusion.
+    assert all(not str(v).startswith("state:") for v in daemon.get("volumes", []))
+
+
+def test_compose_ha_daemons_run_like_the_single_host_daemon() -> None:
+    services = compose()["services"]
+    single, daemon = services["invite-mailer"], services[HA_DAEMON]
+    for key in ("image", "build", "restart", "stop_grace_period", "env_file", "healthcheck"):
+        assert daemon[key] == single[key], key
+    for key in ("cap_drop", "security_opt", "logging"):
+        assert daemon[key] == single[key], key
+    ours, theirs = raw_environment(daemon), raw_environment(single)
+    assert ours.pop("INVITE_MAILER_STATE__URL") != theirs.pop("INVITE_MAILER_STATE__URL")
+    ours.pop("PGPASSWORD")
+    assert ours == theirs
+    single_mounts = {t: m for t, m in mounts(single).items() if t != "/app/state"}
+    assert mounts(daemon) == single_mounts
+
+
+def test_compose_ha_daemons_do_not_start_the_single_host_daemon() -> None:
+    services = compose()["services"]
+    # `docker compose --profile ha up -d invite-mailer-ha` starts these.
+    started = started_with(HA_DAEMON, services)
+    assert started == {HA_DAEMON, "migrate", "postgres", "mailpit"}
+
+
+def host_ports(service: dict[str, Any]) -> Iterator[tuple[str, int]]:
+    for address, port in published(service):
+        first, _, last = port.partition("-")
+        for number in range(int(first), int(last or first) + 1):
+            yield ("" if address == "0.0.0.0" else address), number
+
+
+@pytest.mark.parametrize("profile", [None, HA])
+def test_compose_published_host_ports_never_collide(profile: str | None) -> None:
+    taken: list[tuple[str, int, str]] = []
+    for name, service in compose()["services"].items():
+        if not in_profile(service, profile):
+            continue
+        ports = list(host_ports(service))
+        assert not ports or replicas(service) == 1, f"{name}: its replicas share a host port"
+        for address, number in ports:
+            for other_address, other_number, other in taken:
+                # An empty address (all of them) collides with every address.
+                same = address == other_address or "" in (address, other_address)
+                assert not (same and number == other_number), f"{name}, {other}: {number}"
+            taken.append((address, number, name))
+    assert taken, "the default setup publishes the endpoint and Mailpit"
+
+
+def documented_override() -> dict[str, Any]:
+    """The docker-compose.override.yml that docs/operations.md builds, its blocks merged."""
+    text = OPERATIONS.read_text(encoding="utf-8")
+    section = text.split("### The compose profile `ha`", 1)[1].split("\n### ", 1)[0]
+    services: dict[str, Any] = {}
+    for block in re.findall(r"```yaml\n(.*?)```", section, re.DOTALL):
+        services.update(yaml.safe_load(block)["services"])
+    return services
+
+
+def test_the_documented_override_keeps_the_single_host_daemon_out_of_the_profile() -> None:
+    override = documented_override()
+    services = compose()["services"]
+    for name, changes in override.items():
+        services[name] = {**services.get(name, {}), **changes}
+    started = {name for name, s in services.items() if in_profile(s, HA)}
+    # `docker compose --profile ha up -d` with the override: the shared ledger only.
+    assert "invite-mailer" not in started
+    assert started >= {"postgres", "migrate", HA_DAEMON}
+    for name in started:
+        assert started_with(name, services) <= started, name
+    taken = [port for name in started for port in host_ports(services[name])]
+    assert len(taken) == len(set(taken)), taken
+    # The proxy takes over the address the single-host daemon published.
+    assert ("127.0.0.1", 8080) in taken
 
 
 # --- systemd unit ----------------------------------------------------------------------
