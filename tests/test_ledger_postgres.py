@@ -246,3 +246,17 @@ def test_moving_needs_an_sqlite_source_and_a_postgres_target(project: Path, url:
 def test_the_test_server_is_real() -> None:
     with fresh_schema() as found, psycopg.connect(found) as db:
         assert db.execute("SELECT current_schema()").fetchone()[0].startswith("t_")
+
+
+def test_status_and_health_list_the_nodes_and_what_they_hold(project: Path, url: str) -> None:
+    env = {"INVITE_MAILER_STATE__URL": url}
+    assert invoke(["send-due", "--now", "2024-10-24T10:05"], env).exit_code == 0
+    status = invoke(["status", "--now", "2024-10-24T10:06", "--json"], env)
+    (node,) = json.loads(status.stdout)["nodes"]
+    assert node["role"] == "send-due" and node["holding"] == 0
+    assert node["stopped"] is not None and not node["alive"]
+    table = invoke(["status", "--now", "2024-10-24T10:06"], env)
+    assert "Nodes on this ledger" in table.output and "send-due" in table.output
+    health = invoke(["health"], env)
+    assert health.exit_code == 1  # no daemon runs on this host
+    assert f"node {node['id']} (send-due): stopped" in health.output

@@ -14,6 +14,7 @@ from invite_mailer import __version__
 from invite_mailer.cli import advisories as advice
 from invite_mailer.cli import commands, optout_output, output
 from invite_mailer.cli.bounce_commands import bounces
+from invite_mailer.cli.health import health as node_health
 from invite_mailer.cli.migrate import migrate
 from invite_mailer.cli.options import (
     common,
@@ -210,6 +211,8 @@ def status(
             from invite_mailer.cli.bounce_reports import bounces_table
 
             out.print(bounces_table(config.series, result.bounces))
+        if result.nodes and not only_failed:
+            out.print(output.nodes_table(result))
     if result.failed:
         sys.exit(EXIT_FAILED)
 
@@ -263,7 +266,7 @@ def run(config_dir: Path, templates: Path | None) -> None:
 @handle_errors
 def health(config_dir: Path, templates: Path | None) -> None:
     """Exit 0 if the daemon's heartbeat is fresh (for container and monitoring checks)."""
-    ok, message = commands.health(config_dir, datetime.now(UTC))
+    ok, message = node_health(config_dir, datetime.now(UTC))
     click.echo(message)
     sys.exit(EXIT_OK if ok else EXIT_INVALID)
 

@@ -40,6 +40,7 @@ from invite_mailer.delivery.ledger import (
     DeliveryState,
     Ledger,
     LedgerView,
+    NodeRow,
     open_sending,
     state_lock,
 )
@@ -49,14 +50,12 @@ from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.inputs.config import Config
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.series import Event, Kind
-from invite_mailer.inputs.settings_file import load_settings
 from invite_mailer.mail import mime
 from invite_mailer.mail.checks import validate_change_kinds, validate_sample
 from invite_mailer.mail.compose import Composer
 from invite_mailer.mail.fastwire import WireComposer
 from invite_mailer.mail.mime import header_address
 from invite_mailer.mail.signing import DkimSigner, checked_signer
-from invite_mailer.service.health import check_heartbeat, heartbeat_path
 
 # What --now may be: far enough out for any real series, near enough that every
 # due time and deadline derived from it stays computable.
@@ -221,6 +220,8 @@ class Status:
     retrying: list[Delivery]
     registered: dict[str, int] = field(default_factory=dict)  # per date
     bounces: list[BounceRecord] = field(default_factory=list)
+    nodes: list[NodeRow] = field(default_factory=list)  # PostgreSQL: who works on the ledger
+    heartbeat_seconds: float = 10.0
 
 
 def registered_per_date(config: Config) -> dict[str, int]:
@@ -257,17 +258,9 @@ async def status(config: Config, now: datetime) -> Status:
             retrying=await ledger.deliveries(series_id, states=[DeliveryState.PENDING], tried=True),
             registered=registered_per_date(merged),
             bounces=await ledger.bounces(series_id),
+            nodes=await ledger.nodes() if ledger.shared else [],
+            heartbeat_seconds=config.settings.state.heartbeat_seconds,
         )
-
-
-def health(config_dir: Path, now: datetime) -> tuple[bool, str]:
-    """Whether the daemon's heartbeat is fresh at *now*, and what to say about it.
-
-    Only the settings are read: a broken series.yaml must not make a daemon
-    that keeps running its last good config look dead.
-    """
-    settings = load_settings(config_dir)
-    return check_heartbeat(heartbeat_path(settings.state.path), now)
 
 
 # --- preview -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from invite_mailer.cli.registrations import Entry as RegistrationEntry
 from invite_mailer.core.forecast import Finish
 from invite_mailer.core.plan import Mailing, MailingState
 from invite_mailer.delivery.dispatch import Outcome, ProgressCallback
-from invite_mailer.delivery.ledger import Delivery
+from invite_mailer.delivery.ledger import Delivery, NodeRow
 from invite_mailer.errors import Problem
 from invite_mailer.inputs.series import Kind, Series
 
@@ -339,7 +340,41 @@ def status_json(status: Status, now: datetime, *, only_failed: bool) -> dict[str
         data["retrying"] = [delivery_json(d) for d in status.retrying]
         data["bounces"] = [b.to_json() for b in status.bounces]
         data["registered"] = dict(status.registered)
+        wall = time.time()
+        data["nodes"] = [node_json(n, wall, status.heartbeat_seconds) for n in status.nodes]
     return data
+
+
+def node_json(row: NodeRow, now: float, heartbeat_seconds: float) -> dict[str, Any]:
+    def iso(at: float | None) -> str | None:
+        return None if at is None else datetime.fromtimestamp(at, UTC).isoformat()
+
+    return {
+        "id": row.id,
+        "host": row.host,
+        "pid": row.pid,
+        "role": row.role,
+        "started": iso(row.started_at),
+        "last_beat": iso(row.beat_at),
+        "stopped": iso(row.stopped_at),
+        "alive": row.alive(now, heartbeat_seconds),
+        "holding": row.holding,
+    }
+
+
+def nodes_table(status: Status) -> Table:
+    """The nodes on a shared ledger, with what each holds (``status`` with PostgreSQL)."""
+    table = Table(title="Nodes on this ledger", title_justify="left")
+    for column in ("node", "role", "state", "last beat", "holds"):
+        table.add_column(column)
+    wall = time.time()
+    for row in status.nodes:
+        data = node_json(row, wall, status.heartbeat_seconds)
+        state = "alive" if data["alive"] else "stopped" if row.stopped_at else "dead"
+        table.add_row(
+            cell(row.id), cell(row.role), state, f"{wall - row.beat_at:.0f} s ago", str(row.holding)
+        )
+    return table
 
 
 def retrying_by_mailing(retrying: Sequence[Delivery]) -> dict[str, int]:
