@@ -17,9 +17,10 @@ import pytest
 
 from invite_mailer.delivery.ledger import SCHEMA_VERSION, DeliveryKey, Ledger, NodeIdentity
 from invite_mailer.delivery.ledger_sql import Claim, Finish
+from invite_mailer.delivery.ratelimit import Quotas
 from invite_mailer.delivery.records import DeliveryState
 from invite_mailer.delivery.window import LedgerWindow
-from invite_mailer.errors import LedgerError
+from invite_mailer.errors import LedgerError, QuotaReached
 from support.cli import invoke
 from support.postgres import fresh_schema, query
 
@@ -260,3 +261,52 @@ def test_status_and_health_list_the_nodes_and_what_they_hold(project: Path, url:
     health = invoke(["health"], env)
     assert health.exit_code == 1  # no daemon runs on this host
     assert f"node {node['id']} (send-due): stopped" in health.output
+
+
+async def test_a_node_whose_heartbeats_do_not_get_through_sends_nothing(url: str) -> None:
+    clock = Clock()
+    async with Ledger.open(
+        url, node=node("a"), lease_seconds=120, heartbeat_seconds=10, clock=clock
+    ) as a:
+        a.check_lease()
+        clock.now += 99  # nine beats lost: still a beat short of the margin
+        a.check_lease()
+        clock.now += 2
+        with pytest.raises(LedgerError, match="no heartbeat reached the ledger") as caught:
+            a.check_lease()
+        assert caught.value.temporary
+        await a.beat()  # a beat gets through again
+        a.check_lease()
+
+
+async def test_quotas_hold_across_nodes_sharing_one_ledger(url: str) -> None:
+    clock = Clock()
+
+    async def virtual_sleep(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    starts: list[float] = []
+    async with (
+        Ledger.open(url, node=node("a"), clock=clock) as a,
+        Ledger.open(url, node=node("b"), clock=clock) as b,
+    ):
+        nodes = [Quotas(5, 0, 12, sleep=virtual_sleep, wall_clock=clock) for _ in range(2)]
+        await nodes[0].share(a)
+        await nodes[1].share(b)
+
+        async def sender(quotas: Quotas) -> None:
+            for _ in range(4):
+                try:
+                    async with quotas.slot():
+                        starts.append(clock.now)
+                except QuotaReached:
+                    return
+
+        await asyncio.gather(*(sender(q) for q in nodes for _ in range(3)))
+        for quotas in nodes:
+            await quotas.flush()
+    starts.sort()
+    # Together at most 5 in any minute, and the day's 12 in all; then the day is full.
+    assert len(starts) == 12
+    assert max(sum(1 for t in starts if s <= t < s + 60) for s in starts) == 5
