@@ -22,6 +22,7 @@ import pytest
 from aiosmtpd.smtp import AuthResult
 from aiosmtplib.protocol import normalize_message_line_endings
 
+from invite_mailer.delivery.handover import track_handover
 from invite_mailer.delivery.ratelimit import RateLimiter
 from invite_mailer.delivery.transport import (
     OutboxTransport,
@@ -29,7 +30,7 @@ from invite_mailer.delivery.transport import (
     UncertainFailure,
     make_transport,
 )
-from invite_mailer.errors import PermanentFailure, TemporaryFailure
+from invite_mailer.errors import LedgerError, PermanentFailure, TemporaryFailure
 from invite_mailer.inputs.settings import Settings, SmtpSettings, TransportSettings
 from invite_mailer.mail import mime
 from support.smtp import SmtpServer
@@ -547,3 +548,23 @@ async def test_cancelled_wait_records_no_start() -> None:
     virtual.now = 60.0
     await limiter.acquire()  # the cancelled wait did not take this slot
     assert virtual.now == 60.0
+
+
+async def test_a_fence_after_the_rate_limit_wait_stops_the_send_before_any_byte(
+    smtp_server: SmtpServer,
+) -> None:
+    allowed = [True]
+
+    def fence() -> None:
+        if not allowed[0]:
+            raise LedgerError("the lease ran out while waiting")
+
+    limiter = RateLimiter(10)
+    async with SmtpTransport(settings_for(smtp_server), limiter=limiter) as transport:
+        with track_handover(fence) as handover:
+            await send(transport, 1)
+        allowed[0] = False
+        with track_handover(fence) as handover, pytest.raises(LedgerError):
+            await send(transport, 2)
+    assert not handover.started
+    assert len(smtp_server.received) == 1

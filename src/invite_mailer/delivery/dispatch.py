@@ -294,7 +294,7 @@ class Dispatcher:
             return Outcome.SKIPPED, None
         me = asyncio.current_task()
         assert me is not None
-        with track_handover() as handover:
+        with track_handover(fence=self.ledger.check_lease) as handover:
             self._handovers[me] = handover
             try:
                 return await self._send(item, mail, now, result, started)

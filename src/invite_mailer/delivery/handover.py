@@ -7,11 +7,11 @@ mark the moment, the dispatcher reads it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-__all__ = ["Handover", "mark_handover", "track_handover"]
+__all__ = ["Handover", "check_fence", "mark_handover", "track_handover"]
 
 
 class Handover:
@@ -22,10 +22,12 @@ class Handover:
     delivered, so a mail stopped there is simply not sent yet.
     """
 
-    __slots__ = ("started",)
+    __slots__ = ("fence", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, fence: Callable[[], None] | None = None) -> None:
         self.started = False
+        # Raises when the mail may no longer go out (several nodes: its lease).
+        self.fence = fence
 
 
 # The transports mark the handover of the send running in the current task;
@@ -35,9 +37,10 @@ _handover: ContextVar[Handover | None] = ContextVar("invite_mailer_handover", de
 
 
 @contextmanager
-def track_handover() -> Iterator[Handover]:
-    """Watch whether the sends made inside the block hand any bytes over."""
-    handover = Handover()
+def track_handover(fence: Callable[[], None] | None = None) -> Iterator[Handover]:
+    """Watch whether the sends made inside the block hand any bytes over; *fence*
+    is asked by the transport just before they would (see :func:`check_fence`)."""
+    handover = Handover(fence)
     token = _handover.set(handover)
     try:
         yield handover
@@ -50,3 +53,10 @@ def mark_handover() -> None:
     handover = _handover.get()
     if handover is not None:
         handover.started = True
+
+
+def check_fence() -> None:
+    """Called by a transport after its last wait, just before the bytes leave."""
+    handover = _handover.get()
+    if handover is not None and handover.fence is not None:
+        handover.fence()

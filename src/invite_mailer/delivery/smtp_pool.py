@@ -33,6 +33,7 @@ from aiosmtplib import (
 
 from invite_mailer.delivery.answers import cause_of, failure_from_response, plain, response_text
 from invite_mailer.delivery.cancellation import raise_lost_cancellation
+from invite_mailer.delivery.handover import check_fence
 from invite_mailer.delivery.ratelimit import Quotas, RateLimiter
 from invite_mailer.delivery.smtp_transaction import Phase, Transaction, exchange
 from invite_mailer.errors import (
@@ -167,6 +168,7 @@ class SmtpPool:
             return await self._send_once(connection, sender, recipients, data, reused=reused)
         # The slot counts from the relay's answer: see ratelimit.
         async with self.limiter.slot():
+            check_fence()  # a wait for the slot can outlast a node's lease
             return await self._send_once(connection, sender, recipients, data, reused=reused)
 
     async def _send_once(
