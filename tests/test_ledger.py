@@ -361,35 +361,35 @@ async def test_a_file_that_is_no_database_is_refused(db_path: Path) -> None:
             pass
 
 
-# -- the process lock -----------------------------------------------------------------
+# -- the process lock (SQLite only: with PostgreSQL any number of processes send) -------
 
 
-def test_lock_blocks_a_second_holder_in_this_process(ledger_target: Path | str) -> None:
-    with state_lock(ledger_target):
+def test_lock_blocks_a_second_holder_in_this_process(db_path: Path) -> None:
+    with state_lock(db_path):
         with pytest.raises(LockedError, match=r"another invite-mailer \(send-due or run\)") as e:
-            with state_lock(ledger_target):
+            with state_lock(db_path):
                 pass
         assert f"process {os.getpid()}" in str(e.value)
-    with state_lock(ledger_target):  # released on exit
+    with state_lock(db_path):  # released on exit
         pass
 
 
 @pytest.mark.slow
-def test_lock_blocks_another_process(ledger_target: Path | str) -> None:
+def test_lock_blocks_another_process(db_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
         from invite_mailer.errors import LockedError
         from invite_mailer.delivery.ledger import state_lock
         try:
-            with state_lock({str(ledger_target)!r}):
+            with state_lock({str(db_path)!r}):
                 sys.exit(0)
         except LockedError as exc:
             print(exc)
             sys.exit(3)
         """
     )
-    with state_lock(ledger_target):
+    with state_lock(db_path):
         held = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30)
     assert held.returncode == 3
     assert b"another invite-mailer" in held.stdout

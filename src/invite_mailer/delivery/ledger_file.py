@@ -377,6 +377,8 @@ def state_lock(database: Path | str) -> Iterator[None]:
     process holds it. The lock dies with the process, so a crash never leaves
     a stale lock behind.
     """
+    if str(database).startswith(("postgresql://", "postgres://")):
+        raise ValueError("a PostgreSQL ledger has no file lock: any number of processes send")
     path = lock_path(Path(database))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
