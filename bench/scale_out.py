@@ -313,6 +313,8 @@ def section(result: dict[str, Any]) -> str:
     """The section of docs/benchmarks.md, every figure from *result*."""
     m, n = result["machine"], result["contacts"]
     s = result["summary"]
+    loads = [x for r in result["rows"] for x in r["load_1min"]]
+    low, high, before = min(loads), max(loads), loads[0]
     dump_mb = common.median([r["dump_mb"] for r in result["rows"]])
     two = s["postgres-2"]["rate"]["median"] / s["postgres-1"]["rate"]["median"]
     vs_sqlite = s["postgres-1"]["rate"]["median"] / s["sqlite"]["rate"]["median"]
@@ -354,6 +356,9 @@ hands its leases to the other (`tests/test_scale_out.py`).
 The sink writes every message to its dump (about {dump_mb:,.0f} MB per run) on
 the same cores, so every rate here is lower than without it and not comparable
 with the throughput section above; the setups are comparable with each other.
+The 1-minute load ranged {low:.1f} – {high:.1f} over the runs ({before:.1f} before
+the first): above the core count, other work on the machine competed too,
+hence the spread.
 
 Measured {m["date"]} at commit `{m["commit"]}` on {m["cpu"]}, {m["cores"]} cores,
 {m["memory"]}, {m["os"]}, Python {m["python"]}, Postfix {m["postfix"]},
