@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import common
+import scale_out
 
 OUT = common.DOCS / "benchmarks.md"
 
@@ -400,6 +401,10 @@ def main() -> None:
             parts.append(f"## {name}\n\nNo results yet: run `bench/{name}.py`.\n")
         else:
             parts.append(render(result))
+    # bench/scale_out.py renders its own section; kept when this page is rewritten.
+    several = load("scale_out")
+    if several is not None:
+        parts.append(scale_out.section(several))
     OUT.write_text("\n".join(parts), encoding="utf-8")
     print(f"written to {OUT}")
 
