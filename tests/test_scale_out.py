@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import start_process, wait_for
+from support.cli import invoke, start_process, wait_for
 from support.contacts import write_generated
 from support.postgres import fresh_schema, query
 from support.project import series_due_now
@@ -38,9 +38,13 @@ def url() -> Iterator[str]:
         yield found
 
 
-def scale_project(project: Path, contacts: int = CONTACTS) -> None:
+def scale_project(project: Path, url: str, contacts: int = CONTACTS) -> None:
+    """*contacts* generated contacts, the invitation due; the ledger's schema set up
+    first, as an operator (or the compose profile's migrate service) does."""
     write_generated(project / "config" / "contacts.csv", contacts)
     series_due_now(project)
+    done = invoke(["migrate"], {"INVITE_MAILER_STATE__URL": url})
+    assert done.exit_code == 0, done.output
 
 
 def invitations(server: SmtpServer) -> Counter[str]:
@@ -79,7 +83,7 @@ def cron(project: Path, env: dict[str, str], until: threading.Event) -> None:
 def test_two_daemons_and_a_cron_send_every_invitation_exactly_once(
     project: Path, smtp_server: SmtpServer, url: str
 ) -> None:
-    scale_project(project)
+    scale_project(project, url)
     env = smtp_env(smtp_server.port, state__url=url, notify__organiser_summary="false", **LEASE)
     finished = threading.Event()
     loop = threading.Thread(target=cron, args=(project, env, finished))
@@ -105,7 +109,7 @@ def test_two_daemons_and_a_cron_send_every_invitation_exactly_once(
 def test_a_daemon_killed_mid_pass_loses_nothing_and_duplicates_only_its_in_flight(
     project: Path, smtp_server: SmtpServer, url: str, round_: int
 ) -> None:
-    scale_project(project, KILL_CONTACTS)
+    scale_project(project, url, KILL_CONTACTS)
     env = smtp_env(smtp_server.port, state__url=url, notify__organiser_summary="false", **LEASE)
     victim, survivor = (start_process(["run"], env, project) for _ in range(2))
     try:
@@ -133,7 +137,7 @@ def test_a_daemon_killed_mid_pass_loses_nothing_and_duplicates_only_its_in_fligh
 def test_a_rate_limit_holds_across_processes(
     project: Path, smtp_server: SmtpServer, url: str
 ) -> None:
-    scale_project(project, contacts=40)
+    scale_project(project, url, contacts=40)
     env = smtp_env(
         smtp_server.port,
         state__url=url,
