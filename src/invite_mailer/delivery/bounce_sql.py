@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from invite_mailer.delivery.bounces import Bounce, BounceKind, Report
-from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.database import Database, transaction
 from invite_mailer.delivery.ledger_pg import advisory_lock
 from invite_mailer.delivery.ledger_sql import iso
 
@@ -113,8 +113,7 @@ def record_report(
     results = []
     stamp = iso(now)
     message_id = report.message_id or ""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         # Two nodes reading one mailbox: the soft bounces are counted once each.
         advisory_lock(db, f"bounces:{series}")
         for bounce in report.bounces:
@@ -139,11 +138,6 @@ def record_report(
                 "SELECT 1 FROM optouts WHERE series = ? AND email = ?", (series, email)
             ).fetchone()
             results.append(Recorded(bounce, email, new, bool(suppressed), softs))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return results
 
 

@@ -8,9 +8,10 @@ connection the same, so one set of statements serves both engines.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
-__all__ = ["Cursor", "Database"]
+__all__ = ["Cursor", "Database", "transaction"]
 
 
 class Cursor(Protocol):
@@ -27,3 +28,21 @@ class Database(Protocol):
     @property
     def in_transaction(self) -> bool: ...
     def close(self) -> None: ...
+
+
+@contextmanager
+def transaction(db: Database) -> Iterator[None]:
+    """The block as one transaction: committed when it ends, all or nothing.
+
+    ``BEGIN IMMEDIATE`` takes SQLite's write lock before the first read, so
+    what the block reads is still true when it writes (PostgreSQL locks rows
+    as they are written; see ``ledger_pg.advisory_lock`` for reads).
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

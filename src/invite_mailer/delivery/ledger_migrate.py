@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from invite_mailer.delivery.database import transaction
 from invite_mailer.delivery.ledger_file import SCHEMA_VERSION, ledger_error, state_lock
 from invite_mailer.delivery.ledger_open import open_file, safe_url
 from invite_mailer.delivery.ledger_pg import PgDatabase, connect_pg, migrate_pg, pg_error
@@ -106,8 +107,7 @@ def _sqlite(path: Path) -> closing[sqlite3.Connection]:
 
 def _copy(old: sqlite3.Connection, new: PgDatabase, where: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    new.execute("BEGIN")
-    try:
+    with transaction(new):
         for table in COPIED_TABLES:
             if new.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
                 raise LedgerError(
@@ -129,11 +129,6 @@ def _copy(old: sqlite3.Connection, new: PgDatabase, where: str) -> dict[str, int
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                 f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
             )
-        new.execute("COMMIT")
-    except BaseException:
-        if new.in_transaction:
-            new.execute("ROLLBACK")
-        raise
     return counts
 
 

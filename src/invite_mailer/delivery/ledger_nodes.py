@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.database import Database, transaction
 from invite_mailer.delivery.ledger_sql import Holder
 from invite_mailer.delivery.ledger_thread import LedgerThread
 from invite_mailer.delivery.records import DeliveryState
@@ -76,8 +76,7 @@ class NodeRow:
 
 def beat(db: Database, node: NodeIdentity, now: float, lease_until: float) -> int:
     """Record that *node* is alive at *now* and renew its leases; how many it holds."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         db.execute(
             "INSERT INTO nodes (id, host, pid, role, started_at, beat_at) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET beat_at = excluded.beat_at",
@@ -89,11 +88,6 @@ def beat(db: Database, node: NodeIdentity, now: float, lease_until: float) -> in
             "UPDATE deliveries SET lease_until = ? WHERE claimed_by = ? AND state = ?",
             (lease_until, node.id, DeliveryState.SENDING.value),
         ).rowcount
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return held
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
+from invite_mailer.delivery.database import transaction
 from invite_mailer.delivery.ledger_file import MIGRATIONS, SCHEMA_VERSION
 from invite_mailer.errors import LedgerError
 
@@ -143,8 +144,7 @@ def ensure_schema(db: PgDatabase, where: str) -> None:
 
 def migrate_pg(db: PgDatabase, where: str) -> tuple[int, int]:
     """Bring the schema to ``SCHEMA_VERSION`` in one transaction; (from, to)."""
-    db.execute("BEGIN")
-    try:
+    with transaction(db):
         advisory_lock(db, _VERSION_TABLE)
         db.execute(f"CREATE TABLE IF NOT EXISTS {_VERSION_TABLE} (version INTEGER NOT NULL)")
         found = db.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()
@@ -158,11 +158,6 @@ def migrate_pg(db: PgDatabase, where: str) -> tuple[int, int]:
                 if ddl:
                     db.execute(ddl)
             db.execute(f"UPDATE {_VERSION_TABLE} SET version = ?", (number,))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return version, SCHEMA_VERSION
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from invite_mailer.core.registrations import SOURCE_CSV, Registration
-from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.database import Database, transaction
 from invite_mailer.delivery.ledger_pg import advisory_lock
 
 __all__ = ["observe_csv", "register", "registrations_of", "withdraw"]
@@ -68,8 +68,7 @@ def register(db: Database, series: str, event: str, email: str, source: str, now
     (a contact-list registration confirmed by a link or the CLI then takes that source)."""
     address = email.strip().lower()
     stamp = _iso(now)
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         advisory_lock(db, f"registrations:{series}")
         row = db.execute(
             "SELECT withdrawn_at FROM registrations WHERE series = ? AND event = ? AND email = ?",
@@ -94,11 +93,6 @@ def register(db: Database, series: str, event: str, email: str, source: str, now
                 "AND email = ? AND source = ?",
                 (source, series, event, address, SOURCE_CSV),
             )
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return row is None or row[0] is not None
 
 
@@ -135,13 +129,11 @@ def observe_csv(
     digest = _digest(listed)
     if _digest_read(db, series) == (True, digest):
         return 0
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         # Again under the lock: of two nodes reading a changed list, one records it.
         advisory_lock(db, f"registrations:{series}")
         known, last = _digest_read(db, series)
         if last == digest:
-            db.execute("COMMIT")
             return 0
         stamp = _iso(now)
         confirm = 1 if known else 0  # the first reading is the baseline
@@ -160,11 +152,6 @@ def observe_csv(
                 for event in sorted(dates)
             ),
         ).rowcount
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return added
 
 

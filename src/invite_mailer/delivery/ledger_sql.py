@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.database import Database, transaction
 from invite_mailer.delivery.ledger_pg import advisory_lock
 from invite_mailer.delivery.ledger_registrations import registrations_of
 from invite_mailer.delivery.records import (
@@ -214,18 +214,12 @@ def apply_batch(
         + [(astuple_key(c.key), 1, n) for n, c in enumerate(claims)]
     )
     granted = [False] * len(claims)
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         for _, is_claim, n in steps:
             if is_claim:
                 granted[n] = _claim(db, claims[n], holder)
             elif db.execute(_FINISH, finishes[n].params()).rowcount != 1:
                 _not_claimed(db, finishes[n])
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return granted
 
 
@@ -327,8 +321,7 @@ def observe_dates(
     """
     if not _changed_dates(db, series, dates):
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         advisory_lock(db, f"date_versions:{series}")
         changed = _changed_dates(db, series, dates)
         for event, (version, details) in changed.items():
@@ -338,11 +331,6 @@ def observe_dates(
                 "observed_since = excluded.observed_since, details = excluded.details",
                 (series, event, version, json.dumps(dict(details), sort_keys=True), iso(now)),
             )
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
 
 
 def _changed_dates(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from invite_mailer.delivery.database import Database
+from invite_mailer.delivery.database import Database, transaction
 from invite_mailer.delivery.ledger_pg import advisory_lock
 from invite_mailer.delivery.ledger_thread import LedgerThread
 
@@ -71,8 +71,7 @@ class SendSlots:
 def _reserve(
     db: Database, limits: Sequence[Limit], node: str, now: float, lease_until: float
 ) -> Reservation:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         advisory_lock(db, "send_slots")
         db.execute(
             "DELETE FROM send_slots WHERE coalesce(ended, lease_until) < ?", (now - _KEPT_SECONDS,)
@@ -80,17 +79,11 @@ def _reserve(
         for limit in limits:
             wait = _wait(db, limit, now)
             if wait > 0:
-                db.execute("COMMIT")
                 return Reservation(None, wait, limit)
         row = db.execute(
             "INSERT INTO send_slots (node, started, lease_until) VALUES (?, ?, ?) RETURNING id",
             (node, now, lease_until),
         ).fetchone()
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return Reservation(int(row[0]))
 
 
@@ -116,13 +109,7 @@ def _wait(db: Database, limit: Limit, now: float) -> float:
 
 
 def _end(db: Database, slot: int, now: float) -> None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         db.execute("UPDATE send_slots SET ended = ? WHERE id = ?", (now, slot))
         # Also where plan's forecast and a later SQLite-style reading look.
         db.execute("INSERT INTO sends (at) VALUES (?)", (now,))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
