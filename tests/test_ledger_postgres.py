@@ -242,6 +242,13 @@ def test_moving_needs_an_sqlite_source_and_a_postgres_target(project: Path, url:
     assert result.exit_code == 1 and "--from names an SQLite ledger" in result.output
     missing = invoke(["migrate", "--from", "sqlite:///state/none.db", "--to", url], {})
     assert missing.exit_code == 1 and "no SQLite ledger there" in missing.output
+    query_url = invoke(["migrate", "--from", "sqlite:///state/a.db?x=1", "--to", url], {})
+    assert query_url.exit_code == 1 and "must be a file path" in query_url.output
+    assert "pydantic" not in query_url.output
+    (project / "state").mkdir(exist_ok=True)
+    (project / "state" / "notes.db").write_text("not a database", encoding="utf-8")
+    foreign = invoke(["migrate", "--from", "sqlite:///state/notes.db", "--to", url], {})
+    assert foreign.exit_code == 1 and "is not an SQLite database" in foreign.output
 
 
 def test_the_test_server_is_real() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from invite_mailer.cli.options import handle_errors, with_json
 from invite_mailer.cli.output import echo, print_json
@@ -65,8 +66,9 @@ def _state(option: str, url: str | None) -> StateSettings:
         raise _usage("--from and --to go together")
     try:
         return StateSettings(url=url)
-    except ValueError as exc:
-        raise _usage(f"{option}: {exc}") from None
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise _usage(f"{option}: {reasons}") from None
 
 
 def _usage(message: str) -> ConfigError:

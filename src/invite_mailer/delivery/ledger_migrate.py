@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from invite_mailer.delivery.database import transaction
-from invite_mailer.delivery.ledger_file import SCHEMA_VERSION, ledger_error, state_lock
+from invite_mailer.delivery.ledger_file import SCHEMA_VERSION, check_file, ledger_error, state_lock
 from invite_mailer.delivery.ledger_open import open_file, safe_url
 from invite_mailer.delivery.ledger_pg import PgDatabase, connect_pg, migrate_pg, pg_error
 from invite_mailer.errors import LedgerError
@@ -64,6 +64,7 @@ def upgrade(target: Path | str) -> Upgraded:
     if isinstance(target, Path):
         before = 0
         try:
+            check_file(target)  # a file that is no SQLite database is named as such
             if target.is_file():
                 with _sqlite(target) as db:
                     before = int(db.execute("PRAGMA user_version").fetchone()[0])
