@@ -42,7 +42,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ from typing import Any
 import common
 import psycopg
 
-from support.cli import start_process
+from support.cli import start_process, stop_processes
 from support.contacts import write_generated
 from support.postgres import SERVER, fresh_schema, query
 from support.project import copy_project, series_due_now
@@ -162,18 +161,6 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def stop(processes: list[subprocess.Popen[str]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-
-
 def run_setup(name: str, project: Path, sink: DumpSink, port: int, n: int) -> dict[str, Any]:
     """One setup on an empty ledger: rates, duplicates and who sent how much."""
     kind, daemons = SETUPS[name]
@@ -204,7 +191,7 @@ def run_setup(name: str, project: Path, sink: DumpSink, port: int, n: int) -> di
                 time.sleep(0.02)
             seconds = time.perf_counter() - started
         finally:
-            stop(processes)
+            stop_processes(*processes, grace=60)
         holders = [(h, int(c)) for h, c in query(target, HOLDERS)]
     # The ledger records a mail once the sink has answered; its count follows at once.
     deadline = time.perf_counter() + 10

@@ -8,8 +8,6 @@ moved into the future with its invitation due an hour ago, to 2,000 contacts.
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import invoke, start_process, wait_for
+from support.cli import invoke, start_process, stop_processes, wait_for
 from support.contacts import write_generated
 from support.postgres import fresh_schema, query
 from support.project import series_due_now
@@ -61,18 +59,6 @@ def all_sent(url: str, contacts: int = CONTACTS) -> bool:
     return rows == [(contacts,)]
 
 
-def stop(*processes: subprocess.Popen[str]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-
-
 def cron(project: Path, env: dict[str, str], until: threading.Event) -> None:
     """``send-due`` again and again, as a cron job every few seconds would."""
     while not until.is_set():
@@ -94,7 +80,7 @@ def test_two_daemons_and_a_cron_send_every_invitation_exactly_once(
     finally:
         finished.set()
         loop.join(timeout=150)
-        stop(*daemons)
+        stop_processes(*daemons)
     received = invitations(smtp_server)
     assert len(received) == CONTACTS
     assert max(received.values()) == 1, received.most_common(3)
@@ -123,7 +109,7 @@ def test_a_daemon_killed_mid_pass_loses_nothing_and_duplicates_only_its_in_fligh
         wait_for(lambda: all_sent(url, KILL_CONTACTS), 120, "the survivor's rest", interval=0.5)
         took = time.monotonic() - started
     finally:
-        stop(victim, survivor)
+        stop_processes(victim, survivor)
     received = invitations(smtp_server)
     twice = [rcpt for rcpt, n in received.items() if n > 1]
     # At most the victim's window of claimed mails (twice its 3 connections).
@@ -153,5 +139,5 @@ def test_a_rate_limit_holds_across_processes(
         # that open only a minute after the first sends: no sixth mail may come.
         time.sleep(10)
     finally:
-        stop(*processes)
+        stop_processes(*processes)
     assert len(invitations(smtp_server)) == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -82,6 +83,19 @@ def start_process(
     finally:
         if stderr is not None:
             err.close()
+
+
+def stop_processes(*processes: subprocess.Popen[str], grace: float = 30) -> None:
+    """SIGTERM to every one still running, then reap each; SIGKILL after *grace* seconds."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
 
 
 def wait_for(
