@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -15,6 +18,8 @@ from invite_mailer.core.calendar import (
     vtimezone,
 )
 from invite_mailer.inputs.series import Series, load_series
+from support.cli import run
+from support.project import use_project
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -133,3 +138,91 @@ def test_without_join_url(series: Series) -> None:
     (vevent,) = icalendar.Calendar.from_ical(data).walk("VEVENT")
     assert "Zugangslink" in str(vevent["DESCRIPTION"])
     assert str(vevent["URL"]) == "https://example.org/transferreihe/anmeldung"
+
+
+def test_without_the_join_link_the_file_does_not_carry_it(series: Series) -> None:
+    event = series.event("verwaltung")
+    assert event.join_url is not None
+    files = CalendarFiles(series, domain="example.org")
+    withheld = files.get(event, now=NOW, join_link=False)
+    assert files.get(event, now=NOW) != withheld  # not the cached file with the link
+    assert files.get(event, now=NOW, join_link=False) is withheld
+    assert str(event.join_url).encode() not in withheld.replace(b"\r\n ", b"")
+    (vevent,) = icalendar.Calendar.from_ical(withheld).walk("VEVENT")
+    assert str(vevent["LOCATION"]) == "Online"
+    assert str(vevent["URL"]) == "https://example.org/transferreihe/anmeldung"
+    assert "Den Zugangslink erhalten Sie rechtzeitig vor dem Termin per E-Mail." in str(
+        vevent["DESCRIPTION"]
+    )
+
+
+# --- the confirmation's calendar files follow mailings.confirmation.join_link --------------
+
+
+def _confirmation_calendars(project: Path) -> tuple[str, list[icalendar.cal.Component]]:
+    """The text and VEVENTs of the Anmeldebestätigung the outbox holds for Lena
+    Hoffmann, after she registers for two dates (the invitation went out before)."""
+    registered = "2024-10-28T09:00"
+    for args in (
+        ["send-due", "--now", "2024-10-24T10:05"],
+        ["registrations", "add", "lena.hoffmann@example.com", "--event", "verwaltung"],
+        ["registrations", "add", "lena.hoffmann@example.com", "--event", "allianzen"],
+        ["send-due", "--now", "2024-10-28T09:05"],  # after the confirmation's quiet time
+    ):
+        moment = [] if "--now" in args else ["--now", registered]
+        code, output = run([*args, *moment])
+        assert code == 0, output
+    found = []
+    for path in (project / "outbox").glob("*.eml"):
+        message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
+        if str(message["Subject"]).startswith("Anmeldebestätigung"):
+            assert isinstance(message, EmailMessage)
+            found.append(message)
+    (confirmation,) = found
+    text = confirmation.get_body(("plain",))
+    assert text is not None
+    events = []
+    for part in confirmation.iter_attachments():
+        assert part.get_content_type() == "text/calendar"
+        events.extend(icalendar.Calendar.from_ical(part.get_content()).walk("VEVENT"))
+    assert len(events) == 2
+    return text.get_content(), events
+
+
+@pytest.mark.slow
+def test_a_confirmation_without_the_join_link_has_none_in_its_calendar_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = use_project(tmp_path, monkeypatch)
+    path = project / "config" / "series.yaml"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(
+        text.replace("mailings:\n", "mailings:\n  confirmation: {join_link: false}\n", 1),
+        encoding="utf-8",
+    )
+    body, events = _confirmation_calendars(project)
+    assert "https://example.org/transferreihe/" not in body
+    for vevent in events:
+        shown = vevent.to_ical().decode().replace("\r\n ", "")
+        assert "https://example.org/transferreihe/verwaltung" not in shown
+        assert "https://example.org/transferreihe/allianzen" not in shown
+        assert str(vevent["LOCATION"]) == "Online"
+        assert "Den Zugangslink erhalten Sie rechtzeitig vor dem Termin per E-Mail." in str(
+            vevent["DESCRIPTION"]
+        )
+
+
+@pytest.mark.slow
+def test_a_confirmation_with_the_join_link_has_it_in_its_calendar_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = use_project(tmp_path, monkeypatch)
+    body, events = _confirmation_calendars(project)
+    links = sorted(str(vevent["URL"]) for vevent in events)
+    assert links == [
+        "https://example.org/transferreihe/allianzen",
+        "https://example.org/transferreihe/verwaltung",
+    ]
+    for vevent, link in zip(events, (str(e["URL"]) for e in events), strict=True):
+        assert link in str(vevent["DESCRIPTION"])
+        assert link in body

@@ -260,3 +260,87 @@ def test_a_wrong_title_genus_is_one_clear_error(
     assert "'f', 'm', 'n' or 'pl'" in output
     assert "m (der Klimadialog Kommunen)" in output
     assert "nothing was sent" in output
+
+
+# --- the footer says why, for the dates the mail is about -----------------------------------
+
+# The sentence that says why the recipient gets the mail (both parts, spaces folded).
+WHY = re.compile(r"Sie erhalten diese E-Mail, (weil [^.]*)\.")
+
+
+def _why(message: EmailMessage) -> tuple[str, str]:
+    text, html = _texts(message)
+    found = [WHY.search(" ".join(part.split())) for part in (text, html)]
+    assert found[0] is not None and found[1] is not None
+    return found[0].group(1), found[1].group(1)
+
+
+def _calendar_files(message: EmailMessage) -> int:
+    return sum(
+        1 for part in message.iter_attachments() if part.get_content_type() == "text/calendar"
+    )
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    return _config(tmp_path_factory.mktemp("shipped"), None, klimadialog=False)
+
+
+def test_a_confirmation_of_several_dates_speaks_of_these_dates(shipped: Config) -> None:
+    for email in ("jana.mueller@example.org", "info@example.com"):
+        contact = shipped.contacts.by_key(email)
+        assert contact is not None
+        mails = {s.name: s.message for s in sample_mails(shipped, contact)}
+        several, one = mails["confirmation-several"], mails["confirmation"]
+        assert _calendar_files(several) == 3 and _calendar_files(one) == 1
+        assert _why(several) == ("weil Sie sich für diese Termine angemeldet haben",) * 2
+        text, html = _texts(several)
+        for shown in (text, html):
+            assert "für diesen Termin" not in shown, email
+            assert "Im Anhang finden Sie für jeden dieser Termine eine Kalenderdatei" in " ".join(
+                shown.split()
+            )
+        assert _why(one) == ("weil Sie sich für diesen Termin angemeldet haben",) * 2
+
+
+@pytest.mark.parametrize(
+    ("email", "why"),
+    [
+        ("jana.mueller@example.org", "weil Sie sich für die Online-Transferreihe angemeldet haben"),
+        (
+            "thomas.schmidt@example.org",
+            "weil Sie sich für Termine aus der Online-Transferreihe angemeldet haben",
+        ),
+        (
+            "maria.koenig@example.org",
+            "weil Sie sich für einen Termin aus der Online-Transferreihe angemeldet haben",
+        ),
+        (
+            "lena.hoffmann@example.com",
+            "weil Ihre Adresse in unserem Einladungsverteiler für die Online-Transferreihe steht",
+        ),
+    ],
+)
+def test_the_invitation_names_what_the_recipient_registered_for(
+    shipped: Config, email: str, why: str
+) -> None:
+    contact = shipped.contacts.by_key(email)
+    assert contact is not None
+    invitation = Composer.from_config(shipped).compose(
+        Kind.INVITATION, contact, event=None, now=datetime(2024, 10, 24, 10, tzinfo=BERLIN)
+    )
+    assert _calendar_files(invitation) == 4
+    assert _why(invitation) == (why, why)
+
+
+def test_no_mail_with_several_calendar_files_speaks_of_this_one_date(shipped: Config) -> None:
+    checked = 0
+    composer = Composer.from_config(shipped)
+    for contact in shipped.contacts.contacts:
+        for sample in sample_mails(shipped, contact, composer=composer):
+            if _calendar_files(sample.message) < 2:
+                continue
+            checked += 1
+            for shown in _texts(sample.message):
+                assert "diesen Termin" not in shown, (sample.name, contact.email)
+    assert checked == 2 * len(shipped.contacts.contacts)  # the invitation, a confirmation

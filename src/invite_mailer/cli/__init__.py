@@ -12,7 +12,7 @@ import click
 
 from invite_mailer import __version__
 from invite_mailer.cli import advisories as advice
-from invite_mailer.cli import commands, optout_output, output
+from invite_mailer.cli import commands, optout_output, output, send_due_report
 from invite_mailer.cli.bounce_commands import bounces
 from invite_mailer.cli.health import health as node_health
 from invite_mailer.cli.migrate import migrate
@@ -141,9 +141,9 @@ def send_due(config_dir: Path, templates: Path | None, now_text: str | None, as_
     for delivery in outcome.recovered:
         say(err, "uncertain:", output.recovered_line(delivery))
     if as_json:
-        print_json(output.send_due_json(outcome, now))
+        print_json(send_due_report.send_due_json(outcome, now))
     else:
-        echo(output.send_due_line(outcome, now, config.series))
+        echo(send_due_report.send_due_line(outcome, now, config.series))
         for mailing_id, email, answer in outcome.result.failures:
             say(err, "failed:", f"{mailing_id} {email}: {answer}")
     code = _send_due_exit(outcome)

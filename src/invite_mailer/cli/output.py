@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from invite_mailer.cli.commands import SendDueResult, Status, ValidationReport
+from invite_mailer.cli.commands import Status, ValidationReport
 from invite_mailer.cli.registrations import Entry as RegistrationEntry
 from invite_mailer.core.forecast import Finish
 from invite_mailer.core.plan import Mailing, MailingState
@@ -277,56 +277,6 @@ def plan_json(
         "mailings": listed,
         "registered": {e.id: (registered or {}).get(e.id, 0) for e in series.events},
     }
-
-
-def send_due_json(outcome: SendDueResult, now: datetime) -> dict[str, Any]:
-    result = outcome.result
-    return {
-        "now": now.isoformat(),
-        "destination": outcome.destination,
-        "sent": result.total(Outcome.SENT),
-        "failed": result.total(Outcome.FAILED),
-        "retry_later": result.total(Outcome.RETRY),
-        "reports_sent": result.reports_sent,
-        "uncertain_recovered": len(outcome.recovered),
-        "sender_refused": result.sender_refused,
-        "stopped_early": outcome.stopped_by,
-        "given_back": outcome.given_back if outcome.stopped_by else 0,
-        "quota_reached": None
-        if result.quota is None
-        else {
-            "setting": result.quota.setting,
-            "limit": result.quota.limit,
-            "reopens_at": datetime.fromtimestamp(result.quota.reopens_at, UTC).isoformat(),
-        },
-        "mailings": {
-            mid: {str(k): v for k, v in r.counts.items()} for mid, r in result.mailings.items()
-        },
-        "failures": [{"mailing": m, "email": e, "answer": a} for m, e, a in result.failures],
-    }
-
-
-def send_due_line(outcome: SendDueResult, now: datetime, series: Series) -> str:
-    """``3 sent (+1 report to the organiser), 0 failed, 0 to retry later → outbox ...``."""
-    result = outcome.result
-    sent, failed = result.total(Outcome.SENT), result.total(Outcome.FAILED)
-    retry = result.total(Outcome.RETRY)
-    reports = (
-        f" (+{result.reports_sent} report{'s' if result.reports_sent != 1 else ''} "
-        "to the organiser)"
-        if result.reports_sent
-        else ""
-    )
-    line = f"{sent} sent{reports}, {failed} failed, {retry} to retry later → {outcome.destination}"
-    if not result.mailings:
-        line = f"nothing due at {local(now, series)}; {line}"
-    if result.quota is not None:
-        reopens = local(datetime.fromtimestamp(result.quota.reopens_at, UTC), series)
-        line += (
-            f"; {result.quota}: the rest waits until {reopens} "
-            "(the next send-due or the daemon sends it then)"
-        )
-    return line
 
 
 def status_json(status: Status, now: datetime, *, only_failed: bool) -> dict[str, Any]:

@@ -49,8 +49,14 @@ def build_event_calendar(
     sequence: int = 0,
     method: str = METHOD,
     attendee: tuple[str, str] | None = None,
+    join_link: bool = True,
 ) -> bytes:
-    """The ``.ics`` bytes (CRLF lines, folded at 75 octets) for one date."""
+    """The ``.ics`` bytes (CRLF lines, folded at 75 octets) for one date.
+
+    Without *join_link* (a confirmation with ``join_link: false``) the file
+    does not carry the date's join link either: it says the link follows by
+    e-mail, as the mail does.
+    """
     cal = icalendar.Calendar()
     cal.add("PRODID", PRODID)
     cal.add("VERSION", "2.0")
@@ -65,8 +71,9 @@ def build_event_calendar(
     item.add("DTSTART", event.starts_at)
     item.add("DTEND", event.ends_at)
     item.add("SUMMARY", f"{series.title}: {event.title}")
-    item.add("DESCRIPTION", _description(series, event))
-    link = event.join_url or series.registration_url
+    join_url = str(event.join_url) if join_link and event.join_url is not None else None
+    item.add("DESCRIPTION", _description(series, event, join_url))
+    link = join_url or series.registration_url
     if link is not None:
         item.add("URL", str(link))
     item.add("LOCATION", "Online")
@@ -91,12 +98,12 @@ def build_event_calendar(
     return data
 
 
-def _description(series: Series, event: Event) -> str:
+def _description(series: Series, event: Event, join_url: str | None) -> str:
     parts = []
     if event.description:
         parts.append(event.description.strip())
-    if event.join_url is not None:
-        parts.append(f"Zugang zur Online-Veranstaltung:\n{event.join_url}")
+    if join_url is not None:
+        parts.append(f"Zugang zur Online-Veranstaltung:\n{join_url}")
     else:
         parts.append("Den Zugangslink erhalten Sie rechtzeitig vor dem Termin per E-Mail.")
     parts.append(f"{series.title} – {series.organiser.name}\n{series.organiser.email}")
@@ -117,8 +124,8 @@ class CalendarFiles:
     def __init__(self, series: Series, *, domain: str) -> None:
         self._series = series
         self._domain = domain
-        # (event id, sequence) -> (stamp, bytes): only the latest stamp is kept.
-        self._cache: dict[tuple[str, int], tuple[datetime, bytes]] = {}
+        # (event id, sequence, join link) -> (stamp, bytes): only the latest stamp is kept.
+        self._cache: dict[tuple[str, int, bool], tuple[datetime, bytes]] = {}
 
     def get(
         self,
@@ -128,10 +135,11 @@ class CalendarFiles:
         sequence: int = 0,
         method: str = METHOD,
         attendee: tuple[str, str] | None = None,
+        join_link: bool = True,
     ) -> bytes:
         stamp = now.astimezone(UTC).replace(second=0, microsecond=0)
-        if method != METHOD or attendee is not None:
-            # Updates and cancellations name their recipient: one file each.
+
+        def build() -> bytes:
             return build_event_calendar(
                 self._series,
                 event,
@@ -140,14 +148,16 @@ class CalendarFiles:
                 sequence=sequence,
                 method=method,
                 attendee=attendee,
+                join_link=join_link,
             )
-        key = (event.id, sequence)
+
+        if method != METHOD or attendee is not None:
+            return build()  # updates and cancellations name their recipient: one file each
+        key = (event.id, sequence, join_link)
         cached = self._cache.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        data = build_event_calendar(
-            self._series, event, domain=self._domain, now=stamp, sequence=sequence
-        )
+        data = build()
         self._cache[key] = (stamp, data)
         return data
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Mapping
 from email.errors import InvalidHeaderDefect
 from email.headerregistry import Address, HeaderRegistry
 from email.utils import getaddresses
@@ -27,7 +28,10 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
     SettingsConfigDict,
+    TomlConfigSettingsSource,
 )
 
 from invite_mailer.inputs.dkimkey import dkim_key_bits
@@ -411,8 +415,37 @@ class UnsubscribeSettings(Section):
     bind_port: int = Field(8080, ge=1, le=65535)
 
 
+class PrefixedDotEnvSource(DotEnvSettingsSource):
+    """``.env`` read like the environment: only its ``INVITE_MAILER_*`` keys.
+
+    The file is often shared with docker compose (``POSTGRES_PASSWORD``,
+    ``TZ``, ...); those keys are someone else's and never reach the model,
+    while a misspelt ``INVITE_MAILER_*`` key still does and is refused.
+    """
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        prefix = ENV_PREFIX.lower()
+        found = super()._load_env_vars()
+        return {name: value for name, value in found.items() if name.lower().startswith(prefix)}
+
+
 class Settings(BaseSettings):
     """Everything the operator configures. Built by :func:`load_settings`."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment, then ``.env`` (its ``INVITE_MAILER_*`` keys), then the TOML file."""
+        sources = [init_settings, env_settings, prefixed_dotenv(settings_cls, dotenv_settings)]
+        if settings_cls.model_config.get("toml_file") is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -435,3 +468,13 @@ class Settings(BaseSettings):
     dkim: DkimSettings = DkimSettings()
     bounces: BouncesSettings = BouncesSettings()
     imap: ImapSettings = ImapSettings()
+
+
+def prefixed_dotenv(
+    settings_cls: type[BaseSettings], dotenv: PydanticBaseSettingsSource
+) -> PydanticBaseSettingsSource:
+    """The ``.env`` source pydantic-settings built, reading only ``INVITE_MAILER_*`` keys."""
+    assert isinstance(dotenv, DotEnvSettingsSource)
+    return PrefixedDotEnvSource(
+        settings_cls, env_file=dotenv.env_file, env_file_encoding=dotenv.env_file_encoding
+    )

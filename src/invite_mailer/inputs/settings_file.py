@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
+from pydantic_core import ErrorDetails
+from pydantic_settings import SettingsConfigDict
 
 from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.inputs.dkimkey import KeyFileError, dkim_key_bits
@@ -52,27 +55,17 @@ def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> 
     toml_path = path if text is not None else None
 
     class _FileSettings(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-            if env_file is not None:
-                sources.append(dotenv_settings)
-            if toml_path is not None:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-            return tuple(sources)
+        model_config = SettingsConfigDict(toml_file=toml_path)
 
     try:
         settings = _FileSettings(_env_file=env_file)
     except ValidationError as exc:
-        raise ConfigError(_problems(path, text or "", exc)) from None
-    return Settings.model_validate(settings.model_dump())
+        dotenv = _DotEnv.read(env_file)
+        raise ConfigError(_problems(path, text or "", dotenv, exc)) from None
+    # The plain class (picklable for the compose workers), from the values just
+    # validated: validating again would read the sources, .env included, again.
+    fields = {name: getattr(settings, name) for name in Settings.model_fields}
+    return Settings.model_construct(settings.model_fields_set, **fields)
 
 
 def settings_warnings(config_dir: Path, settings: Settings) -> list[Problem]:
@@ -215,32 +208,93 @@ def _find_line(text: str, section: str, key: str | None) -> int | None:
     return None
 
 
-def _problems(path: Path, text: str, exc: ValidationError) -> list[Problem]:
+@dataclass(frozen=True)
+class _DotEnv:
+    """Where each ``INVITE_MAILER_*`` key of a ``.env`` file stands, to name it in problems."""
+
+    path: Path | None = None
+    lines: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path | None) -> _DotEnv:
+        if path is None or not path.is_file():
+            return cls()
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return cls()
+        lines: dict[str, int] = {}
+        for number, raw in enumerate(text.splitlines(), start=1):
+            match = _DOTENV_KEY.match(raw)
+            if match and match.group(1).upper().startswith(ENV_PREFIX):
+                lines[match.group(1).upper()] = number
+        return cls(path, lines)
+
+    def source_of(self, env: str) -> tuple[Path, int] | None:
+        """The file and line *env* was taken from, if from here (the environment wins)."""
+        if self.path is None or env not in self.lines or env in os.environ:
+            return None
+        return self.path, self.lines[env]
+
+
+_DOTENV_KEY = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
+
+
+def _problems(path: Path, text: str, dotenv: _DotEnv, exc: ValidationError) -> list[Problem]:
     problems = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
+        if loc and loc[0].upper().startswith(ENV_PREFIX):
+            # A .env key naming no section at all: pydantic-settings keeps its whole name.
+            loc[0] = loc[0].upper()
+            env = loc[0]
+        else:
+            env = f"{ENV_PREFIX}{ENV_DELIMITER.join(p.upper() for p in loc)}"
         section = loc[0] if loc else ""
         key = loc[1] if len(loc) > 1 else None
-        env = f"{ENV_PREFIX}{ENV_DELIMITER.join(p.upper() for p in loc)}"
-        dotted = ".".join(loc)
-        if error["type"] == "extra_forbidden":
-            message = f"unknown setting {dotted!r}"
-            hint = "check the spelling; the README lists every setting"
-        else:
-            said = str(error["msg"]).removeprefix("Value error, ")
-            if key is None and section:
-                # A rule across keys of one section (the text names them).
-                message = said
-                hint = f"fix it in [{section}] or in the {env}{ENV_DELIMITER}* variables"
-            else:
-                message = f"{dotted}: {said}"
-                hint = f"fix it in the file or in the environment variable {env}"
-            cause = (error.get("ctx") or {}).get("error")
-            if isinstance(cause, InvalidSetting | KeyFileError):
-                hint = f"{cause.hint}; {hint}"
-        where = path
+        from_dotenv = dotenv.source_of(env)
+        if from_dotenv is not None:
+            problems.append(_dotenv_problem(*from_dotenv, env, loc, error))
+            continue
+        message, hint = _explain(loc, env, error)
         line = _find_line(text, section, key) if text else None
         if env in os.environ:
             message += f" (from the environment variable {env})"
-        problems.append(Problem(where, message, line, hint))
+        problems.append(Problem(path, message, line, hint))
     return problems
+
+
+def _dotenv_problem(
+    where: Path, line: int, env: str, loc: list[str], error: ErrorDetails
+) -> Problem:
+    if error["type"] == "extra_forbidden":
+        return Problem(
+            where,
+            f"unknown setting {env}",
+            line,
+            f"check the spelling; only {ENV_PREFIX}* keys of .env are read (other keys are "
+            "left alone), and the README lists every setting",
+        )
+    message, hint = _explain(loc, env, error, fix=f"fix {env} in .env")
+    return Problem(where, message, line, hint)
+
+
+def _explain(
+    loc: list[str], env: str, error: ErrorDetails, *, fix: str | None = None
+) -> tuple[str, str]:
+    """What is wrong with the setting at *loc*, and how to fix it (*fix*: where)."""
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting {dotted!r}", "check the spelling; the README lists every setting"
+    said = str(error["msg"]).removeprefix("Value error, ")
+    if len(loc) == 1:
+        # A rule across keys of one section (the text names them).
+        message = said
+        hint = fix or f"fix it in [{loc[0]}] or in the {env}{ENV_DELIMITER}* variables"
+    else:
+        message = f"{dotted}: {said}"
+        hint = fix or f"fix it in the file or in the environment variable {env}"
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidSetting | KeyFileError):
+        hint = f"{cause.hint}; {hint}"
+    return message, hint

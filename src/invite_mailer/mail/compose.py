@@ -469,6 +469,8 @@ class Composer:
             name = german.full_name("", contact.vorname, contact.nachname)
             attendee = (name, contact.email)
         dates = calendar_dates(request, self._series) if kind in _CALENDARS else []
+        # A confirmation without the join link leaves it out of its calendar files too.
+        join_link = kind != Kind.CONFIRMATION or self._series.mailings.confirmation.join_link
         for day in dates:
             files.append(
                 File(
@@ -479,6 +481,7 @@ class Composer:
                         sequence=sequences.get(day.id, 0),
                         method=method,
                         attendee=attendee,
+                        join_link=join_link,
                     ),
                     "text",
                     "calendar",
