@@ -20,32 +20,28 @@ from invite_mailer.inputs.series import Series
 
 __all__ = ["deferred", "send_due_json", "send_due_line"]
 
-_DONE = (Outcome.SENT, Outcome.FAILED, Outcome.RETRY)
-
 
 def deferred(result: PassResult) -> dict[str, int]:
     """Per mailing, its due mails that a full quota held back for when it reopens.
 
-    The pass stops taking mail at the quota: what it had in hand comes back as
-    skipped, the rest is not counted at all. Both wait for the quota, so they
-    are what is due and went neither out, nor failed, nor waits for a retry.
+    The pass stops taking mail at the quota: the mails it had in hand come
+    back deferred, the rest were never tried. Both wait for the quota.
     """
     if result.quota is None:
         return {}
-    held = {mid: _left(r) for mid, r in result.mailings.items()}
+    held = {mid: _held(r) for mid, r in result.mailings.items()}
     return {mid: count for mid, count in held.items() if count}
 
 
-def _left(mailing: MailingResult) -> int:
-    return max(0, len(mailing.mailing.outstanding) - sum(mailing.counts[o] for o in _DONE))
+def _held(mailing: MailingResult) -> int:
+    untried = len(mailing.mailing.outstanding) - sum(mailing.counts.values())
+    return mailing.counts[Outcome.DEFERRED] + max(0, untried)
 
 
 def _counts(mailing: MailingResult, held: int) -> dict[str, int]:
     counts = {str(k): v for k, v in mailing.counts.items()}
     if held:
-        # The mails a quota stop left in hand are deferred, not skipped.
-        counts.pop(str(Outcome.SKIPPED), None)
-        counts["deferred"] = held
+        counts[str(Outcome.DEFERRED)] = held
     return counts
 
 

@@ -359,7 +359,7 @@ class Dispatcher:
                 check_quota()  # a full hour or day: no claim, nothing to give back
         except QuotaReached as exc:
             self._quota_reached(result, exc)
-            return Outcome.SKIPPED, None
+            return Outcome.DEFERRED, None
         # A one-click opt-out can arrive while a long, rate-limited pass runs:
         # the claim checks it in the same transaction, just before the send.
         claim = Claim(key, message.message_id, now, mail.version, unless_opted_out=True)
@@ -373,7 +373,7 @@ class Dispatcher:
             # Another sender took the last place: nothing left, the mail waits.
             window.finish(release(key, now))
             self._quota_reached(result, exc)
-            return Outcome.SKIPPED, None
+            return Outcome.DEFERRED, None
         except (SetupFailure, LedgerError) as exc:
             # TLS, login, the outbox, a lost lease: nothing left, no mail at fault.
             window.finish(release(key, now))

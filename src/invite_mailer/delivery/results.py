@@ -18,7 +18,8 @@ class Outcome(StrEnum):
     SENT = "sent"
     FAILED = "failed"
     RETRY = "retry"
-    SKIPPED = "skipped"
+    SKIPPED = "skipped"  # not this pass's to send: window closed, opted out, taken
+    DEFERRED = "deferred"  # a full relay quota held it back until it reopens
 
 
 @dataclass
