@@ -64,3 +64,16 @@ def query(target: Path | str, statement: str, params: Sequence[Any] = ()) -> lis
             return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
     with sqlite3.connect(target) as db:
         return [tuple(row) for row in db.execute(statement, params).fetchall()]
+
+
+def move_sends_back(target: Path | str, seconds: float) -> None:
+    """Move the ledger's record of every send *seconds* into the past, as if time passed."""
+    query(target, "UPDATE sends SET at = at - ?", (seconds,))
+    if isinstance(target, str):
+        # PostgreSQL counts the shared quota windows in send_slots as well.
+        query(
+            target,
+            "UPDATE send_slots SET started = started - ?, ended = ended - ?, "
+            "lease_until = lease_until - ?",
+            (seconds, seconds, seconds),
+        )
