@@ -77,3 +77,16 @@ def move_sends_back(target: Path | str, seconds: float) -> None:
             "lease_until = lease_until - ?",
             (seconds, seconds, seconds),
         )
+
+
+def end_leases(target: Path | str) -> None:
+    """On PostgreSQL: let the leases of every claimed mail run out, as after
+    ``state.lease_seconds`` without a heartbeat from a node that was killed.
+
+    SQLite has no leases (one process at a time takes the ledger over whole).
+    """
+    if isinstance(target, str):
+        query(
+            target,
+            "UPDATE deliveries SET lease_until = lease_until - 86400 WHERE state = 'sending'",
+        )
