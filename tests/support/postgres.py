@@ -90,3 +90,10 @@ def end_leases(target: Path | str) -> None:
             target,
             "UPDATE deliveries SET lease_until = lease_until - 86400 WHERE state = 'sending'",
         )
+
+
+def ledger_written(target: Path | str) -> bool:
+    """Whether invite-mailer has set the ledger at *target* up (a file, or its tables)."""
+    if isinstance(target, str):
+        return query(target, "SELECT to_regclass('deliveries')") != [(None,)]
+    return target.exists()
