@@ -6,6 +6,9 @@ records the answer in a batch soon after, never with more than
 twice the connections). So after a hard kill only those mails are in doubt:
 ``status`` lists them, the next run sends them again, and nothing else
 arrives twice.
+
+On both ledgers, but for the test of the state lock (an fcntl lock on the
+SQLite file, which PostgreSQL nodes do without).
 """
 
 from __future__ import annotations
