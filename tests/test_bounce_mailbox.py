@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Iterator
 from datetime import datetime
 from email import message_from_bytes, policy
@@ -32,6 +31,8 @@ from support.cli import invoke
 from support.dovecot import Dovecot, running_dovecot
 from support.mails import mails
 from support.postfix import Postfix, running_postfix
+from support.postgres import query
+from support.project import ledger_of
 from support.smtp import SmtpServer, smtp_env
 
 pytestmark = pytest.mark.system
@@ -65,6 +66,7 @@ def fetch(env: dict[str, str]) -> dict[str, object]:
     return data
 
 
+@pytest.mark.both_ledgers
 def test_fetch_records_the_bounces_and_flags_them_as_seen(project: Path, dovecot: Dovecot) -> None:
     sent = sent_invitations(project)
     fill(dovecot, sent)
@@ -94,6 +96,7 @@ def test_fetch_records_the_bounces_and_flags_them_as_seen(project: Path, dovecot
     assert reminded and JANA not in reminded and THOMAS in reminded
 
 
+@pytest.mark.both_ledgers
 def test_fetch_moves_what_it_read_to_the_processed_folder(project: Path, dovecot: Dovecot) -> None:
     sent = sent_invitations(project)
     fill(dovecot, sent)
@@ -119,6 +122,7 @@ def test_fetch_without_a_mailbox_says_how_to_set_one_up(project: Path) -> None:
     assert "imap.host is empty" in result.output
 
 
+@pytest.mark.both_ledgers
 async def test_the_daemon_polls_the_mailbox_and_stops_mailing_the_bounced(
     project: Path, dovecot: Dovecot, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,7 +133,7 @@ async def test_the_daemon_polls_the_mailbox_and_stops_mailing_the_bounced(
     invitation = datetime(2024, 10, 24, 10, 5, tzinfo=config.series.zone)
     moment = [invitation]
     async with (
-        Ledger.open(project / "state" / "invite-mailer.db") as ledger,
+        Ledger.open(ledger_of(project)) as ledger,
         make_transport(config.settings) as transport,
     ):
         daemon = Daemon(
@@ -200,7 +204,7 @@ async def invitation_then_reminder(
     config = load_config(project / "config")
     moment = [datetime(2024, 10, 24, 10, 5, tzinfo=config.series.zone)]
     async with (
-        Ledger.open(project / "state" / "invite-mailer.db") as ledger,
+        Ledger.open(ledger_of(project)) as ledger,
         make_transport(config.settings) as transport,
     ):
         daemon = Daemon(
@@ -231,6 +235,7 @@ async def invitation_then_reminder(
     return dsn, await asyncio.to_thread(postfix.delivered, 17)
 
 
+@pytest.mark.both_ledgers
 def test_a_dsn_from_a_real_postfix_stops_the_mail_to_an_unknown_recipient(
     project: Path, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -264,9 +269,8 @@ def test_a_dsn_from_a_real_postfix_stops_the_mail_to_an_unknown_recipient(
     reminded = {to for kind, to in kinds_in(delivered) if kind == "reminder"}
     assert len(reminded) == 4 and THOMAS not in reminded
     # One mail to Thomas, the invitation, and the relay bounced it.
-    with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
-        kinds = [r[0] for r in db.execute("SELECT kind FROM deliveries WHERE email = ?", (THOMAS,))]
-    db.close()
+    rows = query(ledger_of(project), "SELECT kind FROM deliveries WHERE email = ?", (THOMAS,))
+    kinds = [row[0] for row in rows]
     assert kinds == ["invitation"]
     assert len(attempts) == 1 and "status=bounced" in attempts[0], attempts
     assert all(b"\\Seen" in flags for flags, _ in dovecot.folder("INBOX"))

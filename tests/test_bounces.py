@@ -25,6 +25,8 @@ from support.bounces import DATA, bounce_of, sent_invitations
 from support.cli import invoke
 from support.smtp import SmtpServer, smtp_env
 
+pytestmark = pytest.mark.both_ledgers
+
 REMINDER = "2024-11-13T14:05"  # the reminders for 14.11.2024 are open
 
 

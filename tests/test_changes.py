@@ -17,6 +17,8 @@ import pytest
 
 from support.cli import invoke
 
+pytestmark = pytest.mark.both_ledgers
+
 ROOT = Path(__file__).resolve().parent.parent
 INVITED = 12  # contacts in the shipped config/contacts.csv
 SERIES = "config/series.yaml"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import signal
-import sqlite3
 import subprocess
 import time
 from datetime import datetime, timedelta
@@ -22,7 +21,8 @@ import pytest
 from support.cli import start_process, status_json, wait_for
 from support.contacts import write_contacts
 from support.mails import ORGANISER, duplicates, mails, split
-from support.project import use_project
+from support.postgres import query
+from support.project import ledger_of
 from support.smtp import Received, SmtpServer, free_port, smtp_env
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -101,13 +101,12 @@ def series_text(invitation_at: datetime, *, materials: bool = False) -> str:
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    use_project(tmp_path, monkeypatch)
+def project(project: Path) -> Path:
     write_contacts(
-        tmp_path / "config" / "contacts.csv",
+        project / "config" / "contacts.csv",
         ((address, "", address.split(".")[0].title(), "Probe", "alle") for address in CONTACTS),
     )
-    return tmp_path
+    return project
 
 
 @pytest.fixture
@@ -170,10 +169,10 @@ def daemons() -> Any:
 
 
 def ledger_rows(project: Path) -> list[tuple[str, str, str, str]]:
-    with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
-        return db.execute("SELECT kind, event, email, state FROM deliveries").fetchall()
+    return query(ledger_of(project), "SELECT kind, event, email, state FROM deliveries")
 
 
+@pytest.mark.both_ledgers
 @pytest.mark.system
 @pytest.mark.slow
 def test_daemon_fires_on_time_reloads_edits_survives_broken_ones_and_stops(
@@ -238,6 +237,7 @@ def test_daemon_fires_on_time_reloads_edits_survives_broken_ones_and_stops(
     assert not duplicates(m.key for m in mails(server.received))
 
 
+@pytest.mark.both_ledgers
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.parametrize("trigger", ["catch-up", "scheduled", "reload"])
@@ -295,6 +295,7 @@ def test_sigterm_during_a_pass_records_what_was_in_flight(
     assert len(summaries) == 1
 
 
+@pytest.mark.both_ledgers
 @pytest.mark.system
 @pytest.mark.slow
 def test_an_edit_during_a_long_catch_up_is_not_missed(
@@ -324,6 +325,7 @@ def test_an_edit_during_a_long_catch_up_is_not_missed(
     assert code == 0, daemon.output()
 
 
+@pytest.mark.both_ledgers
 @pytest.mark.system
 def test_sigterm_while_retries_wait_exits_at_once(project: Path, daemons: Any) -> None:
     """A relay that is down: the pass waits to retry; SIGTERM must not wait for it."""
@@ -363,6 +365,7 @@ def edit_until_reloaded(daemon: Daemon, path: Path, text: str, *, after: int) ->
     raise AssertionError(f"the daemon never reloaded {path}:\n{daemon.output()}")
 
 
+@pytest.mark.both_ledgers
 @pytest.mark.system
 def test_sigterm_right_after_start_exits_cleanly(project: Path, smtp_server: SmtpServer) -> None:
     (project / "config" / "series.yaml").write_text(

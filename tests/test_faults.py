@@ -10,7 +10,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,11 @@ from invite_mailer.delivery.transport import outbox_name
 from invite_mailer.mail import mime
 from support.cli import invoke, run_process, status_json
 from support.mails import ORGANISER, duplicates, mails, split
+from support.postgres import query
+from support.project import ledger_of
 from support.smtp import SmtpServer, free_port, server_on, smtp_env
+
+pytestmark = pytest.mark.both_ledgers
 
 NOW = "2024-10-24T10:05"
 EVERYONE = {
@@ -55,10 +58,9 @@ def summaries(server: SmtpServer) -> list[str]:
 
 
 def ledger_states(project: Path) -> dict[str, str]:
-    with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
-        rows = db.execute(
-            "SELECT email, state FROM deliveries WHERE kind = 'invitation'"
-        ).fetchall()
+    rows = query(
+        ledger_of(project), "SELECT email, state FROM deliveries WHERE kind = 'invitation'"
+    )
     return dict(rows)
 
 

@@ -5,6 +5,11 @@ text, an IDN address refused, a foreign ledger taken for an empty one, a
 setup error recorded as "uncertain", a rate limit forgotten on restart, a
 header broken by a line break in a setting. Real SMTP servers on 127.0.0.1,
 real files, real SQLite, real processes and signals.
+
+The tests of what the ledger records run on both engines (``both_ledgers``);
+those of the SQLite file itself (a full state disk, sqlite:/// URLs, foreign,
+damaged and locked files) and of one process's rate limiter on its own clock
+stay on SQLite.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from invite_mailer.inputs.settings import SmtpSettings
 from invite_mailer.mail import mime
 from invite_mailer.mail.mime import Wire
 from support.cli import invoke, start_process, status_json, wait_for
-from support.project import clean_environ, series_due_now
+from support.postgres import ledger_written, query
+from support.project import clean_environ, ledger_of, series_due_now
 from support.smtp import SmtpServer, smtp_env
 
 NOW = "2024-10-24T10:05"
@@ -58,10 +64,9 @@ def ledger_file(project: Path) -> Path:
 
 def states(project: Path) -> dict[str, str]:
     """Email → state of the invitation rows in the ledger."""
-    with sqlite3.connect(ledger_file(project)) as db:
-        rows = db.execute(
-            "SELECT email, state FROM deliveries WHERE kind = 'invitation'"
-        ).fetchall()
+    rows = query(
+        ledger_of(project), "SELECT email, state FROM deliveries WHERE kind = 'invitation'"
+    )
     return dict(rows)
 
 
@@ -107,6 +112,7 @@ def test_validate_refuses_a_password_over_a_plaintext_connection(project: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_send_due_never_sends_the_password_in_clear_text(
     project: Path, smtp_server_factory: Any
 ) -> None:
@@ -117,7 +123,7 @@ def test_send_due_never_sends_the_password_in_clear_text(
     assert result.exit_code == 1, result.output
     assert "unencrypted" in result.stderr
     assert logins.seen == [] and server.received == [] and server.connections == 0
-    assert not ledger_file(project).exists() or states(project) == {}
+    assert not ledger_written(ledger_of(project)) or states(project) == {}
 
 
 @pytest.mark.slow
@@ -139,6 +145,7 @@ def test_plaintext_auth_only_when_explicitly_allowed(
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_starttls_stripped_by_the_relay_is_refused_before_any_login(
     project: Path, smtp_server_factory: Any
 ) -> None:
@@ -200,6 +207,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_a_certificate_failure_stops_the_pass_once_and_leaves_every_mail_pending(
     project: Path,
     smtp_server_factory: Any,
@@ -231,6 +239,7 @@ def test_a_certificate_failure_stops_the_pass_once_and_leaves_every_mail_pending
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_a_rejected_password_says_authentication_failed(
     project: Path, smtp_server_factory: Any
 ) -> None:
@@ -257,6 +266,7 @@ def test_a_rejected_password_says_authentication_failed(
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_an_outbox_that_is_a_file_stops_with_one_message(project: Path) -> None:
     (project / "outbox").write_text("not a folder\n", encoding="utf-8")
     result = invoke(["send-due", "--now", NOW], {})
@@ -264,14 +274,15 @@ def test_an_outbox_that_is_a_file_stops_with_one_message(project: Path) -> None:
     assert "Traceback" not in result.output
     assert lines_with(result.stderr, "cannot write to the outbox folder") == 1, result.stderr
     assert "transport.outbox_dir" in result.stderr
-    assert not ledger_file(project).exists() or set(states(project).values()) <= {"pending"}
+    assert not ledger_written(ledger_of(project)) or set(states(project).values()) <= {"pending"}
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 async def test_an_outbox_that_fails_mid_pass_gives_every_mail_back(project: Path) -> None:
     config = load_config(project / "config", None)
     folder = project / "outbox"
-    async with Ledger.open(ledger_file(project)) as ledger:
+    async with Ledger.open(ledger_of(project)) as ledger:
         async with OutboxTransport(folder) as transport:
             # The folder goes away under the running pass (a disk unmounted,
             # a folder replaced by a file).
@@ -339,6 +350,7 @@ def full_disk(folder: Path, size: str) -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_a_full_outbox_disk_stops_the_pass_with_exit_75(project: Path) -> None:
     # Room for a few mails, even when several are written at once, not for all.
     with full_disk(project / "outbox", "200k"):
@@ -748,12 +760,12 @@ def add_contacts(project: Path, count: int) -> list[str]:
 
 
 def rows_in(project: Path, state: str) -> set[str]:
-    with sqlite3.connect(ledger_file(project)) as db:
-        rows = db.execute("SELECT email FROM deliveries WHERE state = ?", (state,)).fetchall()
+    rows = query(ledger_of(project), "SELECT email FROM deliveries WHERE state = ?", (state,))
     return {row[0] for row in rows}
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_a_new_process_waits_for_the_sends_of_the_last_minute_and_gives_back_on_stop(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -783,6 +795,7 @@ def test_a_new_process_waits_for_the_sends_of_the_last_minute_and_gives_back_on_
 
 
 @pytest.mark.system
+@pytest.mark.both_ledgers
 def test_sigterm_while_waiting_for_the_rate_limit_releases_the_waiting_mails(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -810,6 +823,7 @@ def test_sigterm_while_waiting_for_the_rate_limit_releases_the_waiting_mails(
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_sigterm_stops_send_due_and_gives_the_waiting_mails_back(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -836,6 +850,7 @@ def test_sigterm_stops_send_due_and_gives_the_waiting_mails_back(
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 @pytest.mark.parametrize("as_json", [False, True])
 def test_send_due_stopped_by_sigterm_says_so_and_exits_75(
     project: Path, smtp_server: SmtpServer, as_json: bool
@@ -870,6 +885,7 @@ def test_send_due_stopped_by_sigterm_says_so_and_exits_75(
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_a_hostile_relay_answer_is_stored_as_one_bounded_line_of_text(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -882,10 +898,10 @@ def test_a_hostile_relay_answer_is_stored_as_one_bounded_line_of_text(
     stored = failure["answer"]
     assert stored.startswith("550 5.1.1 [/]") and len(stored) <= 500
     assert "\x1b" not in stored and "\x07" not in stored and "owned" not in stored
-    with sqlite3.connect(ledger_file(project)) as db:
-        (row,) = db.execute(
-            "SELECT last_response FROM deliveries WHERE email = 'alex.meyer@example.org'"
-        ).fetchall()
+    (row,) = query(
+        ledger_of(project),
+        "SELECT last_response FROM deliveries WHERE email = 'alex.meyer@example.org'",
+    )
     assert row[0] == stored
     status = invoke(["status", "--failed", "--json"], env)
     assert status.exit_code == 3 and stored in status.stdout.replace("\\u001b", "")
@@ -931,6 +947,7 @@ async def test_a_ca_file_removed_after_loading_stops_the_send_with_a_setup_error
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_a_relay_answering_in_binary_is_recorded_as_text(
     project: Path, smtp_server: SmtpServer
 ) -> None:
@@ -951,6 +968,7 @@ def test_a_relay_answering_in_binary_is_recorded_as_text(
 
 
 @pytest.mark.slow
+@pytest.mark.both_ledgers
 def test_an_idn_contact_is_delivered_through_a_relay_without_smtputf8(
     project: Path, smtp_server_factory: Any
 ) -> None:

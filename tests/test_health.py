@@ -1,4 +1,8 @@
-"""The heartbeat file: written atomically by the daemon, judged by ``health``."""
+"""The heartbeat file: written atomically by the daemon, judged by ``health``.
+
+Once, not on both ledgers: these tests write and judge the file itself, which
+lies beside ``state.path`` whatever the engine; no ledger is opened here.
+"""
 
 from __future__ import annotations
 

@@ -15,27 +15,15 @@ import pytest
 
 from support.cli import invoke, status_json
 from support.mails import duplicates, mails, split
-from support.postgres import fresh_schema, query
+from support.postgres import query
+from support.project import ledger_of
 from support.smtp import SmtpServer, smtp_env
 
 NOW = "2024-10-24T10:05"
 CONTACTS = 12  # the shipped contact list, all invited
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger(request: pytest.FixtureRequest, project: Path) -> Iterator[Path | str]:
-    """The ledger a pass writes: the shipped SQLite file, or a fresh PostgreSQL one."""
-    if request.param == "sqlite":
-        yield project / "state" / "invite-mailer.db"
-        return
-    with fresh_schema() as url:
-        yield url
-
-
-def engine_env(ledger: Path | str, port: int, **overrides: object) -> dict[str, str]:
-    if isinstance(ledger, str):
-        overrides["state__url"] = ledger
-    return smtp_env(port, **overrides)
+pytestmark = pytest.mark.both_ledgers
 
 
 @contextmanager
@@ -66,12 +54,12 @@ def most_in_flight(database: Path | str) -> Iterator[list[int]]:
 
 
 def test_a_pass_never_has_more_mails_in_flight_than_max_in_flight(
-    ledger: Path | str, smtp_server: SmtpServer
+    project: Path, smtp_server: SmtpServer
 ) -> None:
     # Slow answers: with four connections, four mails would be out at once.
     smtp_server.behaviour.data_delay = 0.05
-    env = engine_env(ledger, smtp_server.port, smtp__max_connections=4, limits__max_in_flight=2)
-    with most_in_flight(ledger) as seen:
+    env = smtp_env(smtp_server.port, smtp__max_connections=4, limits__max_in_flight=2)
+    with most_in_flight(ledger_of(project)) as seen:
         result = invoke(["send-due", "--now", NOW], env)
     assert result.exit_code == 0, result.output
     assert f"{CONTACTS} sent" in result.output
@@ -83,12 +71,12 @@ def test_a_pass_never_has_more_mails_in_flight_than_max_in_flight(
 
 
 def test_by_default_every_connection_has_a_mail_in_flight(
-    ledger: Path | str, smtp_server: SmtpServer
+    project: Path, smtp_server: SmtpServer
 ) -> None:
     # The default window (twice the connections) never holds a sender back.
     smtp_server.behaviour.data_delay = 0.05
-    env = engine_env(ledger, smtp_server.port, smtp__max_connections=4)
-    with most_in_flight(ledger) as seen:
+    env = smtp_env(smtp_server.port, smtp__max_connections=4)
+    with most_in_flight(ledger_of(project)) as seen:
         result = invoke(["send-due", "--now", NOW], env)
     assert result.exit_code == 0, result.output
     assert 4 <= seen[0] <= 8, seen

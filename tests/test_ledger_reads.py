@@ -3,19 +3,24 @@ summary come from that one snapshot and the pass's own counts."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
+
+import pytest
 
 from invite_mailer.delivery.dispatch import Dispatcher
 from invite_mailer.delivery.ledger import DeliveryKey, DeliveryState, Ledger, LedgerView
 from invite_mailer.delivery.transport import OutboxTransport
 from invite_mailer.inputs.config import load_config
+from support.postgres import query
+from support.project import ledger_of
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NOW = datetime(2024, 10, 24, 10, 5, tzinfo=BERLIN)
 ORGANISER = "transferreihe@example.org"
+
+pytestmark = pytest.mark.both_ledgers
 
 
 class CountingLedger(Ledger):
@@ -37,7 +42,7 @@ async def test_a_pass_and_its_summary_read_the_view_once(project: Path) -> None:
     config = load_config(project / "config", None)
     CountingLedger.views = 0
     async with (
-        CountingLedger.open(project / "state" / "ledger.db") as ledger,
+        CountingLedger.open(ledger_of(project)) as ledger,
         OutboxTransport(project / "outbox") as transport,
     ):
         result = await Dispatcher(config, ledger, transport).run_pass(NOW)
@@ -60,18 +65,18 @@ async def test_a_summary_that_failed_for_a_moment_goes_out_after_its_backoff(
     project: Path,
 ) -> None:
     config = load_config(project / "config", None)
-    database = project / "state" / "ledger.db"
-    async with Ledger.open(database) as ledger, OutboxTransport(project / "outbox") as transport:
+    async with (
+        Ledger.open(ledger_of(project)) as ledger,
+        OutboxTransport(project / "outbox") as transport,
+    ):
         assert (await Dispatcher(config, ledger, transport).run_pass(NOW)).reports_sent == 1
         # What a 451 to the summary leaves: pending, to be retried in 5 minutes.
         retry_at = (NOW + timedelta(minutes=5)).astimezone(UTC).isoformat()
-        with sqlite3.connect(database) as db:
-            db.execute(
-                "UPDATE deliveries SET state = 'pending', next_attempt_at = ? "
-                "WHERE kind = 'summary'",
-                (retry_at,),
-            )
-        db.close()
+        query(
+            ledger_of(project),
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = ? WHERE kind = 'summary'",
+            (retry_at,),
+        )
         early = await Dispatcher(config, ledger, transport).run_pass(NOW + timedelta(minutes=1))
         assert early.reports_sent == 0  # still backing off
         due = await Dispatcher(config, ledger, transport).run_pass(NOW + timedelta(minutes=6))

@@ -9,6 +9,8 @@ import pytest
 
 from support.cli import run as run_cli
 
+pytestmark = pytest.mark.both_ledgers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

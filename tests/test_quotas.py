@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -26,7 +25,11 @@ from invite_mailer.inputs.series import Kind
 from invite_mailer.inputs.settings import SmtpSettings
 from support.cli import invoke
 from support.mails import mails
+from support.postgres import move_sends_back
+from support.project import ledger_of
 from support.smtp import SmtpServer, smtp_env
+
+pytestmark = pytest.mark.both_ledgers
 
 START = 1_700_000_000.0
 
@@ -79,6 +82,8 @@ async def test_no_window_holds_more_than_its_quota_and_a_full_one_stops() -> Non
 
 
 async def test_the_quota_of_a_day_is_shared_by_the_next_process(tmp_path: Path) -> None:
+    # One process at a time (SQLite): the count of earlier runs is read once, on
+    # this clock. PostgreSQL's shared places: test_ledger_postgres.py.
     clock = Clock()
     path = tmp_path / "ledger.db"
     async with Ledger.open(path) as ledger:
@@ -126,9 +131,7 @@ def test_an_unknown_preset_is_a_clear_error(project: Path) -> None:
 
 def a_day_later(project: Path) -> None:
     """Move the ledger's record of every send a day and a minute back."""
-    with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
-        db.execute("UPDATE sends SET at = at - 86460")
-    db.close()
+    move_sends_back(ledger_of(project), 86460)
 
 
 def send_due(env: dict[str, str], now: str) -> dict[str, object]:

@@ -33,12 +33,14 @@ from invite_mailer.core.tokens import (
     verify_token,
 )
 from invite_mailer.delivery.ledger import Ledger
+from invite_mailer.delivery.ledger_open import ledger_exists
 from invite_mailer.inputs.config import load_config
 from invite_mailer.inputs.series import Kind
 from invite_mailer.mail.compose import Composer
 from invite_mailer.service.server import start_server
 from invite_mailer.service.web import create_app
 from support.cli import invoke
+from support.project import ledger_of
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SERIES = "transferreihe-2024"
@@ -77,10 +79,10 @@ def test_a_link_token_is_bound_to_action_series_address_and_date() -> None:
 
 
 async def test_registering_is_idempotent_and_a_withdrawal_outweighs_the_contact_list(
-    tmp_path: Path,
+    ledger_target: Path | str,
 ) -> None:
     now = datetime(2024, 10, 25, 9, 0, tzinfo=BERLIN)
-    async with Ledger.open(tmp_path / "ledger.db") as ledger:
+    async with Ledger.open(ledger_target) as ledger:
         # The first reading of the contact list is the baseline: nothing to confirm.
         assert await ledger.observe_registrations(SERIES, {JANA: frozenset({"verwaltung"})}, now)
         assert await ledger.register(SERIES, "allianzen", BJOERN, source="link", now=now)
@@ -134,6 +136,7 @@ def ok(*args: str) -> str:
     return result.output
 
 
+@pytest.mark.both_ledgers
 def test_cli_registrations_are_confirmed_once_in_one_mail_after_the_quiet_period(
     project: Path,
 ) -> None:
@@ -168,6 +171,7 @@ def test_cli_registrations_are_confirmed_once_in_one_mail_after_the_quiet_period
     assert reminded == {"verwaltung"}
 
 
+@pytest.mark.both_ledgers
 def test_no_confirmation_after_the_date_began_or_to_an_opted_out_address(project: Path) -> None:
     ok("send-due", "--now", INVITED)
     ok("optout", "add", LENA)
@@ -178,6 +182,7 @@ def test_no_confirmation_after_the_date_began_or_to_an_opted_out_address(project
     assert ("confirmation", LENA) not in kinds and ("confirmation", BJOERN) not in kinds
 
 
+@pytest.mark.both_ledgers
 def test_registrations_list_exports_json_csv_and_xlsx(project: Path) -> None:
     ok("send-due", "--now", INVITED)
     ok("registrations", "add", BJOERN, "--event", "forschung", "--now", "2024-10-25T09:00")
@@ -249,8 +254,9 @@ def test_a_contact_registered_for_every_date_is_not_asked_to_register(project: P
 # --- the web pages -----------------------------------------------------------------------
 
 
+@pytest.mark.both_ledgers
 async def test_the_withdrawal_link_asks_on_get_and_withdraws_on_post(project: Path) -> None:
-    ledger_path = project / "state" / "invite-mailer.db"
+    ledger_path = ledger_of(project)
     config = load_config(project / "config")
     now = datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN)
     app = create_app(SERIES, SECRET, ledger_path, series=lambda: config.series, clock=lambda: now)
@@ -261,7 +267,7 @@ async def test_the_withdrawal_link_asks_on_get_and_withdraws_on_post(project: Pa
             url = f"{server.url}/absage/{token}"
             page = await client.get(url)
             assert page.status_code == 200 and "Allianzen bilden" in page.text
-            assert not ledger_path.exists() or not await _rows(ledger_path)
+            assert not ledger_exists(ledger_path) or not await _rows(ledger_path)
             done = await client.post(url, data={"bestaetigt": "ja"})
             assert done.status_code == 200 and "abgesagt" in done.text
             # The registration page for a date that has begun registers nobody.
@@ -292,7 +298,7 @@ async def test_the_withdrawal_link_asks_on_get_and_withdraws_on_post(project: Pa
     assert JANA not in reminder.audience and reminder.state is MailingState.SCHEDULED
 
 
-async def _rows(path: Path) -> dict[str, dict[str, Registration]]:
+async def _rows(path: Path | str) -> dict[str, dict[str, Registration]]:
     async with Ledger.open(path) as ledger:
         return await ledger.registrations(SERIES)
 
@@ -371,6 +377,7 @@ def test_the_contact_list_decides_its_own_rows_links_and_withdrawals_decide_thei
     assert merged.contacts.by_key(JANA) is config.contacts.by_key(JANA)
 
 
+@pytest.mark.both_ledgers
 def test_the_organisers_summary_counts_registrations_per_date(project: Path) -> None:
     ok("registrations", "add", BJOERN, "--event", "forschung", "--now", "2024-10-24T09:00")
     ok("send-due", "--now", INVITED)
@@ -429,10 +436,11 @@ def test_validate_warns_when_nothing_here_answers_the_links(
     assert quiet.exit_code == 0 and "registration links" not in quiet.output
 
 
+@pytest.mark.both_ledgers
 async def test_an_opted_out_address_registering_is_told_that_no_mail_follows(
     project: Path,
 ) -> None:
-    ledger_path = project / "state" / "invite-mailer.db"
+    ledger_path = ledger_of(project)
     config = load_config(project / "config")
     now = datetime(2024, 11, 1, 9, 0, tzinfo=BERLIN)
     async with Ledger.open(ledger_path) as ledger:
@@ -454,6 +462,7 @@ async def test_an_opted_out_address_registering_is_told_that_no_mail_follows(
     assert rows[LENA]["forschung"].source == "link" and rows[BJOERN]["forschung"].active
 
 
+@pytest.mark.both_ledgers
 def test_a_link_registration_of_an_address_taken_off_the_list_is_still_listed(
     project: Path,
 ) -> None:

@@ -43,9 +43,11 @@ from invite_mailer.service.web import start_unsubscribe
 from support.cli import run_process
 from support.clock import FakeClock
 from support.contacts import write_contacts
-from support.project import copy_project
+from support.project import copy_project, ledger_of, use_state_url
 from support.smtp import SmtpServer, smtp_env
 from test_daemon_clock import series_text
+
+pytestmark = pytest.mark.both_ledgers
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SERIES = "transferreihe-2024"
@@ -94,7 +96,7 @@ class Running:
     web: RunningServer
     client: httpx.AsyncClient
     server: SmtpServer
-    ledger_path: Path
+    ledger_path: Path | str
 
     def received(self, to: str, kind: str | None = None) -> list[EmailMessage]:
         found = []
@@ -145,7 +147,7 @@ class Running:
 async def running(project: Path, server: SmtpServer, at: datetime) -> AsyncIterator[Running]:
     clock = FakeClock(at)
     config = load_config(project / "config")
-    ledger_path = project / "state" / "invite-mailer.db"
+    ledger_path = ledger_of(project)
     async with Ledger.open(ledger_path) as ledger, make_transport(config.settings) as transport:
         daemon = Daemon(
             config,
@@ -334,7 +336,7 @@ async def test_a_registration_added_to_the_contact_list_gets_one_confirmation(
 
 @pytest.mark.slow
 async def test_invite_mailer_run_serves_the_links_on_its_clock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state_url: str | None
 ) -> None:
     """``run`` as an operator starts it: the web app is wired to the daemon.
 
@@ -342,6 +344,8 @@ async def test_invite_mailer_run_serves_the_links_on_its_clock(
     the link's pass records it and plans the confirmation.
     """
     copy_project(tmp_path)
+    if state_url is not None:
+        use_state_url(tmp_path, state_url)
     monkeypatch.chdir(tmp_path)
     for name in [n for n in os.environ if n.startswith("INVITE_MAILER_")]:
         monkeypatch.delenv(name)
@@ -371,7 +375,7 @@ async def test_invite_mailer_run_serves_the_links_on_its_clock(
     )
     base = f"http://127.0.0.1:{port}"
     token = make_link_token(SECRET, REGISTER, "uhr-probe", "anna.alt@example.org", "zweiter")
-    ledger_path = tmp_path / "state" / "invite-mailer.db"
+    ledger_path = ledger_of(tmp_path)
     try:
         async with httpx.AsyncClient(timeout=5) as client:
             for _ in range(500):

@@ -23,8 +23,9 @@ import pytest
 
 from support.cli import invoke, run_process, status_json
 from support.mails import Mail, duplicates, mails, split
-from support.project import use_project
 from support.smtp import SmtpServer, smtp_env
+
+pytestmark = pytest.mark.both_ledgers
 
 BERLIN = ZoneInfo("Europe/Berlin")
 # The four dates of the product brief, 14:00–16:00 each.
@@ -122,13 +123,12 @@ class Expectation:
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    use_project(tmp_path, monkeypatch)
-    optout = tmp_path / "config" / "optout.txt"
+def project(project: Path) -> Path:
+    optout = project / "config" / "optout.txt"
     optout.write_text(
         optout.read_text(encoding="utf-8") + "\n".join(OPTED_OUT) + "\n", encoding="utf-8"
     )
-    return tmp_path
+    return project
 
 
 def add_materials(project: Path, event: str) -> None:

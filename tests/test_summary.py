@@ -9,16 +9,21 @@ record of the sends a day back, which is what the quota counts.
 
 from __future__ import annotations
 
-import sqlite3
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
+
+import pytest
 
 from invite_mailer.mail.summary import BounceNotes, SuppressedAddress, bounce_lines
 from support.bounces import bounce_of, sent_invitations
 from support.cli import invoke
 from support.contacts import write_generated
+from support.postgres import move_sends_back
+from support.project import ledger_of
 from support.smtp import SmtpServer, smtp_env
+
+pytestmark = pytest.mark.both_ledgers
 
 INVITATION = "2024-10-24T10:05"
 REMINDER = "2024-11-13T14:05"  # the reminders for 14.11.2024 are open
@@ -49,9 +54,7 @@ def outbox_reports(project: Path) -> dict[str, str]:
 
 def a_day_later(project: Path) -> None:
     """Move the ledger's record of every send a day and a minute back."""
-    with sqlite3.connect(project / "state" / "invite-mailer.db") as db:
-        db.execute("UPDATE sends SET at = at - 86460")
-    db.close()
+    move_sends_back(ledger_of(project), 86460)
 
 
 def register_more_for_kreislaufwirtschaft(project: Path) -> None:

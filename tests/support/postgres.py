@@ -64,3 +64,36 @@ def query(target: Path | str, statement: str, params: Sequence[Any] = ()) -> lis
             return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
     with sqlite3.connect(target) as db:
         return [tuple(row) for row in db.execute(statement, params).fetchall()]
+
+
+def move_sends_back(target: Path | str, seconds: float) -> None:
+    """Move the ledger's record of every send *seconds* into the past, as if time passed."""
+    query(target, "UPDATE sends SET at = at - ?", (seconds,))
+    if isinstance(target, str):
+        # PostgreSQL counts the shared quota windows in send_slots as well.
+        query(
+            target,
+            "UPDATE send_slots SET started = started - ?, ended = ended - ?, "
+            "lease_until = lease_until - ?",
+            (seconds, seconds, seconds),
+        )
+
+
+def end_leases(target: Path | str) -> None:
+    """On PostgreSQL: let the leases of every claimed mail run out, as after
+    ``state.lease_seconds`` without a heartbeat from a node that was killed.
+
+    SQLite has no leases (one process at a time takes the ledger over whole).
+    """
+    if isinstance(target, str):
+        query(
+            target,
+            "UPDATE deliveries SET lease_until = lease_until - 86400 WHERE state = 'sending'",
+        )
+
+
+def ledger_written(target: Path | str) -> bool:
+    """Whether invite-mailer has set the ledger at *target* up (a file, or its tables)."""
+    if isinstance(target, str):
+        return query(target, "SELECT to_regclass('deliveries')") != [(None,)]
+    return target.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -65,6 +66,36 @@ def use_project(target: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(target)
     strip_environment(monkeypatch)
     return target
+
+
+SHIPPED_STATE_URL = 'url = "sqlite:///state/invite-mailer.db"'
+
+
+def use_state_url(project: Path, url: str) -> None:
+    """Point the project's ``[state]`` at *url* in its settings.toml, as an organiser does.
+
+    A setting in the file reaches every child process too, which the test
+    helpers start without the caller's ``INVITE_MAILER_*`` variables.
+    """
+    path = project / "config" / "settings.toml"
+    text = path.read_text(encoding="utf-8")
+    assert text.count(SHIPPED_STATE_URL) == 1, f"no shipped [state] url in {path}"
+    path.write_text(text.replace(SHIPPED_STATE_URL, f'url = "{url}"'), encoding="utf-8")
+
+
+def ledger_of(project: Path) -> Path | str:
+    """Where the project's ledger lives: its SQLite file, or its PostgreSQL URL.
+
+    Read from config/settings.toml as invite-mailer reads it, for tests that
+    look at the ledger directly (``support.postgres.query``, ``Ledger.open``).
+    """
+    with (project / "config" / "settings.toml").open("rb") as file:
+        url = str(
+            tomllib.load(file).get("state", {}).get("url", "sqlite:///state/invite-mailer.db")
+        )
+    if url.startswith(("postgresql://", "postgres://")):
+        return url
+    return project / url.removeprefix("sqlite:///")
 
 
 def keep_only_first_event(config: Path) -> None:
