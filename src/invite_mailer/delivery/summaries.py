@@ -55,6 +55,8 @@ async def send_summaries(
         if mailing.kind is Kind.CONFIRMATION:
             continue  # a few mails at a time, all the series long: not worth a report each
         done = after_pass(mailing, result)
+        if done is None and ledger.shared:
+            done = await _settled_with_others(ledger, config.series.id, mailing, result)
         if done is None:
             continue
         after, touched = done
@@ -84,6 +86,38 @@ def after_pass(mailing: Mailing, result: PassResult) -> tuple[Mailing, bool] | N
     if not (after.sent or after.failed):
         return None
     return after, bool(sent or failed)
+
+
+async def _settled_with_others(
+    ledger: Ledger, series: str, mailing: Mailing, result: PassResult
+) -> tuple[Mailing, bool] | None:
+    """On a shared ledger: *mailing* complete now that the other nodes' part is in.
+
+    Nodes that share a mailing each send part of it, so no single pass
+    accounts for everyone. The one that finishes last finds every recipient
+    settled in the ledger and reports it (the summary's claim keeps it to
+    one). Asked only of a pass that sent some of the mailing.
+    """
+    counts = result.mailings.get(mailing.id)
+    if counts is None or not (counts.counts[Outcome.SENT] or counts.counts[Outcome.FAILED]):
+        return None
+    settled = {
+        row.email: row.state
+        for row in await ledger.deliveries(
+            series,
+            kind=mailing.ledger_kind,
+            event=mailing.event,
+            states=(DeliveryState.SENT, DeliveryState.FAILED),
+        )
+    }
+    if any(key not in settled for key in mailing.outstanding):
+        return None
+    sent = sum(settled[key] is DeliveryState.SENT for key in mailing.outstanding)
+    failed = len(mailing.outstanding) - sent
+    after = replace(
+        mailing, outstanding=(), sent=mailing.sent + sent, failed=mailing.failed + failed
+    )
+    return after, True
 
 
 async def _still_due(ledger: Ledger, key: DeliveryKey, mailing: Mailing, now: datetime) -> bool:
