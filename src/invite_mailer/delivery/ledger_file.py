@@ -333,13 +333,13 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
     version = _user_version(db)
     if version == SCHEMA_VERSION:
         return
-    _refuse_newer(version, path)
+    refuse_newer(version, path, ", or set [state] url to another file")
     # IMMEDIATE takes the write lock first, so two processes opening a fresh
     # database at once cannot both run a migration.
     db.execute("BEGIN IMMEDIATE")
     try:
         version = _user_version(db)
-        _refuse_newer(version, path)
+        refuse_newer(version, path, ", or set [state] url to another file")
         for number in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[number - 1]:
                 db.execute(statement)
@@ -354,13 +354,13 @@ def _user_version(db: sqlite3.Connection) -> int:
     return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def _refuse_newer(version: int, path: Path) -> None:
+def refuse_newer(version: int, where: Path | str, instead: str) -> None:
+    """Stop at a schema newer than this version knows; *instead*: what else to do."""
     if version > SCHEMA_VERSION:
         raise LedgerError(
-            f"{path}: the state database has schema version {version}, but this "
-            f"invite-mailer only knows versions up to {SCHEMA_VERSION}. It was written "
-            "by a newer invite-mailer: upgrade invite-mailer, or set [state] url to "
-            "another file."
+            f"{where}: the ledger has schema version {version}, but this invite-mailer "
+            f"only knows versions up to {SCHEMA_VERSION}. It was written by a newer "
+            f"invite-mailer: upgrade invite-mailer{instead}. Nothing was sent"
         )
 
 

@@ -31,7 +31,7 @@ import psycopg
 from psycopg import pq
 
 from invite_mailer.delivery.database import transaction
-from invite_mailer.delivery.ledger_file import MIGRATIONS, SCHEMA_VERSION
+from invite_mailer.delivery.ledger_file import MIGRATIONS, SCHEMA_VERSION, refuse_newer
 from invite_mailer.errors import LedgerError
 
 __all__ = ["PgDatabase", "advisory_lock", "connect_pg", "ensure_schema", "migrate_pg", "pg_error"]
@@ -132,7 +132,7 @@ def ensure_schema(db: PgDatabase, where: str) -> None:
             )
         migrate_pg(db, where)
         return
-    _refuse_newer(version, where)
+    refuse_newer(version, where, " on this host")
     if version < SCHEMA_VERSION:
         raise LedgerError(
             f"{where}: the ledger has schema version {version}, this invite-mailer needs "
@@ -149,7 +149,7 @@ def migrate_pg(db: PgDatabase, where: str) -> tuple[int, int]:
         db.execute(f"CREATE TABLE IF NOT EXISTS {_VERSION_TABLE} (version INTEGER NOT NULL)")
         found = db.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()
         version = 0 if found is None else int(found[0])
-        _refuse_newer(version, where)
+        refuse_newer(version, where, " on this host")
         if found is None:
             db.execute(f"INSERT INTO {_VERSION_TABLE} (version) VALUES (0)")
         for number in range(version + 1, SCHEMA_VERSION + 1):
@@ -175,15 +175,6 @@ def postgres_ddl(statement: str) -> str:
     )
     text = re.sub(r"\bREAL\b", "DOUBLE PRECISION", text)
     return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', text)
-
-
-def _refuse_newer(version: int, where: str) -> None:
-    if version > SCHEMA_VERSION:
-        raise LedgerError(
-            f"{where}: the ledger has schema version {version}, but this invite-mailer "
-            f"only knows versions up to {SCHEMA_VERSION}. It was written by a newer "
-            "invite-mailer: upgrade invite-mailer on this host. Nothing was sent"
-        )
 
 
 def pg_error(where: str, exc: BaseException) -> LedgerError:
