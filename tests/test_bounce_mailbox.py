@@ -25,9 +25,10 @@ import pytest
 from invite_mailer.delivery.ledger import Ledger
 from invite_mailer.delivery.transport import make_transport
 from invite_mailer.inputs.config import load_config
-from invite_mailer.service.daemon import BOUNCES_JOB, Daemon
+from invite_mailer.service.daemon import BOUNCES_JOB
 from support.bounces import DATA, bounce_of, sent_invitations
 from support.cli import invoke
+from support.daemon import make_daemon, serving
 from support.dovecot import Dovecot, running_dovecot
 from support.mails import mails
 from support.postfix import Postfix, running_postfix
@@ -136,19 +137,8 @@ async def test_the_daemon_polls_the_mailbox_and_stops_mailing_the_bounced(
         Ledger.open(ledger_of(project)) as ledger,
         make_transport(config.settings) as transport,
     ):
-        daemon = Daemon(
-            config,
-            ledger,
-            transport,
-            config_dir=project / "config",
-            templates_dir=None,
-            clock=lambda: moment[0],
-            sweep_seconds=3600,
-        )
-        task = asyncio.create_task(daemon.serve())
-        try:
-            async with asyncio.timeout(60):
-                await daemon.caught_up.wait()
+        daemon = make_daemon(config, ledger, transport, project, lambda: moment[0])
+        async with serving(daemon):
             jobs = {job.id: job for job in daemon.scheduler.get_jobs()}
             assert BOUNCES_JOB in jobs  # every imap.poll_seconds
             sent = {m.to: m for m in mails(smtp_server.received) if m.kind == "invitation"}
@@ -160,10 +150,6 @@ async def test_the_daemon_polls_the_mailbox_and_stops_mailing_the_bounced(
             moment[0] = datetime(2024, 11, 13, 14, 5, tzinfo=config.series.zone)
             before = len(smtp_server.received)
             await daemon.run_pass()
-        finally:
-            daemon.request_stop()
-            async with asyncio.timeout(30):
-                await task
     reminded = {m.to for m in mails(smtp_server.received[before:]) if m.kind == "reminder"}
     assert reminded and JANA not in reminded
     assert all(b"\\Seen" in flags for flags, _ in dovecot.folder("INBOX"))
@@ -207,19 +193,8 @@ async def invitation_then_reminder(
         Ledger.open(ledger_of(project)) as ledger,
         make_transport(config.settings) as transport,
     ):
-        daemon = Daemon(
-            config,
-            ledger,
-            transport,
-            config_dir=project / "config",
-            templates_dir=None,
-            clock=lambda: moment[0],
-            sweep_seconds=3600,
-        )
-        task = asyncio.create_task(daemon.serve())
-        try:
-            async with asyncio.timeout(60):
-                await daemon.caught_up.wait()
+        daemon = make_daemon(config, ledger, transport, project, lambda: moment[0])
+        async with serving(daemon):
             # Eleven invitations and the summary arrive; Thomas's comes back.
             await asyncio.to_thread(postfix.delivered, 12)
             (dsn,) = await asyncio.to_thread(postfix.delivered, 1, mailbox="bounces")
@@ -227,10 +202,6 @@ async def invitation_then_reminder(
             await daemon.poll_bounces()  # the job's own call
             moment[0] = REMINDER.replace(tzinfo=config.series.zone)
             await daemon.run_pass()
-        finally:
-            daemon.request_stop()
-            async with asyncio.timeout(30):
-                await task
     # Four reminders to the others registered and their summary: 17 in all.
     return dsn, await asyncio.to_thread(postfix.delivered, 17)
 

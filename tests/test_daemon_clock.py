@@ -29,6 +29,7 @@ from invite_mailer.service.daemon import HEARTBEAT_JOB, SWEEP_JOB, Daemon, RunSt
 from invite_mailer.service.health import check_heartbeat, heartbeat_path
 from support.clock import FakeClock
 from support.contacts import write_contacts
+from support.daemon import make_daemon, serving
 from support.mails import ORGANISER
 from support.project import clean_environ, copy_project
 
@@ -148,30 +149,9 @@ async def running(project: Path, at: datetime) -> AsyncIterator[Running]:
         Ledger.open(project / "state" / "invite-mailer.db") as ledger,
         OutboxTransport(project / "outbox") as transport,
     ):
-        daemon = Daemon(
-            config,
-            ledger,
-            transport,
-            config_dir=project / "config",
-            templates_dir=None,
-            clock=clock,
-            # The sweep is a safety net on the wall clock; these tests wake the daemon.
-            sweep_seconds=3600,
-        )
-        task = asyncio.create_task(daemon.serve())
-        run = Running(daemon, clock, task)
-        try:
-            async with asyncio.timeout(60):
-                started = asyncio.create_task(daemon.caught_up.wait())
-                await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                started.cancel()
-                task.result()
-                raise AssertionError("the daemon stopped while starting")
-            yield run
-        finally:
-            if not task.done():
-                await run.stop()
+        daemon = make_daemon(config, ledger, transport, project, clock)
+        async with serving(daemon) as task:
+            yield Running(daemon, clock, task)
 
 
 def heartbeat(project: Path) -> dict[str, object]:

@@ -43,6 +43,7 @@ from invite_mailer.service.web import start_unsubscribe
 from support.cli import run_process
 from support.clock import FakeClock
 from support.contacts import write_contacts
+from support.daemon import make_daemon, serving
 from support.project import copy_project, ledger_of, use_state_url
 from support.smtp import SmtpServer, smtp_env
 from test_daemon_clock import series_text
@@ -149,15 +150,7 @@ async def running(project: Path, server: SmtpServer, at: datetime) -> AsyncItera
     config = load_config(project / "config")
     ledger_path = ledger_of(project)
     async with Ledger.open(ledger_path) as ledger, make_transport(config.settings) as transport:
-        daemon = Daemon(
-            config,
-            ledger,
-            transport,
-            config_dir=project / "config",
-            templates_dir=None,
-            clock=clock,
-            sweep_seconds=3600,
-        )
+        daemon = make_daemon(config, ledger, transport, project, clock)
         # As invite-mailer run wires them (service.daemon._run).
         web = await start_unsubscribe(
             config,
@@ -166,19 +159,10 @@ async def running(project: Path, server: SmtpServer, at: datetime) -> AsyncItera
             clock=daemon.now,
         )
         assert web is not None
-        task = asyncio.create_task(daemon.serve())
         try:
-            async with asyncio.timeout(60):
-                started = asyncio.create_task(daemon.caught_up.wait())
-                await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                task.result()
-            async with httpx.AsyncClient(timeout=10) as client:
+            async with serving(daemon), httpx.AsyncClient(timeout=10) as client:
                 yield Running(daemon, clock, web, client, server, ledger_path)
         finally:
-            daemon.request_stop()
-            async with asyncio.timeout(30):
-                await task
             await web.stop()
 
 
