@@ -91,7 +91,7 @@ def test_a_masculine_title_gets_masculine_articles(
     assert "wir laden Sie herzlich zum Klimadialog Kommunen" in text
     assert "Einladung zum Klimadialog Kommunen" in html
     assert "keine weiteren E-Mails zum Klimadialog Kommunen erhalten" in text
-    assert "weil Sie sich für den Klimadialog Kommunen angemeldet haben" in html
+    assert "weil Ihre Adresse für den Klimadialog Kommunen in unserem Einladungsverteiler" in html
     reminder_text, _ = _texts(dict(masculine)["reminder/jana.mueller@example.org"])
     assert "findet der Termin aus dem Klimadialog Kommunen statt" in reminder_text
 
@@ -303,34 +303,88 @@ def test_a_confirmation_of_several_dates_speaks_of_these_dates(shipped: Config) 
         assert _why(one) == ("weil Sie sich für diesen Termin angemeldet haben",) * 2
 
 
-@pytest.mark.parametrize(
-    ("email", "why"),
-    [
-        ("jana.mueller@example.org", "weil Sie sich für die Online-Transferreihe angemeldet haben"),
-        (
-            "thomas.schmidt@example.org",
-            "weil Sie sich für Termine aus der Online-Transferreihe angemeldet haben",
-        ),
-        (
-            "maria.koenig@example.org",
-            "weil Sie sich für einen Termin aus der Online-Transferreihe angemeldet haben",
-        ),
-        (
-            "lena.hoffmann@example.com",
-            "weil Ihre Adresse in unserem Einladungsverteiler für die Online-Transferreihe steht",
-        ),
-    ],
+LIST = "weil Ihre Adresse für die Online-Transferreihe in unserem Einladungsverteiler steht"
+INVITED = datetime(2024, 10, 24, 10, tzinfo=BERLIN)
+# Registered for all four dates, for two, for one, for none.
+REGISTRANTS = (
+    "jana.mueller@example.org",
+    "thomas.schmidt@example.org",
+    "maria.koenig@example.org",
+    "lena.hoffmann@example.com",
 )
-def test_the_invitation_names_what_the_recipient_registered_for(
-    shipped: Config, email: str, why: str
-) -> None:
-    contact = shipped.contacts.by_key(email)
+
+
+def _invitation_why(config: Config, email: str) -> tuple[str, str]:
+    contact = config.contacts.by_key(email)
     assert contact is not None
-    invitation = Composer.from_config(shipped).compose(
-        Kind.INVITATION, contact, event=None, now=datetime(2024, 10, 24, 10, tzinfo=BERLIN)
+    invitation = Composer.from_config(config).compose(
+        Kind.INVITATION, contact, event=None, now=INVITED
     )
     assert _calendar_files(invitation) == 4
-    assert _why(invitation) == (why, why)
+    return _why(invitation)
+
+
+@pytest.mark.parametrize("email", REGISTRANTS)
+def test_an_invitation_to_the_whole_list_says_the_address_is_on_it(
+    shipped: Config, email: str
+) -> None:
+    # audience: all. Those registered for some dates get it as everyone else does.
+    assert _invitation_why(shipped, email) == (LIST, LIST)
+
+
+@pytest.fixture(scope="module")
+def for_registered(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    config_dir = sample_project(tmp_path_factory.mktemp("registered"))
+    series = config_dir / "series.yaml"
+    text = series.read_text(encoding="utf-8")
+    assert text.count("audience: all}") == 1
+    series.write_text(text.replace("audience: all}", "audience: registered}"), encoding="utf-8")
+    return load_sample_config(config_dir)
+
+
+@pytest.mark.parametrize(
+    ("email", "why"),
+    list(
+        zip(
+            REGISTRANTS,
+            [
+                "weil Sie sich für die Online-Transferreihe angemeldet haben",
+                "weil Sie sich für Termine aus der Online-Transferreihe angemeldet haben",
+                "weil Sie sich für einen Termin aus der Online-Transferreihe angemeldet haben",
+                LIST,
+            ],
+            strict=True,
+        )
+    ),
+)
+def test_an_invitation_to_the_registered_names_what_the_recipient_registered_for(
+    for_registered: Config, email: str, why: str
+) -> None:
+    assert _invitation_why(for_registered, email) == (why, why)
+
+
+@pytest.mark.parametrize("kind", [Kind.UPDATE, Kind.CANCELLATION])
+def test_a_mail_about_a_date_says_registered_only_to_those_registered_for_it(
+    shipped: Config, kind: Kind
+) -> None:
+    verwaltung = next(e for e in shipped.series.events if e.id == "verwaltung")
+    composer = Composer.from_config(shipped)
+    seen = {}
+    for contact in shipped.contacts.contacts:
+        message = composer.compose(
+            kind, contact, event=verwaltung, now=INVITED, previous=verwaltung.fingerprint()
+        )
+        seen[contact.email] = _why(message)
+        expected = (
+            "weil Sie sich für diesen Termin angemeldet haben"
+            if contact.is_registered("verwaltung")
+            else LIST
+        )
+        assert seen[contact.email] == (expected, expected), contact.email
+    assert {why for why, _ in seen.values()} == {
+        LIST,
+        "weil Sie sich für diesen Termin angemeldet haben",
+    }
 
 
 def test_no_mail_with_several_calendar_files_speaks_of_this_one_date(shipped: Config) -> None:

@@ -40,6 +40,8 @@ Variables every template can use
 ``registered_events``
     The dates this contact is registered for; ``registered`` is true when the
     contact is registered for ``event``.
+``for_registered``
+    True in an invitation for the registered only (``audience: registered``).
 ``attended``
     Follow-up only: ``True`` (took part), ``False`` (registered, but not on
     the attendance list) or ``None`` (no attendance list).
@@ -88,7 +90,7 @@ from invite_mailer.errors import ConfigError, ProblemCollector
 from invite_mailer.inputs.config import Config, load_mail_files
 from invite_mailer.inputs.contacts import Contact
 from invite_mailer.inputs.materials import File, Materials, size_text
-from invite_mailer.inputs.series import SERIES_FILE, Event, Kind, Series
+from invite_mailer.inputs.series import SERIES_FILE, Audience, Event, Kind, Series
 from invite_mailer.inputs.settings import Settings
 from invite_mailer.inputs.templates import Templates, load_templates
 from invite_mailer.inputs.typeset import tidy_text
@@ -152,6 +154,8 @@ class Composer:
         self._attached: dict[tuple[object, ...], tuple[Event | None, list[File]]] = {}
         self._abouts: dict[tuple[str, date], tuple[Event, EventView, EventView | None, str]] = {}
         self._active = tuple(self._events[e.id] for e in series.active_events)
+        invitation = series.mailings.invitation
+        self._to_registered = invitation is not None and invitation.audience is Audience.REGISTERED
         self._unsubscribe_address = (
             settings.sender.unsubscribe_mailto
             or parseaddr(settings.sender.reply_to)[1]
@@ -398,6 +402,7 @@ class Composer:
                 e for e in self._active if not contact.is_registered(e.id)
             ),
             "registered": event is not None and contact.is_registered(event.id),
+            "for_registered": event is None and self._to_registered,
             "attended": request.attended,
             "attachments": tuple(f.filename for f in attachments),
             "unsubscribe_url": link,
@@ -472,22 +477,15 @@ class Composer:
         # A confirmation without the join link leaves it out of its calendar files too.
         join_link = kind != Kind.CONFIRMATION or self._series.mailings.confirmation.join_link
         for day in dates:
-            files.append(
-                File(
-                    self._calendars.filename(day),
-                    self._calendars.get(
-                        day,
-                        now=request.now,
-                        sequence=sequences.get(day.id, 0),
-                        method=method,
-                        attendee=attendee,
-                        join_link=join_link,
-                    ),
-                    "text",
-                    "calendar",
-                    method,
-                )
+            ics = self._calendars.get(
+                day,
+                now=request.now,
+                sequence=sequences.get(day.id, 0),
+                method=method,
+                attendee=attendee,
+                join_link=join_link,
             )
+            files.append(File(self._calendars.filename(day), ics, "text", "calendar", method))
         if kind in _MATERIALS and event is not None:
             files.extend(self._files.get(event.id, ()))
         return files
