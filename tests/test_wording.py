@@ -398,3 +398,22 @@ def test_no_mail_with_several_calendar_files_speaks_of_this_one_date(shipped: Co
             for shown in _texts(sample.message):
                 assert "diesen Termin" not in shown, (sample.name, contact.email)
     assert checked == 2 * len(shipped.contacts.contacts)  # the invitation, a confirmation
+
+
+def test_the_cancellation_keeps_its_paragraphs_apart(shipped: Config) -> None:
+    registered = shipped.contacts.by_key("jana.mueller@example.org")
+    assert registered is not None
+    kreislauf = next(e for e in shipped.series.events if e.id == "kreislaufwirtschaft")
+    last = shipped.series.events[-1]
+    for event in (kreislauf, last):  # with and without a next date
+        message = Composer.from_config(shipped).compose(
+            Kind.CANCELLATION, registered, event=event, now=INVITED
+        )
+        text, _ = _texts(message)
+        body = text.split("\n-- \n")[0]
+        paragraphs = [" ".join(p.split()) for p in body.split("\n\n")]
+        assert "Wir bitten um Ihr Verständnis." in paragraphs, paragraphs
+        calendar = next(p for p in paragraphs if p.startswith("Im Anhang"))
+        assert calendar.endswith("Eine Erinnerung zu diesem Termin erhalten Sie nicht mehr.")
+        following = [p for p in paragraphs if p.startswith("Der nächste Termin der Reihe")]
+        assert len(following) == (event is kreislauf), paragraphs
