@@ -68,3 +68,23 @@ def test_without_a_quota_nothing_is_deferred(project: Path, smtp_server: SmtpSer
     data = send_due(env, "2024-10-24T10:05")
     assert (data["sent"], data["deferred"], data["quota_reached"]) == (12, 0, None), data
     assert data["mailings"] == {"invitation:series": {"sent": 12}}
+
+
+def test_a_temporary_failure_waiting_for_its_retry_stays_a_retry_at_the_quota(
+    project: Path, smtp_server: SmtpServer
+) -> None:
+    # Ten places a day, twelve contacts. Jana's 451 takes a place; while her
+    # retry waits (a few seconds), nine others fill the day and two are held
+    # back. She failed for a moment and is retried later: not held back untried.
+    jana = "jana.mueller@example.org"  # the first contact: her 451 comes first
+    smtp_server.behaviour.reject_recipients[jana] = "451 4.3.0 Try again later"
+    env = smtp_env(
+        smtp_server.port,
+        smtp__rate_per_day=10,
+        limits__retry_initial_seconds=6,
+        limits__retry_max_seconds=6,
+        notify__organiser_summary="false",
+    )
+    data = send_due(env, "2024-10-24T10:05")
+    assert (data["sent"], data["failed"], data["retry_later"], data["deferred"]) == (9, 0, 1, 2)
+    assert data["mailings"] == {"invitation:series": {"sent": 9, "retry": 1, "deferred": 2}}

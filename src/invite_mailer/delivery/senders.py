@@ -177,11 +177,20 @@ class SenderPool:
         self._done_one()
 
     async def _requeue_later(self, item: Item, delay: float) -> None:
-        await asyncio.sleep(delay)
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._retry_later(item)  # the pass stops
+            raise
         if self.stop.is_set() or self._draining:
-            self._done_one()
+            self._retry_later(item)
         else:
             self._queue.put_nowait(item)
+
+    def _retry_later(self, item: Item) -> None:
+        """Not tried again in this pass: its temporary failure was its last attempt."""
+        self.result.mailings[item.mailing.id].counts[Outcome.RETRY] += 1
+        self._done_one()
 
     def _done_one(self) -> None:
         self._remaining -= 1
