@@ -8,6 +8,7 @@ left alone, while a misspelt ``INVITE_MAILER_*`` key is still refused, naming
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,72 @@ def test_no_env_file_means_the_working_directorys_env_is_not_read(project: Path)
     write_env(project, "INVITE_MAILER_SMTP__PORT=2525\nINVITE_MAILER_SMTP__PASWORD=x\n")
     settings = load_settings(project / "config", env_file=None)
     assert settings.smtp.port == 587
+
+
+# --- .env files that are no plain text of a few lines -------------------------------------
+
+
+def refused(project: Path, data: bytes) -> str:
+    """``validate`` with *data* as .env: exit 1 with a message, not a crash."""
+    (project / ".env").write_bytes(data)
+    code, output = run(["validate"])
+    assert code == 1, output
+    assert "this is a bug" not in output
+    return " ".join(output.split())
+
+
+def test_an_env_that_is_not_utf8_is_named(project: Path) -> None:
+    output = refused(project, b"INVITE_MAILER_SMTP__PASSWORD=\xff\xfe\n")
+    assert ".env: the file is not UTF-8 text" in output
+
+
+def test_a_whole_section_in_one_variable_is_named_with_its_line(project: Path) -> None:
+    output = refused(project, b"# relay\nINVITE_MAILER_SMTP=foo\n")
+    assert ".env, line 2: INVITE_MAILER_SMTP must not be set" in output
+    assert "INVITE_MAILER_SMTP__KEY=value" in output
+
+
+def test_a_section_as_json_with_a_bad_key_is_named_in_env(project: Path) -> None:
+    output = refused(project, b'INVITE_MAILER_SMTP={"port": "abc"}\n')
+    assert ".env, line 1: smtp.port" in output and "settings.toml" not in output
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_line(project: Path) -> None:
+    output = refused(project, b"\xef\xbb\xbfINVITE_MAILER_SMTP__PORTT=25\n")
+    assert ".env, line 1: unknown setting INVITE_MAILER_SMTP__PORTT" in output
+
+
+def test_a_key_without_a_value_is_named_in_env(project: Path) -> None:
+    output = refused(project, b"TZ=Europe/Berlin\nINVITE_MAILER_SMTP__PORT\n")
+    assert ".env, line 2: smtp.port" in output
+
+
+def test_an_empty_environment_variable_does_not_take_the_blame(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INVITE_MAILER_SMTP__PORT", "")  # empty: ignored, .env applies
+    output = refused(project, b"invite_mailer_smtp__port=abc\n")
+    assert ".env, line 1: smtp.port" in output and "environment variable" not in output
+
+
+def test_a_huge_env_is_refused_before_it_is_parsed(project: Path) -> None:
+    output = refused(project, b"X=1\n" * 70_000)
+    assert ".env: the file is too large (280 KB; at most 262 KB are read)" in output
+
+
+def test_a_fifo_as_env_is_refused_without_blocking(project: Path) -> None:
+    os.mkfifo(project / ".env")
+    code, output = run(["validate"])
+    assert code == 1, output
+    assert ".env: not a regular file" in " ".join(output.split())
+
+
+def test_an_env_linked_from_elsewhere_is_read(
+    project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("etc") / "invite-mailer.env"
+    elsewhere.write_text("TZ=Europe/Berlin\nINVITE_MAILER_SMTP__PORTT=25\n", encoding="utf-8")
+    (project / ".env").symlink_to(elsewhere)
+    code, output = run(["validate"])
+    assert code == 1, output
+    assert "line 2: unknown setting INVITE_MAILER_SMTP__PORTT" in " ".join(output.split())

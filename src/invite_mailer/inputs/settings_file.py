@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import SettingsConfigDict, SettingsError
 
 from invite_mailer.errors import ConfigError, Problem
 from invite_mailer.inputs.dkimkey import KeyFileError, dkim_key_bits
@@ -53,6 +53,8 @@ def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> 
             )
 
     toml_path = path if text is not None else None
+    if env_file is not None:
+        _check_dotenv(env_file)
 
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=toml_path)
@@ -62,6 +64,8 @@ def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> 
     except ValidationError as exc:
         dotenv = _DotEnv.read(env_file)
         raise ConfigError(_problems(path, text or "", dotenv, exc)) from None
+    except SettingsError as exc:
+        raise _section_value(exc, path, _DotEnv.read(env_file)) from None
     # The plain class (picklable for the compose workers), from the values just
     # validated: validating again would read the sources, .env included, again.
     fields = {name: getattr(settings, name) for name in Settings.model_fields}
@@ -208,6 +212,41 @@ def _find_line(text: str, section: str, key: str | None) -> int | None:
     return None
 
 
+def _check_dotenv(path: Path) -> None:
+    """A ``.env`` that can be read at once: a regular UTF-8 file of bounded size.
+
+    It may be a link anywhere (to an operator's env file under /etc, say),
+    but never a FIFO or a device, which would block the reader.
+    """
+    if not path.exists() and not path.is_symlink():
+        return
+    data = read_config_file(path, limit=MAX_SETTINGS_BYTES, root=Path(path.resolve().anchor))
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError.single(
+            path, "the file is not UTF-8 text", hint="save it as UTF-8 in your editor"
+        ) from None
+
+
+def _section_value(exc: SettingsError, path: Path, dotenv: _DotEnv) -> ConfigError:
+    """A whole section set from one variable whose value is no JSON object."""
+    match = re.search(r'field "([A-Za-z0-9_]+)"', str(exc))
+    section = match.group(1) if match else ""
+    env = f"{ENV_PREFIX}{section.upper()}"
+    message = f"{env} must not be set: a section takes its keys one by one"
+    hint = f"set each key on its own, e.g. {env}{ENV_DELIMITER}KEY=value"
+    found = dotenv.source_of(env)
+    if found is not None:
+        return ConfigError.single(found[0], message, line=found[1], hint=hint)
+    return ConfigError.single(path, f"{message} (from the environment variable {env})", hint=hint)
+
+
+def _in_environment(env: str) -> bool:
+    """Whether the environment sets *env* (any case, not empty), which outweighs .env."""
+    return any(name.upper() == env and value for name, value in os.environ.items())
+
+
 @dataclass(frozen=True)
 class _DotEnv:
     """Where each ``INVITE_MAILER_*`` key of a ``.env`` file stands, to name it in problems."""
@@ -220,7 +259,7 @@ class _DotEnv:
         if path is None or not path.is_file():
             return cls()
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = path.read_text(encoding="utf-8-sig", errors="replace")
         except OSError:
             return cls()
         lines: dict[str, int] = {}
@@ -232,12 +271,12 @@ class _DotEnv:
 
     def source_of(self, env: str) -> tuple[Path, int] | None:
         """The file and line *env* was taken from, if from here (the environment wins)."""
-        if self.path is None or env not in self.lines or env in os.environ:
+        if self.path is None or env not in self.lines or _in_environment(env):
             return None
         return self.path, self.lines[env]
 
 
-_DOTENV_KEY = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
+_DOTENV_KEY = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*(?:=|$)")
 
 
 def _problems(path: Path, text: str, dotenv: _DotEnv, exc: ValidationError) -> list[Problem]:
@@ -252,13 +291,14 @@ def _problems(path: Path, text: str, dotenv: _DotEnv, exc: ValidationError) -> l
             env = f"{ENV_PREFIX}{ENV_DELIMITER.join(p.upper() for p in loc)}"
         section = loc[0] if loc else ""
         key = loc[1] if len(loc) > 1 else None
-        from_dotenv = dotenv.source_of(env)
+        # A key of its own, or a whole section as JSON (INVITE_MAILER_SMTP={...}).
+        from_dotenv = dotenv.source_of(env) or dotenv.source_of(f"{ENV_PREFIX}{section.upper()}")
         if from_dotenv is not None:
             problems.append(_dotenv_problem(*from_dotenv, env, loc, error))
             continue
         message, hint = _explain(loc, env, error)
         line = _find_line(text, section, key) if text else None
-        if env in os.environ:
+        if _in_environment(env):
             message += f" (from the environment variable {env})"
         problems.append(Problem(path, message, line, hint))
     return problems

@@ -91,8 +91,10 @@ _KINDS = (
 
 
 def megabytes(size: int) -> str:
-    """*size* in MB for messages, never shown as 0 for a non-empty size."""
-    return f"{max(size / 1_000_000, 0.1):.1f} MB" if size else "0 MB"
+    """*size* for messages: "350 KB" below a megabyte, else "2.1 MB"; never 0 when not empty."""
+    if size < 1_000_000:
+        return f"{max(round(size / 1000), 1)} KB" if size else "0 KB"
+    return f"{size / 1_000_000:.1f} MB"
 
 
 def read_config_file(path: Path, *, limit: int, root: Path | None = None) -> bytes:
