@@ -100,9 +100,10 @@ def test_no_env_file_means_the_working_directorys_env_is_not_read(project: Path)
 # --- .env files that are no plain text of a few lines -------------------------------------
 
 
-def refused(project: Path, data: bytes) -> str:
-    """``validate`` with *data* as .env: exit 1 with a message, not a crash."""
-    (project / ".env").write_bytes(data)
+def refused(project: Path, data: bytes | None = None) -> str:
+    """``validate`` with *data* as .env (or the .env there): exit 1 with a message."""
+    if data is not None:
+        (project / ".env").write_bytes(data)
     code, output = run(["validate"])
     assert code == 1, output
     assert "this is a bug" not in output
@@ -150,9 +151,7 @@ def test_a_huge_env_is_refused_before_it_is_parsed(project: Path) -> None:
 
 def test_a_fifo_as_env_is_refused_without_blocking(project: Path) -> None:
     os.mkfifo(project / ".env")
-    code, output = run(["validate"])
-    assert code == 1, output
-    assert ".env: not a regular file" in " ".join(output.split())
+    assert ".env: not a regular file" in refused(project)
 
 
 def test_an_env_linked_from_elsewhere_is_read(
@@ -161,6 +160,4 @@ def test_an_env_linked_from_elsewhere_is_read(
     elsewhere = tmp_path_factory.mktemp("etc") / "invite-mailer.env"
     elsewhere.write_text("TZ=Europe/Berlin\nINVITE_MAILER_SMTP__PORTT=25\n", encoding="utf-8")
     (project / ".env").symlink_to(elsewhere)
-    code, output = run(["validate"])
-    assert code == 1, output
-    assert "line 2: unknown setting INVITE_MAILER_SMTP__PORTT" in " ".join(output.split())
+    assert "line 2: unknown setting INVITE_MAILER_SMTP__PORTT" in refused(project)
