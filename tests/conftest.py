@@ -66,6 +66,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("ledger_engine", LEDGER_ENGINES, indirect=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The PostgreSQL run of a ``both_ledgers`` test is ``slow``: the fast tier
+    runs the SQLite one, the whole suite both."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        engine = callspec.params.get("ledger_engine") if callspec is not None else None
+        if engine == "postgresql" and item.get_closest_marker("both_ledgers") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def ledger_engine(request: pytest.FixtureRequest) -> str:
     """The ledger's engine: "sqlite", unless the test runs on both (see above)."""

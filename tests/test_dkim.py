@@ -108,6 +108,7 @@ def test_send_due_signs_what_the_relay_receives(project: Path, smtp_server: Smtp
         assert verifies(mail.data), mail.to
 
 
+@pytest.mark.slow
 def test_preview_and_rehearse_show_the_signed_mail(project: Path) -> None:
     with_dkim(project / "config")
     code, output = run(["preview", "reminder", "--out", "preview"])

@@ -211,6 +211,7 @@ async def test_two_nodes_that_see_an_edit_record_one_grace_period(url: str) -> N
 # --- moving an SQLite ledger -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_sqlite_ledger_moves_to_postgres_with_every_row(project: Path, url: str) -> None:
     sent = invoke(["send-due", "--now", "2024-10-24T10:05"], {})
     assert sent.exit_code == 0, sent.output
@@ -256,6 +257,7 @@ def test_the_test_server_is_real() -> None:
         assert db.execute("SELECT current_schema()").fetchone()[0].startswith("t_")
 
 
+@pytest.mark.slow
 def test_status_and_health_list_the_nodes_and_what_they_hold(project: Path, url: str) -> None:
     env = {"INVITE_MAILER_STATE__URL": url}
     assert invoke(["send-due", "--now", "2024-10-24T10:05"], env).exit_code == 0

@@ -141,6 +141,7 @@ def send_due(env: dict[str, str], now: str) -> dict[str, object]:
     return data
 
 
+@pytest.mark.slow
 def test_a_day_quota_spreads_the_invitation_over_three_days(
     project: Path, smtp_server: SmtpServer
 ) -> None:

@@ -136,6 +136,7 @@ def ok(*args: str) -> str:
     return result.output
 
 
+@pytest.mark.slow
 @pytest.mark.both_ledgers
 def test_cli_registrations_are_confirmed_once_in_one_mail_after_the_quiet_period(
     project: Path,
@@ -171,6 +172,7 @@ def test_cli_registrations_are_confirmed_once_in_one_mail_after_the_quiet_period
     assert reminded == {"verwaltung"}
 
 
+@pytest.mark.slow
 @pytest.mark.both_ledgers
 def test_no_confirmation_after_the_date_began_or_to_an_opted_out_address(project: Path) -> None:
     ok("send-due", "--now", INVITED)
@@ -182,6 +184,7 @@ def test_no_confirmation_after_the_date_began_or_to_an_opted_out_address(project
     assert ("confirmation", LENA) not in kinds and ("confirmation", BJOERN) not in kinds
 
 
+@pytest.mark.slow
 @pytest.mark.both_ledgers
 def test_registrations_list_exports_json_csv_and_xlsx(project: Path) -> None:
     ok("send-due", "--now", INVITED)
@@ -416,6 +419,7 @@ def test_the_join_link_can_wait_for_the_reminder(project: Path) -> None:
         assert "Den Zugangslink senden wir Ihnen mit der Erinnerung vor dem Termin." in body
 
 
+@pytest.mark.slow
 def test_validate_warns_when_nothing_here_answers_the_links(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -59,6 +59,7 @@ def row(email: str, organisation: str, registrations: str = "alle", *, notiz: st
     return f'{email};Frau;Dr.;Jana;Müller;"{organisation}";"{registrations}"{extra}\n'
 
 
+@pytest.mark.slow
 def test_every_recipient_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = project(tmp_path, monkeypatch, list(contact_rows(400, seed=4)))
     report = validate(config)
@@ -71,6 +72,7 @@ def test_every_recipient_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert report.rendered == expected
 
 
+@pytest.mark.slow
 def test_one_recipient_over_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mail too large only because of one contact's data is found, however far down."""
 
@@ -137,6 +139,7 @@ def test_the_size_bound_is_never_below_the_size(
     assert checked == 9 * 60
 
 
+@pytest.mark.slow
 def test_templates_that_are_not_compilable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """validate still checks every mail, rendered per recipient, and fails as before."""
     config = project(tmp_path, monkeypatch, list(contact_rows(20, seed=2)))

@@ -130,6 +130,7 @@ def test_without_a_quota_the_summary_says_nothing_of_one(project: Path) -> None:
     assert "unzustellbar" not in report  # nor of bounces while there are none
 
 
+@pytest.mark.slow
 def test_the_summary_counts_the_bounces_and_names_the_suppressed(project: Path) -> None:
     sent = sent_invitations(project)
     jana = "jana.mueller@example.org"
@@ -164,6 +165,7 @@ def test_the_summary_counts_the_bounces_and_names_the_suppressed(project: Path) 
     assert "invite-mailer bounces list" in listed
 
 
+@pytest.mark.slow
 def test_the_list_of_suppressed_addresses_is_bounded(project: Path) -> None:
     write_generated(project / "config" / "contacts.csv", 30)
     sent = sent_invitations(project)
