@@ -245,7 +245,7 @@ def require_postgres() -> None:
         with psycopg.connect(SERVER, connect_timeout=3):
             return
     except psycopg.Error as exc:
-        sys.exit(f"no PostgreSQL at {SERVER}: {exc} (set INVITE_MAILER_TEST_POSTGRESQL)")
+        sys.exit(f"no PostgreSQL at {SERVER}: {exc} (set TEST_POSTGRESQL_URL)")
 
 
 def measure(options: argparse.Namespace) -> list[dict[str, Any]]:

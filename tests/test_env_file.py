@@ -161,3 +161,30 @@ def test_an_env_linked_from_elsewhere_is_read(
     elsewhere.write_text("TZ=Europe/Berlin\nINVITE_MAILER_SMTP__PORTT=25\n", encoding="utf-8")
     (project / ".env").symlink_to(elsewhere)
     assert "line 2: unknown setting INVITE_MAILER_SMTP__PORTT" in refused(project)
+
+
+# --- the environment: a misspelt variable is refused, not ignored ---------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["INVITE_MAILER_TRANSPORT_KIND", "INVITE_MAILER_SMTP__HOSTT", "INVITE_MAILER_SMPT__HOST"],
+)
+def test_a_misspelt_environment_variable_is_refused_by_name(
+    project: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # A single underscore would otherwise leave the outbox on without a word.
+    monkeypatch.setenv(name, "smtp")
+    output = refused(project)
+    assert f"unknown setting {name} in the environment" in output
+    assert not (project / "state").exists() and not (project / "outbox").exists()
+
+
+def test_foreign_and_empty_environment_variables_are_left_alone(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTGRES_PASSWORD", "geheim")
+    monkeypatch.setenv("INVITE_MAILER_SMTP__HOSTT", "")  # empty: as if unset
+    monkeypatch.setenv("INVITE_MAILER_SMTP__HOST", "relay.example.org")
+    code, output = run(["validate"])
+    assert code == 0, output

@@ -1,6 +1,6 @@
 """A real PostgreSQL for the ledger tests: a fresh schema per test.
 
-The server is ``INVITE_MAILER_TEST_POSTGRESQL`` (default: 127.0.0.1:5432,
+The server is ``TEST_POSTGRESQL_URL`` (default: 127.0.0.1:5432,
 database ``test``, trust authentication, as ``.ci/run`` sets it up). Every
 test gets its own schema (``search_path`` in the URL's ``options``), dropped
 afterwards, so tests never see each other's rows. Without a server the test
@@ -23,9 +23,7 @@ import pytest
 
 from invite_mailer.delivery.ledger_pg import PgDatabase
 
-SERVER = os.environ.get(
-    "INVITE_MAILER_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test"
-)
+SERVER = os.environ.get("TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def require_postgres() -> None:

@@ -53,6 +53,9 @@ def load_settings(config_dir: Path, *, env_file: Path | None = Path(".env")) -> 
             )
 
     toml_path = path if text is not None else None
+    unknown = [Problem(path, *found) for found in _unknown_environment()]
+    if unknown:
+        raise ConfigError(unknown)
     if env_file is not None:
         _check_dotenv(env_file)
 
@@ -240,6 +243,32 @@ def _section_value(exc: SettingsError, path: Path, dotenv: _DotEnv) -> ConfigErr
     if found is not None:
         return ConfigError.single(found[0], message, line=found[1], hint=hint)
     return ConfigError.single(path, f"{message} (from the environment variable {env})", hint=hint)
+
+
+def _unknown_environment() -> list[tuple[str, None, str]]:
+    """``INVITE_MAILER_*`` variables that name no setting: a typo would go unnoticed.
+
+    pydantic-settings leaves such variables alone, so a misspelt
+    ``INVITE_MAILER_TRANSPORT_KIND=smtp`` would quietly keep the outbox.
+    """
+    found = []
+    for name, value in sorted(os.environ.items()):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or not value:
+            continue
+        section, _, key = upper.removeprefix(ENV_PREFIX).lower().partition(ENV_DELIMITER.lower())
+        model = Settings.model_fields.get(section)
+        fields = getattr(model.annotation, "model_fields", {}) if model is not None else {}
+        if model is None or (key and key not in fields):
+            found.append(
+                (
+                    f"unknown setting {name} in the environment",
+                    None,
+                    "check the spelling: section and key are joined by two underscores, "
+                    f"e.g. {ENV_PREFIX}SMTP{ENV_DELIMITER}HOST; the README lists every setting",
+                )
+            )
+    return found
 
 
 def _in_environment(env: str) -> bool:
