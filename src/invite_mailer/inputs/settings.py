@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Mapping
 from email.errors import InvalidHeaderDefect
 from email.headerregistry import Address, HeaderRegistry
 from email.utils import getaddresses
@@ -415,20 +414,6 @@ class UnsubscribeSettings(Section):
     bind_port: int = Field(8080, ge=1, le=65535)
 
 
-class PrefixedDotEnvSource(DotEnvSettingsSource):
-    """``.env`` read like the environment: only its ``INVITE_MAILER_*`` keys.
-
-    The file is often shared with docker compose (``POSTGRES_PASSWORD``,
-    ``TZ``, ...); those keys are someone else's and never reach the model,
-    while a misspelt ``INVITE_MAILER_*`` key still does and is refused.
-    """
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        prefix = ENV_PREFIX.lower()
-        found = super()._load_env_vars()
-        return {name: value for name, value in found.items() if name.lower().startswith(prefix)}
-
-
 class Settings(BaseSettings):
     """Everything the operator configures. Built by :func:`load_settings`."""
 
@@ -442,7 +427,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """The environment, then ``.env`` (its ``INVITE_MAILER_*`` keys), then the TOML file."""
-        sources = [init_settings, env_settings, prefixed_dotenv(settings_cls, dotenv_settings)]
+        sources = [init_settings, env_settings, prefixed_dotenv(dotenv_settings)]
         if settings_cls.model_config.get("toml_file") is not None:
             sources.append(TomlConfigSettingsSource(settings_cls))
         return tuple(sources)
@@ -470,11 +455,17 @@ class Settings(BaseSettings):
     imap: ImapSettings = ImapSettings()
 
 
-def prefixed_dotenv(
-    settings_cls: type[BaseSettings], dotenv: PydanticBaseSettingsSource
-) -> PydanticBaseSettingsSource:
-    """The ``.env`` source pydantic-settings built, reading only ``INVITE_MAILER_*`` keys."""
+def prefixed_dotenv(dotenv: PydanticBaseSettingsSource) -> PydanticBaseSettingsSource:
+    """The ``.env`` source pydantic-settings built, with only its ``INVITE_MAILER_*`` keys.
+
+    The file is often shared with docker compose (``POSTGRES_PASSWORD``,
+    ``TZ``, ...); those keys are someone else's and never reach the model,
+    while a misspelt ``INVITE_MAILER_*`` key still does and is refused. The
+    source has read the file already; its variables are filtered, not read again.
+    """
     assert isinstance(dotenv, DotEnvSettingsSource)
-    return PrefixedDotEnvSource(
-        settings_cls, env_file=dotenv.env_file, env_file_encoding=dotenv.env_file_encoding
-    )
+    prefix = ENV_PREFIX.lower()
+    dotenv.env_vars = {
+        name: value for name, value in dotenv.env_vars.items() if name.lower().startswith(prefix)
+    }
+    return dotenv
